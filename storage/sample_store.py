@@ -1,0 +1,86 @@
+"""A Zarr v3 store of generated images (uint8 ``[N,H,W,3]`` + labels), written per unit so sampling resumes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .units import ArraySpec, IncompleteStoreError, UnitStore
+
+__all__ = ["SampleStore"]
+
+
+class SampleStore(UnitStore):
+    """Generated samples at ``<root>/samples/<id>/``: ``images`` uint8 ``[N, H, W, 3]``, ``labels`` int16 ``[N]``.
+
+    Same unit/marker machinery as the latent store (:class:`storage.units.UnitStore`): a killed sampling job
+    reruns only :meth:`missing_units`. Images are stored as one zstd-compressed chunk per unit.
+    """
+
+    KIND = "sample-store"
+
+    @classmethod
+    def create(cls, url: str, *, num_samples: int, height: int, width: int, attrs: dict[str, Any],
+               chunk_size: int = 256, codec: str = "zstd1", storage_options: dict | None = None) -> "SampleStore":
+        """Create a pre-sized store, or open it if it exists with the same settings.
+
+        Args:
+            attrs: JSON-able metadata (e.g. run id, checkpoint, sampler, steps, cfg scale, seed).
+            chunk_size: images per unit (the resume granularity of sampling).
+
+        Raises:
+            ValueError: bad sizes. StoreMismatchError: exists with other settings.
+        """
+        if int(height) < 1 or int(width) < 1:
+            raise ValueError(f"height and width must be >= 1, got {height}, {width}")
+        arrays = {"images": ArraySpec((int(height), int(width), 3), "uint8", codec), "labels": ArraySpec((), "int16")}
+        return cls._create(url, num_samples=num_samples, unit_size=min(int(chunk_size), int(num_samples)),
+                           arrays=arrays, attrs=dict(attrs), storage_options=storage_options)
+
+    @classmethod
+    def open(cls, url: str, *, storage_options: dict | None = None, read_only: bool = False) -> "SampleStore":
+        """Open an existing store. Raises StoreNotFoundError when there is none."""
+        return cls(url, storage_options=storage_options, read_only=read_only)
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self._meta["attrs"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.array_specs["images"]["tail"])  # type: ignore[return-value]
+
+    @property
+    def is_complete(self) -> bool:
+        return not self.missing_units()
+
+    def write_unit(self, unit: int, images: np.ndarray, labels: np.ndarray) -> None:
+        """Write unit ``unit``'s images (uint8 ``[n,H,W,3]``) and labels, then its marker. Idempotent.
+
+        Raises:
+            ValueError: wrong shape or a dtype other than uint8.
+        """
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8, got {images.dtype}")
+        labels = np.asarray(labels)
+        if labels.size and (labels.min() < -32768 or labels.max() > 32767):
+            raise ValueError(f"labels must fit int16, got range [{labels.min()}, {labels.max()}]")
+        self._write_unit_arrays(unit, {"images": images, "labels": labels})
+
+    def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels of rows ``[start, stop)`` (rows of unwritten units are zeros)."""
+        return self.group["images"][start:stop], self.group["labels"][start:stop].astype(np.int64)
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """All images and labels.
+
+        Raises:
+            IncompleteStoreError: some units are not written yet.
+        """
+        missing = self.missing_units()
+        if missing:
+            raise IncompleteStoreError(f"sample store {self.url!r}: {len(missing)} of {self.num_units} units "
+                                       f"missing (first {missing[:10]}); rerun sampling to finish it")
+        return self.read_range(0, self.num_samples)

@@ -1,0 +1,161 @@
+"""The one place that parses storage URLs: fsspec filesystems, Zarr stores, joins, atomic puts, masked options."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+__all__ = [
+    "url_to_fs",
+    "zarr_store",
+    "join",
+    "exists",
+    "mask_options",
+    "protocol_of",
+    "is_local",
+    "put_atomic",
+    "read_bytes",
+]
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+_KNOWN = ("file", "local", "s3", "s3a", "memory")
+
+
+def protocol_of(url: str) -> str:
+    """The URL's protocol: ``file`` for plain paths, else the scheme (``s3``, ``memory``, ...)."""
+    url = os.fspath(url)
+    if "://" not in url:
+        return "file"
+    scheme = url.split("://", 1)[0].lower()
+    return "file" if scheme == "local" else ("s3" if scheme == "s3a" else scheme)
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs."""
+    return protocol_of(url) == "file"
+
+
+def _options(url: str, storage_options: dict | None) -> dict:
+    """Fill in defaults per protocol: the S3 endpoint from ``AWS_ENDPOINT_URL`` when the options name none."""
+    opts = dict(storage_options or {})
+    if protocol_of(url) == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client_kwargs = dict(opts.get("client_kwargs") or {})
+        if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:
+            opts["endpoint_url"] = endpoint
+    return opts
+
+
+def _check_protocol(url: str) -> None:
+    proto = protocol_of(url)
+    if proto not in _KNOWN:
+        import fsspec
+
+        if proto not in fsspec.available_protocols():
+            raise ValueError(f"unsupported storage URL {url!r}: protocol {proto!r} is not one of {_KNOWN} "
+                             "nor a registered fsspec protocol")
+
+
+def url_to_fs(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
+    """Turn a URL (plain path, ``file://``, ``s3://``, ``memory://``) into ``(fsspec filesystem, path)``.
+
+    Args:
+        url: the location.
+        storage_options: fsspec options (keys, ``endpoint_url``, ...); the S3 endpoint defaults to
+            ``$AWS_ENDPOINT_URL``.
+
+    Raises:
+        ValueError: for an empty URL or an unknown protocol.
+    """
+    import fsspec
+
+    url = os.fspath(url)
+    if not url:
+        raise ValueError("storage URL is empty")
+    _check_protocol(url)
+    if is_local(url):
+        fs = fsspec.filesystem("file", **(storage_options or {}))
+        path = url.split("://", 1)[1] if "://" in url else url
+        return fs, os.path.abspath(os.path.expanduser(path))
+    return fsspec.core.url_to_fs(url, **_options(url, storage_options))
+
+
+def zarr_store(url: str, storage_options: dict | None = None, read_only: bool = False):
+    """A Zarr v3 store for ``url``: ``LocalStore`` for local paths, ``FsspecStore`` otherwise.
+
+    ``memory://`` uses fsspec's process-wide memory filesystem (not a private ``MemoryStore``) so that fsspec
+    calls (markers, listings) and Zarr see the same objects.
+    """
+    from zarr.storage import FsspecStore, LocalStore
+
+    url = os.fspath(url)
+    _check_protocol(url)
+    if is_local(url):
+        fs, path = url_to_fs(url)
+        if not read_only:
+            fs.makedirs(path, exist_ok=True)
+        return LocalStore(path, read_only=read_only)
+    opts = _options(url, storage_options)
+    return FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with ``/`` (keeps the scheme; strips duplicate slashes at the seams)."""
+    url = os.fspath(url)
+    out = url.rstrip("/") if url.rstrip("/") else url
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    """Whether an object or directory exists at ``url``."""
+    fs, path = url_to_fs(url, storage_options)
+    return bool(fs.exists(path))
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """The whole object at ``url``."""
+    fs, path = url_to_fs(url, storage_options)
+    return fs.cat_file(path)
+
+
+def put_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see all of it or nothing.
+
+    Object stores (S3) make a single PUT atomic; on local disk we write a temporary file and rename it.
+    """
+    if "file" in _protocols(fs):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def mask_options(opts: dict | None) -> dict:
+    """A copy of storage options safe to print: values of keys that look secret become ``'***'`` (recursively)."""
+    out: dict = {}
+    for k, v in (opts or {}).items():
+        if isinstance(v, dict):
+            out[k] = mask_options(v)
+        elif any(word in str(k).lower() for word in _SECRET_WORDS):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out

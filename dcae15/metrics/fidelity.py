@@ -1,0 +1,295 @@
+"""Generation metrics (FID, IS, precision/recall, KID) through torch-fidelity, with offline weights.
+
+Conventions (ADM / DiT / DC-AE evaluation): 50k samples, class labels uniform at random with a fixed seed, the
+reference is the **train** split centre-cropped at the target resolution (see ``dcae15.metrics.reference``),
+IS over 10 splits, precision/recall with k=3 nearest neighbours, features of torch-fidelity's InceptionV3
+(``inception-v3-compat``: 2048-d pool features for FID/PR/KID, unbiased logits for IS).
+
+Numbers from the demo's proxy classifier (``dcae15.metrics.proxy``) come out of the same code path but are named
+``proxy-fid``, ``proxy-is``, ... so they can never be confused with Inception numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dcae15.weights import MissingWeightsError, find_weights
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "INCEPTION_NAME",
+    "INCEPTION_WEIGHTS",
+    "METRICS",
+    "NUM_SAMPLES",
+    "FeatureExtractorSpec",
+    "MissingWeightsError",
+    "extract_features",
+    "feature_stats",
+    "frechet_distance",
+    "generation_metrics",
+    "inception_extractor",
+    "uniform_labels",
+]
+
+INCEPTION_NAME = "inception-v3-compat"
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+NUM_SAMPLES = 50_000  # the field's convention for gFID / IS / precision / recall
+METRICS = ("fid", "is", "precision", "recall", "kid")
+DEFAULT_METRICS = ("fid", "is", "precision", "recall")
+_LAYER_FOR = {"fid": "fid", "is": "isc", "precision": "prc", "recall": "prc", "kid": "kid"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureExtractorSpec:
+    """A feature network registered with torch-fidelity, plus what every reported number must say about it.
+
+    Attributes:
+        name: torch-fidelity registry name (``inception-v3-compat`` or the proxy's registered name).
+        label: the value of the ``feature_extractor`` column in results (e.g. ``inception-v3-compat``, ``proxy-<fp>``).
+        prefix: prepended to every metric name (``""`` for Inception, ``"proxy-"`` for the proxy).
+        fingerprint: hash of the weights (+ config): part of every reference-statistics key.
+        weights_path: weight file (path or URL); loaded with ``weights_only=True`` and handed to torch-fidelity as
+            ``feature_extractor_weights_path`` (so it never downloads).
+        layers: torch-fidelity feature layer per metric family (``fid``, ``isc``, ``prc``, ``kid``).
+        info: extra facts reported next to the numbers (e.g. the proxy's held-out accuracy).
+    """
+
+    name: str
+    label: str
+    prefix: str
+    fingerprint: str
+    weights_path: str
+    layers: Mapping[str, str]
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        missing = {"fid", "isc", "prc", "kid"} - set(self.layers)
+        if missing:
+            raise ValueError(f"FeatureExtractorSpec.layers lacks {sorted(missing)}")
+        if self.prefix not in ("", "proxy-"):
+            raise ValueError(f"FeatureExtractorSpec.prefix must be '' or 'proxy-', got {self.prefix!r}")
+
+    def metric_name(self, metric: str) -> str:
+        """The reported name of ``metric`` (``fid`` -> ``proxy-fid`` for the proxy)."""
+        return f"{self.prefix}{metric}"
+
+    def build(self, layers: Sequence[str], device: str | torch.device = "cpu") -> torch.nn.Module:
+        """Instantiate the torch-fidelity extractor for ``layers``; weights are loaded with weights_only=True."""
+        from torch_fidelity.utils import create_feature_extractor
+
+        if self.name != INCEPTION_NAME:
+            from dcae15.metrics.proxy import register_proxy_extractor
+
+            register_proxy_extractor()
+        # torch-fidelity itself unpickles with weights_only=False; load safely here and hand it a clean buffer.
+        from storage.urls import read_bytes
+
+        state = torch.load(io.BytesIO(read_bytes(self.weights_path)), map_location="cpu", weights_only=True)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        buf.seek(0)
+        fe = create_feature_extractor(
+            self.name, list(dict.fromkeys(layers)), cuda=False, feature_extractor_weights_path=buf, verbose=False
+        )
+        return fe.to(device)
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()[:16]
+    return _FILE_HASHES[key]
+
+
+def inception_extractor(weights: str | os.PathLike | None = None) -> FeatureExtractorSpec:
+    """The standard InceptionV3 (torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``), found offline.
+
+    Args:
+        weights: explicit file (or folder holding it); else ``$DCAE15_WEIGHTS``, then ``$TORCH_HOME/hub/checkpoints``.
+
+    Raises:
+        MissingWeightsError: naming the file and the places searched (nothing is ever downloaded).
+    """
+    path = find_weights(INCEPTION_WEIGHTS, explicit=weights, what="InceptionV3 for FID/IS/precision/recall (torch-fidelity)")
+    return FeatureExtractorSpec(
+        name=INCEPTION_NAME,
+        label=INCEPTION_NAME,
+        prefix="",
+        fingerprint=_file_hash(path),
+        weights_path=str(path),
+        layers={"fid": "2048", "isc": "logits_unbiased", "prc": "2048", "kid": "2048"},
+    )
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def extract_features(
+    images: Any,
+    extractor: FeatureExtractorSpec,
+    *,
+    families: Sequence[str] = ("fid",),
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    resolution: int | None = None,
+    feature_net: torch.nn.Module | None = None,
+    verbose: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Features of ``images`` for the given metric families (``fid``, ``isc``, ``prc``, ``kid``), keyed by family.
+
+    ``images`` is anything ``dcae15.metrics.inputs.as_image_dataset`` accepts. Extraction is torch-fidelity's
+    (its DataLoader with ``save_cpu_ram=True``: no worker processes).
+    """
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    from dcae15.metrics.inputs import as_image_dataset
+
+    unknown = set(families) - {"fid", "isc", "prc", "kid"}
+    if unknown:
+        raise ValueError(f"families must be among fid, isc, prc, kid; got {sorted(unknown)}")
+    dev = _device(device)
+    layers = [extractor.layers[f] for f in families]
+    net = feature_net if feature_net is not None else extractor.build(layers, dev)
+    ds = as_image_dataset(images, resolution=resolution)
+    if len(ds) < 2:
+        raise ValueError(f"need at least 2 images for feature statistics, got {len(ds)}")
+    feats = get_featuresdict_from_dataset(ds, net, batch_size, dev.type == "cuda", True, verbose)
+    return {f: feats[extractor.layers[f]] for f in families}
+
+
+def feature_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) in float64 of features [N, D] — the Gaussian FID compares."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features must be [N>=2, D], got shape {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): |mu1-mu2|² + tr(s1 + s2 - 2 (s1 s2)^½).
+
+    tr((s1 s2)^½) is the sum of square roots of the eigenvalues of s1 s2 (real and ≥ 0 up to round-off, since s1 s2
+    is similar to a PSD matrix) — torch-fidelity's formula, which needs no matrix square root.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+    eig = np.linalg.eigvals(s1 @ s2).astype(np.complex128)
+    tr_covmean = np.sqrt(eig).real.sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def uniform_labels(num_samples: int = NUM_SAMPLES, num_classes: int = 1000, seed: int = 0) -> np.ndarray:
+    """Class labels uniform at random with a fixed seed (the official 50k-sample convention)."""
+    if num_samples < 1 or num_classes < 1:
+        raise ValueError(f"num_samples and num_classes must be >= 1, got {num_samples}, {num_classes}")
+    return np.random.default_rng(seed).integers(0, num_classes, size=num_samples, dtype=np.int64)
+
+
+def generation_metrics(
+    samples: Any,
+    reference: Any,
+    *,
+    extractor: FeatureExtractorSpec,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    resolution: int | None = None,
+    isc_splits: int = 10,
+    prc_neighborhood: int = 3,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 2020,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """FID / IS / precision / recall / KID of ``samples`` against ``reference``, via torch-fidelity.
+
+    Args:
+        samples: generated images: a uint8 array/tensor [N,H,W,3], a torch Dataset of uint8 [3,H,W], or the URL
+            of a sample store / image folder / packed dataset.
+        reference: a ``ReferenceStats`` (cached train-split statistics, ``dcae15.metrics.reference``), or any
+            image source as above (e.g. originals for rFID) — its features are then computed here.
+        extractor: ``inception_extractor()`` or the proxy's spec (``dcae15.metrics.proxy.proxy_extractor``).
+        metrics: subset of ``fid``, ``is``, ``precision``, ``recall``, ``kid``.
+        resolution: centre-crop size for folder / packed-dataset inputs.
+
+    Returns:
+        ``{name: value}`` with names prefixed by ``extractor.prefix`` (``fid`` or ``proxy-fid``); IS also reports
+        ``is_std``, KID ``kid_std``.
+    """
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    from dcae15.metrics.reference import ReferenceStats
+
+    metrics = tuple(dict.fromkeys(metrics))
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {list(metrics)}")
+    if isc_splits < 1 or prc_neighborhood < 1:
+        raise ValueError(f"isc_splits and prc_neighborhood must be >= 1, got {isc_splits}, {prc_neighborhood}")
+    families = list(dict.fromkeys(_LAYER_FOR[m] for m in metrics))
+    dev = _device(device)
+    net = extractor.build([extractor.layers[f] for f in families], dev)
+    feats = extract_features(
+        samples, extractor, families=families, batch_size=batch_size, device=dev, resolution=resolution,
+        feature_net=net, verbose=verbose,
+    )
+    ref_families = [f for f in families if f != "isc"]
+    if isinstance(reference, ReferenceStats):
+        reference.check_extractor(extractor)
+        ref = {f: reference.features for f in ref_families if f != "fid"}
+        ref_mu, ref_sigma = reference.mu, reference.sigma
+    elif ref_families:
+        ref = extract_features(
+            reference, extractor, families=ref_families, batch_size=batch_size, device=dev, resolution=resolution,
+            feature_net=net, verbose=verbose,
+        )
+        ref_mu, ref_sigma = feature_stats(ref["fid"]) if "fid" in ref else (None, None)
+    tf_kwargs = dict(
+        isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size, rng_seed=seed, save_cpu_ram=True, verbose=verbose,
+    )
+    out: dict[str, float] = {}
+    name = extractor.metric_name
+    if "fid" in metrics:
+        out[name("fid")] = frechet_distance(*feature_stats(feats["fid"]), ref_mu, ref_sigma)
+    if "is" in metrics:
+        isc = isc_features_to_metric(feats["isc"], isc_splits, True, seed)
+        out[name("is")] = isc["inception_score_mean"]
+        out[name("is_std")] = isc["inception_score_std"]
+    if "precision" in metrics or "recall" in metrics:
+        prc = prc_features_to_metric(feats["prc"].float(), torch.as_tensor(ref["prc"]).float(), **tf_kwargs)
+        for m in ("precision", "recall"):
+            if m in metrics:
+                out[name(m)] = float(prc[m])
+    if "kid" in metrics:
+        f1, f2 = feats["kid"].float(), torch.as_tensor(ref["kid"]).float()
+        size = min(kid_subset_size, len(f1), len(f2))  # small evaluations: subsets as large as the sets allow
+        kid = kid_features_to_metric(f1, f2, **{**tf_kwargs, "kid_subset_size": size})
+        out[name("kid")] = kid["kernel_inception_distance_mean"]
+        out[name("kid_std")] = kid["kernel_inception_distance_std"]
+    return out

@@ -1,0 +1,303 @@
+"""A proxy feature network for the demo: a small CNN classifier trained on the demo data, plugged into torch-fidelity.
+
+The standard Inception weights cannot be downloaded on a fresh machine, so the demo trains this classifier on its
+own dataset (seconds on CPU), caches it keyed by (dataset fingerprint, config), reports its held-out accuracy, and
+registers it with torch-fidelity as a custom feature extractor: pooled features for FID / precision / recall / KID,
+logits for IS. Every number it produces is named ``proxy-fid``, ``proxy-is``, ... and carries the extractor label
+``proxy-<key>``: proxy numbers are comparable only with proxy numbers from the same classifier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch_fidelity import FeatureExtractorBase
+
+from dcae15.metrics import _io
+from dcae15.metrics.fidelity import FeatureExtractorSpec
+from dcae15.weights import MissingWeightsError
+
+__all__ = [
+    "PROXY_NAME",
+    "ProxyConfig",
+    "ProxyFeatureExtractor",
+    "ProxyNet",
+    "proxy_extractor",
+    "register_proxy_extractor",
+    "train_proxy",
+]
+
+PROXY_NAME = "dcae15-proxy"  # torch-fidelity registry name; the weights file says which trained classifier
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyConfig:
+    """The proxy classifier and its training (every field is part of the cache key).
+
+    Attributes:
+        resolution: the classifier's input size; any input is resized to it (antialiased bilinear).
+        width: channels of the first stage (then 2x, 4x); the feature vector has 4*width dims.
+        epochs: passes over the training split.
+        batch_size: training batch size.
+        lr: AdamW learning rate (one-cycle schedule).
+        weight_decay: AdamW weight decay.
+        holdout: fraction of each class held out to measure accuracy.
+        seed: seed of the split, the initialisation and the batch order.
+    """
+
+    resolution: int = 32
+    width: int = 16
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 4e-3
+    weight_decay: float = 5e-4
+    holdout: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.resolution < 8 or self.width < 4 or self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(
+                f"ProxyConfig: need resolution >= 8, width >= 4, epochs >= 1, batch_size >= 2; got {self}"
+            )
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"ProxyConfig.holdout must be in (0, 1), got {self.holdout}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"ProxyConfig.lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ProxyNet(nn.Module):
+    """A VGG-style CNN: 3 stages of conv blocks with max-pooling, global average pool, linear classifier."""
+
+    def __init__(self, num_classes: int, width: int = 16, resolution: int = 32):
+        super().__init__()
+        w = width
+        self.resolution = resolution
+        self.body = nn.Sequential(
+            _block(3, w), _block(w, w), nn.MaxPool2d(2),            # R/2
+            _block(w, 2 * w), _block(2 * w, 2 * w), nn.MaxPool2d(2),  # R/4
+            _block(2 * w, 4 * w), _block(4 * w, 4 * w),
+        )
+        self.head = nn.Linear(4 * w, num_classes)
+        self.feature_dim = 4 * w
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,H,W] -> float [B,3,R,R] in [-1, 1]."""
+        x = x.float() / 127.5 - 1.0
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x float [B,3,R,R] in [-1,1] -> (features [B,4w], logits [B,classes])."""
+        feats = self.body(x).mean(dim=(2, 3))  # (B, 4w)
+        return feats, self.head(feats)
+
+
+class ProxyFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity wrapper: provides ``features`` (FID/PR/KID) and ``logits`` (IS) of a trained ProxyNet."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise MissingWeightsError(
+                "the proxy feature extractor needs its trained weights: build it with "
+                "dcae15.metrics.proxy.proxy_extractor(dataset_url), which trains and caches the classifier"
+            )
+        src = feature_extractor_weights_path
+        if not hasattr(src, "read"):
+            from storage.urls import read_bytes
+
+            src = io.BytesIO(read_bytes(str(src)))
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+        cfg = ckpt["config"]
+        self.net = ProxyNet(int(ckpt["num_classes"]), width=int(cfg["width"]), resolution=int(cfg["resolution"]))
+        self.net.load_state_dict(ckpt["state_dict"])
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x):
+        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+            raise ValueError(f"expected uint8 images [B,3,H,W], got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        feats, logits = self.net(self.net.prepare(x))
+        out = {"features": feats.float(), "logits": logits.float()}
+        return tuple(out[name] for name in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+
+def register_proxy_extractor() -> str:
+    """Register ``ProxyFeatureExtractor`` with torch-fidelity under ``PROXY_NAME`` (idempotent); returns the name."""
+    from torch_fidelity import register_feature_extractor
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if PROXY_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(PROXY_NAME, ProxyFeatureExtractor)
+    return PROXY_NAME
+
+
+def _split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split: ``holdout`` of each class (at least one image) is held out."""
+    rng = np.random.default_rng([seed, 7])
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = max(1, int(round(holdout * len(idx))))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.concatenate(train), np.concatenate(test)
+
+
+@torch.no_grad()
+def _accuracy(net: ProxyNet, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> float:
+    net.eval()
+    correct = 0
+    for i in range(0, len(images), batch):
+        _, logits = net(net.prepare(images[i:i + batch]))
+        correct += int((logits.argmax(1) == labels[i:i + batch]).sum())
+    return correct / len(images)
+
+
+def train_proxy(
+    images: np.ndarray, labels: np.ndarray, cfg: ProxyConfig = ProxyConfig(), *, verbose: bool = False
+) -> tuple[ProxyNet, dict]:
+    """Train a ProxyNet on uint8 images [N,H,W,3] with int labels; returns (net, info with held-out accuracy).
+
+    Augmentation: horizontal flips and 90-degree rotations (the shapes are drawn at random angles), which keeps
+    the classifier blind to orientation so its features describe shape, colour and texture.
+    """
+    from tqdm import tqdm
+
+    labels = np.asarray(labels, dtype=np.int64)
+    num_classes = int(labels.max()) + 1
+    if len(images) != len(labels) or len(np.unique(labels)) < 2:
+        raise ValueError(f"need images and labels of equal length with >= 2 classes, got {len(images)} / {len(labels)}")
+    torch.manual_seed(cfg.seed)
+    tr, te = _split(labels, cfg.holdout, cfg.seed)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()  # uint8 [N,3,H,W]
+    y = torch.from_numpy(labels)
+    net = ProxyNet(num_classes, width=cfg.width, resolution=cfg.resolution)
+    # resize once: the training set is small and every epoch would redo the same interpolation
+    xs_tr = torch.cat([net.prepare(x[tr[i:i + 512]]) for i in range(0, len(tr), 512)])
+    ys_tr = y[tr]
+    steps_per_epoch = max(1, len(tr) // cfg.batch_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    for epoch in tqdm(range(cfg.epochs), desc="proxy classifier", disable=not verbose):
+        net.train()
+        order = torch.randperm(len(tr), generator=gen)
+        for s in range(steps_per_epoch):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            xb, yb = xs_tr[idx], ys_tr[idx]
+            if torch.rand((), generator=gen) < 0.5:
+                xb = xb.flip(-1)
+            xb = torch.rot90(xb, int(torch.randint(4, (), generator=gen)), dims=(-2, -1))
+            loss = F.cross_entropy(net(xb)[1], yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    train_seconds = time.perf_counter() - t0
+    net.eval()
+    info = {
+        "held_out_accuracy": _accuracy(net, x[te], y[te]),
+        "train_accuracy": _accuracy(net, x[tr], y[tr]),
+        "num_train": int(len(tr)), "num_held_out": int(len(te)), "num_classes": num_classes,
+        "train_seconds": round(train_seconds, 2), "torch_threads": torch.get_num_threads(),
+    }
+    return net, info
+
+
+def proxy_extractor(
+    dataset_url: str,
+    cfg: ProxyConfig = ProxyConfig(),
+    *,
+    cache_url: str | None = None,
+    storage_options: dict | None = None,
+    verbose: bool = False,
+) -> FeatureExtractorSpec:
+    """The proxy extractor for a dataset: loaded from its cache, or trained (and cached) on first use.
+
+    The cache is ``<cache>/proxy/<dataset fingerprint>-<config hash>/`` holding ``model.pt`` (config, class count,
+    state_dict: loadable with ``weights_only=True``) and ``info.json`` (held-out accuracy etc.), written last.
+
+    Args:
+        dataset_url: the demo dataset (class-folder tree or packed dataset).
+        cfg: classifier and training settings.
+        cache_url: where to cache; default next to the data (``<dataset>/eval`` or ``<folder>.eval``).
+
+    Returns:
+        A spec whose metric names are ``proxy-…`` and whose ``info`` holds the held-out accuracy.
+    """
+    from storage.fingerprint import fingerprint
+
+    from dcae15.metrics.inputs import dataset_fingerprint, default_cache_url, load_labelled_images
+
+    register_proxy_extractor()
+    dataset_fp = dataset_fingerprint(dataset_url, storage_options)
+    key = f"{dataset_fp[:12]}-{fingerprint(cfg, length=8)}"
+    url = _io.join(cache_url or default_cache_url(dataset_url, storage_options), "proxy", key)
+    model_url, info_url = _io.join(url, "model.pt"), _io.join(url, "info.json")
+    if not _io.exists(info_url, storage_options):
+        resolution = None if _is_folder(dataset_url, storage_options) else cfg.resolution
+        images, labels, class_names = load_labelled_images(dataset_url, resolution=resolution,
+                                                          storage_options=storage_options)
+        net, info = train_proxy(images, labels, cfg, verbose=verbose)
+        buf = io.BytesIO()
+        torch.save({"config": dataclasses.asdict(cfg), "num_classes": info["num_classes"],
+                    "state_dict": net.state_dict()}, buf)
+        _io.write_bytes_atomic(model_url, buf.getvalue(), storage_options)
+        info.update(dataset_url=str(dataset_url), dataset_fingerprint=dataset_fp, config=dataclasses.asdict(cfg),
+                    class_names=list(class_names), weights_sha256=_bytes_hash(buf.getvalue()))
+        _io.write_json_atomic(info_url, info, storage_options)  # completion marker, last
+        if verbose:
+            print(f"proxy classifier {key}: held-out accuracy {info['held_out_accuracy']:.3f} "
+                  f"({info['num_held_out']} images), trained in {info['train_seconds']:.1f} s")
+    info = _io.read_json(info_url, storage_options)
+    return FeatureExtractorSpec(
+        name=PROXY_NAME,
+        label=f"proxy-{key}",
+        prefix="proxy-",
+        fingerprint=info["weights_sha256"],
+        weights_path=model_url,
+        layers={"fid": "features", "isc": "logits", "prc": "features", "kid": "features"},
+        info={k: info[k] for k in ("held_out_accuracy", "num_held_out", "num_classes", "train_seconds")},
+    )
+
+
+def _is_folder(url: str, storage_options: dict | None) -> bool:
+    from dcae15.metrics.inputs import detect_kind
+
+    return detect_kind(url, storage_options) == "folder"
+
+
+def _bytes_hash(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:16]

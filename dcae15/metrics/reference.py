@@ -1,0 +1,210 @@
+"""Reference statistics of the real data, computed once per (dataset, resolution, feature extractor) and cached.
+
+A reference lives at ``<cache>/reference/<extractor label>-<R>px-<key>/`` where ``key`` hashes every input (dataset
+fingerprint, resolution, crop, extractor fingerprint and layer, sample cap, feature-subset size, seed). It holds
+``stats.npz`` (``mu``, ``sigma`` over all used images; ``features``: a fixed-seed subset of per-image features for
+precision/recall/KID; ``indices``) and ``attrs.json``, written last: present means complete. Extraction runs in
+blocks, each saved as ``parts/part-XXXXX.npz`` (sums, outer-product sums, subset features), so a killed job
+resumes at the first missing block. A changed input gives a different key, hence a fresh computation; an unchanged
+one is loaded and never recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from dcae15.metrics import _io
+from dcae15.metrics.fidelity import FeatureExtractorSpec, extract_features
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ReferenceConfig",
+    "ReferenceMismatchError",
+    "ReferenceStats",
+    "get_reference",
+    "load_reference",
+    "reference_stats",
+    "reference_url",
+]
+
+FORMAT_VERSION = 1
+CROP = "adm-center"  # ADM/DiT centre crop (storage.images.center_crop), the same preprocessing as training
+
+
+class ReferenceMismatchError(ValueError):
+    """Reference statistics were made with another feature extractor than the one evaluating now."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+    """How a reference is computed (every field is part of its cache key).
+
+    Attributes:
+        resolution: centre-crop size of the real images (the generator's output size).
+        max_samples: cap on images used for mu/sigma (a fixed-seed random subset); None = the whole split.
+        num_features: per-image features kept for precision/recall/KID (fixed-seed subset; ADM keeps 10k).
+        seed: seed of both subsets.
+        block_size: images per resumable part (not in the key: it does not change the result).
+    """
+
+    resolution: int
+    max_samples: int | None = None
+    num_features: int = 10_000
+    seed: int = 0
+    block_size: int = 20_000
+
+    def __post_init__(self):
+        if not isinstance(self.resolution, int) or self.resolution < 8:
+            raise ValueError(f"ReferenceConfig.resolution must be an int >= 8, got {self.resolution!r}")
+        if self.max_samples is not None and self.max_samples < 2:
+            raise ValueError(f"ReferenceConfig.max_samples must be None or >= 2, got {self.max_samples}")
+        if self.num_features < 2 or self.block_size < 2:
+            raise ValueError(f"num_features and block_size must be >= 2, got {self.num_features}, {self.block_size}")
+
+    def key_fields(self) -> dict[str, Any]:
+        return {"resolution": self.resolution, "max_samples": self.max_samples, "num_features": self.num_features,
+                "seed": self.seed, "crop": CROP, "format": FORMAT_VERSION}
+
+
+@dataclasses.dataclass
+class ReferenceStats:
+    """Loaded reference: Gaussian statistics of all used images plus a feature subset for precision/recall."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray
+    attrs: dict
+    url: str | None = None
+
+    def check_extractor(self, extractor: FeatureExtractorSpec) -> None:
+        """Refuse to compare features from different networks (names both fingerprints)."""
+        mine = (self.attrs.get("extractor_fingerprint"), self.attrs.get("layer"))
+        theirs = (extractor.fingerprint, extractor.layers["fid"])
+        if mine != theirs:
+            raise ReferenceMismatchError(
+                f"reference {self.url or ''} was computed with extractor {self.attrs.get('extractor_label')} "
+                f"(fingerprint {mine[0]}, layer {mine[1]}) but this evaluation uses {extractor.label} "
+                f"(fingerprint {theirs[0]}, layer {theirs[1]}): compute a reference for this extractor"
+            )
+        if extractor.layers["prc"] != extractor.layers["fid"] or extractor.layers["kid"] != extractor.layers["fid"]:
+            raise ValueError(f"{extractor.label}: cached references need one layer for fid, prc and kid")
+
+
+def _key(dataset_fp: str, extractor: FeatureExtractorSpec, cfg: ReferenceConfig) -> str:
+    from storage.fingerprint import short_id
+
+    return short_id(dataset_fp, extractor.fingerprint, extractor.layers["fid"], cfg.key_fields())
+
+
+def reference_url(
+    dataset_url: str, extractor: FeatureExtractorSpec, cfg: ReferenceConfig, *, cache_url: str | None = None,
+    dataset_fp: str | None = None, storage_options: dict | None = None,
+) -> str:
+    """The URL of the reference for these inputs (whether or not it exists yet)."""
+    from dcae15.metrics.inputs import dataset_fingerprint, default_cache_url
+
+    fp = dataset_fp or dataset_fingerprint(dataset_url, storage_options)
+    base = cache_url or default_cache_url(dataset_url, storage_options)
+    return _io.join(base, "reference", f"{extractor.label}-{cfg.resolution}px-{_key(fp, extractor, cfg)}")
+
+
+def load_reference(url: str, storage_options: dict | None = None) -> ReferenceStats:
+    """Load a complete reference (``attrs.json`` present); raises FileNotFoundError naming the URL otherwise."""
+    if not _io.exists(_io.join(url, "attrs.json"), storage_options):
+        raise FileNotFoundError(f"no complete reference statistics at {url} (attrs.json missing): compute them first")
+    attrs = _io.read_json(_io.join(url, "attrs.json"), storage_options)
+    z = _io.read_npz(_io.join(url, "stats.npz"), storage_options)
+    return ReferenceStats(mu=z["mu"], sigma=z["sigma"], features=z["features"], attrs=attrs, url=url)
+
+
+def _subset(n: int, k: int | None, seed: int, salt: int) -> np.ndarray:
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, salt]).choice(n, size=k, replace=False))
+
+
+def reference_stats(
+    dataset_url: str,
+    resolution: int,
+    extractor: FeatureExtractorSpec,
+    *,
+    cache_url: str | None = None,
+    max_samples: int | None = None,
+    num_features: int = 10_000,
+    seed: int = 0,
+    block_size: int = 20_000,
+    batch_size: int = 64,
+    device: str | None = None,
+    storage_options: dict | None = None,
+    verbose: bool = False,
+) -> str:
+    """Compute (or find) the reference statistics of a dataset's train split; returns their URL.
+
+    Args:
+        dataset_url: packed dataset or class-folder tree of the **train** split.
+        resolution: centre-crop size (the generated images' size).
+        extractor: the feature network (``inception_extractor()`` or the proxy's spec).
+        cache_url: where references live; default next to the data (``<dataset>/eval`` or ``<folder>.eval``).
+    """
+    from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint
+
+    cfg = ReferenceConfig(resolution=resolution, max_samples=max_samples, num_features=num_features, seed=seed,
+                          block_size=block_size)
+    fp = dataset_fingerprint(dataset_url, storage_options)
+    url = reference_url(dataset_url, extractor, cfg, cache_url=cache_url, dataset_fp=fp, storage_options=storage_options)
+    if _io.exists(_io.join(url, "attrs.json"), storage_options):
+        return url  # complete and keyed by every input: nothing to do
+    ds = as_image_dataset(dataset_url, resolution=resolution, storage_options=storage_options)
+    used = _subset(len(ds), cfg.max_samples, seed, 0)
+    keep = used[_subset(len(used), cfg.num_features, seed, 1)]  # dataset rows whose features are kept
+    net = extractor.build([extractor.layers["fid"]], device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    blocks = range(0, len(used), cfg.block_size)
+    for b, start in enumerate(blocks):
+        part = _io.join(url, "parts", f"part-{b:05d}.npz")
+        if _io.exists(part, storage_options):
+            continue  # finished before a restart
+        rows = used[start:start + cfg.block_size]
+        feats = extract_features(Subset(ds, rows.tolist()), extractor, families=("fid",), batch_size=batch_size,
+                                 device=device, feature_net=net, verbose=verbose)["fid"].double().numpy()
+        kept = np.isin(rows, keep)
+        _io.write_npz(part, storage_options, count=np.array(len(rows)), sum=feats.sum(0), outer=feats.T @ feats,
+                      rows=rows[kept], features=feats[kept].astype(np.float32))
+        if verbose:
+            print(f"reference {url}: block {b + 1}/{len(blocks)} done")
+    n, total, outer, rows_k, feats_k = 0, 0.0, 0.0, [], []
+    for b in range(len(blocks)):
+        z = _io.read_npz(_io.join(url, "parts", f"part-{b:05d}.npz"), storage_options)
+        n += int(z["count"])
+        total = total + z["sum"]
+        outer = outer + z["outer"]
+        rows_k.append(z["rows"])
+        feats_k.append(z["features"])
+    mu = total / n
+    sigma = (outer - n * np.outer(mu, mu)) / (n - 1)  # unbiased covariance, as np.cov
+    _io.write_npz(_io.join(url, "stats.npz"), storage_options, mu=mu, sigma=sigma,
+                  features=np.concatenate(feats_k), indices=np.concatenate(rows_k))
+    attrs = {
+        **cfg.key_fields(), "dataset_url": str(dataset_url), "dataset_fingerprint": fp, "num_samples": n,
+        "num_dataset_samples": len(ds), "extractor_name": extractor.name, "extractor_label": extractor.label,
+        "extractor_fingerprint": extractor.fingerprint, "layer": extractor.layers["fid"],
+        "split_convention": "train split, centre-cropped at the target resolution", "created": time.time(),
+    }
+    _io.write_json_atomic(_io.join(url, "attrs.json"), attrs, storage_options)  # the completion marker, last
+    fs, path = _io.url_to_fs(_io.join(url, "parts"), storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)  # the parts are only a restart aid
+    return url
+
+
+def get_reference(dataset_url: str, resolution: int, extractor: FeatureExtractorSpec, **kwargs) -> ReferenceStats:
+    """``reference_stats`` then ``load_reference``: the cached statistics, computed on first use."""
+    url = reference_stats(dataset_url, resolution, extractor, **kwargs)
+    ref = load_reference(url, kwargs.get("storage_options"))
+    ref.check_extractor(extractor)
+    return ref

@@ -1,0 +1,23 @@
+"""Helpers shared by the stage flows: the resolved config of a run and pointers read back from artifacts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.config import PipelineConfig, load_config
+from flows.env import local_root
+
+__all__ = ["ConfigArg", "stage_config"]
+
+ConfigArg = str | dict[str, Any] | None
+"""A flow's ``config`` parameter: a preset name (demo, tiny), a YAML path, a dict, or None (built-in defaults)."""
+
+
+def stage_config(root: str | None, config: ConfigArg, **overrides: Any) -> PipelineConfig:
+    """Load the config, put ``root`` (made absolute when local) and any nested overrides in, validate."""
+    extra: dict[str, Any] = dict(overrides)
+    if root:
+        extra["root"] = root
+    cfg = load_config(config, extra)
+    cfg.root = local_root(cfg.root)
+    return cfg

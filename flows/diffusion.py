@@ -1,0 +1,87 @@
+"""Stage 4: train one diffusion backbone on a latent store — in this process for one CPU/GPU, else via torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.caching import run_cached, stage_cache
+from flows.common import ConfigArg, stage_config
+from flows.encode import describe_store
+from flows.launch import run_streaming, torchrun_command
+
+__all__ = ["describe_run", "validate_run", "fit_backbone", "train_diffusion"]
+
+
+def describe_run(url: str) -> dict[str, Any]:
+    """The pointer of a diffusion run: URL + the step of its latest checkpoint + that checkpoint's location."""
+    from dcae15.diffusion_train import latest_checkpoint
+
+    step, ckpt_url = latest_checkpoint(url)
+    return {"kind": "diffusion_run", "url": url, "run_id": url.rstrip("/").rsplit("/", 1)[-1],
+            "step": step, "checkpoint": ckpt_url}
+
+
+def validate_run(pointer: dict[str, Any]) -> str | None:
+    """None if the run's latest checkpoint is the one the pointer names; else what is wrong."""
+    try:
+        now = describe_run(pointer["url"])
+    except Exception as exc:  # noqa: BLE001 - a missing run / checkpoint means "recompute"
+        return f"cannot read run {pointer['url']}: {exc}"
+    return None if now == pointer else f"run changed: latest is {now['step']}, cached {pointer['step']}"
+
+
+@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json")
+def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[str, Any], seed: int,
+                 launch: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) the run for (backbone, training config, store); returns a pointer to its final checkpoint.
+
+    ``launch`` (processes, nodes, torchrun arguments) is not part of the cache key; the run id does not depend on
+    it either, so a run started on one GPU can be resumed on eight.
+    """
+    from dcae15.diffusion_train import DiffusionTrainConfig, train_diffusion as train_fn
+    from storage.fingerprint import fingerprint, short_id
+    from storage.urls import join
+
+    log = get_run_logger()
+    cfg = DiffusionTrainConfig(**{"model": backbone, "seed": seed, **train})
+    run_url = join(root, "runs", "diffusion", short_id(fingerprint(cfg), store["store_id"]))
+    world = launch["nproc_per_node"] * launch["nnodes"]
+    if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
+        log.info("training %s in-process on %s -> %s", backbone, store["url"], run_url)
+        train_fn(cfg, store["url"], run_url)
+    else:
+        from dcae15.diffusion_train import save_config
+
+        config_url = save_config(cfg, run_url)
+        cmd = torchrun_command("dcae15.diffusion_train", ["--config", config_url, "--store", store["url"], "--run", run_url],
+                               nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
+                               extra=launch["torchrun_args"])
+        log.info("launching %s", " ".join(cmd))
+        run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))
+    return describe_run(run_url)
+
+
+@flow(name="train_diffusion")
+def train_diffusion(store: str, backbone: str, root: str | None = None, config: ConfigArg = "demo",
+                    nproc_per_node: int | None = None, nnodes: int | None = None,
+                    torchrun_args: list[str] | None = None) -> dict[str, Any]:
+    """Train backbone preset ``backbone`` on the latent store at ``store`` into ``<root>/runs/diffusion/<run_id>``.
+
+    ``nproc_per_node`` / ``nnodes`` > 1 launch ``torchrun``; ``torchrun_args`` are passed through (rendezvous etc.).
+    A failed child is a failed flow run whose message holds the child's last lines; rerunning resumes the run.
+    """
+    over = {k: v for k, v in {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "torchrun_args": torchrun_args}.items()
+            if v is not None}
+    cfg = stage_config(root, config, **({"diffusion": over} if over else {}))
+    d = cfg.diffusion
+    launch = {"launcher": d.launcher, "nproc_per_node": d.nproc_per_node, "nnodes": d.nnodes,
+              "torchrun_args": list(d.torchrun_args)}
+    pointer = describe_store(store)
+    if not pointer["complete"]:
+        raise ValueError(f"latent store {store} is not complete: run encode_latents first")
+    task_ = fit_backbone.with_options(retries=d.retries, retry_delay_seconds=5)
+    return run_cached(task_, validate_run, root=cfg.root, store=pointer, backbone=backbone, train=dict(d.train),
+                      seed=cfg.seed, launch=launch)

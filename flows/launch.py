@@ -1,0 +1,73 @@
+"""Run a training job in a child process (``torchrun`` for several processes / nodes) and stream its log."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+from typing import Callable, Sequence
+
+__all__ = ["LaunchError", "torchrun_command", "run_streaming"]
+
+
+class LaunchError(RuntimeError):
+    """The child exited non-zero; the message holds its exit status and its last log lines."""
+
+
+def torchrun_command(
+    module: str,
+    module_args: Sequence[str],
+    *,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The argv that runs ``python -m module`` under ``torch.distributed.run`` (the module behind ``torchrun``).
+
+    Args:
+        module: e.g. ``dcae15.diffusion_train``.
+        module_args: arguments of the module.
+        nproc_per_node: processes per node (GPUs per node).
+        nnodes: number of nodes; multi-node runs also need rendezvous arguments in ``extra``
+            (``--rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id JOB``, or ``--node-rank`` + ``--master-addr``).
+        extra: further torchrun arguments, passed through unchanged.
+    """
+    if nproc_per_node < 1 or nnodes < 1:
+        raise ValueError(f"nproc_per_node and nnodes must be >= 1, got {nproc_per_node}, {nnodes}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}"]
+    if nnodes == 1 and not any(a.startswith(("--rdzv", "--master", "--standalone")) for a in extra):
+        cmd.append("--standalone")  # single node: torchrun picks a free port itself
+    return [*cmd, *extra, "-m", module, *module_args]
+
+
+def run_streaming(
+    cmd: Sequence[str],
+    *,
+    log: Callable[[str], None],
+    tail: int = 40,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run ``cmd``, passing every output line to ``log`` as it arrives; raise with the last ``tail`` lines on failure.
+
+    Raises:
+        LaunchError: the child exited with a non-zero status (or was killed by a signal).
+    """
+    last: collections.deque[str] = collections.deque(maxlen=tail)
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with subprocess.Popen(
+        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=child_env
+    ) as proc:
+        try:
+            for line in proc.stdout or ():
+                line = line.rstrip("\n")
+                last.append(line)
+                log(line)
+        except BaseException:
+            proc.kill()  # the flow was cancelled or crashed: do not leave the trainer running
+            raise
+        code = proc.wait()
+    if code != 0:
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        lines = "\n".join(last)
+        raise LaunchError(f"{cmd[0]} ... {' '.join(cmd[-3:])} failed with {how}. Last output lines:\n{lines}")

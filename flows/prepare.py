@@ -1,0 +1,58 @@
+"""Stage 1: the images — generate the shapes dataset if asked, then pack it into webdataset shards + an index."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.caching import STAGE_CACHE, run_cached
+from flows.common import ConfigArg, stage_config
+
+__all__ = ["describe_dataset", "validate_dataset", "pack_images", "prepare_images"]
+
+
+def describe_dataset(url: str) -> dict[str, Any]:
+    """The pointer of a packed dataset: URL + fingerprint + size (read from the dataset itself)."""
+    from storage.shards import open_dataset
+
+    ds = open_dataset(url)
+    return {"kind": "dataset", "url": url, "fingerprint": ds.fingerprint,
+            "num_samples": ds.num_samples, "num_classes": ds.num_classes}
+
+
+def validate_dataset(pointer: dict[str, Any]) -> str | None:
+    """None if the packed dataset is there, complete, with the recorded fingerprint; else what is wrong."""
+    try:
+        now = describe_dataset(pointer["url"])
+    except Exception as exc:  # noqa: BLE001 - any failure to open means "recompute"
+        return f"cannot open {pointer['url']}: {exc}"
+    return None if now == pointer else f"dataset changed: {now} != {pointer}"
+
+
+@task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
+def pack_images(root: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Generate (if ``data['source']`` is None) and pack the images; returns a pointer to the packed dataset."""
+    from storage import shards, synthetic, urls
+
+    log = get_run_logger()
+    src = data["source"]
+    if src is None:
+        src = urls.join(root, "raw", data["name"])
+        log.info("generating the shapes dataset into %s (%s)", src, data["synthetic"])
+        synthetic.make_shapes_dataset(src, **data["synthetic"])
+    dst = urls.join(root, "data", data["name"])
+    log.info("packing %s into shards at %s", src, dst)
+    shards.pack_image_folder(src, dst, shard_bytes=data["shard_bytes"])
+    pointer = describe_dataset(dst)
+    log.info("dataset %s: %d images, %d classes, fingerprint %s", dst, pointer["num_samples"],
+             pointer["num_classes"], pointer["fingerprint"])
+    return pointer
+
+
+@flow(name="prepare_images")
+def prepare_images(root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
+    """Pack the images named by the config's ``data`` section into ``<root>/data/<name>/``; returns its pointer."""
+    cfg = stage_config(root, config)
+    return run_cached(pack_images, validate_dataset, root=cfg.root, data=dataclasses.asdict(cfg.data))

@@ -60,8 +60,8 @@ class AEConfig:
         bottleneck_shortcut: the latent-bottleneck shortcuts (encoder channel averaging into z, decoder channel
             duplicating out of z). They mix every latent channel into every feature, so they are incompatible with
             a structured latent space (DC-AE 1.5 presets have none).
-        scaling_factor: s with z_diffusion = s * z (≈ 1 / RMS(z)); 1.0 where unpublished — the latent store
-            computes the measured value at finalize.
+        scaling_factor: s with z_diffusion = s * z (≈ 1 / RMS(z)); None where unpublished (tiny presets, a fresh
+            run) — the latent store then uses the 1/RMS it measures at finalize.
         channel_choices: the c' list of the structured latent space; () for an unstructured AE.
     """
 
@@ -80,7 +80,7 @@ class AEConfig:
     downsample_block_type: str = "pixel_unshuffle"
     upsample_block_type: str = "pixel_shuffle"
     bottleneck_shortcut: bool = False
-    scaling_factor: float = 1.0
+    scaling_factor: float | None = None
     channel_choices: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -120,7 +120,7 @@ class AEConfig:
             if bad or list(self.channel_choices) != sorted(set(self.channel_choices)):
                 raise ValueError(f"AEConfig.channel_choices must be increasing values in 1..{self.latent_channels}, "
                                  f"got {self.channel_choices}")
-        if not self.scaling_factor > 0:
+        if self.scaling_factor is not None and not self.scaling_factor > 0:
             raise ValueError(f"AEConfig.scaling_factor must be > 0, got {self.scaling_factor}")
 
     @property
@@ -163,7 +163,7 @@ class AEConfig:
             encoder_out_shortcut=self.bottleneck_shortcut,
             decoder_in_shortcut=self.bottleneck_shortcut,
             decoder_conv_act_fn="relu",
-            scaling_factor=self.scaling_factor,
+            scaling_factor=1.0 if self.scaling_factor is None else self.scaling_factor,
         )
 
     @classmethod
@@ -202,7 +202,7 @@ class AEConfig:
             downsample_block_type=c["downsample_block_type"],
             upsample_block_type=c["upsample_block_type"],
             bottleneck_shortcut=shortcut,
-            scaling_factor=float(c.get("scaling_factor", 1.0)),
+            scaling_factor=None if cfg.get("scaling_factor") is None else float(cfg["scaling_factor"]),
             channel_choices=default_channel_choices(int(c["latent_channels"])) if structured else (),
         )
 
@@ -212,7 +212,7 @@ class AEConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _dc_ae_15(name: str, widths: tuple[int, ...], depths: tuple[int, ...], c: int, scaling: float) -> AEConfig:
+def _dc_ae_15(name: str, widths: tuple[int, ...], depths: tuple[int, ...], c: int, scaling: float | None) -> AEConfig:
     """DC-AE 1.5: all ResBlock, RMSNorm + SiLU, no bottleneck shortcuts, structured c' list."""
     n = len(widths)
     return AEConfig(
@@ -235,13 +235,13 @@ AE_PRESETS: dict[str, AEConfig] = {
         bottleneck_shortcut=True, scaling_factor=0.3189,
     ),
     # DC-AE 1.5 f32c128: no published scaling factor; the latent store measures 1/RMS at finalize.
-    "dc-ae-f32c128-1.5": _dc_ae_15("dc-ae-f32c128-1.5", (128, 256, 512, 512, 1024, 1024), (0, 5, 10, 4, 4, 4), 128, 1.0),
+    "dc-ae-f32c128-1.5": _dc_ae_15("dc-ae-f32c128-1.5", (128, 256, 512, 512, 1024, 1024), (0, 5, 10, 4, 4, 4), 128, None),
     "dc-ae-f64c128-1.5": _dc_ae_15(
         "dc-ae-f64c128-1.5", (128, 256, 512, 512, 1024, 1024, 1024), (0, 5, 10, 4, 4, 4, 4), 128, 0.5935
     ),
     # Tiny CPU presets of the same structure (stage 0 empty, ResBlock, RMSNorm + SiLU, no bottleneck shortcut).
-    "tiny-f8c32": _dc_ae_15("tiny-f8c32", (16, 32, 64, 64), (0, 1, 1, 1), 32, 1.0),
-    "tiny-f16c64": _dc_ae_15("tiny-f16c64", (16, 32, 64, 64, 128), (0, 1, 1, 1, 1), 64, 1.0),
+    "tiny-f8c32": _dc_ae_15("tiny-f8c32", (16, 32, 64, 64), (0, 1, 1, 1), 32, None),
+    "tiny-f16c64": _dc_ae_15("tiny-f16c64", (16, 32, 64, 64, 128), (0, 1, 1, 1, 1), 64, None),
 }
 
 
@@ -300,7 +300,8 @@ class StructuredAutoencoder(nn.Module):
         return self.config.spatial_compression
 
     @property
-    def scaling_factor(self) -> float:
+    def scaling_factor(self) -> float | None:
+        """The published s (z_diffusion = s·z), or None: then use the latent store's measured 1/RMS."""
         return self.config.scaling_factor
 
     @property

@@ -1,0 +1,1 @@
+"""Parts of the autoencoder trainer: c' sampling, the PatchGAN discriminator, the deterministic image batches."""

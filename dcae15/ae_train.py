@@ -1,0 +1,496 @@
+"""Structured-latent autoencoder training (DC-AE 1.5, Eq. 1): three phases, L1 + LPIPS (+ PatchGAN), exact resume.
+
+A run directory (any fsspec URL) holds ``config.yaml``, ``checkpoints/step-XXXXXXX.pt`` + ``checkpoints/latest``
+(written last), ``metrics.jsonl``, and at the end ``model/`` (save_pretrained) and ``done.json`` (the pointer,
+written last). Everything random is a pure function of (seed, step) — the c' draws, the batch order, the flips —
+so resuming from a checkpoint continues exactly as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcae15.ae.channels import ChannelSampling, step_generator
+from dcae15.ae.data import ImageBatches
+from dcae15.ae.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
+from dcae15.autoencoder import AE_PRESETS, StructuredAutoencoder
+
+__all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
+
+# Phase defaults from DC-AE / DC-AE 1.5 (DESIGN.md §4): (lr, betas, weight decay, GAN weight).
+PHASES: dict[str, dict[str, Any]] = {
+    "full": dict(lr=6.4e-5, betas=(0.9, 0.999), weight_decay=0.1, w_gan=0.0),
+    "latent_adaptation": dict(lr=1.6e-5, betas=(0.9, 0.999), weight_decay=0.001, w_gan=0.0),
+    "refinement": dict(lr=5.4e-5, betas=(0.5, 0.9), weight_decay=0.001, w_gan=0.1),
+}
+PERCEPTUAL = ("lpips-vgg", "lpips-alex", "lpips-squeeze", "none")
+_SCHEDULES = ("constant", "cosine")
+# Fields that change how a run is operated but not what it computes: excluded from the run's identity.
+_OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "progress", "prefetch", "device")
+
+
+@dataclass(kw_only=True)
+class AETrainConfig:
+    """One autoencoder training phase.
+
+    Attributes:
+        preset: architecture (``AE_PRESETS``) when starting from scratch.
+        init_from: URL of a saved AE to start from instead (phases 2 and 3 start from the previous phase).
+        phase: "full" (all weights), "latent_adaptation" (encoder head + decoder input) or "refinement"
+            (decoder head, + GAN).
+        resolution: training crop size.
+        steps / batch_size: optimisation length and batch.
+        lr / betas / weight_decay: AdamW; None takes the phase default (``PHASES``).
+        warmup_steps / schedule: linear warm-up then "constant" or "cosine" (to 0 at ``steps``).
+        grad_clip: max global grad norm (0 = off).
+        structured: train with Eq. 1 masking; channel_choices None takes the AE's c' list.
+        channel_mode / channels_per_step / include_full: see ``ChannelSampling``.
+        w_l1 / w_lpips / perceptual: reconstruction loss; perceptual "none" drops LPIPS.
+        lpips_weights: explicit path of the torchvision backbone file (else $DCAE15_WEIGHTS / torch hub cache).
+        lpips_random_backbone: tests only — an un-pretrained LPIPS trunk (meaningless numbers).
+        w_gan / gan_start_step: hinge PatchGAN generator weight (None: phase default) and first GAN step.
+        disc_channels / disc_layers / disc_lr: discriminator size and AdamW lr (betas 0.5, 0.9).
+        ema_decay: EMA of the AE weights (None = off); the saved model is the EMA when on.
+        hflip: random horizontal flips of training images.
+        seed: everything random derives from (seed, step).
+        checkpoint_every / keep_checkpoints / log_every: operational.
+        device: "auto" (cuda if available), "cpu" or "cuda[:i]"; bf16 autocast on CUDA when ``bf16``.
+    """
+
+    preset: str = "tiny-f8c32"
+    init_from: str | None = None
+    phase: str = "full"
+    resolution: int = 32
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    grad_clip: float = 1.0
+    structured: bool = True
+    channel_choices: tuple[int, ...] | None = None
+    channel_mode: str = "per_batch"
+    channels_per_step: int = 1
+    include_full: bool = False
+    w_l1: float = 1.0
+    w_lpips: float = 0.5
+    perceptual: str = "lpips-vgg"
+    lpips_weights: str | None = None
+    lpips_random_backbone: bool = False
+    w_gan: float | None = None
+    gan_start_step: int = 0
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_lr: float | None = None
+    ema_decay: float | None = None
+    hflip: bool = True
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    progress: bool = True
+    prefetch: bool = True
+    device: str = "auto"
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"AETrainConfig.phase={self.phase!r}; allowed: {sorted(PHASES)}")
+        d = PHASES[self.phase]
+        self.lr = d["lr"] if self.lr is None else float(self.lr)
+        self.betas = tuple(d["betas"] if self.betas is None else (float(b) for b in self.betas))
+        self.weight_decay = d["weight_decay"] if self.weight_decay is None else float(self.weight_decay)
+        self.w_gan = d["w_gan"] if self.w_gan is None else float(self.w_gan)
+        self.disc_lr = self.lr if self.disc_lr is None else float(self.disc_lr)
+        if self.channel_choices is not None:
+            self.channel_choices = tuple(int(c) for c in self.channel_choices)
+        if self.init_from is None and self.preset not in AE_PRESETS:
+            raise ValueError(f"AETrainConfig.preset={self.preset!r}; known: {sorted(AE_PRESETS)} (or set init_from)")
+        if self.perceptual not in PERCEPTUAL:
+            raise ValueError(f"AETrainConfig.perceptual={self.perceptual!r}; allowed: {PERCEPTUAL}")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"AETrainConfig.schedule={self.schedule!r}; allowed: {_SCHEDULES}")
+        for f in ("resolution", "steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
+                  "channels_per_step", "disc_layers"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"AETrainConfig.{f} must be >= 1, got {getattr(self, f)}")
+        for f in ("lr", "disc_lr"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"AETrainConfig.{f} must be > 0, got {getattr(self, f)}")
+        for f in ("weight_decay", "grad_clip", "w_l1", "w_lpips", "w_gan", "warmup_steps", "gan_start_step"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"AETrainConfig.{f} must be >= 0, got {getattr(self, f)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"AETrainConfig.betas must be two values in [0, 1), got {self.betas}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"AETrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.channel_mode not in ("per_batch", "per_sample"):
+            raise ValueError(f"AETrainConfig.channel_mode={self.channel_mode!r}; allowed: per_batch, per_sample")
+        if self.w_l1 == 0 and (self.w_lpips == 0 or self.perceptual == "none"):
+            raise ValueError("AETrainConfig: the reconstruction loss is empty (w_l1=0 and no LPIPS)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AETrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"AETrainConfig: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide what the run computes (its fingerprint)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _OPERATIONAL}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces of a step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def trainable_parameters(model: StructuredAutoencoder, phase: str) -> list[nn.Parameter]:
+    """The parameters a phase trains; the rest are frozen (requires_grad=False).
+
+    full: everything. latent_adaptation: the "middle" around the latent — the encoder's last stage and output conv,
+    the decoder's input conv and its lowest-resolution stage. refinement: the decoder's head — its
+    highest-resolution stage, output norm and output conv.
+    """
+    enc, dec = model.net.encoder, model.net.decoder
+    if phase == "full":
+        modules = [model.net]
+    elif phase == "latent_adaptation":
+        modules = [enc.down_blocks[-1], enc.conv_out, dec.conv_in, dec.up_blocks[-1]]
+    elif phase == "refinement":
+        modules = [dec.up_blocks[0], dec.up_blocks[1], dec.norm_out, dec.conv_out]  # stage 0 is empty in DC-AE
+    else:
+        raise ValueError(f"unknown phase {phase!r}; allowed: {sorted(PHASES)}")
+    model.requires_grad_(False)
+    for m in modules:
+        m.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def ae_loss(x: torch.Tensor, y: torch.Tensor, *, w_l1: float, w_lpips: float, lpips_net: nn.Module | None
+            ) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + w_lpips · LPIPS between images in [-1,1]; returns the loss and its parts as floats."""
+    l1 = (x - y).abs().mean()
+    loss = w_l1 * l1
+    parts = {"l1": float(l1.detach())}
+    if lpips_net is not None and w_lpips > 0:
+        lp = lpips_net(y.float(), x.float()).mean()
+        loss = loss + w_lpips * lp
+        parts["lpips"] = float(lp.detach())
+    return loss, parts
+
+
+def _lr_at(cfg: AETrainConfig, step: int, base: float) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return base
+
+
+class _EMA:
+    """Exponential moving average of the trainable weights (float32 copies)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.float(), 1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.shadow = {k: v.clone() for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run directory helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """Paths and atomic reads/writes inside one run directory."""
+
+    def __init__(self, run_url: str, storage_options: dict | None) -> None:
+        from storage.urls import join, url_to_fs
+
+        self.url = run_url.rstrip("/")
+        self.fs, self.root = url_to_fs(self.url, storage_options)
+        self.root = self.root.rstrip("/")
+        self.model_url = join(self.url, "model")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return bool(self.fs.exists(self.path(*parts)))
+
+    def read(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.path(*parts))
+
+    def write(self, data: bytes, *parts: str) -> None:
+        from storage.urls import put_atomic
+
+        put_atomic(self.fs, self.path(*parts), data)
+
+    def checkpoints(self) -> list[str]:
+        if not self.exists("checkpoints"):
+            return []
+        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path("checkpoints"), detail=False)]
+        return sorted(n for n in names if n.startswith("step-") and n.endswith(".pt"))
+
+
+def _yaml(obj: dict) -> bytes:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=True).encode()
+
+
+def _check_or_write_config(run: _Run, cfg: AETrainConfig, dataset_fp: str) -> str:
+    """Write config.yaml on a new run; on an existing run refuse a different config or dataset."""
+    import yaml
+
+    from storage.fingerprint import fingerprint
+
+    cfg_fp = fingerprint({"config": cfg.identity(), "dataset": dataset_fp})
+    doc = {"config": cfg.to_dict(), "dataset_fingerprint": dataset_fp, "config_fingerprint": cfg_fp}
+    if run.exists("config.yaml"):
+        old = yaml.safe_load(run.read("config.yaml"))
+        if old.get("config_fingerprint") != cfg_fp:
+            raise ValueError(
+                f"run {run.url} was started with a different config or dataset (fingerprint "
+                f"{old.get('config_fingerprint')} vs {cfg_fp} now); use a new run URL or the original config")
+    else:
+        run.write(_yaml(doc), "config.yaml")
+    return cfg_fp
+
+
+def _save_checkpoint(run: _Run, cfg: AETrainConfig, step: int, parts: dict[str, Any], metrics: list[dict]) -> None:
+    buf = io.BytesIO()
+    torch.save({"step": step, **parts}, buf)
+    name = f"step-{step:07d}.pt"
+    run.write(buf.getvalue(), "checkpoints", name)
+    run.write("".join(json.dumps(m) + "\n" for m in metrics).encode(), "metrics.jsonl")
+    run.write(name.encode(), "checkpoints", "latest")  # the pointer last: a checkpoint is complete once named
+    for old in run.checkpoints()[:-cfg.keep_checkpoints]:
+        run.fs.rm(run.path("checkpoints", old))
+
+
+def _load_latest(run: _Run) -> dict[str, Any] | None:
+    if not run.exists("checkpoints", "latest"):
+        return None
+    name = run.read("checkpoints", "latest").decode().strip()
+    return torch.load(io.BytesIO(run.read("checkpoints", name)), map_location="cpu", weights_only=True)
+
+
+def _read_metrics(run: _Run, upto: int) -> list[dict]:
+    if not run.exists("metrics.jsonl"):
+        return []
+    rows = [json.loads(line) for line in run.read("metrics.jsonl").decode().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _device(cfg: AETrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"AETrainConfig.device={cfg.device!r} but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+def _build_model(cfg: AETrainConfig, storage_options: dict | None) -> StructuredAutoencoder:
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:
+        return StructuredAutoencoder.from_pretrained(cfg.init_from, storage_options=storage_options)
+    return StructuredAutoencoder.from_preset(cfg.preset)
+
+
+def _build_lpips(cfg: AETrainConfig, device: torch.device) -> nn.Module | None:
+    if cfg.perceptual == "none" or cfg.w_lpips == 0:
+        return None
+    from dcae15.metrics.lpips_offline import build_lpips
+
+    net = cfg.perceptual.split("-", 1)[1]
+    return build_lpips(net, weights=cfg.lpips_weights, random_backbone=cfg.lpips_random_backbone).to(device)
+
+
+def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, stop_at: int | None = None,
+                      storage_options: dict | None = None, dataset: Any = None) -> dict[str, Any]:
+    """Train (or resume, or return the finished result of) one AE phase.
+
+    Args:
+        cfg: the phase's config.
+        dataset_url: packed image dataset (``storage.shards.open_dataset``).
+        run_url: the run directory; the same URL resumes the run.
+        stop_at: leave after checkpointing this step without finishing (time-sliced jobs, preemption tests).
+        dataset: an already opened dataset (skips ``open_dataset``; its fingerprint still identifies the run).
+
+    Returns:
+        The pointer ``{"model_url", "fingerprint", "run_url", "steps", "config_fingerprint", "finished", ...}``;
+        a finished run returns its stored pointer without doing anything.
+
+    Raises:
+        ValueError: a run directory started with another config or dataset.
+        MissingWeightsError: LPIPS backbone weights missing (set ``perceptual: none`` to train without LPIPS).
+    """
+    run = _Run(run_url, storage_options)
+    if dataset is None:
+        from storage.shards import open_dataset
+
+        dataset = open_dataset(dataset_url)
+    cfg_fp = _check_or_write_config(run, cfg, str(dataset.fingerprint))
+    if run.exists("done.json"):
+        return json.loads(run.read("done.json"))
+
+    device = _device(cfg)
+    model = _build_model(cfg, storage_options).to(device).train()
+    params = trainable_parameters(model, cfg.phase)
+    sampling = None
+    if cfg.structured:
+        choices = cfg.channel_choices or model.channel_choices
+        if not choices:
+            raise ValueError(f"AETrainConfig.structured=True but {model.config.name} has no channel_choices; "
+                             "set channel_choices or structured=False")
+        if max(choices) > model.latent_channels:
+            raise ValueError(f"channel_choices {choices} exceed the AE's {model.latent_channels} latent channels")
+        sampling = ChannelSampling(choices=choices, mode=cfg.channel_mode, per_step=cfg.channels_per_step,
+                                   include_full=cfg.include_full)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    disc = disc_opt = None
+    if cfg.w_gan > 0:
+        torch.manual_seed(cfg.seed + 1)
+        disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(device).train()
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    ema = _EMA(model.net, cfg.ema_decay) if cfg.ema_decay else None
+    lpips_net = _build_lpips(cfg, device)
+
+    start, metrics = 0, []
+    ckpt = _load_latest(run)
+    if ckpt is not None:
+        start = int(ckpt["step"])
+        model.net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        if disc is not None:
+            disc.load_state_dict(ckpt["disc"])
+            disc_opt.load_state_dict(ckpt["disc_opt"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        metrics = _read_metrics(run, start)
+
+    batches = ImageBatches(dataset, batch_size=cfg.batch_size, resolution=cfg.resolution, seed=cfg.seed,
+                           hflip=cfg.hflip, prefetch=cfg.prefetch)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not cfg.progress, desc=f"AE {cfg.phase}")
+    t0 = time.perf_counter()
+    try:
+        for step in bar:
+            x, _ = batches.batch(step)
+            x = x.to(device, non_blocking=True)
+            gen = step_generator(cfg.seed, step, salt=1)
+            channel_list = sampling.draw(gen, x.shape[0]) if sampling else [None]
+            lr = _lr_at(cfg, step, cfg.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            use_gan = disc is not None and step >= cfg.gan_start_step
+
+            # -- autoencoder step: encode once, decode once per c' (Eq. 1), average the losses
+            with autocast:
+                z = model.encode(x)
+                recons, loss, logs = [], 0.0, {}
+                for ch in channel_list:
+                    y = model.decode(z, channels=ch)
+                    rec, parts = ae_loss(x, y, w_l1=cfg.w_l1, w_lpips=cfg.w_lpips, lpips_net=lpips_net)
+                    loss = loss + rec / len(channel_list)
+                    recons.append(y)
+                    for k, v in parts.items():
+                        logs[k] = logs.get(k, 0.0) + v / len(channel_list)
+                if use_gan:
+                    g_loss = hinge_g_loss(disc(torch.cat(recons)))
+                    loss = loss + cfg.w_gan * g_loss
+                    logs["gan_g"] = float(g_loss.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            opt.step()
+            if ema is not None:
+                ema.update(model.net)
+
+            # -- discriminator step on the detached reconstructions
+            if use_gan:
+                for g in disc_opt.param_groups:
+                    g["lr"] = _lr_at(cfg, step, cfg.disc_lr)
+                with autocast:
+                    d_loss = hinge_d_loss(disc(x), disc(torch.cat(recons).detach()))
+                disc_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_opt.step()
+                logs["gan_d"] = float(d_loss.detach())
+
+            done_steps = step + 1
+            if done_steps % cfg.log_every == 0 or done_steps == end:
+                row = {"step": done_steps, "loss": float(loss.detach()), "lr": lr, **logs,
+                       "channels": [c if isinstance(c, int) or c is None else "per-sample" for c in channel_list],
+                       "sec": round(time.perf_counter() - t0, 3)}
+                metrics.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if done_steps % cfg.checkpoint_every == 0 or done_steps == end:
+                parts = {"model": model.net.state_dict(), "opt": opt.state_dict(), "rng_cpu": torch.get_rng_state()}
+                if disc is not None:
+                    parts.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
+                if ema is not None:
+                    parts["ema"] = ema.state_dict()
+                _save_checkpoint(run, cfg, done_steps, parts, metrics)
+    finally:
+        bar.close()
+        batches.close()
+
+    last = metrics[-1] if metrics else {}
+    if end < cfg.steps:
+        return {"run_url": run.url, "finished": False, "step": end, "config_fingerprint": cfg_fp,
+                "loss": last.get("loss")}
+    if ema is not None:
+        model.net.load_state_dict({k: v.to(model.net.state_dict()[k].dtype) for k, v in ema.state_dict().items()})
+    model.cpu().eval()
+    model.save_pretrained(run.model_url, storage_options=storage_options)
+    pointer = {"run_url": run.url, "model_url": run.model_url, "fingerprint": model.fingerprint(),
+               "name": model.config.name, "latent_channels": model.latent_channels,
+               "spatial_compression": model.spatial_compression, "steps": cfg.steps, "phase": cfg.phase,
+               "config_fingerprint": cfg_fp, "finished": True, "loss": last.get("loss")}
+    run.write(json.dumps(pointer, indent=2).encode(), "done.json")  # last: the run is finished once this exists
+    return pointer

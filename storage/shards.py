@@ -83,8 +83,8 @@ def _list_folder(fs: Any, root: str) -> tuple[list[_Item], list[str]]:
     for label, cls in enumerate(names):
         for rel, size in sorted(classes[cls]):
             path = join(root, rel)
-            items.append(_Item(rel, label, rel.rsplit(".", 1)[-1].lower(), rel.rsplit(".", 1)[0], size,
-                               lambda p=path: fs.cat_file(p)))
+            items.append(_Item(source=rel, stem=rel.rsplit(".", 1)[0], label=label,
+                               ext=rel.rsplit(".", 1)[-1].lower(), size=size, read=lambda p=path: fs.cat_file(p)))
     return items, names
 
 
@@ -122,7 +122,8 @@ def _list_tars(fs: Any, root: str, tars: list[str]) -> tuple[list[_Item], list[s
         data = parts[img_ext]
         labels.add(label)
         stem = key.replace(".tar::", "__")
-        items.append(_Item(f"{key}.{img_ext}", label, img_ext, stem, len(data), lambda d=data: d))
+        items.append(_Item(source=f"{key}.{img_ext}", stem=stem, label=label, ext=img_ext, size=len(data),
+                           read=lambda d=data: d))
     if not items:
         raise ValueError(f"no (<key>.<image>, <key>.cls) pairs found in the tars under {root!r}")
     names = [str(i) for i in range(max(labels) + 1)]

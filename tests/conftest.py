@@ -1,0 +1,99 @@
+"""Project-wide test fixtures: a loopback S3 server (moto) and a guard that forbids non-loopback network."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+_LOCAL_NAMES = {"localhost", "localhost.localdomain", ""}
+
+
+def _is_loopback(address) -> bool:
+    """True for AF_UNIX paths and 127.0.0.0/8, ::1 (and 'localhost') addresses."""
+    if not isinstance(address, tuple):
+        return True  # AF_UNIX socket path / abstract namespace
+    host = address[0]
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host in _LOCAL_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost would need DNS: not allowed either
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Any connect() to a non-loopback address raises: tests prove the code needs no network."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guarded(real):
+        def connect(self, address, *args, **kwargs):
+            if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+                raise ConnectionRefusedError(f"network access blocked in tests (tried {address!r})")
+            return real(self, address, *args, **kwargs)
+
+        return connect
+
+    monkeypatch.setattr(socket.socket, "connect", guarded(real_connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded(real_connect_ex))
+    yield
+
+
+@pytest.fixture(scope="session")
+def _moto_endpoint():
+    """One moto S3 server on 127.0.0.1 (a free port) for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@dataclass
+class S3Server:
+    """Handle given to tests: the endpoint and a helper that makes a fresh bucket."""
+
+    endpoint_url: str
+
+    def make_bucket(self, name: str | None = None) -> str:
+        """Create a bucket (unique name by default) and return ``s3://<name>``."""
+        import boto3
+
+        name = name or f"test-{uuid.uuid4().hex[:12]}"
+        client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    @property
+    def storage_options(self) -> dict:
+        """Explicit options equal to what the environment says (for code paths that take options)."""
+        return {"endpoint_url": self.endpoint_url, "key": "testing", "secret": "testing"}
+
+
+@pytest.fixture
+def s3_server(_moto_endpoint, monkeypatch):
+    """A loopback S3 endpoint with the AWS env set for s3fs / boto3 (and child processes).
+
+    Usage: ``url = s3_server.make_bucket() + "/prefix"``.
+    """
+    monkeypatch.setenv("AWS_ENDPOINT_URL", _moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # instances made under another env must not be reused
+    yield S3Server(_moto_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()

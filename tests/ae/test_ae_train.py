@@ -1,0 +1,106 @@
+"""The AE trainer: it learns, resumes exactly, is a no-op when finished, refuses a mismatched run, trains phases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dcae15.ae_train import AETrainConfig, trainable_parameters, train_autoencoder
+from dcae15.autoencoder import StructuredAutoencoder
+
+
+def _l1_full(model, images):
+    with torch.no_grad():
+        return (model(images) - images).abs().mean().item()
+
+
+def _images(dataset_url, n=16):
+    from storage.shards import open_dataset
+
+    im, _, _ = open_dataset(dataset_url).read_range(0, n, 32)
+    return torch.from_numpy(im).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_tiny_ae_learns_on_cpu(shapes_dataset, tmp_path):
+    """On a fixed batch of 16 images, 60 structured steps cut the full-channel L1 by at least 1.6x (measured 1.84x)."""
+    cfg = AETrainConfig(preset="tiny-f8c32", steps=60, batch_size=16, lr=3e-3, weight_decay=0.0, perceptual="none",
+                        hflip=False, include_full=True, checkpoint_every=60, log_every=20, progress=False)
+    torch.manual_seed(cfg.seed)
+    before = _l1_full(StructuredAutoencoder.from_preset("tiny-f8c32"), _images(shapes_dataset))
+    ptr = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "run"))
+    trained = StructuredAutoencoder.from_pretrained(ptr["model_url"])
+    after = _l1_full(trained, _images(shapes_dataset))
+    assert after < before / 1.6, (before, after)
+    assert ptr["finished"] and ptr["fingerprint"] == trained.fingerprint()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [20, 40, 60] and rows[-1]["channels"][-1] == 32
+    # finished: a rerun does nothing and returns the same pointer
+    assert train_autoencoder(cfg, shapes_dataset, str(tmp_path / "run")) == ptr
+
+
+def _full_featured(**kw):
+    return AETrainConfig(preset="tiny-f8c32", steps=6, batch_size=4, lr=1e-3, warmup_steps=2, perceptual="lpips-squeeze",
+                         lpips_random_backbone=True, w_gan=0.1, gan_start_step=2, disc_channels=8, disc_layers=2,
+                         ema_decay=0.9, channel_mode="per_sample", channels_per_step=2, include_full=True,
+                         checkpoint_every=2, log_every=1, progress=False, **kw)
+
+
+def test_resume_gives_identical_weights(shapes_dataset, tmp_path):
+    """Stopped after step 3 and resumed == uninterrupted (model/EMA, AdamW, discriminator, data order, c' draws)."""
+    cfg = _full_featured()
+    straight = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "a"))
+    part = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "b"), stop_at=3)
+    assert part == {**part, "finished": False, "step": 3}
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-0000003.pt"
+    resumed = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "b"))
+    assert resumed["fingerprint"] == straight["fingerprint"]
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "sec"}  # noqa: E731
+                       for line in p.read_text().splitlines()]
+    assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+    assert len(list((tmp_path / "b" / "checkpoints").glob("step-*.pt"))) == cfg.keep_checkpoints
+
+
+def test_run_with_other_config_is_refused(shapes_dataset, tmp_path):
+    cfg = AETrainConfig(preset="tiny-f8c32", steps=1, batch_size=2, perceptual="none", progress=False)
+    train_autoencoder(cfg, shapes_dataset, str(tmp_path / "r"), stop_at=1)
+    with pytest.raises(ValueError, match="different config"):
+        train_autoencoder(AETrainConfig(preset="tiny-f8c32", steps=1, batch_size=2, perceptual="none", lr=1e-3,
+                                        progress=False), shapes_dataset, str(tmp_path / "r"))
+
+
+def test_phases_train_the_right_parameters():
+    ae = StructuredAutoencoder.from_preset("tiny-f8c32")
+    total = sum(p.numel() for p in ae.parameters())
+    assert sum(p.numel() for p in trainable_parameters(ae, "full")) == total
+    mid = {n for n, p in ae.named_parameters() if p.requires_grad} if trainable_parameters(ae, "latent_adaptation") else set()
+    assert "net.encoder.conv_out.weight" in mid and "net.decoder.conv_in.weight" in mid
+    assert not any(n.startswith("net.decoder.conv_out") or "encoder.conv_in" in n for n in mid)
+    trainable_parameters(ae, "refinement")
+    head = {n for n, p in ae.named_parameters() if p.requires_grad}
+    assert "net.decoder.conv_out.conv.weight" in head and not any("encoder" in n for n in head)
+    assert "net.decoder.conv_in.weight" not in head
+
+
+def test_phase_defaults_and_bad_configs():
+    assert AETrainConfig(phase="refinement").betas == (0.5, 0.9) and AETrainConfig(phase="refinement").w_gan > 0
+    assert AETrainConfig(phase="latent_adaptation").lr == pytest.approx(1.6e-5)
+    with pytest.raises(ValueError, match="phase"):
+        AETrainConfig(phase="warmup")
+    with pytest.raises(ValueError, match="perceptual"):
+        AETrainConfig(perceptual="lpips-resnet")
+    with pytest.raises(ValueError, match="unknown fields"):
+        AETrainConfig.from_dict({"steps": 3, "lrr": 1.0})
+
+
+def test_refinement_phase_from_a_saved_model(shapes_dataset, tiny_ae_url, tmp_path):
+    """Phase 3 starts from a saved AE, trains only the decoder head with the GAN on; the encoder is unchanged."""
+    cfg = AETrainConfig(init_from=tiny_ae_url, phase="refinement", steps=2, batch_size=4, perceptual="none",
+                        disc_channels=8, disc_layers=2, progress=False)
+    ptr = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "p3"))
+    before, after = StructuredAutoencoder.from_pretrained(tiny_ae_url), StructuredAutoencoder.from_pretrained(ptr["model_url"])
+    for (n, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items()):
+        assert torch.equal(a, b) == (not n.startswith(("net.decoder.up_blocks.1", "net.decoder.norm_out",
+                                                           "net.decoder.conv_out"))), n
+    assert json.loads((tmp_path / "p3" / "metrics.jsonl").read_text().splitlines()[-1])["gan_d"] > 0

@@ -98,9 +98,12 @@ def test_refinement_phase_from_a_saved_model(shapes_dataset, tiny_ae_url, tmp_pa
     """Phase 3 starts from a saved AE, trains only the decoder head with the GAN on; the encoder is unchanged."""
     cfg = AETrainConfig(init_from=tiny_ae_url, phase="refinement", steps=2, batch_size=4, perceptual="none",
                         disc_channels=8, disc_layers=2, progress=False)
-    ptr = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "p3"))
+    ptr = train_autoencoder(cfg, shapes_dataset, "memory://ae-tests/p3")  # any fsspec URL works as a run dir
+    assert ptr["model_url"] == "memory://ae-tests/p3/model"
     before, after = StructuredAutoencoder.from_pretrained(tiny_ae_url), StructuredAutoencoder.from_pretrained(ptr["model_url"])
     for (n, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items()):
         assert torch.equal(a, b) == (not n.startswith(("net.decoder.up_blocks.1", "net.decoder.norm_out",
                                                            "net.decoder.conv_out"))), n
-    assert json.loads((tmp_path / "p3" / "metrics.jsonl").read_text().splitlines()[-1])["gan_d"] > 0
+    from storage.urls import read_bytes
+
+    assert json.loads(read_bytes("memory://ae-tests/p3/metrics.jsonl").decode().splitlines()[-1])["gan_d"] > 0

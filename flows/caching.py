@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
-from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+from prefect.filesystems import RemoteFileSystem
 
 __all__ = ["CodeVersion", "STAGE_CACHE", "stage_cache", "code_version", "result_storage_for", "run_cached"]
 
@@ -53,18 +53,23 @@ STAGE_CACHE = stage_cache()
 
 
 def result_storage_for(url: str | None):
-    """A Prefect result-storage block for a local directory or any fsspec URL (None = Prefect's default).
+    """Prefect result storage for a local directory (a Path) or any fsspec URL (a saved RemoteFileSystem block).
 
-    Prefect keeps cache records next to the results; the blocks are not saved server-side, so credentials for
-    remote storage keep coming from the environment (AWS_* / fsspec config) and never reach the API database.
+    Prefect requires a flow's remote result storage to be a block saved server-side; the block holds only the
+    base URL, so credentials for remote storage keep coming from the environment (AWS_* / fsspec config) and
+    never reach the API database. None = Prefect's default (``PREFECT_RESULTS_LOCAL_STORAGE_PATH``).
     """
     if url is None:
         return None
     if "://" in url and not url.startswith("file://"):
-        return RemoteFileSystem(basepath=url.rstrip("/"))
+        from storage.fingerprint import short_id
+
+        block = RemoteFileSystem(basepath=url.rstrip("/"))
+        block.save(f"dcae15-results-{short_id(url)}", overwrite=True)
+        return block
     path = Path(url.removeprefix("file://")).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
-    return LocalFileSystem(basepath=str(path))
+    return path
 
 
 def run_cached(task: Any, validate: Callable[[dict[str, Any]], str | None], **kwargs: Any) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -41,13 +40,12 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
     ``launch`` (processes, nodes, torchrun arguments) is not part of the cache key; the run id does not depend on
     it either, so a run started on one GPU can be resumed on eight.
     """
-    from dcae15.diffusion_train import DiffusionTrainConfig, train_diffusion as train_fn
-    from storage.fingerprint import fingerprint, short_id
+    from dcae15.diffusion_train import DiffusionTrainConfig, run_id_for, train_diffusion as train_fn
     from storage.urls import join
 
     log = get_run_logger()
-    cfg = DiffusionTrainConfig(**{"model": backbone, "seed": seed, **train})
-    run_url = join(root, "runs", "diffusion", short_id(fingerprint(cfg), store["store_id"]))
+    cfg = DiffusionTrainConfig.from_dict({"model": backbone, "seed": seed, **train})
+    run_url = join(root, "runs", "diffusion", run_id_for(cfg, store["store_id"]))
     world = launch["nproc_per_node"] * launch["nnodes"]
     if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
         log.info("training %s in-process on %s -> %s", backbone, store["url"], run_url)

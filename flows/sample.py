@@ -19,7 +19,9 @@ def describe_samples(url: str) -> dict[str, Any]:
     from storage.sample_store import SampleStore
 
     store = SampleStore.open(url, read_only=True)
-    return {"kind": "samples", "url": url, "num_samples": store.num_samples, "complete": not store.missing_units()}
+    a = store.attrs
+    return {"kind": "samples", "url": url, "run_id": a["run_id"], "step": int(a["step"]),
+            "num_samples": store.num_samples, "complete": not store.missing_units()}
 
 
 def validate_samples(pointer: dict[str, Any]) -> str | None:
@@ -41,8 +43,7 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
     out_url = join(root, "samples", short_id(run["run_id"], checkpoint, spec))
     get_run_logger().info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
     sample_to_store(run["url"], out_url, checkpoint=checkpoint, **spec)
-    pointer = describe_samples(out_url)
-    return {**pointer, "run_id": run["run_id"], "step": checkpoint}
+    return describe_samples(out_url)
 
 
 @flow(name="sample")

@@ -1,0 +1,176 @@
+"""Stage 6: scores — generation metrics of a sample store (one row per (checkpoint, metric config) in the results
+table), reconstruction metrics of the autoencoder, and a scan that scores every new checkpoint (for a schedule)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.caching import STAGE_CACHE, run_cached
+from flows.common import ConfigArg, stage_config
+from flows.prepare import describe_dataset
+
+__all__ = ["results_url", "extractor_for", "score_samples", "evaluate", "reconstruction_scores",
+           "evaluate_autoencoder", "evaluate_new_checkpoints", "plot_results"]
+
+
+def results_url(root: str) -> str:
+    from storage.urls import join
+
+    return join(root, "eval", "results.parquet")
+
+
+def extractor_for(ev: dict[str, Any], dataset_url: str) -> Any:
+    """The feature network the config names: the demo's proxy classifier (trained and cached on first use) or
+    the standard Inception network from local weights (``evaluate.options.inception_weights`` / $DCAE15_WEIGHTS)."""
+    if ev["extractor"] == "proxy":
+        from dcae15.metrics.proxy import ProxyConfig, proxy_extractor
+
+        return proxy_extractor(dataset_url, ProxyConfig(**ev["options"].get("proxy", {})))
+    from dcae15.metrics.fidelity import inception_extractor
+
+    return inception_extractor(ev["options"].get("inception_weights"))
+
+
+def _row_key(samples: dict[str, Any], extractor_label: str) -> dict[str, Any]:
+    return {"run_id": samples["run_id"], "step": samples["step"], "samples_url": samples["url"],
+            "feature_extractor": extractor_label}
+
+
+def _has_row(root: str, key: dict[str, Any]) -> bool:
+    from dcae15.metrics.results import read_results
+
+    df = read_results(results_url(root))
+    if df is None or len(df) == 0:
+        return False
+    hit = (df["run_id"] == key["run_id"]) & (df["step"] == key["step"]) & (df["samples_url"] == key["samples_url"]) \
+        & (df["feature_extractor"] == key["feature_extractor"])
+    return bool(hit.any())
+
+
+def validate_row(pointer: dict[str, Any]) -> str | None:
+    """None if the results table still holds the row this pointer names."""
+    try:
+        ok = _has_row(pointer["root"], pointer["key"])
+    except Exception as exc:  # noqa: BLE001 - an unreadable table means "recompute"
+        return f"cannot read the results table: {exc}"
+    return None if ok else "the results table has no row for it"
+
+
+@task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
+def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], ev: dict[str, Any],
+                  resolution: int) -> dict[str, Any]:
+    """Generation metrics of a sample store against the dataset's reference statistics; appends one result row."""
+    from dcae15.metrics.fidelity import generation_metrics
+    from dcae15.metrics.reference import get_reference
+    from dcae15.metrics.results import append_results
+
+    log = get_run_logger()
+    extractor = extractor_for(ev, dataset["url"])
+    key = _row_key(samples, extractor.label)
+    if not _has_row(root, key):  # a rerun after a kill between the append and the cache write must not duplicate
+        ref = get_reference(dataset["url"], resolution, extractor)
+        values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
+                                    **ev["options"].get("generation", {}))
+        append_results(results_url(root), [{**key, "num_samples": samples["num_samples"],
+                                            "dataset_fingerprint": dataset["fingerprint"], **values}])
+        log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
+    return {"kind": "result_row", "root": root, "key": key}
+
+
+@flow(name="evaluate")
+def evaluate(samples: str, dataset: str, root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
+    """Score the sample store at ``samples`` against the packed dataset at ``dataset``; one row in the results table."""
+    from flows.sample import describe_samples
+
+    cfg = stage_config(root, config)
+    spointer = describe_samples(samples)
+    if not spointer["complete"]:
+        raise ValueError(f"sample store {samples} has missing units: rerun the sample flow first")
+    return run_cached(score_samples, validate_row, root=cfg.root, samples=spointer, dataset=describe_dataset(dataset),
+                      ev=dataclasses.asdict(cfg.evaluate), resolution=cfg.encode.resolution)
+
+
+@task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
+def reconstruction_scores(root: str, ae: dict[str, Any], dataset: dict[str, Any], ev: dict[str, Any],
+                          resolution: int) -> dict[str, Any]:
+    """Per-c' PSNR / SSIM / LPIPS / rFID of the autoencoder with its figures, under ``<root>/eval/ae/<fingerprint>``."""
+    from dcae15.recon_eval import ReconEvalConfig, evaluate_reconstruction
+    from storage.urls import join
+
+    out_url = join(root, "eval", "ae", ae["fingerprint"])
+    cfg = ReconEvalConfig(**{"resolution": resolution, **ev["options"].get("reconstruction", {})})
+    evaluate_reconstruction(ae["url"], dataset["url"], out_url, cfg, extractor=extractor_for(ev, dataset["url"]))
+    return {"kind": "recon_eval", "url": out_url, "ae_fingerprint": ae["fingerprint"]}
+
+
+def validate_recon(pointer: dict[str, Any]) -> str | None:
+    from storage.urls import exists, join
+
+    return None if exists(join(pointer["url"], "recon.parquet")) else "recon.parquet is missing"
+
+
+@flow(name="evaluate_autoencoder")
+def evaluate_autoencoder(ae: str, dataset: str, root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
+    """Reconstruction quality of the autoencoder at ``ae`` per c' (the structured latent space), with figures."""
+    from flows.autoencoder import describe_ae
+
+    cfg = stage_config(root, config)
+    return run_cached(reconstruction_scores, validate_recon, root=cfg.root, ae=describe_ae(ae),
+                      dataset=describe_dataset(dataset), ev=dataclasses.asdict(cfg.evaluate),
+                      resolution=cfg.encode.resolution)
+
+
+def _dataset_of(store_url: str, root: str) -> str:
+    """The packed dataset a latent store was encoded from: ``<root>/data/<dataset_name>``, fingerprint checked."""
+    from storage.latent_store import LatentStore
+    from storage.urls import join
+
+    attrs = LatentStore.open(store_url, read_only=True).attrs
+    url = join(root, "data", attrs["dataset_name"])
+    if describe_dataset(url)["fingerprint"] != attrs["dataset_fingerprint"]:
+        raise FileNotFoundError(f"{url} is not the dataset store {store_url} was encoded from "
+                                f"(fingerprint {attrs['dataset_fingerprint']})")
+    return url
+
+
+@flow(name="evaluate_new_checkpoints")
+def evaluate_new_checkpoints(root: str | None = None, config: ConfigArg = "demo") -> list[dict[str, Any]]:
+    """Scan ``<root>/runs/diffusion/*`` and sample + score every checkpoint that has no result row yet.
+
+    Meant for a cron schedule next to long training runs: each (checkpoint, metric config) is scored once.
+    """
+    from dcae15.diffusion.checkpoint import list_checkpoints, read_run_config
+    from flows.sample import sample
+    from storage.urls import url_to_fs
+
+    cfg = stage_config(root, config)
+    log = get_run_logger()
+    fs, base = url_to_fs(cfg.root)
+    prefix = "" if "://" not in cfg.root else cfg.root.split("://", 1)[0] + "://"
+    rows = []
+    for run_path in sorted(fs.glob(f"{base}/runs/diffusion/*")):
+        run_url = prefix + run_path
+        try:
+            steps = list_checkpoints(run_url)
+            dataset_url = _dataset_of(read_run_config(run_url)["store_url"], cfg.root)
+        except FileNotFoundError as exc:
+            log.info("skipping %s: %s", run_url, exc)  # a run that has not written its config / checkpoint yet
+            continue
+        for step in steps:
+            samples = sample(run=run_url, root=cfg.root, config=config, checkpoint=step)
+            rows.append(evaluate(samples=samples["url"], dataset=dataset_url, root=cfg.root, config=config))
+    log.info("%d checkpoints scored or already scored", len(rows))
+    return rows
+
+
+@task
+def plot_results(root: str) -> list[str]:
+    """Draw the results table's figures (metric vs step per backbone) under ``<root>/eval``; returns their URLs."""
+    from dcae15.metrics.results import plot_results as plot
+
+    from storage.urls import join
+
+    return plot(results_url(root), join(root, "eval"))

@@ -69,6 +69,8 @@ class EncodeSection:
     resolution: int = 32
     flip: bool = True
     batch_size: int = 64
+    chunk_size: int | None = 256
+    """Samples per store unit (one Zarr shard, one writer); None = the store's default (~16 MB per unit)."""
     scheduler: str | None = None
     """Dask scheduler address (``tcp://host:8786``); None = start a LocalCluster."""
     workers: int = 2

@@ -51,10 +51,14 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
         log.info("training %s in-process on %s -> %s", backbone, store["url"], run_url)
         train_fn(cfg, store["url"], run_url)
     else:
-        from dcae15.diffusion_train import save_config
+        import yaml
 
-        config_url = save_config(cfg, run_url)
-        cmd = torchrun_command("dcae15.diffusion_train", ["--config", config_url, "--store", store["url"], "--run", run_url],
+        from dcae15.diffusion.checkpoint import write_text
+
+        # one run file: torchrun's own parser would take the trainer's --store / --run for its abbreviated options
+        run_file = join(run_url, "launch.yaml")
+        write_text(run_file, yaml.safe_dump({"store_url": store["url"], "run_url": run_url, "train": cfg.to_dict()}))
+        cmd = torchrun_command("dcae15.diffusion_train", ["--config", run_file],
                                nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
                                extra=launch["torchrun_args"])
         log.info("launching %s", " ".join(cmd))

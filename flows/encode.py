@@ -50,8 +50,11 @@ def validate_store(pointer: dict[str, Any]) -> str | None:
 @contextlib.contextmanager
 def dask_client(scheduler: str | None, workers: int, processes: bool) -> Iterator[Any]:
     """A Dask client on ``scheduler`` (a real cluster), or on a LocalCluster started (and stopped) here."""
+    import logging
+
     from dask.distributed import Client, LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines would drown the flow's own log
     if scheduler:
         with Client(scheduler) as client:
             yield client
@@ -80,7 +83,8 @@ def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: di
     from storage.latent_store import LatentStore
 
     log = get_run_logger()
-    store_url = prepare_store(ae["url"], dataset["url"], root, resolution=enc["resolution"], flip=enc["flip"])
+    store_url = prepare_store(ae["url"], dataset["url"], root, resolution=enc["resolution"], flip=enc["flip"],
+                              chunk_size=enc["chunk_size"])
     store = LatentStore.open(store_url, expect_ae=ae["fingerprint"], expect_dataset=dataset["fingerprint"],
                              expect_resolution=enc["resolution"])
     missing = store.missing_units()

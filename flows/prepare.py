@@ -44,7 +44,7 @@ def pack_images(root: str, data: dict[str, Any]) -> dict[str, Any]:
         synthetic.make_shapes_dataset(src, **data["synthetic"])
     dst = urls.join(root, "data", data["name"])
     log.info("packing %s into shards at %s", src, dst)
-    shards.pack_image_folder(src, dst, shard_bytes=data["shard_bytes"])
+    shards.pack_image_folder(src, dst, shard_bytes=data["shard_bytes"], name=data["name"])
     pointer = describe_dataset(dst)
     log.info("dataset %s: %d images, %d classes, fingerprint %s", dst, pointer["num_samples"],
              pointer["num_classes"], pointer["fingerprint"])

@@ -11,6 +11,7 @@ BIN=${BIN:-.venv/bin}
 PY="$BIN/python"
 PREFECT="$BIN/prefect"
 WORK=${WORK:-$(mktemp -d -t dcae15-deploy-XXXXXX)}
+mkdir -p "$WORK"
 POOL=dcae15-process
 ROOT="$WORK/root"
 export PREFECT_HOME="$WORK/prefect-home" PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_UI_ENABLED=false

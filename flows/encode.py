@@ -33,7 +33,7 @@ def describe_store(url: str) -> dict[str, Any]:
                    bool(a.get("flip", False)))
     return {"kind": "latent_store", "url": url, "store_id": sid,
             "ae_fingerprint": a["ae_fingerprint"], "dataset_fingerprint": a["dataset_fingerprint"],
-            "resolution": int(a["resolution"]), "num_samples": store.num_samples, "complete": store.is_complete}
+            "resolution": int(a["resolution"]), "num_samples": store.num_samples, "complete": store.is_complete and not store.missing_units()}
 
 
 def validate_store(pointer: dict[str, Any]) -> str | None:

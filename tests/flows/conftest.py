@@ -32,3 +32,30 @@ def results_dir(tmp_path):
     d = tmp_path / "prefect-results"
     d.mkdir()
     return d
+
+
+def tiny_config(root, **over):
+    """The tiny preset as a dict, rooted at ``root``, with nested overrides."""
+    from flows.config import load_config
+
+    return load_config("tiny", {"root": str(root), **over}).to_dict()
+
+
+def task_states_since(t0, expect: set[str], timeout: float = 20.0) -> dict[str, list[str]]:
+    """{task name: [state names]} of task runs created after ``t0``, waiting until every name in ``expect`` shows up
+    (Prefect 3 records task-run states asynchronously)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(limit=500)
+        out: dict[str, list[str]] = {}
+        for r in runs:
+            if r.created and r.created >= t0 and r.state is not None and r.state.is_final():
+                out.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
+        if expect <= set(out) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)

@@ -1,0 +1,148 @@
+"""LatentStreamDataset: exactly-once epochs over ranks × workers, equal batch counts, exact resume, options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from storage.latent_store import IncompleteStoreError, LatentStore
+from storage.reader import LatentStreamDataset
+
+N = 203
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory):
+    """Row i holds latent [i, i % 7] (flip: negated), so every yielded value can be checked; ~10% invalid."""
+    url = str(tmp_path_factory.mktemp("reader") / "lat")
+    attrs = {"ae_fingerprint": "ae", "dataset_fingerprint": "ds", "resolution": 8}
+    store = LatentStore.create(url, num_samples=N, channels=2, height=1, width=1, flip=True, attrs=attrs,
+                               chunk_size=16)
+    valid = np.random.default_rng(0).random(N) > 0.1
+    for u in range(store.num_units):
+        a, b = store.unit_bounds(u)
+        rows = np.arange(a, b)
+        lat = np.stack([rows, rows % 7], 1).reshape(-1, 2, 1, 1).astype(np.float16)
+        store.write_unit(u, lat, rows % 5, valid[a:b], -lat)
+    store.finalize()
+    return url
+
+
+def valid_rows(url):
+    return set(np.flatnonzero(LatentStore.open(url, read_only=True).valid()).tolist())
+
+
+def run_rank(url, rank, world_size, workers, batch_size, state=None, limit=None, **kw):
+    kw = {"normalize": "none", "shuffle_chunks": 2, "infinite": False, **kw}
+    ds = LatentStreamDataset(url, batch_size=batch_size, rank=rank, world_size=world_size, seed=3, **kw)
+    if state is not None:
+        ds.load_state_dict(state)
+    out = []
+    for batch in DataLoader(ds, batch_size=None, num_workers=workers):
+        out.append(batch)
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def check_values(batch):
+    x = batch["latents"][:, 0, 0, 0].numpy()
+    rows = batch["indices"].numpy()
+    flipped = batch["flipped"].numpy()
+    np.testing.assert_array_equal(np.where(flipped, -x, x), rows)
+    np.testing.assert_array_equal(batch["labels"].numpy(), rows % 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size,workers,batch_size", [(1, 0, 8), (2, 2, 5), (3, 1, 7), (1, 3, 6)])
+def test_exactly_once_per_epoch_and_equal_batches(store_url, world_size, workers, batch_size):
+    valid = valid_rows(store_url)
+    streams = world_size * max(workers, 1)
+    counts, seen = [], []
+    for rank in range(world_size):
+        batches = run_rank(store_url, rank, world_size, workers, batch_size)
+        counts.append(len(batches))
+        for b in batches:
+            check_values(b)
+            seen.extend(b["indices"].tolist())
+        assert batches[-1]["state"]["epoch"] == 1 and batches[-1]["state"]["step"] == 0
+    assert len(set(counts)) == 1, f"ranks yield different batch counts {counts}"
+    assert len(seen) == len(set(seen)), "a row was yielded twice in one epoch"
+    assert set(seen) <= valid
+    assert len(valid) - len(seen) == len(valid) % streams  # only the documented remainder (< streams) is left out
+
+
+def test_epochs_differ_and_are_reproducible(store_url):
+    e0 = [b["indices"] for b in run_rank(store_url, 0, 1, 0, 8)]
+    again = [b["indices"] for b in run_rank(store_url, 0, 1, 0, 8)]
+    e1 = [b["indices"] for b in run_rank(store_url, 0, 1, 0, 8, state={"epoch": 1, "step": 0})]
+    assert all(torch.equal(a, b) for a, b in zip(e0, again))
+    assert not torch.equal(torch.cat(e0), torch.cat(e1))
+    assert sorted(torch.cat(e0).tolist()) == sorted(torch.cat(e1).tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size,workers,batch_size,infinite", [(1, 0, 8, False), (2, 2, 5, False),
+                                                                    (2, 3, 4, True), (1, 2, 16, True)])
+def test_exact_resume_mid_epoch(store_url, world_size, workers, batch_size, infinite):
+    rank = world_size - 1
+    total = 40 if infinite else None
+    full = run_rank(store_url, rank, world_size, workers, batch_size, limit=total, infinite=infinite)
+    for cut in (1, 4, len(full) // 2 + 1):
+        rest = run_rank(store_url, rank, world_size, workers, batch_size, state=full[cut - 1]["state"],
+                        limit=None if total is None else total - cut, infinite=infinite)
+        assert len(rest) == len(full) - cut
+        for a, b in zip(full[cut:], rest):
+            assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["latents"], b["latents"])
+            assert a["state"] == b["state"]
+
+
+def test_infinite_mode_full_batches_and_exactly_once_per_epoch(store_url):
+    valid = valid_rows(store_url)
+    length = len(valid) // 2  # one rank, two workers -> two streams of `length` rows per epoch
+    batches = run_rank(store_url, 0, 1, 2, 7, infinite=True, limit=2 * (2 * length // 7 + 2))
+    assert all(len(b["indices"]) == 7 for b in batches)
+    per_stream = {0: [], 1: []}
+    for k, b in enumerate(batches):
+        per_stream[k % 2].extend(b["indices"].tolist())
+    first_epoch = per_stream[0][:length] + per_stream[1][:length]
+    assert len(set(first_epoch)) == 2 * length and set(first_epoch) <= valid
+    second = per_stream[0][length:2 * length]
+    assert len(second) == length and len(set(second)) == length  # the next epoch starts mid-batch, still unique
+
+
+def test_normalisation_and_flip_options(store_url):
+    store = LatentStore.open(store_url, read_only=True)
+    sf = store.scaling_factor
+    scaled = run_rank(store_url, 0, 1, 0, 16, normalize="scaling_factor", flip=False)
+    for b in scaled:
+        assert not b["flipped"].any()
+        np.testing.assert_allclose(b["latents"][:, 0, 0, 0].numpy(), b["indices"].numpy() * sf, rtol=1e-6)
+    flips = torch.cat([b["flipped"] for b in run_rank(store_url, 0, 1, 0, 16)])
+    assert 0.3 < flips.float().mean() < 0.7
+    x = torch.cat([b["latents"] for b in run_rank(store_url, 0, 1, 0, 16, normalize="channel_stats", flip=False)])
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(2), atol=0.05)
+    assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(2), atol=0.05)
+
+
+def test_resume_refuses_other_settings(store_url):
+    state = run_rank(store_url, 0, 1, 2, 5)[3]["state"]
+    ds = LatentStreamDataset(store_url, batch_size=6, seed=3, normalize="none", shuffle_chunks=2, infinite=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        ds.load_state_dict(state)
+    with pytest.raises(ValueError, match="num_workers=2"):
+        run_rank(store_url, 0, 1, 0, 5, state=state)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        LatentStreamDataset(store_url, batch_size=4, normalize="zscore")
+    with pytest.raises(ValueError, match="rank"):
+        LatentStreamDataset(store_url, batch_size=4, rank=2, world_size=2)
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    attrs = {"ae_fingerprint": "ae", "dataset_fingerprint": "ds", "resolution": 8}
+    url = str(tmp_path / "s")
+    LatentStore.create(url, num_samples=10, channels=1, height=1, width=1, flip=False, attrs=attrs, chunk_size=4)
+    with pytest.raises(IncompleteStoreError, match="not complete"):
+        next(iter(LatentStreamDataset(url, batch_size=2)))

@@ -34,14 +34,14 @@ def results_dir(tmp_path):
     return d
 
 
-def tiny_config(root, **over):
+def _tiny_config(root, **over):
     """The tiny preset as a dict, rooted at ``root``, with nested overrides."""
     from flows.config import load_config
 
     return load_config("tiny", {"root": str(root), **over}).to_dict()
 
 
-def task_states_since(t0, expect: set[str], timeout: float = 20.0) -> dict[str, list[str]]:
+def _task_states_since(t0, expect: set[str], timeout: float = 20.0) -> dict[str, list[str]]:
     """{task name: [state names]} of task runs created after ``t0``, waiting until every name in ``expect`` shows up
     (Prefect 3 records task-run states asynchronously)."""
     import time
@@ -59,3 +59,15 @@ def task_states_since(t0, expect: set[str], timeout: float = 20.0) -> dict[str, 
         if expect <= set(out) or time.monotonic() > deadline:
             return out
         time.sleep(0.5)
+
+
+@pytest.fixture
+def tiny_config():
+    """``tiny_config(root, **nested_overrides) -> dict``: the tiny preset rooted at ``root``."""
+    return _tiny_config
+
+
+@pytest.fixture
+def task_states_since():
+    """``task_states_since(t0, expect) -> {task name: [state names]}`` from the test server."""
+    return _task_states_since

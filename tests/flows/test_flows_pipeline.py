@@ -7,7 +7,6 @@ import datetime as dt
 import os
 
 import pytest
-from conftest import task_states_since, tiny_config
 
 STAGES = {"pack_images", "fit_autoencoder", "encode_store", "fit_backbone", "draw_samples", "score_samples"}
 
@@ -24,9 +23,10 @@ def _run(results_dir, cfg):
     return pipeline.with_options(result_storage=results_dir)(root=cfg["root"], config=cfg)
 
 
-def test_pipeline_outputs_cache_and_partial_recompute(prefect_api, tmp_path, results_dir):
+def test_pipeline_outputs_cache_and_partial_recompute(prefect_api, tmp_path, results_dir, tiny_config,
+                                                    task_states_since):
     root = tmp_path / "root"
-    cfg = tiny_config(root)
+    cfg = tiny_config(tiny_config, root)
 
     t0 = _now()
     summary = _run(results_dir, cfg)
@@ -77,7 +77,7 @@ def test_pipeline_outputs_cache_and_partial_recompute(prefect_api, tmp_path, res
     assert {k for k in before if after.get(k) != before[k]} == {lost}  # only the damaged unit was rewritten
 
 
-def test_torchrun_failure_is_a_failed_flow_run_with_the_reason(prefect_api, tmp_path, results_dir):
+def test_torchrun_failure_is_a_failed_flow_run_with_the_reason(prefect_api, tmp_path, results_dir, tiny_config):
     """A child that exits non-zero fails the flow run; the state message carries the exit status and its last lines."""
     from flows.diffusion import train_diffusion
     from flows.encode import encode_latents

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import tiny_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 40
 
 
-def _config(root):
+def _config(tiny_config, root):
     # more checkpoints and sample units than the plain tiny preset, so that each kill lands mid-stage
     return tiny_config(root, diffusion={"train": {"steps": STEPS, "checkpoint_every": 5}},
                        sample={"num_samples": 64})
@@ -55,14 +54,14 @@ def _kill_when(proc: subprocess.Popen, ready, what: str, log: Path) -> None:
     pytest.fail(f"the pipeline exited (rc={proc.returncode}) before it was {what}; log:\n{log.read_text()[-3000:]}")
 
 
-def test_sigkill_during_each_stage_then_resume_matches_uninterrupted(prefect_api, tmp_path, results_dir):
+def test_sigkill_during_each_stage_then_resume_matches_uninterrupted(prefect_api, tmp_path, results_dir, tiny_config):
     from flows.pipeline import pipeline
     from storage.latent_store import LatentStore
     from storage.sample_store import SampleStore
 
     root, log = tmp_path / "killed", tmp_path / "pipeline.log"
     cfg_path = tmp_path / "resume.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(root)))
+    cfg_path.write_text(yaml.safe_dump(_config(tiny_config, root)))
     unit_glob = str(root / "latents" / "*" / "_dcae15" / "units" / "*.json")
     sample_glob = str(root / "samples" / "*" / "_dcae15" / "units" / "*.json")
 
@@ -96,7 +95,7 @@ def test_sigkill_during_each_stage_then_resume_matches_uninterrupted(prefect_api
 
     # the uninterrupted run of the same config (in this process) ends with the same artifacts
     ref_root = tmp_path / "uninterrupted"
-    ref = pipeline.with_options(result_storage=tmp_path / "ref-results")(root=str(ref_root), config=_config(ref_root))
+    ref = pipeline.with_options(result_storage=tmp_path / "ref-results")(root=str(ref_root), config=_config(tiny_config, ref_root))
     killed_store = LatentStore.open(next(iter(glob.glob(str(root / "latents" / "*")))))
     ref_store = LatentStore.open(ref["store"])
     n = ref_store.num_samples

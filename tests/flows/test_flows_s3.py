@@ -6,12 +6,11 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from conftest import task_states_since
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 
-def test_demo_command_on_s3_root_then_cached_rerun(prefect_api, s3_server, capsys):
+def test_demo_command_on_s3_root_then_cached_rerun(prefect_api, s3_server, capsys, task_states_since):
     import s3fs
 
     from flows.cli import main

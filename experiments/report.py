@@ -1,0 +1,387 @@
+"""The replication's report: tables, verdicts against the issue's targets, PNG figures, RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TARGETS", "verdicts", "write_report"]
+
+#: The issue's targets (stated before any run; not tuned toward).
+TARGETS = {"partial_psnr_gain_db": 3.0, "full_psnr_gap_db": 0.5, "speedup": 2.0}
+_VARIANTS = (("plain", False, "plain AE, no ADT (baseline)"), ("plain", True, "plain AE + ADT"),
+             ("structured", False, "structured AE (SLS), no ADT"), ("structured", True, "SLS + ADT"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _rows_by_c(rows: list[dict]) -> dict[int, dict]:
+    return {int(r["channels"]): r for r in rows}
+
+
+def _curves(stages: dict[str, dict]) -> dict[tuple[str, bool], dict[int, list[tuple[int, float]]]]:
+    """{(kind, adt): {seed: [(step, proxy-fid), ...]}} from the finished dit-* stages."""
+    out: dict[tuple[str, bool], dict[int, list[tuple[int, float]]]] = {}
+    for name, st in stages.items():
+        if not name.startswith("dit-"):
+            continue
+        kind, adt, seed = name[4:].split("-")
+        pts = sorted((int(p["step"]), float(p["proxy-fid"])) for p in st["result"]["curve"])
+        out.setdefault((kind, adt == "adt"), {})[int(seed[1:])] = pts
+    return out
+
+
+def _mean_curve(per_seed: dict[int, list[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, std over seeds) on the steps every seed has."""
+    common = sorted(set.intersection(*(set(s for s, _ in pts) for pts in per_seed.values())))
+    vals = np.array([[dict(pts)[s] for s in common] for pts in per_seed.values()])
+    return np.array(common), vals.mean(0), vals.std(0)
+
+
+def _first_reach(steps: np.ndarray, values: np.ndarray, level: float) -> int | None:
+    hit = np.flatnonzero(values <= level)
+    return int(steps[hit[0]]) if hit.size else None
+
+
+def verdicts(stages: dict[str, dict]) -> dict[str, Any]:
+    """The three claims, each with its numbers and ``held``: True / False / None (not measured)."""
+    out: dict[str, Any] = {}
+    rp, rs = stages.get("recon-plain"), stages.get("recon-structured")
+    if rp and rs:
+        c = rs["result"]["latent_channels"]
+        q = c // 4
+        fp, fs = _rows_by_c(rp["result"]["finetuned"]), _rows_by_c(rs["result"]["finetuned"])
+        ap, as_ = _rows_by_c(rp["result"]["as_trained"]), _rows_by_c(rs["result"]["as_trained"])
+        if q in fp and q in fs:
+            gain = fs[q]["psnr"] - fp[q]["psnr"]
+            out["fig3_partial"] = {
+                "claim": f"structured AE's PSNR from the first {q}/{c} channels (decoder fine-tuned) >= "
+                         f"{TARGETS['partial_psnr_gain_db']} dB above the plain AE's",
+                "channels": q, "plain_psnr": fp[q]["psnr"], "structured_psnr": fs[q]["psnr"], "gain_db": gain,
+                "gain_db_without_finetune": as_[q]["psnr"] - ap[q]["psnr"],
+                "held": bool(gain >= TARGETS["partial_psnr_gain_db"])}
+        gap = as_[c]["psnr"] - ap[c]["psnr"]
+        out["table1_full"] = {
+            "claim": f"full-channel PSNR of the two AEs within {TARGETS['full_psnr_gap_db']} dB",
+            "plain_psnr": ap[c]["psnr"], "structured_psnr": as_[c]["psnr"], "gap_db": gap,
+            "plain_proxy_rfid": ap[c].get("proxy-rfid"), "structured_proxy_rfid": as_[c].get("proxy-rfid"),
+            "held": bool(abs(gap) <= TARGETS["full_psnr_gap_db"])}
+    curves = _curves(stages)
+    base = curves.get(("plain", False))
+    if base and ("structured", True) in curves:
+        steps_b, mean_b, _ = _mean_curve(base)
+        final_step, level = int(steps_b[-1]), float(mean_b[-1])
+        reach = {}
+        for kind, adt, label in _VARIANTS:
+            if (kind, adt) not in curves:
+                continue
+            st, mu, _ = _mean_curve(curves[(kind, adt)])
+            r = _first_reach(st, mu, level)
+            per_seed = {}
+            for seed, pts in curves[(kind, adt)].items():
+                if seed in base:
+                    lvl = base[seed][-1][1]
+                    s_arr, v_arr = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+                    per_seed[seed] = _first_reach(s_arr, v_arr, lvl)
+            reach[label] = {"steps_to_baseline_final": r, "final_proxy_fid_mean": float(mu[-1]),
+                            "speedup": (final_step / r) if r else None, "per_seed_steps": per_seed}
+        sls_adt = reach["SLS + ADT"]
+        r = sls_adt["steps_to_baseline_final"]
+        out["table5_speed"] = {
+            "claim": f"SLS + ADT reaches the baseline's final proxy-FID ({level:.3f} at step {final_step}, mean "
+                     f"over seeds) in <= half the steps ({final_step // 2})",
+            "baseline_final_proxy_fid": level, "baseline_final_step": final_step, "reach": reach,
+            "held": bool(r is not None and r <= final_step / TARGETS["speedup"])}
+        alone = [lab for lab in ("plain AE + ADT", "structured AE (SLS), no ADT") if lab in reach]
+        out["table5_alone"] = {
+            "claim": "either SLS or ADT alone does NOT reach the baseline's final proxy-FID in <= half the steps",
+            "held": bool(all(not (reach[lab]["steps_to_baseline_final"] is not None
+                                  and reach[lab]["steps_to_baseline_final"] <= final_step / TARGETS["speedup"])
+                             for lab in alone)) if alone else None}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    os.replace(tmp, path)
+
+
+def _fig3_grid(stages: dict, ds_url: str, resolution: int, path: Path, n: int = 8) -> None:
+    """Originals, then per AE one row per fine-tuned c' and the full c (as trained)."""
+    from experiments.recon import reconstruct_grid
+    from storage.shards import open_dataset
+
+    ds = open_dataset(ds_url)
+    images, _, valid = ds.read_range(0, min(ds.num_samples, 4 * n), resolution)
+    images = images[np.asarray(valid, bool)][:n]
+    rows = [("original", images)]
+    for kind in ("plain", "structured"):
+        rec = stages[f"recon-{kind}"]["result"]
+        for r in rec["finetuned"]:
+            rows.append((f"{kind} c'={r['channels']} (dec. ft)", reconstruct_grid(r["model_url"], images, r["channels"])))
+        c = rec["latent_channels"]
+        rows.append((f"{kind} c={c}", reconstruct_grid(stages[f"ae-{kind}"]["result"]["model_url"], images, c)))
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * len(images), 1.15 * len(rows)))
+    for ax, (label, imgs) in zip(np.atleast_1d(axes), rows):
+        ax.imshow(np.concatenate(list(imgs), axis=1))
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle("Reconstruction from the first c' latent channels (Figure 3, toy scale)", fontsize=9)
+    _save(fig, path)
+
+
+def _psnr_figure(stages: dict, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for kind, color in (("plain", "tab:blue"), ("structured", "tab:red")):
+        rec = stages[f"recon-{kind}"]["result"]
+        at = sorted(rec["as_trained"], key=lambda r: r["channels"])
+        ax.plot([r["channels"] for r in at], [r["psnr"] for r in at], "--", color=color, alpha=0.7,
+                label=f"{kind}, as trained")
+        ft = sorted(rec["finetuned"], key=lambda r: r["channels"])
+        ax.plot([r["channels"] for r in ft] + [at[-1]["channels"]], [r["psnr"] for r in ft] + [at[-1]["psnr"]],
+                "o-", color=color, label=f"{kind}, decoder fine-tuned per c'")
+    ax.set_xlabel("latent channels used (c')")
+    ax.set_ylabel("PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _convergence_figure(stages: dict, path: Path) -> None:
+    curves = _curves(stages)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    colors = {("plain", False): "tab:gray", ("plain", True): "tab:blue", ("structured", False): "tab:orange",
+              ("structured", True): "tab:red"}
+    for kind, adt, label in _VARIANTS:
+        if (kind, adt) not in curves:
+            continue
+        steps, mu, sd = _mean_curve(curves[(kind, adt)])
+        seeds = len(curves[(kind, adt)])
+        ax.plot(steps, mu, "o-", color=colors[(kind, adt)], label=f"{label} ({seeds} seeds)", ms=3)
+        ax.fill_between(steps, mu - sd, mu + sd, color=colors[(kind, adt)], alpha=0.15)
+        if (kind, adt) == ("plain", False):
+            ax.axhline(mu[-1], color="tab:gray", ls=":", lw=1)
+    ax.set_xlabel("diffusion training step")
+    ax.set_ylabel("proxy-FID (lower is better)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title("Convergence (Table 5 ablation, toy scale): mean ± std over seeds", fontsize=9)
+    _save(fig, path)
+
+
+def _samples_figure(root: Path, seed: int, path: Path, n: int = 8) -> bool:
+    rows = []
+    for kind, adt, label in _VARIANTS:
+        f = root / "eval" / "gen" / f"{kind}-{'adt' if adt else 'noadt'}-s{seed}" / "final_samples.npy"
+        if f.exists():
+            rows.append((label, np.load(f)[:n]))
+    if not rows:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * n, 1.2 * len(rows)))
+    for ax, (label, imgs) in zip(np.atleast_1d(axes), rows):
+        ax.imshow(np.concatenate(list(imgs), axis=1))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"Final samples (seed {seed}, same noise and labels in every row)", fontsize=9)
+    _save(fig, path)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _f(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _metric_table(rows_by_kind: dict[str, dict[int, dict]], chans: list[int]) -> list[str]:
+    head = "| c' | plain PSNR | struct. PSNR | plain SSIM | struct. SSIM | plain proxy-LPIPS | struct. proxy-LPIPS " \
+           "| plain proxy-rFID | struct. proxy-rFID |"
+    lines = [head, "|" + "---|" * 9]
+    for c in chans:
+        p, s = rows_by_kind["plain"].get(c, {}), rows_by_kind["structured"].get(c, {})
+        lines.append(f"| {c} | {_f(p.get('psnr'))} | {_f(s.get('psnr'))} | {_f(p.get('ssim'), 3)} | "
+                     f"{_f(s.get('ssim'), 3)} | {_f(p.get('proxy-lpips'), 3)} | {_f(s.get('proxy-lpips'), 3)} | "
+                     f"{_f(p.get('proxy-rfid'), 3)} | {_f(s.get('proxy-rfid'), 3)} |")
+    return lines
+
+
+def _held(v: dict | None) -> str:
+    if not v or v.get("held") is None:
+        return "**not measured**"
+    return "**HELD**" if v["held"] else "**DID NOT HOLD**"
+
+
+def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir: Path) -> dict:
+    """Write ``RESULTS[-<scale>].md`` and ``figures/<scale>_*.png`` into ``results_dir``; returns the summary."""
+    scale = session["scale"]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    figs = results_dir / "figures"
+    figs.mkdir(exist_ok=True)
+    v = verdicts(stages)
+    sc = session["scale_config"]
+    ds = stages["data"]["result"]
+    proxy = stages["proxy"]["result"]
+    md: list[str] = []
+    name = "RESULTS.md" if scale == "small" else f"RESULTS-{scale}.md"
+    total = sum(s["seconds"] for s in stages.values())
+    md += [f"# DC-AE 1.5 at toy scale: Figure 3 / Table 1 and Table 5 (`--scale {scale}`)", "",
+           f"Generated by `experiments/replicate.py` on {_dt.date.today().isoformat()}. Machine: "
+           f"{session['machine']}. **No GPU was lent to this task**: the larger GPU setting the issue asks for was "
+           "not run.", "",
+           "Command (from the repository root; a rerun with the same `--root` skips finished stages and resumes "
+           "the one that was interrupted):", "", "```", session["command"], "```", "",
+           f"Wall time of all stages: **{total / 60:.1f} min** (sum of the stages' own times, which also counts "
+           f"any earlier interrupted invocations' finished stages; this invocation: "
+           f"{session['this_invocation_seconds'] / 60:.1f} min).", ""]
+    md += ["## Setting", "",
+           f"- Data: {ds['source']} → {sc['num_classes'] if 'shapes' in ds['source'] else 'given'} classes, "
+           f"{ds.get('num_samples') or sc['num_classes'] * sc['per_class']} images, {sc['resolution']} px.",
+           f"- Autoencoders: `{sc['ae_preset']}` (latent {stages['encode-plain']['result']['latent_shape'] if 'encode-plain' in stages else '?'}"
+           f" = c×h×w), {sc['ae_steps']} steps, batch {sc['ae_batch']}, lr {sc['ae_lr']}, L1 loss only (LPIPS needs "
+           "torchvision weights that cannot be downloaded here; no GAN phase), seed "
+           f"{session['ae_seed']}; *plain* = no channel masking, *structured* = Eq. 1 with c' drawn uniformly per "
+           "batch from the AE's c' list. Everything else identical.",
+           f"- Decoder-only fine-tune per c' ({sc['ft_steps']} steps, encoder frozen, same budget for both AEs), as "
+           "the paper does for Figure 3 (\"the decoder is fine-tuned for all settings\"); the frozen encoder keeps "
+           "the latent the diffusion model sees unchanged.",
+           f"- Diffusion: `{sc['dit_model']}` {sc['dit_overrides'] or ''} (DDPM ε-prediction, linear betas), "
+           f"{sc['dit_steps']} steps, batch {sc['dit_batch']}, lr {sc['dit_lr']} (warm-up {sc['dit_warmup']}), EMA "
+           f"{sc['dit_ema']}, latents × the store's measured 1/RMS; ADT = Eq. 2 with c' per batch from the same c' "
+           f"list as the AE; seeds {sc['seeds']}. Identical budgets, seeds and data order in all four variants.",
+           f"- proxy-FID: {sc['eval_samples']} samples ({sc['sampler']}, {sc['sample_steps']} steps, no guidance, "
+           "uniform labels; the same noise and labels for every run) from the EMA weights at every checkpoint, "
+           f"against the training images' statistics, in the features of a small classifier trained on this data "
+           f"(`{proxy['extractor_label']}`, held-out accuracy {proxy.get('held_out_accuracy', float('nan')):.3f}). "
+           "proxy-LPIPS = LPIPS's un-learned form (unit-normalised activations, squared distance, averaged) on the "
+           "same classifier's conv blocks. Proxy numbers are comparable only with each other, never with "
+           "Inception FID / real LPIPS.", ""]
+
+    md += ["## Verdicts against the issue's targets", ""]
+    for key, title in (("fig3_partial", "Figure 3 (first quarter of the channels)"),
+                       ("table1_full", "Table 1 (full channels cost nothing)"),
+                       ("table5_speed", "Table 5 (SLS + ADT converge faster)"),
+                       ("table5_alone", "Table 5 (either alone does not)")):
+        x = v.get(key)
+        if not x:
+            md.append(f"- {title}: not measured yet.")
+            continue
+        md.append(f"- {title} — {_held(x)}: {x['claim']}.")
+        if key == "fig3_partial":
+            md.append(f"  Plain {x['plain_psnr']:.2f} dB vs structured {x['structured_psnr']:.2f} dB at "
+                      f"c'={x['channels']}: gain **{x['gain_db']:+.2f} dB** (without the decoder fine-tune: "
+                      f"{x['gain_db_without_finetune']:+.2f} dB).")
+        if key == "table1_full":
+            md.append(f"  Plain {x['plain_psnr']:.2f} dB vs structured {x['structured_psnr']:.2f} dB: gap "
+                      f"**{x['gap_db']:+.2f} dB** (proxy-rFID {_f(x['plain_proxy_rfid'], 3)} vs "
+                      f"{_f(x['structured_proxy_rfid'], 3)}).")
+        if key == "table5_speed":
+            for label, r in x["reach"].items():
+                sp = f"{r['speedup']:.2f}×" if r["speedup"] else "not reached"
+                md.append(f"  - {label}: reaches {x['baseline_final_proxy_fid']:.3f} at step "
+                          f"{_f(r['steps_to_baseline_final'])} ({sp} of the baseline's {x['baseline_final_step']} "
+                          f"steps); final proxy-FID {r['final_proxy_fid_mean']:.3f}; per seed (vs that seed's "
+                          f"baseline): {r['per_seed_steps']}.")
+    md.append("")
+
+    if "recon-plain" in stages and "recon-structured" in stages:
+        rec = {k: stages[f"recon-{k}"]["result"] for k in ("plain", "structured")}
+        c = rec["structured"]["latent_channels"]
+        _fig3_grid(stages, ds["url"], sc["resolution"], figs / f"{scale}_fig3_grid.png")
+        _psnr_figure(stages, figs / f"{scale}_psnr_vs_channels.png")
+        ft = {k: _rows_by_c(rec[k]["finetuned"]) for k in rec}
+        at = {k: _rows_by_c(rec[k]["as_trained"]) for k in rec}
+        for k in rec:
+            ft[k][c] = at[k][c]
+        md += ["## Figure 3 as a table: reconstruction from the first c' channels", "",
+               f"Decoder fine-tuned per c' ({sc['ft_steps']} steps each, both AEs); the c={c} row is the AE as "
+               f"trained. {sc['recon_images']} images.", ""]
+        md += _metric_table(ft, sorted(ft["plain"]))
+        md += ["", "Without any fine-tune (the decoder as trained, channels ≥ c' zeroed):", ""]
+        md += _metric_table(at, sorted(at["plain"]))
+        md += ["", f"![Figure 3 grid](figures/{scale}_fig3_grid.png)", "",
+               f"![PSNR vs c'](figures/{scale}_psnr_vs_channels.png)", "",
+               "## Table 1: full-channel reconstruction", "",
+               "| AE | latent | structured | PSNR | SSIM | proxy-LPIPS | proxy-rFID |", "|---|---|---|---|---|---|---|"]
+        shape = "×".join(str(s) for s in stages["encode-plain"]["result"]["latent_shape"]) if "encode-plain" in stages else "?"
+        for k in ("plain", "structured"):
+            r = at[k][c]
+            md.append(f"| {sc['ae_preset']} {k} | {shape} | {'✓' if k == 'structured' else '✗'} | {r['psnr']:.2f} | "
+                      f"{r['ssim']:.3f} | {_f(r.get('proxy-lpips'), 3)} | {_f(r.get('proxy-rfid'), 3)} |")
+        md.append("")
+
+    curves = _curves(stages)
+    if curves:
+        _convergence_figure(stages, figs / f"{scale}_convergence.png")
+        has_samples = _samples_figure(root, sc["seeds"][0], figs / f"{scale}_samples.png")
+        steps_all = sorted({s for per in curves.values() for pts in per.values() for s, _ in pts})
+        md += ["## Table 5 ablation: proxy-FID during diffusion training (mean ± std over seeds)", "",
+               "| variant | SLS | ADT | " + " | ".join(f"step {s}" for s in steps_all) + " |",
+               "|---|---|---|" + "---|" * len(steps_all)]
+        for kind, adt, label in _VARIANTS:
+            if (kind, adt) not in curves:
+                continue
+            per = curves[(kind, adt)]
+            cells = []
+            for s in steps_all:
+                vals = [dict(p)[s] for p in per.values() if s in dict(p)]
+                cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "—")
+            md.append(f"| {label} | {'✓' if kind == 'structured' else '✗'} | {'✓' if adt else '✗'} | "
+                      + " | ".join(cells) + " |")
+        md += ["", "Per seed, final proxy-FID:", "", "| variant | " + " | ".join(f"seed {s}" for s in sc["seeds"]) + " |",
+               "|---|" + "---|" * len(sc["seeds"])]
+        for kind, adt, label in _VARIANTS:
+            per = curves.get((kind, adt), {})
+            md.append(f"| {label} | " + " | ".join(_f(per[s][-1][1], 3) if s in per else "—" for s in sc["seeds"])
+                      + " |")
+        md += ["", f"![convergence](figures/{scale}_convergence.png)", ""]
+        if has_samples:
+            md += [f"![samples](figures/{scale}_samples.png)", ""]
+
+    md += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
+    md += [f"| {k} | {s['seconds']:.1f} |" for k, s in stages.items()]
+    notes = results_dir / f"notes-{scale}.md"
+    if notes.exists():
+        md += ["", notes.read_text().rstrip()]
+    text = "\n".join(md) + "\n"
+    tmp = results_dir / (name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, results_dir / name)
+    return {"verdicts": {k: x.get("held") for k, x in v.items()}, "results": str(results_dir / name),
+            "details": v, "total_seconds": total}

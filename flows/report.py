@@ -30,5 +30,9 @@ def outputs_summary(root: str) -> dict[str, Any]:
 
         out["results"] = results_url
         out["table"] = format_table(read_results(results_url))
-    out["figures"] = _glob(fs, f"{base}/eval/**.png", prefix) + _glob(fs, f"{base}/runs/**.png", prefix)
+    figures = set()
+    for top in ("eval", "runs"):
+        for pattern in (f"{base}/{top}/*.png", f"{base}/{top}/**/*.png"):
+            figures.update(_glob(fs, pattern, prefix))
+    out["figures"] = sorted(figures)
     return {k: v for k, v in out.items() if v}

@@ -60,8 +60,10 @@ def dask_client(scheduler: str | None, workers: int, processes: bool) -> Iterato
             yield client
         return
     # one thread per worker: torch in each worker process then uses one core, and workers scale across cores
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
-                      host="127.0.0.1", dashboard_address=None) as cluster, \
+    # worker processes talk over TCP on loopback only; threads use Dask's in-process transport
+    net = {"host": "127.0.0.1"} if processes else {}
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address=None,
+                      **net) as cluster, \
             Client(cluster) as client:
         yield client
 

@@ -30,6 +30,7 @@ def apply_prefect_defaults(root: str) -> None:
     """
     if "PREFECT_API_URL" not in os.environ:
         os.environ.setdefault("PREFECT_HOME", str(prefect_home_for(root)))
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # Prefect makes one level only
         os.environ.setdefault("PREFECT_SERVER_UI_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # a cold start of the temporary server took ~14 s here; Prefect's default timeout is 20 s

@@ -1,0 +1,9 @@
+"""Diffusion objectives, augmented diffusion training (ADT) and samplers; models live in ``dcae15.models``."""
+
+from dcae15.diffusion.adt import ADTConfig, channel_mask, default_channel_list, diffusion_loss, masked_mse
+from dcae15.diffusion.objectives import DDPMObjective, FlowObjective, Objective, make_objective
+from dcae15.diffusion.samplers import SAMPLERS, guided_model, respaced_timesteps, sample_latents
+
+__all__ = ["ADTConfig", "channel_mask", "default_channel_list", "diffusion_loss", "masked_mse", "DDPMObjective",
+           "FlowObjective", "Objective", "make_objective", "SAMPLERS", "guided_model", "respaced_timesteps",
+           "sample_latents"]

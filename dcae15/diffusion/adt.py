@@ -1,0 +1,86 @@
+"""Augmented diffusion training (DC-AE 1.5, Eq. 2): losses on the first c' latent channels only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["ADTConfig", "ADT_MODES", "default_channel_list", "sample_channels", "channel_mask", "masked_mse",
+           "diffusion_loss"]
+
+ADT_MODES = ("per_batch", "per_sample")
+
+
+@dataclass(kw_only=True)
+class ADTConfig:
+    """How c' is drawn and how the masked objective is combined with the full one."""
+
+    enabled: bool = True
+    """False = the baseline: plain loss on all c channels."""
+    channels: list[int] | None = None
+    """Allowed c' values; None = {16, 20, ..., c} (the paper's list) for a store with c channels."""
+    mode: str = "per_batch"
+    """'per_batch': one c' shared by the local batch (official); 'per_sample': one c' per sample."""
+    include_full: bool = False
+    """True: loss = 1/2 (L_full + L_c') with both terms on the same x_t, noise and t."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ADT_MODES:
+            raise ValueError(f"ADTConfig.mode={self.mode!r}; allowed: {ADT_MODES}")
+        if self.channels is not None:
+            self.channels = sorted({int(c) for c in self.channels})
+            if not self.channels or self.channels[0] < 1:
+                raise ValueError(f"ADTConfig.channels={self.channels!r} must be a non-empty list of ints >= 1")
+
+    def resolve(self, c: int) -> list[int]:
+        """The c' list for a latent with ``c`` channels; entries above c fail here (at start, not midway)."""
+        chans = default_channel_list(c) if self.channels is None else list(self.channels)
+        if chans[-1] > c:
+            raise ValueError(f"ADTConfig.channels={chans} has values above the store's {c} latent channels")
+        return chans
+
+
+def default_channel_list(c: int, start: int = 16, step: int = 4) -> list[int]:
+    """{16, 20, ..., c} (c always included); a latent with c <= 16 channels gets [c] (ADT is then a no-op)."""
+    return sorted(set(range(start, c + 1, step)) | {c}) if c > start else [c]
+
+
+def sample_channels(chans: list[int], batch: int, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """c' per sample (B,) drawn uniformly from ``chans`` with ``gen`` (per batch: one draw repeated)."""
+    n = 1 if mode == "per_batch" else batch
+    idx = torch.randint(len(chans), (n,), generator=gen)
+    return torch.tensor(chans, dtype=torch.long)[idx].expand(batch).clone()
+
+
+def channel_mask(cprime: torch.Tensor, c: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """mask_{c,c'} of Eq. 1 as (B, c, 1, 1): ones on the first c' channels of each sample."""
+    ar = torch.arange(c, device=device)
+    return (ar[None, :] < cprime.to(device)[:, None]).to(dtype)[:, :, None, None]
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (pred - target)^2 over the active (mask = 1) elements only."""
+    sq = (pred.float() - target.float()).square() * mask
+    return sq.sum() / mask.expand_as(pred).sum()
+
+
+def diffusion_loss(model, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+                   adt: ADTConfig, chans: list[int], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Diffusion loss of ``model`` with or without ADT; returns (loss, info with the c' used).
+
+    Eq. 2: || eps * m - eps_theta(x_t * m, t) * m ||^2 averaged over active elements. With ``include_full`` the
+    full and masked inputs go through the model as one concatenated batch (one forward, same x_t / t).
+    """
+    b, c = x_t.shape[:2]
+    if not adt.enabled:
+        return masked_mse(model(x_t, t, y), target, torch.ones(1, 1, 1, 1, device=x_t.device)), {"c_prime": c}
+    cprime = sample_channels(chans, b, adt.mode, gen)
+    m = channel_mask(cprime, c, x_t.dtype, x_t.device)
+    info = {"c_prime": float(cprime.float().mean())}
+    if not adt.include_full:
+        return masked_mse(model(x_t * m, t, y), target, m), info
+    out = model(torch.cat([x_t, x_t * m]), torch.cat([t, t]), torch.cat([y, y]))  # (2B, C, H, W)
+    ones = torch.ones_like(m)
+    loss = 0.5 * (masked_mse(out[:b], target, ones) + masked_mse(out[b:], target, m))
+    return loss, info

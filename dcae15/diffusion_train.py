@@ -1,0 +1,498 @@
+"""Diffusion training on a latent store: FSDP2, ADT, EMA, DCP checkpoints with exact resume; torchrun entry."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from dcae15.diffusion.adt import ADTConfig, diffusion_loss
+from dcae15.diffusion.checkpoint import (
+    checkpoint_url,
+    dcp_reader,
+    dcp_writer,
+    prune_checkpoints,
+    read_latest,
+    read_run_config,
+    write_latest,
+    write_text,
+)
+from dcae15.diffusion.objectives import make_objective
+from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
+from storage.fingerprint import fingerprint, short_id
+from storage.urls import join, url_to_fs
+
+__all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
+           "latest_checkpoint", "save_config", "lr_at", "ema_decay_at", "main"]
+
+# Fields that change neither the math nor the data order: left out of the run id so a resubmission with more
+# steps, other logging or more loader workers continues the same run.
+_RUNTIME_FIELDS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "compile",
+                   "activation_checkpointing", "peak_tflops", "progress")
+
+
+@dataclass(kw_only=True)
+class DiffusionTrainConfig:
+    """One diffusion training run (the store supplies channels, latent size and the class count)."""
+
+    model: str = "DiT-tiny"
+    """Preset name (dcae15.models.PRESETS): DiT-XL, SiT-XL, UViT-H, USiT-H, UViT-2B, USiT-2B, USiT-3B, *-tiny."""
+    objective: str | None = None
+    """None = the preset's ('ddpm-linear' DiT, 'ddpm-scaled-linear' UViT, 'flow' SiT/USiT)."""
+    patch_size: int = 1
+    model_overrides: dict = field(default_factory=dict)
+    """Extra ModelConfig fields (e.g. {'hidden': 64, 'depth': 2})."""
+    num_classes: int | None = None
+    """None = from the store (attrs 'num_classes', else max label + 1)."""
+    global_batch_size: int = 32
+    steps: int = 1000
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear lr warm-up from 0; constant afterwards (DiT / U-ViT recipes)."""
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 = no clipping (the norm is still logged)."""
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    """decay_t = min(ema_decay, (1 + t) / (10 + t)) so early EMA tracks the model."""
+    label_dropout: float = 0.1
+    adt: ADTConfig = field(default_factory=ADTConfig)
+    seed: int = 0
+    normalize: str = "scaling_factor"
+    flip: bool = True
+    shuffle_chunks: int = 4
+    num_workers: int = 0
+    mixed_precision: str = "bf16"
+    """'bf16' (bf16 params, fp32 reduce; GPU only, CPU always runs fp32) or 'fp32'."""
+    activation_checkpointing: bool = False
+    compile: bool = False
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    peak_tflops: float | None = None
+    """Accelerator peak for MFU; None = looked up for H100/H200/A100 (989/989/312 bf16 dense)."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adt, dict):
+            self.adt = ADTConfig(**self.adt)
+        self.betas = tuple(float(b) for b in self.betas)
+        preset(self.model)  # unknown names fail here with the allowed set
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ValueError(f"DiffusionTrainConfig.objective={self.objective!r}; allowed: {OBJECTIVES} or None")
+        for name in ("global_batch_size", "steps", "checkpoint_every", "log_every", "patch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"DiffusionTrainConfig.{name}={getattr(self, name)!r} must be >= 1")
+        for name in ("warmup_steps", "num_workers", "keep_checkpoints", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DiffusionTrainConfig.{name}={getattr(self, name)!r} must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"DiffusionTrainConfig.lr={self.lr!r} must be > 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"DiffusionTrainConfig.ema_decay={self.ema_decay!r} must be in [0, 1)")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"DiffusionTrainConfig.label_dropout={self.label_dropout!r} must be in [0, 1)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"DiffusionTrainConfig.betas={self.betas!r} must be two numbers in [0, 1)")
+        if self.normalize not in ("scaling_factor", "channel_stats", "none"):
+            raise ValueError(f"DiffusionTrainConfig.normalize={self.normalize!r}; allowed: "
+                             "('scaling_factor', 'channel_stats', 'none')")
+        if self.mixed_precision not in ("bf16", "fp32"):
+            raise ValueError(f"DiffusionTrainConfig.mixed_precision={self.mixed_precision!r}; allowed: ('bf16', 'fp32')")
+
+    @property
+    def objective_name(self) -> str:
+        return self.objective or preset(self.model).objective
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiffusionTrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = set(d) - known
+        if bad:
+            raise ValueError(f"unknown DiffusionTrainConfig fields {sorted(bad)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, YAML-safe
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Loss or gradient norm became NaN/inf; the weights were not updated and the last checkpoint is intact."""
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+def lr_at(cfg: DiffusionTrainConfig, step: int) -> float:
+    """Learning rate for the update that produces ``step + 1``: linear warm-up, then constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def ema_decay_at(cfg: DiffusionTrainConfig, step: int) -> float:
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the noise / timestep / label-dropout / c' draws of one (step, rank): resume needs no RNG replay."""
+    return int(fingerprint(["diffusion-step", seed, step, rank]), 16) % (2**63)
+
+
+def store_info(store_url: str, storage_options: dict | None = None) -> dict:
+    """What training needs from a latent store: store_id, latent shape, class count, AE pointer."""
+    from storage.latent_store import LatentStore, store_id
+
+    st = LatentStore.open(store_url, storage_options=storage_options, read_only=True)
+    a = st.attrs
+    c, h, w = st.latent_shape
+    if a.get("num_classes") is not None:
+        num_classes = int(a["num_classes"])
+    else:
+        labels = st.labels()[st.valid()]
+        num_classes = int(labels.max()) + 1 if labels.size else 1
+    sid = store_id(a["dataset_fingerprint"], a["ae_fingerprint"], int(a["resolution"]),
+                   a.get("crop", "adm-center"), bool(a.get("flip", False)))
+    return {"store_id": sid, "channels": c, "height": h, "width": w, "num_classes": num_classes,
+            "ae_fingerprint": a["ae_fingerprint"], "ae_url": a.get("ae_url"), "is_complete": st.is_complete}
+
+
+def run_id_for(cfg: DiffusionTrainConfig, store_id: str) -> str:
+    """Deterministic run id from the config (runtime-only fields excluded) and the store."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
+    return f"{cfg.model}-{short_id('diffusion-run', d, store_id)}"
+
+
+def _flops_per_image(mcfg, tokens: int, params: int, passes: int) -> float:
+    """Training FLOPs per image: 6 N T for the matmuls plus 12 L T^2 D for attention (fwd + bwd), x passes."""
+    blocks = mcfg.depth + (1 if mcfg.arch == "uvit" else 0)
+    t = tokens + (2 if mcfg.arch == "uvit" else 0)
+    return passes * (6.0 * params * t + 12.0 * blocks * t * t * mcfg.hidden)
+
+
+def _peak_flops(cfg: DiffusionTrainConfig, device: torch.device) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tf in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
+        if key in name:
+            return tf * 1e12
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+def _init_distributed() -> tuple[int, int, torch.device, bool]:
+    """(rank, world_size, device, created): reuse a live process group, else torchrun env, else a 1-rank gloo."""
+    created = False
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        else:  # one process: still a process group, so the code path is the same as under torchrun
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        created = True
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, ws, device, created
+
+
+class _AppState:
+    """DCP ``Stateful`` bundle: model + optimizer (via get/set_state_dict), EMA, step, RNG and reader states."""
+
+    def __init__(self, model, optimizer, ema: dict, train: dict):
+        self.model, self.optimizer, self.ema, self.train = model, optimizer, ema, train
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        return {"model": msd, "optim": osd, "ema": self.ema, "train": dict(self.train)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        # sd["ema"] holds the very tensors of self.ema, loaded in place by DCP.
+        self.train.clear()
+        self.train.update(sd["train"])
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train_diffusion(cfg: DiffusionTrainConfig, store_url: str, run_url: str, *, max_steps: int | None = None,
+                    storage_options: dict | None = None) -> dict:
+    """Train (or resume) a backbone on a latent store; returns the run pointer.
+
+    Args:
+        cfg: the run config.
+        store_url: a complete latent store.
+        run_url: the run directory (``<root>/runs/diffusion/<run_id_for(cfg, store_id)>`` by convention).
+        max_steps: stop at this step in this call (a checkpoint is written there); the run goes on to
+            ``cfg.steps`` when called again. None = ``cfg.steps``.
+
+    Returns:
+        {"run_url", "run_id", "store_id", "step", "checkpoint", "done"}. Returns at once when ``latest``
+        already reached ``cfg.steps``.
+
+    Raises:
+        NonFiniteLossError: the loss or gradient norm became NaN/inf (the last good checkpoint is kept).
+        ValueError: a config that does not fit the store or this world size; a run dir of another config.
+    """
+    info = store_info(store_url, storage_options)
+    run_id = run_id_for(cfg, info["store_id"])
+    target = cfg.steps if max_steps is None else min(cfg.steps, int(max_steps))
+    latest = read_latest(run_url, storage_options)
+    result = {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"]}
+    if latest is not None and latest["step"] >= target:
+        return {**result, "step": latest["step"], "checkpoint": latest["checkpoint"],
+                "done": latest["step"] >= cfg.steps}
+    if not info["is_complete"]:
+        raise ValueError(f"latent store {store_url!r} is not complete (units missing or not finalized); "
+                         "finish encoding before training")
+
+    rank, ws, device, created = _init_distributed()
+    try:
+        return _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _write_config(cfg, store_url, run_url, info, run_id, mcfg, storage_options) -> None:
+    import yaml
+
+    doc = {"run_id": run_id, "store_url": store_url, "store_id": info["store_id"],
+           "ae_fingerprint": info["ae_fingerprint"], "ae_url": info["ae_url"], "objective": cfg.objective_name,
+           "model_config": json.loads(json.dumps(dataclasses.asdict(mcfg))), "train": cfg.to_dict()}
+    try:
+        old = read_run_config(run_url, storage_options)
+    except FileNotFoundError:
+        old = None
+    if old is not None and old.get("run_id") != run_id:
+        raise ValueError(f"run dir {run_url!r} belongs to run {old.get('run_id')!r}, not {run_id!r} (config or "
+                         "store differ); use a fresh run dir")
+    write_text(join(run_url, "config.yaml"), yaml.safe_dump(doc, sort_keys=False), storage_options)
+
+
+def _read_metrics(run_url: str, upto: int, storage_options) -> list[dict]:
+    fs, path = url_to_fs(join(run_url, "metrics.jsonl"), storage_options)
+    try:
+        lines = fs.cat_file(path).decode().splitlines()
+    except FileNotFoundError:
+        return []
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if r["step"] <= upto]  # rows past the checkpoint are redone after a crash
+
+
+def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from dcae15.parallel import apply_parallelism
+    from storage.reader import LatentStreamDataset
+
+    if cfg.global_batch_size % ws:
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by world size {ws}")
+    local_bs = cfg.global_batch_size // ws
+    c, h, w = info["channels"], info["height"], info["width"]
+    mcfg = model_config(cfg.model, in_channels=c, input_size=(h, w), patch_size=cfg.patch_size,
+                        num_classes=cfg.num_classes or info["num_classes"], **cfg.model_overrides)
+    chans = cfg.adt.resolve(c) if cfg.adt.enabled else [c]
+    objective = make_objective(cfg.objective_name)
+    if rank == 0:
+        _write_config(cfg, store_url, run_url, info, run_id, mcfg, storage_options)
+
+    # Same-seed init on every rank, then shard: every rank starts from identical weights.
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    mesh = init_device_mesh(device.type, (ws,))
+    apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
+                      activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
+    ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+    train_state: dict = {"step": 0, "world_size": ws, "ranks": None}
+    app = _AppState(model, optimizer, ema, train_state)
+
+    reader_state = None
+    if latest is not None:
+        dcp.load({"app": app}, storage_reader=dcp_reader(latest["checkpoint"], storage_options))
+        if train_state["world_size"] != ws:
+            raise ValueError(f"checkpoint {latest['checkpoint']!r} was written by {train_state['world_size']} "
+                             f"ranks; resume the data stream with the same world size (now {ws})")
+        mine = train_state["ranks"][rank]
+        reader_state = mine["reader"]
+        torch.set_rng_state(mine["rng"])
+    start = int(train_state["step"])
+
+    ds = LatentStreamDataset(store_url, batch_size=local_bs, seed=cfg.seed, rank=rank, world_size=ws,
+                             shuffle_chunks=cfg.shuffle_chunks, flip=cfg.flip, normalize=cfg.normalize,
+                             infinite=True, storage_options=storage_options)
+    if reader_state is not None:
+        ds.load_state_dict(reader_state)
+    loader = iter(DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
+
+    metrics = _read_metrics(run_url, start, storage_options) if rank == 0 else []
+    tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
+    passes = 2 if (cfg.adt.enabled and cfg.adt.include_full) else 1
+    flops_img = _flops_per_image(mcfg, tokens, n_params, passes)
+    peak = _peak_flops(cfg, device)
+    null_class = mcfg.num_classes
+    bar = tqdm(total=target, initial=start, disable=rank != 0 or not cfg.progress, desc=f"train {cfg.model}",
+               dynamic_ncols=True)
+
+    def save(step: int) -> None:
+        # Everyone's reader cursor and RNG, gathered so the saved object is identical on all ranks.
+        gathered = [None] * ws
+        dist.all_gather_object(gathered, {"reader": last_state, "rng": torch.get_rng_state()})
+        train_state.update(step=step, world_size=ws, ranks=gathered)
+        url = checkpoint_url(run_url, step)
+        dcp.save({"app": app}, storage_writer=dcp_writer(url, storage_options))
+        dist.barrier()
+        if rank == 0:  # metrics, then the pointer last, then pruning
+            body = "".join(json.dumps(r) + "\n" for r in metrics)
+            write_text(join(run_url, "metrics.jsonl"), body, storage_options)
+            write_latest(run_url, step, storage_options)
+            prune_checkpoints(run_url, cfg.keep_checkpoints, step, storage_options)
+        dist.barrier()
+
+    last_state = reader_state
+    step, t_log, n_log, loss_acc = start, time.perf_counter(), 0, 0.0
+    while step < target:
+        batch = next(loader)
+        last_state = batch["state"]
+        x0 = batch["latents"].to(device, non_blocking=True)
+        y = batch["labels"].to(device, non_blocking=True)
+        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank))
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        u = torch.rand(x0.shape[0], generator=gen).to(device)
+        drop = (torch.rand(x0.shape[0], generator=gen) < cfg.label_dropout).to(device)
+        y = torch.where(drop, torch.full_like(y, null_class), y)
+        x_t, t, tgt = objective.prepare(x0, noise, u)
+        loss, linfo = diffusion_loss(model, x_t, t, y, tgt, cfg.adt, chans, gen)
+        loss.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        # Global mean loss; this all-reduce is a sync point, and it lets every rank see the same NaN verdict.
+        lsum = loss.detach().float().clone()
+        dist.all_reduce(lsum)
+        lval, gval = float(lsum) / ws, float(gnorm)
+        if not (math.isfinite(lval) and math.isfinite(gval)):
+            optimizer.zero_grad(set_to_none=True)
+            bar.close()
+            raise NonFiniteLossError(
+                f"step {step + 1}: loss={lval} grad_norm={gval} is not finite; weights were not updated. The last "
+                f"good checkpoint is {read_latest(run_url, storage_options)}. Lower lr or check the data.")
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            d = ema_decay_at(cfg, step)
+            for n, p in model.named_parameters():
+                ema[n].lerp_(p.detach().float(), 1.0 - d)
+        step += 1
+        n_log += 1
+        loss_acc += lval
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == target:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t_log
+            img_s = n_log * cfg.global_batch_size / dt
+            row = {"step": step, "loss": loss_acc / n_log, "grad_norm": gval, "lr": lr_at(cfg, step - 1),
+                   "c_prime": linfo["c_prime"], "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time()}
+            if peak:
+                row["mfu"] = img_s * flops_img / (peak * ws)
+            if device.type == "cuda":
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if rank == 0:
+                metrics.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}")
+            t_log, n_log, loss_acc = time.perf_counter(), 0, 0.0
+        if step % cfg.checkpoint_every == 0 or step == target:
+            save(step)
+    bar.close()
+    ckpt = checkpoint_url(run_url, step)
+    return {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"], "step": step,
+            "checkpoint": ckpt, "done": step >= cfg.steps}
+
+
+# ------------------------------------------------------------------------------------------------ run pointers
+def latest_checkpoint(run_url: str, storage_options: dict | None = None) -> tuple[int, str]:
+    """(step, checkpoint URL) that the run's ``latest`` pointer names.
+
+    Raises:
+        FileNotFoundError: the run has no complete checkpoint yet.
+    """
+    ptr = read_latest(run_url, storage_options)
+    if ptr is None:
+        raise FileNotFoundError(f"diffusion run {run_url!r} has no 'latest' checkpoint pointer yet")
+    return int(ptr["step"]), ptr["checkpoint"]
+
+
+def save_config(cfg: DiffusionTrainConfig, run_url: str, storage_options: dict | None = None) -> str:
+    """Write ``cfg`` as ``<run_url>/train.yaml`` (what ``--config`` reads under torchrun); returns its URL."""
+    import yaml
+
+    url = join(run_url, "train.yaml")
+    write_text(url, yaml.safe_dump(cfg.to_dict(), sort_keys=False), storage_options)
+    return url
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m dcae15.diffusion_train --config run.yaml`` (also under ``torchrun --nproc_per_node N``).
+
+    run.yaml is either a full run file (``store_url``, ``run_url`` or ``root_url``, optional
+    ``storage_options``, and ``train:`` with DiffusionTrainConfig fields) or just the DiffusionTrainConfig fields
+    (as written by ``save_config``) with ``--store`` and ``--run`` given. With ``root_url`` the run dir is
+    ``<root>/runs/diffusion/<run_id>``.
+    """
+    import yaml
+
+    ap = argparse.ArgumentParser(description="Train a diffusion backbone on a latent store (FSDP2, resumable).")
+    ap.add_argument("--config", required=True, help="YAML run file or DiffusionTrainConfig fields")
+    ap.add_argument("--store", default=None, help="latent store URL (overrides store_url)")
+    ap.add_argument("--run", default=None, help="run directory URL (overrides run_url / root_url)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop at this step (resumable)")
+    args = ap.parse_args(argv)
+    fs, path = url_to_fs(args.config)
+    doc = yaml.safe_load(fs.cat_file(path)) or {}
+    if "train" not in doc and "store_url" not in doc:
+        doc = {"train": doc}  # bare DiffusionTrainConfig fields
+    store_url = args.store or doc.get("store_url")
+    if store_url is None:
+        raise ValueError(f"{args.config}: give 'store_url' in the file or --store")
+    opts = doc.get("storage_options")
+    cfg = DiffusionTrainConfig.from_dict(doc.get("train") or {})
+    run_url = args.run or doc.get("run_url")
+    if run_url is None:
+        if "root_url" not in doc:
+            raise ValueError(f"{args.config}: give 'run_url' or 'root_url' (or --run)")
+        run_url = join(doc["root_url"], "runs", "diffusion", run_id_for(cfg, store_info(store_url, opts)["store_id"]))
+    out = train_diffusion(cfg, store_url, run_url, max_steps=args.max_steps, storage_options=opts)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

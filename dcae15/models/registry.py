@@ -1,0 +1,114 @@
+"""Named backbone presets (paper names) -> typed ModelConfig; ``build_model`` instantiates DiT or UViT."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["ModelConfig", "Preset", "PRESETS", "ARCHS", "OBJECTIVES", "preset", "model_config", "build_model"]
+
+ARCHS = ("dit", "uvit")
+OBJECTIVES = ("ddpm-linear", "ddpm-scaled-linear", "flow")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of one backbone, with the data shape it runs on."""
+
+    arch: str
+    """'dit' (adaLN-Zero) or 'uvit' (prepended tokens + long skips)."""
+    hidden: int
+    depth: int
+    """DiT: number of blocks; UViT: depth//2 in-blocks + 1 mid block + depth//2 out-blocks."""
+    heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    patch_size: int = 1
+    in_channels: int = 4
+    input_size: tuple[int, int] = (32, 32)
+    num_classes: int = 1000
+    """Real classes; index ``num_classes`` is the null class for classifier-free guidance."""
+
+    def __post_init__(self) -> None:
+        self.input_size = tuple(int(v) for v in self.input_size)  # YAML gives lists
+        if self.arch not in ARCHS:
+            raise ValueError(f"ModelConfig.arch={self.arch!r}; allowed: {ARCHS}")
+        for name in ("hidden", "depth", "heads", "patch_size", "in_channels", "num_classes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be >= 1")
+        if self.hidden % self.heads:
+            raise ValueError(f"ModelConfig.hidden={self.hidden} is not divisible by heads={self.heads}")
+        if self.arch == "dit" and self.hidden % 4:
+            raise ValueError(f"ModelConfig.hidden={self.hidden} must be divisible by 4 for DiT's sin-cos positions")
+        if any(s % self.patch_size for s in self.input_size):
+            raise ValueError(f"ModelConfig.input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A paper model name = network shape + training objective."""
+
+    arch: str
+    hidden: int
+    depth: int
+    heads: int
+    objective: str
+    qkv_bias: bool
+
+
+def _dit(h: int, d: int, n: int, obj: str) -> Preset:
+    return Preset("dit", h, d, n, obj, qkv_bias=True)
+
+
+def _uvit(h: int, d: int, n: int, obj: str) -> Preset:
+    return Preset("uvit", h, d, n, obj, qkv_bias=False)  # U-ViT / DC-AE setting
+
+
+PRESETS: dict[str, Preset] = {
+    # DiT (linear betas) and SiT (the same network, flow matching).
+    "DiT-XL": _dit(1152, 28, 16, "ddpm-linear"),
+    "SiT-XL": _dit(1152, 28, 16, "flow"),
+    # UViT (scaled-linear betas) and USiT (the same network, flow matching).
+    "UViT-H": _uvit(1152, 28, 16, "ddpm-scaled-linear"),
+    "USiT-H": _uvit(1152, 28, 16, "flow"),
+    "UViT-2B": _uvit(2048, 28, 32, "ddpm-scaled-linear"),
+    "USiT-2B": _uvit(2048, 28, 32, "flow"),
+    "USiT-3B": _uvit(2048, 56, 32, "flow"),
+    # Tiny presets for CPU tests and the demo.
+    "DiT-tiny": _dit(96, 4, 4, "ddpm-linear"),
+    "SiT-tiny": _dit(96, 4, 4, "flow"),
+    "UViT-tiny": _uvit(96, 4, 4, "ddpm-scaled-linear"),
+    "USiT-tiny": _uvit(96, 4, 4, "flow"),
+}
+
+
+def preset(name: str) -> Preset:
+    """Look up a preset by its paper name; unknown names fail with the allowed set."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; allowed: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def model_config(name: str, *, in_channels: int, input_size: tuple[int, int], num_classes: int = 1000,
+                 patch_size: int = 1, **overrides) -> ModelConfig:
+    """ModelConfig for preset ``name`` on data of shape (in_channels, *input_size); ``overrides`` any field."""
+    p = preset(name)
+    fields = dict(arch=p.arch, hidden=p.hidden, depth=p.depth, heads=p.heads, qkv_bias=p.qkv_bias,
+                  patch_size=patch_size, in_channels=in_channels, input_size=tuple(input_size),
+                  num_classes=num_classes)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    bad = set(overrides) - known
+    if bad:
+        raise ValueError(f"unknown ModelConfig fields {sorted(bad)}; allowed: {sorted(known)}")
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Instantiate the backbone for ``cfg`` (respects the default device, e.g. ``torch.device('meta')``)."""
+    from dcae15.models.dit import DiT
+    from dcae15.models.uvit import UViT
+
+    return DiT(cfg) if cfg.arch == "dit" else UViT(cfg)

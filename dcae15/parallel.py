@@ -1,0 +1,54 @@
+"""Parallelism applied to any backbone: activation checkpointing, torch.compile, FSDP2 (per block, then root)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["apply_parallelism", "mixed_precision_policy"]
+
+
+def mixed_precision_policy(device: torch.device, mixed_precision: str):
+    """bf16 params / fp32 gradient reduction on GPU ('bf16'); plain fp32 everywhere else."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mixed_precision not in ("bf16", "fp32"):
+        raise ValueError(f"mixed_precision={mixed_precision!r}; allowed: ('bf16', 'fp32')")
+    if mixed_precision == "bf16" and device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()  # CPU: bf16 matmuls are slow and gloo reduces fp32 anyway
+
+
+def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_precision: str = "bf16",
+                      activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+    """Shard ``model`` with FSDP2 in place and return it.
+
+    Order (torchtitan): activation checkpointing -> compile -> ``fully_shard`` each block -> ``fully_shard`` root.
+    All three keep parameter names unchanged (composable checkpoint, in-place ``Module.compile``), so checkpoints
+    load into an unsharded model for sampling.
+
+    Args:
+        model: a backbone exposing ``blocks_to_shard`` (its transformer blocks).
+        mesh: a 1-D ``DeviceMesh`` over all ranks.
+        device: where the parameters live.
+        mixed_precision: 'bf16' (bf16 params, fp32 reduce; GPU only) or 'fp32'.
+        activation_checkpointing: recompute each block's activations in the backward pass.
+        compile: ``torch.compile`` each block.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    mp = mixed_precision_policy(device, mixed_precision)
+    blocks = list(model.blocks_to_shard)
+    if activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for blk in blocks:
+            checkpoint(blk)
+    if compile:
+        for blk in blocks:
+            blk.compile()
+    for i, blk in enumerate(blocks):
+        # The last block's params are needed right away in backward: keep them gathered after forward.
+        fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model

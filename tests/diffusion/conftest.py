@@ -1,0 +1,30 @@
+"""Fixtures for the diffusion tests: a small random latent store written through storage's API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from storage.latent_store import LatentStore
+
+
+def make_latent_store(url: str, *, n: int = 128, c: int = 32, hw: int = 4, num_classes: int = 4, unit: int = 32,
+                      flip: bool = True, seed: int = 0) -> str:
+    """A finalized store of class-dependent random latents (class k shifts channel means by k/2)."""
+    rng = np.random.default_rng(seed)
+    st = LatentStore.create(url, num_samples=n, channels=c, height=hw, width=hw, flip=flip, chunk_size=unit,
+                            attrs={"ae_fingerprint": "ae-test", "dataset_fingerprint": f"ds-{seed}",
+                                   "resolution": hw * 8, "ae_scaling_factor": 1.0, "num_classes": num_classes})
+    for u in range(st.num_units):
+        a, b = st.unit_bounds(u)
+        labels = rng.integers(0, num_classes, b - a)
+        base = rng.standard_normal((b - a, c, hw, hw)).astype(np.float32) * 0.5
+        lat = base + labels[:, None, None, None] * 0.5 - 0.75
+        st.write_unit(u, lat, labels, np.ones(b - a, bool), lat[..., ::-1] if flip else None)
+    st.finalize()
+    return url
+
+
+@pytest.fixture(scope="session")
+def latent_store(tmp_path_factory) -> str:
+    return make_latent_store(str(tmp_path_factory.mktemp("latents") / "store"))

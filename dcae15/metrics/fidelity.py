@@ -237,7 +237,8 @@ def generation_metrics(
 
     Returns:
         ``{name: value}`` with names prefixed by ``extractor.prefix`` (``fid`` or ``proxy-fid``); IS also reports
-        ``is_std``, KID ``kid_std``.
+        ``is_std``, KID ``kid_std``; a proxy extractor adds ``proxy-classifier_accuracy`` (its held-out accuracy),
+        so the number that qualifies the proxy metrics travels with them into the results table.
     """
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -292,4 +293,6 @@ def generation_metrics(
         kid = kid_features_to_metric(f1, f2, **{**tf_kwargs, "kid_subset_size": size})
         out[name("kid")] = kid["kernel_inception_distance_mean"]
         out[name("kid_std")] = kid["kernel_inception_distance_std"]
+    if extractor.prefix == "proxy-" and "held_out_accuracy" in extractor.info:
+        out["proxy-classifier_accuracy"] = float(extractor.info["held_out_accuracy"])
     return out

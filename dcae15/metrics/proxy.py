@@ -53,7 +53,7 @@ class ProxyConfig:
 
     resolution: int = 32
     width: int = 16
-    epochs: int = 8
+    epochs: int = 15
     batch_size: int = 64
     lr: float = 4e-3
     weight_decay: float = 5e-4

@@ -48,26 +48,26 @@ class Scale:
     resolution: int = 32
     ae_preset: str = "tiny-f8c32"
     """tiny-f8c32 at 32 px -> 32x4x4 latents (c / (h*w) = 2, as f32c128 at 256 px: 128x8x8)."""
-    ae_steps: int = 800
+    ae_steps: int = 3000
     ae_batch: int = 16
     ae_lr: float = 3e-4
     ft_channels: tuple[int, ...] = ()
     """c' values that get a decoder-only fine-tune; () = a quarter and a half of c."""
-    ft_steps: int = 150
+    ft_steps: int = 400
     recon_images: int = 512
     proxy_epochs: int = 8
     proxy_width: int = 16
     dit_model: str = "DiT-tiny"
     dit_overrides: dict = field(default_factory=dict)
-    dit_steps: int = 800
+    dit_steps: int = 600
     dit_batch: int = 64
     dit_lr: float = 5e-4
     dit_warmup: int = 50
     dit_ema: float = 0.999
     eval_every: int = 100
-    eval_samples: int = 1000
+    eval_samples: int = 500
     sampler: str = "ddim"
-    sample_steps: int = 25
+    sample_steps: int = 20
     seeds: tuple[int, ...] = (0, 1)
 
     def __post_init__(self) -> None:
@@ -82,11 +82,12 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    # ~30 min on this shared 2-core CPU. 2048 images at 32 px; two 800-step AEs; 8 DiT runs of 800 steps.
+    # ~30 min on this shared 2-core CPU (measured: AE ~20 steps/s, DiT ~7 steps/s, ~5 s per proxy-FID point).
+    # 2048 images at 32 px; two 3000-step AEs; 8 DiT runs of 600 steps, proxy-FID every 100.
     "small": Scale(),
-    # ~1 h on a quiet 2-core CPU: 4x the images, 2.5x the AE steps, fine-tunes for every c', 3 seeds x 1600 steps.
-    "full": Scale(per_class=1024, ae_steps=2000, ft_channels=(8, 12, 16, 20, 24, 28), ft_steps=300,
-                  recon_images=1024, dit_steps=1600, eval_every=200, eval_samples=2000, seeds=(0, 1, 2)),
+    # ~1 h on a quiet 2-core CPU: 2x the images, 2x the AE steps, a fine-tune for every c', 3 seeds x 1600 steps.
+    "full": Scale(per_class=512, ae_steps=6000, ft_channels=(8, 12, 16, 20, 24, 28), recon_images=1024,
+                  dit_steps=1600, eval_every=200, eval_samples=1000, sample_steps=25, seeds=(0, 1, 2)),
     # seconds: the smoke test's setting (numbers are meaningless).
     "smoke": Scale(num_classes=4, per_class=16, ae_steps=4, ae_batch=8, ft_steps=2, recon_images=16, proxy_epochs=1,
                    proxy_width=4, dit_overrides={"hidden": 32, "depth": 2, "heads": 2}, dit_steps=4, dit_batch=16,
@@ -236,6 +237,30 @@ def _encode(root: Path, sc: Scale, ds_url: str, ae: dict) -> dict:
             "channel_rms": [float(v) for v in stats["channel_rms"]], "latent_shape": list(store.latent_shape)}
 
 
+def _floor(root: Path, sc: Scale, ds_url: str, ae: dict) -> dict:
+    """proxy-FID of the AE's reconstructions of ``eval_samples`` training images against the same reference the
+    diffusion samples are scored on: what a perfect diffusion model on this AE's latents would get."""
+    import numpy as np
+
+    from dcae15.metrics.reference import load_reference
+    from experiments.generation import checkpoint_proxy_fid
+    from experiments.recon import reconstruct_grid
+    from storage.shards import open_dataset
+
+    ds = open_dataset(ds_url)
+    images, _, valid = ds.read_range(0, min(ds.num_samples, sc.eval_samples), sc.resolution)
+    images = images[np.asarray(valid, bool)]
+    from dcae15.autoencoder import StructuredAutoencoder
+
+    c = StructuredAutoencoder.from_pretrained(ae["model_url"]).latent_channels
+    recon = np.concatenate([reconstruct_grid(ae["model_url"], images[a:a + 256], c)
+                            for a in range(0, len(images), 256)])
+    ref = load_reference(_stages(root).get("proxy")["result"]["reference_url"])
+    spec = _extractor(root, sc, ds_url)
+    return {"reconstruction_proxy_fid": checkpoint_proxy_fid(recon, ref, spec),
+            "real_images_proxy_fid": checkpoint_proxy_fid(images, ref, spec), "num_images": int(len(images))}
+
+
 def _variants(seeds: tuple[int, ...]) -> list[tuple[str, bool, int]]:
     """(AE kind, ADT on, seed): seed-major, so every variant has seed 0 results before any has seed 1."""
     return [(kind, adt, seed) for seed in seeds for kind in AE_KINDS for adt in (False, True)]
@@ -324,6 +349,8 @@ def run(root: Path, sc: Scale, *, scale_name: str, data: str | None = None, ae_s
     for k in AE_KINDS:
         stages.run(f"recon-{k}", lambda k=k: _recon(root, sc, ds["url"], k, aes[k], ae_seed))
     stores = {k: stages.run(f"encode-{k}", lambda k=k: _encode(root, sc, ds["url"], aes[k])) for k in AE_KINDS}
+    for k in AE_KINDS:
+        stages.run(f"floor-{k}", lambda k=k: _floor(root, sc, ds["url"], aes[k]))
     channels = stages.get("recon-structured")["result"]["channel_choices"]
     for kind, adt, seed in _variants(sc.seeds):
         stages.run(f"dit-{variant_name(kind, adt, seed)}",

@@ -370,6 +370,13 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
             per = curves.get((kind, adt), {})
             md.append(f"| {label} | " + " | ".join(_f(per[s][-1][1], 3) if s in per else "—" for s in sc["seeds"])
                       + " |")
+        floors = {k: stages[f"floor-{k}"]["result"] for k in ("plain", "structured") if f"floor-{k}" in stages}
+        if floors:
+            md += ["", "Reference points on the same scale (same reference statistics, "
+                   f"{next(iter(floors.values()))['num_images']} images): real training images "
+                   f"{next(iter(floors.values()))['real_images_proxy_fid']:.3f}; the AEs' own reconstructions "
+                   "(what a perfect diffusion model would reach): "
+                   + ", ".join(f"{k} AE {f['reconstruction_proxy_fid']:.3f}" for k, f in floors.items()) + "."]
         md += ["", f"![convergence](figures/{scale}_convergence.png)", ""]
         if has_samples:
             md += [f"![samples](figures/{scale}_samples.png)", ""]

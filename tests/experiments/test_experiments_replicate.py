@@ -30,7 +30,7 @@ def test_replicate_smoke_runs_reports_and_resumes(replicate, tmp_path):
     # every stage finished and left its marker
     stages = {p.stem for p in (root / "stages").glob("*.json")}
     expected = {"data", "proxy", "ae-plain", "ae-structured", "recon-plain", "recon-structured", "encode-plain",
-                "encode-structured"} | {f"dit-{k}-{a}-s{s}" for k in ("plain", "structured")
+                "encode-structured", "floor-plain", "floor-structured"} | {f"dit-{k}-{a}-s{s}" for k in ("plain", "structured")
                                         for a in ("adt", "noadt") for s in (0, 1)}
     assert stages == expected
 
@@ -43,7 +43,7 @@ def test_replicate_smoke_runs_reports_and_resumes(replicate, tmp_path):
 
     # a proxy-FID at every checkpoint of every diffusion run, finite
     for name in expected - {"data", "proxy", "ae-plain", "ae-structured", "recon-plain", "recon-structured",
-                            "encode-plain", "encode-structured"}:
+                            "encode-plain", "encode-structured", "floor-plain", "floor-structured"}:
         curve = json.loads((root / "stages" / f"{name}.json").read_text())["result"]["curve"]
         assert [p["step"] for p in curve] == [2, 4]
         assert all(math.isfinite(p["proxy-fid"]) for p in curve)

@@ -126,10 +126,14 @@ class SampleSection:
     steps: int = 50
     cfg_scale: float = 1.5
     seed: int = 0
+    batch_size: int = 64
+    chunk_size: int = 256
+    """Images per sample-store unit: the granularity at which a killed sampling job resumes."""
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.steps < 1:
-            raise ValueError(f"sample.num_samples and sample.steps must be >= 1, got {self.num_samples}, {self.steps}")
+        if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
+            raise ValueError(f"sample.num_samples, steps, batch_size, chunk_size must be >= 1, got {self.num_samples}, "
+                             f"{self.steps}, {self.batch_size}, {self.chunk_size}")
 
 
 @dataclass(kw_only=True)

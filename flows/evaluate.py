@@ -19,7 +19,7 @@ __all__ = ["results_url", "extractor_for", "score_samples", "evaluate", "reconst
 def results_url(root: str) -> str:
     from storage.urls import join
 
-    return join(root, "eval", "results.parquet")
+    return join(root, "eval", "results")
 
 
 def extractor_for(ev: dict[str, Any], dataset_url: str) -> Any:
@@ -35,19 +35,15 @@ def extractor_for(ev: dict[str, Any], dataset_url: str) -> Any:
 
 
 def _row_key(samples: dict[str, Any], extractor_label: str) -> dict[str, Any]:
+    """The context columns that identify one scoring: (run, checkpoint, sample store, feature extractor)."""
     return {"run_id": samples["run_id"], "step": samples["step"], "samples_url": samples["url"],
             "feature_extractor": extractor_label}
 
 
 def _has_row(root: str, key: dict[str, Any]) -> bool:
-    from dcae15.metrics.results import read_results
+    from dcae15.metrics.results import has_result
 
-    df = read_results(results_url(root))
-    if df is None or len(df) == 0:
-        return False
-    hit = (df["run_id"] == key["run_id"]) & (df["step"] == key["step"]) & (df["samples_url"] == key["samples_url"]) \
-        & (df["feature_extractor"] == key["feature_extractor"])
-    return bool(hit.any())
+    return has_result(results_url(root), **key)
 
 
 def validate_row(pointer: dict[str, Any]) -> str | None:
@@ -74,8 +70,10 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
         ref = get_reference(dataset["url"], resolution, extractor)
         values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
                                     **ev["options"].get("generation", {}))
-        append_results(results_url(root), [{**key, "num_samples": samples["num_samples"],
-                                            "dataset_fingerprint": dataset["fingerprint"], **values}])
+        context = {"backbone": samples["run_id"].rsplit("-", 1)[0], "sampler": samples["sampler"],
+                   "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
+                   "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"]}
+        append_results(results_url(root), [{**key, **context, **values}])
         log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
     return {"kind": "result_row", "root": root, "key": key}
 

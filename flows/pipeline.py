@@ -35,8 +35,7 @@ def pipeline(root: str | None = None, config: ConfigArg = "demo", backbones: lis
     for backbone in cfg.diffusion.backbones:
         run = train_diffusion(store=store["url"], backbone=backbone, root=cfg.root, config=conf)
         samples = sample(run=run["url"], root=cfg.root, config=conf)
-        row = evaluate(samples=samples["url"], dataset=dataset["url"], root=cfg.root, config=conf)
-        log.info("%s: %s", backbone, {k: v for k, v in row.items() if isinstance(v, float)})
+        evaluate(samples=samples["url"], dataset=dataset["url"], root=cfg.root, config=conf)
     plot_results(root=cfg.root)
 
     summary = outputs_summary(cfg.root)

@@ -24,8 +24,8 @@ def outputs_summary(root: str) -> dict[str, Any]:
         "runs": _glob(fs, f"{base}/runs/diffusion/*", prefix),
         "samples": _glob(fs, f"{base}/samples/*", prefix),
     }
-    results_url = f"{prefix}{base}/eval/results.parquet"
-    if fs.exists(f"{base}/eval/results.parquet"):
+    results_url = f"{prefix}{base}/eval/results"
+    if fs.exists(f"{base}/eval/results"):
         from dcae15.metrics.results import format_table, read_results
 
         out["results"] = results_url

@@ -20,7 +20,8 @@ def describe_samples(url: str) -> dict[str, Any]:
 
     store = SampleStore.open(url, read_only=True)
     a = store.attrs
-    return {"kind": "samples", "url": url, "run_id": a["run_id"], "step": int(a["step"]),
+    return {"kind": "samples", "url": url, "run_id": a["run_id"], "step": int(a["checkpoint_step"]),
+            "sampler": a["sampler"], "sampling_steps": int(a["steps"]), "cfg_scale": float(a["cfg_scale"]),
             "num_samples": store.num_samples, "complete": not store.missing_units()}
 
 
@@ -42,7 +43,7 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
 
     out_url = join(root, "samples", short_id(run["run_id"], checkpoint, spec))
     get_run_logger().info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
-    sample_to_store(run["url"], out_url, checkpoint=checkpoint, **spec)
+    sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
     return describe_samples(out_url)
 
 

@@ -68,16 +68,17 @@ run_deployment 'evaluate_new_checkpoints/evaluate-new-checkpoints' --param root=
 
 say "check the artifacts"
 "$PY" - <<PYEOF
-import glob, os
-import pyarrow.parquet as pq
+import glob
+from dcae15.metrics.results import format_table, read_results
 root = "$ROOT"
 stores = glob.glob(f"{root}/latents/*/")
 runs = glob.glob(f"{root}/runs/diffusion/*/checkpoints/step-*")
-table = pq.read_table(f"{root}/eval/results.parquet").to_pandas()
+table = read_results(f"{root}/eval/results")
+print(format_table(table))
 print(f"stores: {len(stores)}, checkpoints: {len(runs)}, result rows: {len(table)}")
 if not stores or not runs:
     raise SystemExit("missing latent store or checkpoints")
-steps = sorted(set(table["step"]))
+steps = sorted(set(int(s) for s in table["step"]))
 if len(steps) < 2:
     raise SystemExit(f"evaluate_new_checkpoints scored no further checkpoint (steps with rows: {steps})")
 print("deploy smoke: OK")

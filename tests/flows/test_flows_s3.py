@@ -23,7 +23,7 @@ def test_demo_command_on_s3_root_then_cached_rerun(prefect_api, s3_server, capsy
 
     fs = s3fs.S3FileSystem()
     bucket_path = root.removeprefix("s3://")
-    for sub in ("data/shapes/dataset.json", "eval/results.parquet"):
+    for sub in ("data/shapes/dataset.json", "eval/results"):
         assert fs.exists(f"{bucket_path}/{sub}"), sub
     assert fs.glob(f"{bucket_path}/runs/diffusion/*/latest")
     assert fs.ls(f"{bucket_path}/prefect-results"), "cached task results must be persisted to the S3 result storage"

@@ -159,8 +159,14 @@ def store_info(store_url: str, storage_options: dict | None = None) -> dict:
         num_classes = int(labels.max()) + 1 if labels.size else 1
     sid = store_id(a["dataset_fingerprint"], a["ae_fingerprint"], int(a["resolution"]),
                    a.get("crop", "adm-center"), bool(a.get("flip", False)))
+    complete = st.is_complete
+    stats = st.statistics() if complete else {}
     return {"store_id": sid, "channels": c, "height": h, "width": w, "num_classes": num_classes,
-            "ae_fingerprint": a["ae_fingerprint"], "ae_url": a.get("ae_url"), "is_complete": st.is_complete}
+            "ae_fingerprint": a["ae_fingerprint"], "ae_url": a.get("ae_url"), "is_complete": complete,
+            "channel_choices": a.get("channel_choices"), "resolution": int(a["resolution"]),
+            # what the reader's normalisation did, so sampling can undo it before decoding
+            "scaling_factor": st.scaling_factor if complete else None,
+            "channel_mean": stats.get("channel_mean"), "channel_std": stats.get("channel_std")}
 
 
 def run_id_for(cfg: DiffusionTrainConfig, store_id: str) -> str:
@@ -275,6 +281,9 @@ def _write_config(cfg, store_url, run_url, info, run_id, mcfg, storage_options) 
 
     doc = {"run_id": run_id, "store_url": store_url, "store_id": info["store_id"],
            "ae_fingerprint": info["ae_fingerprint"], "ae_url": info["ae_url"], "objective": cfg.objective_name,
+           "resolution": info["resolution"],
+           "latent_norm": {"mode": cfg.normalize, "scaling_factor": info["scaling_factor"],
+                           "channel_mean": info["channel_mean"], "channel_std": info["channel_std"]},
            "model_config": json.loads(json.dumps(dataclasses.asdict(mcfg))), "train": cfg.to_dict()}
     try:
         old = read_run_config(run_url, storage_options)
@@ -311,7 +320,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     c, h, w = info["channels"], info["height"], info["width"]
     mcfg = model_config(cfg.model, in_channels=c, input_size=(h, w), patch_size=cfg.patch_size,
                         num_classes=cfg.num_classes or info["num_classes"], **cfg.model_overrides)
-    chans = cfg.adt.resolve(c) if cfg.adt.enabled else [c]
+    chans = cfg.adt.resolve(c, info["channel_choices"]) if cfg.adt.enabled else [c]
     objective = make_objective(cfg.objective_name)
     if rank == 0:
         _write_config(cfg, store_url, run_url, info, run_id, mcfg, storage_options)

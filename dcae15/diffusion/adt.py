@@ -19,7 +19,8 @@ class ADTConfig:
     enabled: bool = True
     """False = the baseline: plain loss on all c channels."""
     channels: list[int] | None = None
-    """Allowed c' values; None = {16, 20, ..., c} (the paper's list) for a store with c channels."""
+    """Allowed c' values; None = the list the store's autoencoder was trained with (store attrs
+    'channel_choices'), else {16, 20, ..., c} (the paper's list)."""
     mode: str = "per_batch"
     """'per_batch': one c' shared by the local batch (official); 'per_sample': one c' per sample."""
     include_full: bool = False
@@ -33,9 +34,14 @@ class ADTConfig:
             if not self.channels or self.channels[0] < 1:
                 raise ValueError(f"ADTConfig.channels={self.channels!r} must be a non-empty list of ints >= 1")
 
-    def resolve(self, c: int) -> list[int]:
+    def resolve(self, c: int, store_choices: list[int] | None = None) -> list[int]:
         """The c' list for a latent with ``c`` channels; entries above c fail here (at start, not midway)."""
-        chans = default_channel_list(c) if self.channels is None else list(self.channels)
+        if self.channels is not None:
+            chans = list(self.channels)
+        elif store_choices:
+            chans = sorted({int(v) for v in store_choices})
+        else:
+            chans = default_channel_list(c)
         if chans[-1] > c:
             raise ValueError(f"ADTConfig.channels={chans} has values above the store's {c} latent channels")
         return chans

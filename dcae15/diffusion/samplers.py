@@ -85,7 +85,7 @@ def _flow_loop(model: ModelFn, x: torch.Tensor, y: torch.Tensor, steps: int, met
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
     for t, t_next in zip(grid[:-1], grid[1:]):
         d = v(t, x)
-        if method == "heun":
+        if method == "heun" and t_next > 0:  # EDM: the last step to t=0 is plain Euler
             x_pred = x + (t_next - t) * d
             x = x + (t_next - t) * 0.5 * (d + v(t_next, x_pred))
         else:

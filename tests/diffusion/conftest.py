@@ -28,3 +28,14 @@ def make_latent_store(url: str, *, n: int = 128, c: int = 32, hw: int = 4, num_c
 @pytest.fixture(scope="session")
 def latent_store(tmp_path_factory) -> str:
     return make_latent_store(str(tmp_path_factory.mktemp("latents") / "store"))
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two threads ran tiny-model steps ~10x slower."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

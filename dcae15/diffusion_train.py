@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -225,15 +226,22 @@ class _AppState:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(self.model, self.optimizer)
-        return {"model": msd, "optim": osd, "ema": self.ema, "train": dict(self.train)}
+        # Step, world size and every rank's reader cursor + RNG as one opaque blob (identical on all ranks):
+        # DCP would otherwise flatten the per-rank list into keys that depend on the world size.
+        blob = io.BytesIO()
+        torch.save(dict(self.train), blob)
+        blob.seek(0)
+        return {"model": msd, "optim": osd, "ema": self.ema, "train": blob}
 
     def load_state_dict(self, sd: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         # sd["ema"] holds the very tensors of self.ema, loaded in place by DCP.
+        blob = sd["train"]
+        blob.seek(0)
         self.train.clear()
-        self.train.update(sd["train"])
+        self.train.update(torch.load(blob, weights_only=True))
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -113,7 +113,7 @@ class PackedImages(Dataset):
 
         if resolution is None or resolution < 8:
             raise ValueError(f"resolution must be an int >= 8 for a packed dataset, got {resolution!r}")
-        self.ds = open_dataset(url) if storage_options is None else open_dataset(url, storage_options=storage_options)
+        self.ds = open_dataset(url, storage_options=storage_options)
         self.resolution, self.block = int(resolution), int(block)
         valid = getattr(self.ds, "valid", None)
         self.rows = np.arange(self.ds.num_samples) if valid is None else np.flatnonzero(np.asarray(valid))
@@ -133,29 +133,28 @@ class PackedImages(Dataset):
 
 
 class SampleStoreImages(Dataset):
-    """Images of a sample store (``storage.sample_store``: uint8 ``[N,H,W,3]`` written unit by unit)."""
+    """Images of a complete sample store (``storage.sample_store``), read one unit (Zarr chunk) at a time."""
 
     def __init__(self, url: str, *, storage_options: dict | None = None):
         from storage.sample_store import SampleStore
 
-        self.store = SampleStore.open(url) if storage_options is None else SampleStore.open(url, storage_options=storage_options)
+        self.store = SampleStore.open(url, storage_options=storage_options, read_only=True)
         missing = self.store.missing_units()
         if missing:
-            raise ValueError(f"sample store {url!r} is incomplete ({len(missing)} units missing): finish sampling first")
-        self._images = None
-
-    def _all(self):
-        if self._images is None:
-            images = self.store.read_all()
-            self._images = images[0] if isinstance(images, tuple) else images
-        return self._images
+            raise ValueError(f"sample store {url!r} is incomplete ({len(missing)} of {self.store.num_units} units "
+                             "missing): rerun sampling to finish it before evaluating")
+        self._cache: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        n = getattr(self.store, "num_samples", None)
-        return int(n) if n is not None else len(self._all())
+        return int(self.store.num_samples)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self._all()[i])).permute(2, 0, 1).contiguous()
+        unit = self.store.unit_of(int(i))
+        if self._cache is None or self._cache[0] != unit:  # torch-fidelity reads in order: one GET per unit
+            start, stop = self.store.unit_bounds(unit)
+            self._cache = (unit, np.asarray(self.store.read_range(start, stop)[0]))
+        start, _ = self.store.unit_bounds(unit)
+        return torch.from_numpy(np.ascontiguousarray(self._cache[1][int(i) - start])).permute(2, 0, 1).contiguous()
 
 
 def detect_kind(url: str, storage_options: dict | None = None) -> str:
@@ -200,7 +199,7 @@ def dataset_fingerprint(url: str, storage_options: dict | None = None) -> str:
     if detect_kind(url, storage_options) == "packed":
         from storage.shards import open_dataset
 
-        return str(open_dataset(url).fingerprint)
+        return str(open_dataset(url, storage_options=storage_options).fingerprint)
     files, labels, classes, fs = list_class_folder(url, storage_options)
     _, root = url_to_fs(url, storage_options)
     sizes = [fs.size(p) for p in files]  # listing + sizes: content hashing a whole ImageNet folder is too slow
@@ -217,7 +216,7 @@ def load_labelled_images(
     if detect_kind(url, storage_options) == "packed":
         from storage.shards import open_dataset
 
-        ds = open_dataset(url)
+        ds = open_dataset(url, storage_options=storage_options)
         images, labels, valid = ds.read_range(0, ds.num_samples, resolution)
         valid = np.asarray(valid, dtype=bool)
         return np.asarray(images)[valid], np.asarray(labels, dtype=np.int64)[valid], list(ds.class_names)

@@ -81,6 +81,7 @@ class ReferenceStats:
     features: np.ndarray
     attrs: dict
     url: str | None = None
+    indices: np.ndarray | None = None  # dataset rows of ``features``
 
     def check_extractor(self, extractor: FeatureExtractorSpec) -> None:
         """Refuse to compare features from different networks (names both fingerprints)."""
@@ -120,7 +121,8 @@ def load_reference(url: str, storage_options: dict | None = None) -> ReferenceSt
         raise FileNotFoundError(f"no complete reference statistics at {url} (attrs.json missing): compute them first")
     attrs = _io.read_json(_io.join(url, "attrs.json"), storage_options)
     z = _io.read_npz(_io.join(url, "stats.npz"), storage_options)
-    return ReferenceStats(mu=z["mu"], sigma=z["sigma"], features=z["features"], attrs=attrs, url=url)
+    return ReferenceStats(mu=z["mu"], sigma=z["sigma"], features=z["features"], attrs=attrs, url=url,
+                          indices=z.get("indices"))
 
 
 def _subset(n: int, k: int | None, seed: int, salt: int) -> np.ndarray:

@@ -95,7 +95,8 @@ def unpatchify(x: torch.Tensor, channels: int, patch: int, grid_h: int, grid_w: 
     """Tokens (B, T, p*p*C) with (p1 p2 C) order -> image (B, C, H, W)."""
     b = x.shape[0]
     x = x.view(b, grid_h, grid_w, patch, patch, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, grid_h * patch, grid_w * patch)
+    x = x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, grid_h * patch, grid_w * patch)
+    return x.clone() if x._base is not None else x  # a fresh tensor: FSDP2 warns about returning views
 
 
 def output_rows(channels: int, keep: int, patch: int) -> torch.Tensor:

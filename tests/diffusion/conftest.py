@@ -9,12 +9,13 @@ from storage.latent_store import LatentStore
 
 
 def make_latent_store(url: str, *, n: int = 128, c: int = 32, hw: int = 4, num_classes: int = 4, unit: int = 32,
-                      flip: bool = True, seed: int = 0) -> str:
+                      flip: bool = True, seed: int = 0, attrs: dict | None = None) -> str:
     """A finalized store of class-dependent random latents (class k shifts channel means by k/2)."""
     rng = np.random.default_rng(seed)
     st = LatentStore.create(url, num_samples=n, channels=c, height=hw, width=hw, flip=flip, chunk_size=unit,
                             attrs={"ae_fingerprint": "ae-test", "dataset_fingerprint": f"ds-{seed}",
-                                   "resolution": hw * 8, "ae_scaling_factor": 1.0, "num_classes": num_classes})
+                                   "resolution": hw * 8, "ae_scaling_factor": 1.0, "num_classes": num_classes,
+                                   **(attrs or {})})
     for u in range(st.num_units):
         a, b = st.unit_bounds(u)
         labels = rng.integers(0, num_classes, b - a)

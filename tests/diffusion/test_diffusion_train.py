@@ -1,0 +1,110 @@
+"""Trainer: exact resume (world size 1 in-process, 2 via torchrun/gloo), NaN guard, one store for many backbones."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dcae15.diffusion.checkpoint import load_ema_state, read_latest, read_run_config
+from dcae15.diffusion_train import DiffusionTrainConfig, NonFiniteLossError, train_diffusion
+from dcae15.models import ModelConfig, build_model
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _weights(run: str, step: int, which: str) -> dict[str, torch.Tensor]:
+    conf = read_run_config(run)
+    m = build_model(ModelConfig(**conf["model_config"]))
+    load_ema_state(f"{run}/checkpoints/step-{step:07d}", m, which=which)
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _assert_same_run(a: str, b: str, step: int) -> None:
+    for which in ("model", "ema"):
+        wa, wb = _weights(a, step, which), _weights(b, step, which)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{which} {k} differs after resume"
+    la = [json.loads(x)["loss"] for x in Path(a, "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in Path(b, "metrics.jsonl").read_text().splitlines()]
+    assert la == lb
+
+
+def _cfg(**kw) -> DiffusionTrainConfig:
+    base = dict(model="DiT-tiny", global_batch_size=16, steps=6, lr=1e-3, checkpoint_every=100, log_every=1,
+                ema_decay=0.9, progress=False, shuffle_chunks=2)
+    return DiffusionTrainConfig(**{**base, **kw})
+
+
+def test_exact_resume_world_size_1(latent_store, tmp_path):
+    cfg = _cfg(adt={"mode": "per_sample", "include_full": True})
+    full = train_diffusion(cfg, latent_store, str(tmp_path / "a"))
+    assert full["step"] == 6 and full["done"]
+    part = train_diffusion(cfg, latent_store, str(tmp_path / "b"), max_steps=3)
+    assert part["step"] == 3 and not part["done"] and read_latest(str(tmp_path / "b"))["step"] == 3
+    train_diffusion(cfg, latent_store, str(tmp_path / "b"))
+    _assert_same_run(str(tmp_path / "a"), str(tmp_path / "b"), 6)
+    # run dir layout + an already-finished run returns its pointer at once
+    conf = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert conf["run_id"] == full["run_id"] and conf["model_config"]["in_channels"] == 32
+    again = train_diffusion(cfg, latent_store, str(tmp_path / "a"))
+    assert again["step"] == 6 and again["checkpoint"] == full["checkpoint"]
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "grad_norm", "img_per_s", "tokens_per_s"} <= rows[0].keys()
+
+
+def _torchrun(cfg: DiffusionTrainConfig, store: str, run: str, tmp: Path, max_steps: int | None = None) -> None:
+    conf = tmp / "run.yaml"
+    conf.write_text(yaml.safe_dump({"store_url": store, "run_url": run, "train": cfg.to_dict()}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dcae15.diffusion_train", "--config", str(conf)]
+    if max_steps:
+        cmd += ["--max-steps", str(max_steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_exact_resume_world_size_2_torchrun(latent_store, tmp_path):
+    cfg = _cfg(model="USiT-tiny", steps=4)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _torchrun(cfg, latent_store, a, tmp_path)
+    _torchrun(cfg, latent_store, b, tmp_path, max_steps=2)
+    assert read_latest(b)["step"] == 2
+    _torchrun(cfg, latent_store, b, tmp_path)
+    _assert_same_run(a, b, 4)
+    # the 2-rank checkpoint reshards into one unsharded model for sampling
+    assert all(torch.isfinite(v).all() for v in _weights(a, 4, "ema").values())
+
+
+def test_nan_guard_keeps_last_good_checkpoint(latent_store, tmp_path):
+    cfg = _cfg(lr=1e30, steps=5, checkpoint_every=1, grad_clip=0)
+    run = str(tmp_path / "nan")
+    with pytest.raises(NonFiniteLossError, match="not finite") as err:
+        train_diffusion(cfg, latent_store, run)
+    latest = read_latest(run)
+    assert latest is not None and f"step {latest['step'] + 1}" in str(err.value)
+    assert not (tmp_path / "nan" / "checkpoints" / f"step-{latest['step'] + 1:07d}").exists()
+    assert all(torch.isfinite(v).all() for v in _weights(run, latest["step"], "model").values())
+
+
+def test_two_backbones_share_one_store(latent_store, tmp_path):
+    from storage.latent_store import LatentStore
+
+    before = LatentStore.open(latent_store).verify()
+    runs = [train_diffusion(_cfg(model=m, steps=2), latent_store, str(tmp_path / m)) for m in ("UViT-tiny", "SiT-tiny")]
+    assert runs[0]["store_id"] == runs[1]["store_id"] and runs[0]["run_id"] != runs[1]["run_id"]
+    assert LatentStore.open(latent_store).verify() == before  # nothing re-encoded or rewritten
+    with pytest.raises(ValueError, match="global_batch_size"):
+        DiffusionTrainConfig(global_batch_size=0)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        DiffusionTrainConfig(model="DiT-huge")

@@ -1,0 +1,90 @@
+"""Fixtures for the metrics tests: a small shapes dataset, its proxy classifier, stand-in Inception weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+# The root tests/conftest.py blocks every non-loopback connect(); these tests also make torch.hub's downloader
+# fail loudly (see `no_download`), so a weights download attempt cannot pass silently.
+
+
+
+@pytest.fixture(scope="session")
+def shapes_url(tmp_path_factory):
+    from storage.synthetic import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("metrics") / "shapes"
+    return make_shapes_dataset(str(root), num_classes=8, per_class=200, size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shapes_images(shapes_url):
+    from dcae15.metrics.inputs import load_labelled_images
+
+    return load_labelled_images(shapes_url, resolution=None)
+
+
+@pytest.fixture(scope="session")
+def proxy_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("proxy-cache"))
+
+
+@pytest.fixture(scope="session")
+def proxy_spec(shapes_url, proxy_cache):
+    from dcae15.metrics.proxy import ProxyConfig, proxy_extractor
+
+    return proxy_extractor(shapes_url, ProxyConfig(), cache_url=proxy_cache)
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Any torch.hub download raises (torch-fidelity's Inception calls load_state_dict_from_url when given no path)."""
+    import torch.hub
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(fe, "load_state_dict_from_url", refuse)
+
+
+@pytest.fixture(scope="session")
+def stand_in_inception(tmp_path_factory):
+    """A folder holding ``weights-inception-2015-12-05-6726825d.pth`` with the real keys and random values.
+
+    Built from torch-fidelity's own Inception class (random init, seed 0) so the real loading path is exercised;
+    its numbers are meaningless, its plumbing is real.
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    from dcae15.metrics.fidelity import INCEPTION_WEIGHTS
+
+    torch.manual_seed(0)
+    real_load = fe.FeatureExtractorInceptionV3.load_state_dict
+    real_url = fe.load_state_dict_from_url
+    try:  # construct without any weights: skip the (download) load once
+        fe.load_state_dict_from_url = lambda *a, **k: {}
+        fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.FeatureExtractorInceptionV3.load_state_dict = real_load
+        fe.load_state_dict_from_url = real_url
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save(net.state_dict(), folder / INCEPTION_WEIGHTS)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shift():
+    """A function making a visibly different image set: brightness shift + noise (deterministic)."""
+
+    def shifted(images: np.ndarray, amount: int = 60) -> np.ndarray:
+        rng = np.random.default_rng(1)
+        out = images.astype(np.int16) + amount + rng.integers(-30, 30, images.shape)
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+    return shifted

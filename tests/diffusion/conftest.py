@@ -40,3 +40,9 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def make_store():
+    """The store factory itself (test modules cannot import conftest under --import-mode=importlib)."""
+    return make_latent_store

@@ -1,0 +1,71 @@
+"""sample_to_store: decode with the store's AE (fingerprint checked), uint8 units, resume after a kill."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dcae15.autoencoder import StructuredAutoencoder
+from dcae15.diffusion_train import DiffusionTrainConfig, train_diffusion
+from dcae15.sampling import make_labels, sample_to_store
+from storage.sample_store import SampleStore
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, make_store):
+    root = tmp_path_factory.mktemp("samp")
+    torch.manual_seed(0)
+    ae = StructuredAutoencoder.from_preset("tiny-f8c32")
+    ae_url = ae.save_pretrained(str(root / "ae"))
+    store = make_store(str(root / "store"), n=64, c=32, hw=4,
+                              attrs={"ae_fingerprint": ae.fingerprint(), "ae_url": ae_url})
+    cfg = DiffusionTrainConfig(model="USiT-tiny", global_batch_size=16, steps=2, progress=False)
+    out = train_diffusion(cfg, store, str(root / "run"))
+    return root, out["run_url"]
+
+
+def test_sample_store_resumes_to_identical_images(trained_run, monkeypatch):
+    root, run = trained_run
+    kw = dict(num_samples=10, sampler="euler", steps=2, cfg_scale=2.0, seed=3, batch_size=4, chunk_size=4,
+              progress=False, labels="balanced")
+    ref = SampleStore.open(sample_to_store(run, str(root / "ref"), **kw))
+    images, labels = ref.read_all()
+    assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
+    assert sorted(np.bincount(labels, minlength=4).tolist()) == [2, 2, 3, 3]
+
+    real_write, calls = SampleStore.write_unit, []
+
+    def dying_write(self, unit, *a, **k):  # the job "dies" while writing its second unit
+        calls.append(unit)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_write(self, unit, *a, **k)
+
+    monkeypatch.setattr(SampleStore, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        sample_to_store(run, str(root / "resumed"), **kw)
+    monkeypatch.setattr(SampleStore, "write_unit", real_write)
+    assert SampleStore.open(str(root / "resumed")).missing_units() == [1, 2]
+    sample_to_store(run, str(root / "resumed"), **kw)
+    again, again_labels = SampleStore.open(str(root / "resumed")).read_all()
+    assert np.array_equal(again, images) and np.array_equal(again_labels, labels)
+
+
+def test_wrong_autoencoder_is_refused(trained_run):
+    root, run = trained_run
+    torch.manual_seed(1)
+    other = StructuredAutoencoder.from_preset("tiny-f8c32").save_pretrained(str(root / "other-ae"))
+    with pytest.raises(ValueError, match="fingerprint"):
+        sample_to_store(run, str(root / "bad"), num_samples=2, ae_url=other, progress=False)
+    with pytest.raises(ValueError, match="does not fit"):
+        sample_to_store(run, str(root / "bad2"), num_samples=2, sampler="ddpm", progress=False)
+
+
+def test_label_modes():
+    assert np.array_equal(make_labels(6, 3, "uniform", 0), make_labels(6, 3, "uniform", 0))
+    assert sorted(make_labels(9, 3, "balanced", 1).tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="allowed"):
+        make_labels(3, 3, "zipf", 0)

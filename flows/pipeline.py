@@ -39,6 +39,7 @@ def pipeline(root: str | None = None, config: ConfigArg = "demo", backbones: lis
     plot_results(root=cfg.root)
 
     summary = outputs_summary(cfg.root)
+    log.info("outputs under %s: %s", cfg.root, {k: v for k, v in summary.items() if k != "table"})
     create_markdown_artifact(key="dcae15-pipeline", markdown=f"# dcae15 pipeline\n\n```\n{summary.get('table', '')}\n```\n"
                              + "\n".join(f"- {k}: `{v}`" for k, v in summary.items() if k != "table"),
                              description="where the pipeline's outputs are")

@@ -47,11 +47,12 @@ def _task_states_since(t0, expect: set[str], timeout: float = 20.0) -> dict[str,
     import time
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import TaskRunSort
 
     deadline = time.monotonic() + timeout
     while True:
         with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(limit=500)
+            runs = client.read_task_runs(limit=200, sort=TaskRunSort.EXPECTED_START_TIME_DESC)
         out: dict[str, list[str]] = {}
         for r in runs:
             if r.created and r.created >= t0 and r.state is not None and r.state.is_final():

@@ -26,7 +26,7 @@ def _run(results_dir, cfg):
 def test_pipeline_outputs_cache_and_partial_recompute(prefect_api, tmp_path, results_dir, tiny_config,
                                                     task_states_since):
     root = tmp_path / "root"
-    cfg = tiny_config(tiny_config, root)
+    cfg = tiny_config(root)
 
     t0 = _now()
     summary = _run(results_dir, cfg)
@@ -49,7 +49,7 @@ def test_pipeline_outputs_cache_and_partial_recompute(prefect_api, tmp_path, res
     assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.is_file()} == stamps
 
     # a changed diffusion config: data, AE and store stay cached; training, sampling and scoring run again
-    cfg2 = tiny_config(root, diffusion={"train": {"steps": 25}})
+    cfg2 = tiny_config(root, diffusion={"train": {"lr": 2e-4}})  # a new run id (steps alone would extend the run)
     t2 = _now()
     second = _run(results_dir, cfg2)
     states = task_states_since(t2, STAGES)

@@ -1,0 +1,89 @@
+"""Reference statistics: computed once per (dataset, resolution, extractor), reused, resumable, refused for another
+extractor, and equal to a direct computation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+
+def test_metrics_reference_matches_direct_stats_and_is_reused(proxy_spec, shapes_url, shapes_images, tmp_path,
+                                                              monkeypatch):
+    import dcae15.metrics.reference as reference
+    from dcae15.metrics.fidelity import extract_features, feature_stats, generation_metrics
+
+    cache = str(tmp_path / "eval")
+    url = reference.reference_stats(shapes_url, 32, proxy_spec, cache_url=cache, num_features=300, block_size=500)
+    ref = reference.load_reference(url)
+    direct = extract_features(shapes_images[0], proxy_spec, device="cpu")["fid"]
+    mu, sigma = feature_stats(direct)
+    np.testing.assert_allclose(ref.mu, mu, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-5, atol=1e-7)
+    assert ref.features.shape == (300, direct.shape[1])
+    np.testing.assert_allclose(ref.features, direct.numpy()[ref.indices], rtol=1e-5, atol=1e-6)
+    assert len(np.unique(ref.indices)) == 300
+    assert ref.attrs["num_samples"] == 1600 and ref.attrs["resolution"] == 32
+    assert ref.attrs["extractor_label"] == proxy_spec.label and ref.attrs["dataset_fingerprint"]
+    # FID against the cached reference equals FID against the images themselves
+    x = shapes_images[0][::3]
+    a = generation_metrics(x, ref, extractor=proxy_spec, metrics=("fid",), device="cpu")["proxy-fid"]
+    b = generation_metrics(x, shapes_images[0], extractor=proxy_spec, metrics=("fid",), device="cpu")["proxy-fid"]
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-8)
+
+    # reused: a second call computes nothing
+    monkeypatch.setattr(reference, "extract_features", lambda *a, **k: pytest.fail("recomputed a cached reference"))
+    assert reference.reference_stats(shapes_url, 32, proxy_spec, cache_url=cache, num_features=300) == url
+    assert reference.get_reference(shapes_url, 32, proxy_spec, cache_url=cache, num_features=300).url == url
+    # any changed input is another reference
+    other = reference.reference_url(shapes_url, proxy_spec, reference.ReferenceConfig(resolution=24, num_features=300),
+                                    cache_url=cache)
+    assert other != url
+
+
+def test_metrics_reference_resumes_after_a_kill(proxy_spec, shapes_url, tmp_path, monkeypatch):
+    import dcae15.metrics.reference as reference
+
+    real = reference.extract_features
+    calls = []
+
+    def dies_on_third_block(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(reference, "extract_features", dies_on_third_block)
+    kw = dict(cache_url=str(tmp_path / "eval"), num_features=100, block_size=400, seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        reference.reference_stats(shapes_url, 32, proxy_spec, **kw)
+    calls.clear()
+    monkeypatch.setattr(reference, "extract_features", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    url = reference.reference_stats(shapes_url, 32, proxy_spec, **kw)
+    assert len(calls) == 2  # blocks 3 and 4 of 4; blocks 1-2 came from their part files
+    resumed = reference.load_reference(url)
+    fresh = reference.load_reference(reference.reference_stats(shapes_url, 32, proxy_spec,
+                                                               **{**kw, "cache_url": str(tmp_path / "fresh")}))
+    np.testing.assert_allclose(resumed.mu, fresh.mu)
+    np.testing.assert_allclose(resumed.sigma, fresh.sigma)
+    np.testing.assert_array_equal(resumed.features, fresh.features)
+
+
+def test_metrics_reference_refuses_another_extractor(proxy_spec, shapes_url, shapes_images, tmp_path):
+    from dcae15.metrics.fidelity import generation_metrics
+    from dcae15.metrics.reference import ReferenceMismatchError, get_reference
+
+    ref = get_reference(shapes_url, 32, proxy_spec, cache_url=str(tmp_path / "eval"), num_features=50)
+    other = dataclasses.replace(proxy_spec, fingerprint="0123456789abcdef")
+    with pytest.raises(ReferenceMismatchError, match="0123456789abcdef"):
+        generation_metrics(shapes_images[0][:20], ref, extractor=other, metrics=("fid",))
+
+
+def test_metrics_reference_config_validation():
+    from dcae15.metrics.reference import ReferenceConfig
+
+    with pytest.raises(ValueError, match="resolution"):
+        ReferenceConfig(resolution=4)
+    with pytest.raises(ValueError, match="max_samples"):
+        ReferenceConfig(resolution=32, max_samples=1)

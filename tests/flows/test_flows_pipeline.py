@@ -70,7 +70,7 @@ def test_pipeline_outputs_cache_and_partial_recompute(prefect_api, tmp_path, res
     t3 = _now()
     _run(results_dir, cfg)
     states = task_states_since(t3, STAGES)
-    assert states["encode_store"] == ["Cached", "Completed"], states  # cached pointer found stale, then recomputed
+    assert sorted(states["encode_store"]) == ["Cached", "Completed"], states  # cached pointer found stale, then recomputed
     assert states["fit_backbone"] == ["Cached"]  # the recomputed store is the same store: downstream stays cached
     assert LatentStore.open(summary["store"]).is_complete
     after = {p.name: p.stat().st_mtime_ns for p in marker_dir.glob("*.json")}

@@ -1,6 +1,8 @@
 """Prefect flows over storage/ and dcae15/: one flow per stage and a pipeline; `dcae15` CLI in flows.cli.
 
-Flows are imported lazily so that ``flows.cli`` can set Prefect's environment before Prefect is imported.
+Flows are imported lazily so that ``flows.cli`` can set Prefect's environment before Prefect is imported. Import
+flows from their modules (``from flows.sample import sample``): once a submodule such as ``flows.sample`` is loaded,
+the package attribute of that name is the module, not the flow.
 """
 
 from __future__ import annotations

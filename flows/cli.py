@@ -140,8 +140,14 @@ def _run(args: argparse.Namespace) -> Any:
     root = local_root(cfg.root)
     apply_prefect_defaults(root)
 
-    import flows
+    from flows.autoencoder import train_autoencoder
     from flows.caching import result_storage_for
+    from flows.diffusion import train_diffusion
+    from flows.encode import encode_latents
+    from flows.evaluate import evaluate, evaluate_new_checkpoints
+    from flows.pipeline import pipeline
+    from flows.prepare import prepare_images
+    from flows.sample import sample
     from storage.urls import join
 
     storage = result_storage_for(args.results or join(root, "prefect-results"))
@@ -152,22 +158,22 @@ def _run(args: argparse.Namespace) -> Any:
 
     c = args.command
     if c in ("demo", "pipeline"):
-        return call(flows.pipeline, backbones=args.backbones)
+        return call(pipeline, backbones=args.backbones)
     if c == "prepare":
-        return call(flows.prepare_images)
+        return call(prepare_images)
     if c == "train-ae":
-        return call(flows.train_autoencoder, dataset=args.dataset)
+        return call(train_autoencoder, dataset=args.dataset)
     if c == "encode":
-        return call(flows.encode_latents, ae=args.ae, dataset=args.dataset, scheduler=args.scheduler, workers=args.workers)
+        return call(encode_latents, ae=args.ae, dataset=args.dataset, scheduler=args.scheduler, workers=args.workers)
     if c == "train-diffusion":
-        return call(flows.train_diffusion, store=args.store, backbone=args.backbone, nproc_per_node=args.nproc_per_node,
+        return call(train_diffusion, store=args.store, backbone=args.backbone, nproc_per_node=args.nproc_per_node,
                     nnodes=args.nnodes, torchrun_args=args.torchrun_arg or None)
     if c == "sample":
-        return call(flows.sample, run=args.run, checkpoint=args.checkpoint)
+        return call(sample, run=args.run, checkpoint=args.checkpoint)
     if c == "evaluate":
-        return call(flows.evaluate, samples=args.samples, dataset=args.dataset)
+        return call(evaluate, samples=args.samples, dataset=args.dataset)
     if c == "evaluate-new":
-        return call(flows.evaluate_new_checkpoints)
+        return call(evaluate_new_checkpoints)
     raise SystemExit(f"unknown command {c!r}")
 
 

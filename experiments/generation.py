@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["sample_images", "checkpoint_proxy_fid"]
+__all__ = ["sample_images", "checkpoint_proxy_fid", "proxy_class_accuracy"]
 
 
 @torch.no_grad()
 def sample_images(run_url: str, step: int, *, ae: Any, scaling_factor: float, num_samples: int, seed: int,
-                  sampler: str, sample_steps: int, batch_size: int = 250) -> np.ndarray:
-    """uint8 images [N,H,W,3] from the EMA weights of checkpoint ``step`` (labels uniform, no guidance).
+                  sampler: str, sample_steps: int, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N,H,W,3], their class labels [N]) from the EMA weights of checkpoint ``step`` (labels uniform, no guidance).
 
     The noise and the labels depend only on ``seed``, so every run is scored on the same noise (common random
     numbers: differences between runs are not sampling noise of the starting points).
@@ -41,7 +41,16 @@ def sample_images(run_url: str, step: int, *, ae: Any, scaling_factor: float, nu
                              steps=sample_steps, generator=gen, null_class=mcfg.num_classes)
         img = ae.decode(lat.float() / scaling_factor)  # the store fed the model s·z
         out.append(to_uint8(img).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
+    return np.concatenate(out), labels.numpy()
+
+
+@torch.no_grad()
+def proxy_class_accuracy(images: np.ndarray, labels: np.ndarray, classifier: torch.nn.Module) -> float:
+    """Fraction of images the proxy classifier assigns to the class they were generated for: whether the model
+    draws the requested object (structure), a check that does not depend on FID's Gaussian fit."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    pred = torch.cat([classifier(classifier.prepare(x[a:a + 500]))[1].argmax(1) for a in range(0, len(x), 500)])
+    return float((pred.numpy() == np.asarray(labels)).mean())
 
 
 def checkpoint_proxy_fid(images: np.ndarray, reference: Any, extractor: Any) -> float:

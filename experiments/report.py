@@ -26,14 +26,16 @@ def _rows_by_c(rows: list[dict]) -> dict[int, dict]:
     return {int(r["channels"]): r for r in rows}
 
 
-def _curves(stages: dict[str, dict]) -> dict[tuple[str, bool], dict[int, list[tuple[int, float]]]]:
-    """{(kind, adt): {seed: [(step, proxy-fid), ...]}} from the finished dit-* stages."""
+def _curves(stages: dict[str, dict], key: str = "proxy-fid") -> dict[tuple[str, bool], dict[int, list[tuple[int, float]]]]:
+    """{(kind, adt): {seed: [(step, value of ``key``), ...]}} from the finished dit-* stages."""
     out: dict[tuple[str, bool], dict[int, list[tuple[int, float]]]] = {}
     for name, st in stages.items():
         if not name.startswith("dit-"):
             continue
         kind, adt, seed = name[4:].split("-")
-        pts = sorted((int(p["step"]), float(p["proxy-fid"])) for p in st["result"]["curve"])
+        pts = sorted((int(p["step"]), float(p[key])) for p in st["result"]["curve"] if key in p)
+        if not pts:
+            continue
         out.setdefault((kind, adt == "adt"), {})[int(seed[1:])] = pts
     return out
 
@@ -48,6 +50,57 @@ def _mean_curve(per_seed: dict[int, list[tuple[int, float]]]) -> tuple[np.ndarra
 def _first_reach(steps: np.ndarray, values: np.ndarray, level: float) -> int | None:
     hit = np.flatnonzero(values <= level)
     return int(steps[hit[0]]) if hit.size else None
+
+
+def _structure_curves(stages: dict, key: str) -> dict[tuple[str, bool], dict[int, list[tuple[int, float]]]]:
+    """The structure-eval stage's curves in ``_curves``' shape (key "fid" or "acc")."""
+    se = stages.get("structure-eval")
+    out: dict[tuple[str, bool], dict[int, list[tuple[int, float]]]] = {}
+    if not se:
+        return out
+    for name, pts in se["result"]["curves"].items():
+        if not pts:
+            continue
+        kind, adt, seed = name.split("-")
+        out.setdefault((kind, adt == "adt"), {})[int(seed[1:])] = sorted((p["step"], p[key]) for p in pts)
+    return out
+
+
+def _speed_verdicts(curves: dict) -> dict[str, Any]:
+    """Table 5 verdicts from {(kind, adt): {seed: [(step, fid)]}}: steps to the baseline's final value."""
+    out: dict[str, Any] = {}
+    base = curves.get(("plain", False))
+    if not (base and ("structured", True) in curves):
+        return out
+    steps_b, mean_b, _ = _mean_curve(base)
+    final_step, level = int(steps_b[-1]), float(mean_b[-1])
+    reach = {}
+    for kind, adt, label in _VARIANTS:
+        if (kind, adt) not in curves:
+            continue
+        st, mu, _ = _mean_curve(curves[(kind, adt)])
+        r = _first_reach(st, mu, level)
+        per_seed = {}
+        for seed, pts in curves[(kind, adt)].items():
+            if seed in base:
+                lvl = base[seed][-1][1]
+                s_arr, v_arr = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+                per_seed[seed] = _first_reach(s_arr, v_arr, lvl)
+        reach[label] = {"steps_to_baseline_final": r, "final_proxy_fid_mean": float(mu[-1]),
+                        "speedup": (final_step / r) if r else None, "per_seed_steps": per_seed}
+    r = reach["SLS + ADT"]["steps_to_baseline_final"]
+    out["table5_speed"] = {
+        "claim": f"SLS + ADT reaches the baseline's final proxy-FID ({level:.3f} at step {final_step}, mean "
+                 f"over seeds) in <= half the steps ({final_step // 2})",
+        "baseline_final_proxy_fid": level, "baseline_final_step": final_step, "reach": reach,
+        "held": bool(r is not None and r <= final_step / TARGETS["speedup"])}
+    alone = [lab for lab in ("plain AE + ADT", "structured AE (SLS), no ADT") if lab in reach]
+    out["table5_alone"] = {
+        "claim": "either SLS or ADT alone does NOT reach the baseline's final proxy-FID in <= half the steps",
+        "held": bool(all(not (reach[lab]["steps_to_baseline_final"] is not None
+                              and reach[lab]["steps_to_baseline_final"] <= final_step / TARGETS["speedup"])
+                         for lab in alone)) if alone else None}
+    return out
 
 
 def verdicts(stages: dict[str, dict]) -> dict[str, Any]:
@@ -73,38 +126,11 @@ def verdicts(stages: dict[str, dict]) -> dict[str, Any]:
             "plain_psnr": ap[c]["psnr"], "structured_psnr": as_[c]["psnr"], "gap_db": gap,
             "plain_proxy_rfid": ap[c].get("proxy-rfid"), "structured_proxy_rfid": as_[c].get("proxy-rfid"),
             "held": bool(abs(gap) <= TARGETS["full_psnr_gap_db"])}
-    curves = _curves(stages)
-    base = curves.get(("plain", False))
-    if base and ("structured", True) in curves:
-        steps_b, mean_b, _ = _mean_curve(base)
-        final_step, level = int(steps_b[-1]), float(mean_b[-1])
-        reach = {}
-        for kind, adt, label in _VARIANTS:
-            if (kind, adt) not in curves:
-                continue
-            st, mu, _ = _mean_curve(curves[(kind, adt)])
-            r = _first_reach(st, mu, level)
-            per_seed = {}
-            for seed, pts in curves[(kind, adt)].items():
-                if seed in base:
-                    lvl = base[seed][-1][1]
-                    s_arr, v_arr = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-                    per_seed[seed] = _first_reach(s_arr, v_arr, lvl)
-            reach[label] = {"steps_to_baseline_final": r, "final_proxy_fid_mean": float(mu[-1]),
-                            "speedup": (final_step / r) if r else None, "per_seed_steps": per_seed}
-        sls_adt = reach["SLS + ADT"]
-        r = sls_adt["steps_to_baseline_final"]
-        out["table5_speed"] = {
-            "claim": f"SLS + ADT reaches the baseline's final proxy-FID ({level:.3f} at step {final_step}, mean "
-                     f"over seeds) in <= half the steps ({final_step // 2})",
-            "baseline_final_proxy_fid": level, "baseline_final_step": final_step, "reach": reach,
-            "held": bool(r is not None and r <= final_step / TARGETS["speedup"])}
-        alone = [lab for lab in ("plain AE + ADT", "structured AE (SLS), no ADT") if lab in reach]
-        out["table5_alone"] = {
-            "claim": "either SLS or ADT alone does NOT reach the baseline's final proxy-FID in <= half the steps",
-            "held": bool(all(not (reach[lab]["steps_to_baseline_final"] is not None
-                                  and reach[lab]["steps_to_baseline_final"] <= final_step / TARGETS["speedup"])
-                             for lab in alone)) if alone else None}
+    t5 = _speed_verdicts(_curves(stages))
+    out.update(t5)
+    st = _structure_curves(stages, "fid")
+    if st:
+        out.update({f"{k}_structure_proxy": v for k, v in _speed_verdicts(st).items()})
     return out
 
 
@@ -174,26 +200,50 @@ def _psnr_figure(stages: dict, path: Path) -> None:
 
 
 def _convergence_figure(stages: dict, path: Path) -> None:
-    curves = _curves(stages)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     colors = {("plain", False): "tab:gray", ("plain", True): "tab:blue", ("structured", False): "tab:orange",
               ("structured", True): "tab:red"}
-    for kind, adt, label in _VARIANTS:
-        if (kind, adt) not in curves:
-            continue
-        steps, mu, sd = _mean_curve(curves[(kind, adt)])
-        seeds = len(curves[(kind, adt)])
-        ax.plot(steps, mu, "o-", color=colors[(kind, adt)], label=f"{label} ({seeds} seeds)", ms=3)
-        ax.fill_between(steps, mu - sd, mu + sd, color=colors[(kind, adt)], alpha=0.15)
-        if (kind, adt) == ("plain", False):
-            ax.axhline(mu[-1], color="tab:gray", ls=":", lw=1)
-    ax.set_xlabel("diffusion training step")
-    ax.set_ylabel("proxy-FID (lower is better)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    ax.set_title("Convergence (Table 5 ablation, toy scale): mean ± std over seeds", fontsize=9)
+    for ax, key, ylabel in ((axes[0], "proxy-fid", "proxy-FID (lower is better)"),
+                            (axes[1], "proxy-acc", "proxy class accuracy of samples (higher is better)")):
+        curves = _curves(stages, key)
+        for kind, adt, label in _VARIANTS:
+            if (kind, adt) not in curves:
+                continue
+            steps, mu, sd = _mean_curve(curves[(kind, adt)])
+            seeds = len(curves[(kind, adt)])
+            ax.plot(steps, mu, "o-", color=colors[(kind, adt)], label=f"{label} ({seeds} seeds)", ms=3)
+            ax.fill_between(steps, mu - sd, mu + sd, color=colors[(kind, adt)], alpha=0.15)
+            if (kind, adt) == ("plain", False):
+                ax.axhline(mu[-1], color="tab:gray", ls=":", lw=1)
+        ax.set_xlabel("diffusion training step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    fig.suptitle("Convergence (Table 5 ablation, toy scale): mean ± std over seeds", fontsize=9)
+    _save(fig, path)
+
+
+def _structure_figure(stages: dict, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    colors = {("plain", False): "tab:gray", ("plain", True): "tab:blue", ("structured", False): "tab:orange",
+              ("structured", True): "tab:red"}
+    for ax, key, ylabel in ((axes[0], "fid", "structure proxy-FID (16 px classifier)"),
+                            (axes[1], "acc", "structure proxy class accuracy")):
+        curves = _structure_curves(stages, key)
+        for kind, adt, label in _VARIANTS:
+            if (kind, adt) not in curves:
+                continue
+            steps, mu, sd = _mean_curve(curves[(kind, adt)])
+            ax.plot(steps, mu, "o-", color=colors[(kind, adt)], label=label, ms=3)
+            ax.fill_between(steps, mu - sd, mu + sd, color=colors[(kind, adt)], alpha=0.15)
+        ax.set_xlabel("diffusion training step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle("Secondary scorer (added after the fact): 16 px proxy classifier, mean ± std over seeds", fontsize=9)
     _save(fig, path)
 
 
@@ -297,7 +347,10 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
     for key, title in (("fig3_partial", "Figure 3 (first quarter of the channels)"),
                        ("table1_full", "Table 1 (full channels cost nothing)"),
                        ("table5_speed", "Table 5 (SLS + ADT converge faster)"),
-                       ("table5_alone", "Table 5 (either alone does not)")):
+                       ("table5_alone", "Table 5 (either alone does not)"),
+                       ("table5_speed_structure_proxy", "Table 5 on the 16 px structure proxy (secondary, added "
+                                                        "after the fact)"),
+                       ("table5_alone_structure_proxy", "Table 5 alone, 16 px structure proxy (secondary)")):
         x = v.get(key)
         if not x:
             md.append(f"- {title}: not measured yet.")
@@ -311,7 +364,7 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
             md.append(f"  Plain {x['plain_psnr']:.2f} dB vs structured {x['structured_psnr']:.2f} dB: gap "
                       f"**{x['gap_db']:+.2f} dB** (proxy-rFID {_f(x['plain_proxy_rfid'], 3)} vs "
                       f"{_f(x['structured_proxy_rfid'], 3)}).")
-        if key == "table5_speed":
+        if key.startswith("table5_speed"):
             for label, r in x["reach"].items():
                 sp = f"{r['speedup']:.2f}×" if r["speedup"] else "not reached"
                 md.append(f"  - {label}: reaches {x['baseline_final_proxy_fid']:.3f} at step "
@@ -364,6 +417,20 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
                 cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "—")
             md.append(f"| {label} | {'✓' if kind == 'structured' else '✗'} | {'✓' if adt else '✗'} | "
                       + " | ".join(cells) + " |")
+        acc = _curves(stages, "proxy-acc")
+        if acc:
+            md += ["", "Proxy class accuracy of the samples (the fraction the proxy classifier assigns to the class "
+                   "they were generated for; added because proxy-FID turned out non-monotonic, see the notes):", "",
+                   "| variant | " + " | ".join(f"step {s}" for s in steps_all) + " |", "|---|" + "---|" * len(steps_all)]
+            for kind, adt, label in _VARIANTS:
+                per = acc.get((kind, adt))
+                if not per:
+                    continue
+                cells = []
+                for s in steps_all:
+                    vals = [dict(p)[s] for p in per.values() if s in dict(p)]
+                    cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "—")
+                md.append(f"| {label} | " + " | ".join(cells) + " |")
         md += ["", "Per seed, final proxy-FID:", "", "| variant | " + " | ".join(f"seed {s}" for s in sc["seeds"]) + " |",
                "|---|" + "---|" * len(sc["seeds"])]
         for kind, adt, label in _VARIANTS:
@@ -376,10 +443,41 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
                    f"{next(iter(floors.values()))['num_images']} images): real training images "
                    f"{next(iter(floors.values()))['real_images_proxy_fid']:.3f}; the AEs' own reconstructions "
                    "(what a perfect diffusion model would reach): "
-                   + ", ".join(f"{k} AE {f['reconstruction_proxy_fid']:.3f}" for k, f in floors.items()) + "."]
+                   + ", ".join(f"{k} AE {f['reconstruction_proxy_fid']:.3f}" for k, f in floors.items()) + ". "
+                   "Proxy class accuracy: real images "
+                   f"{next(iter(floors.values())).get('real_images_proxy_acc', float('nan')):.3f}, reconstructions "
+                   + ", ".join(f"{k} AE {f.get('reconstruction_proxy_acc', float('nan')):.3f}"
+                               for k, f in floors.items()) + "."]
         md += ["", f"![convergence](figures/{scale}_convergence.png)", ""]
         if has_samples:
             md += [f"![samples](figures/{scale}_samples.png)", ""]
+
+    se = stages.get("structure-eval")
+    if se:
+        r = se["result"]
+        md += ["## Secondary scorer: a 16 px proxy classifier (object structure, robust to blur)", "",
+               f"`{r['extractor_label']}` trained at {r['resolution']} px (held-out accuracy "
+               f"{r.get('held_out_accuracy', float('nan')):.3f}); the same saved samples re-scored. Floors: real "
+               f"images FID {r['floor']['real']['fid']:.3f} / accuracy {r['floor']['real']['acc']:.3f}; "
+               + "; ".join(f"{k} AE reconstructions FID {r['floor'][k]['fid']:.3f} / accuracy {r['floor'][k]['acc']:.3f}"
+                           for k in ("plain", "structured") if k in r["floor"]) + ".", ""]
+        for key, title in (("fid", "structure proxy-FID"), ("acc", "structure proxy class accuracy")):
+            cur = _structure_curves(stages, key)
+            steps_all = sorted({s for per in cur.values() for pts in per.values() for s, _ in pts})
+            md += [f"{title} (mean ± std over seeds):", "",
+                   "| variant | " + " | ".join(f"step {s}" for s in steps_all) + " |", "|---|" + "---|" * len(steps_all)]
+            for kind, adt, label in _VARIANTS:
+                per = cur.get((kind, adt))
+                if not per:
+                    continue
+                cells = []
+                for s in steps_all:
+                    vals = [dict(p)[s] for p in per.values() if s in dict(p)]
+                    cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "—")
+                md.append(f"| {label} | " + " | ".join(cells) + " |")
+            md.append("")
+        _structure_figure(stages, figs / f"{scale}_convergence_structure_proxy.png")
+        md += [f"![structure proxy](figures/{scale}_convergence_structure_proxy.png)", ""]
 
     md += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
     md += [f"| {k} | {s['seconds']:.1f} |" for k, s in stages.items()]

@@ -30,7 +30,7 @@ def test_replicate_smoke_runs_reports_and_resumes(replicate, tmp_path):
     # every stage finished and left its marker
     stages = {p.stem for p in (root / "stages").glob("*.json")}
     expected = {"data", "proxy", "ae-plain", "ae-structured", "recon-plain", "recon-structured", "encode-plain",
-                "encode-structured", "floor-plain", "floor-structured"} | {f"dit-{k}-{a}-s{s}" for k in ("plain", "structured")
+                "encode-structured", "floor-plain", "floor-structured", "structure-eval"} | {f"dit-{k}-{a}-s{s}" for k in ("plain", "structured")
                                         for a in ("adt", "noadt") for s in (0, 1)}
     assert stages == expected
 
@@ -43,13 +43,14 @@ def test_replicate_smoke_runs_reports_and_resumes(replicate, tmp_path):
 
     # a proxy-FID at every checkpoint of every diffusion run, finite
     for name in expected - {"data", "proxy", "ae-plain", "ae-structured", "recon-plain", "recon-structured",
-                            "encode-plain", "encode-structured", "floor-plain", "floor-structured"}:
+                            "encode-plain", "encode-structured", "floor-plain", "floor-structured", "structure-eval"}:
         curve = json.loads((root / "stages" / f"{name}.json").read_text())["result"]["curve"]
         assert [p["step"] for p in curve] == [2, 4]
         assert all(math.isfinite(p["proxy-fid"]) for p in curve)
 
     # the report states a verdict for each claim and draws the figures
-    assert set(summary["verdicts"]) == {"fig3_partial", "table1_full", "table5_speed", "table5_alone"}
+    assert set(summary["verdicts"]) == {"fig3_partial", "table1_full", "table5_speed", "table5_alone",
+                                        "table5_speed_structure_proxy", "table5_alone_structure_proxy"}
     text = (results / "RESULTS-smoke.md").read_text()
     for title in ("Figure 3 (first quarter", "Table 1 (full channels", "Table 5 (SLS + ADT", "No GPU was lent"):
         assert title in text

@@ -9,7 +9,7 @@ import pytest
 def test_metrics_fid_self_zero_shifted_positive(proxy_spec, shapes_images, shift):
     from dcae15.metrics.fidelity import generation_metrics
 
-    x = shapes_images[0]
+    x = shapes_images[0][::2]  # 800 images, all classes
     same = generation_metrics(x, x, extractor=proxy_spec, metrics=("fid", "precision", "recall"), device="cpu")
     assert abs(same["proxy-fid"]) < 1e-6
     assert same["proxy-precision"] == 1.0 and same["proxy-recall"] == 1.0
@@ -45,16 +45,20 @@ def test_metrics_names_are_labelled_and_kid_works(proxy_spec, shapes_images):
     assert all(np.isfinite(v) for v in out.values())
 
 
-def test_metrics_inputs_and_bad_arguments(proxy_spec, shapes_url, shapes_images):
+def test_metrics_inputs_and_bad_arguments(proxy_spec, tmp_path):
     import torch
 
     from dcae15.metrics.fidelity import generation_metrics
+    from dcae15.metrics.inputs import load_labelled_images
+    from storage.synthetic import make_shapes_dataset
 
-    x = shapes_images[0]
-    from_folder = generation_metrics(shapes_url, x, extractor=proxy_spec, metrics=("fid",), device="cpu")
+    small = make_shapes_dataset(str(tmp_path / "small"), num_classes=3, per_class=8, size=32, seed=5)
+    x = load_labelled_images(small, resolution=None)[0]
+    from_folder = generation_metrics(small, x, extractor=proxy_spec, metrics=("fid",), device="cpu")
     chw = torch.from_numpy(x).permute(0, 3, 1, 2)
     from_tensor = generation_metrics(chw, x, extractor=proxy_spec, metrics=("fid",), device="cpu")
-    assert abs(from_folder["proxy-fid"]) < 1e-6 and abs(from_tensor["proxy-fid"]) < 1e-6
+    # 24 images in 64 dims: a singular covariance, so "zero" is round-off sized
+    assert abs(from_folder["proxy-fid"]) < 1e-4 and abs(from_tensor["proxy-fid"]) < 1e-4
     with pytest.raises(ValueError, match="metrics must be"):
         generation_metrics(x, x, extractor=proxy_spec, metrics=("lpips",))
     with pytest.raises(ValueError, match="uint8"):

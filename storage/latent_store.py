@@ -32,7 +32,7 @@ __all__ = [
 
 #: attrs every latent store must carry (what a reuse check compares).
 REQUIRED_ATTRS = ("ae_fingerprint", "dataset_fingerprint", "resolution")
-#: Measured in bench/RESULTS-storage.md: fp16 latents barely compress, and raw chunks read/write fastest.
+#: Measured in bench/RESULTS.md (storage section): fp16 latents barely compress, and raw chunks read/write fastest.
 DEFAULT_CODEC = "none"
 #: Bytes of latents per unit when chunk_size is not given (DESIGN §3: 8-32 MB per chunk).
 DEFAULT_UNIT_BYTES = 16 * 2**20

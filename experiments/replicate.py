@@ -114,9 +114,11 @@ class Stages:
         p = self.path(name)
         return json.loads(p.read_text()) if p.exists() else None
 
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+    def run(self, name: str, fn: Callable[[], Any], valid: Callable[[Any], bool] | None = None) -> Any:
+        """The stage's stored result, or run it; ``valid`` rejects a stored result made with other budgets (e.g.
+        fewer diffusion steps: the stage then runs again and its trainer continues from the last checkpoint)."""
         done = self.get(name)
-        if done is not None:
+        if done is not None and (valid is None or valid(done["result"])):
             return done["result"]
         print(f"[replicate] stage {name} ...", flush=True)
         t0 = time.perf_counter()
@@ -368,12 +370,14 @@ def _structure_eval(root: Path, sc: Scale, ds_url: str, aes: dict) -> dict:
         name = variant_name(kind, adt, seed)
         pts = []
         for f in sorted((root / "eval" / "gen" / name).glob("samples-*.npz")):
+            if int(f.stem.split("-")[1]) > sc.dit_steps:
+                continue
             d = np.load(f)
             pts.append({"step": int(f.stem.split("-")[1]), "fid": checkpoint_proxy_fid(d["images"], ref, spec),
                         "acc": proxy_class_accuracy(d["images"], d["labels"], classifier)})
         curves[name] = pts
     return {"extractor_label": spec.label, "resolution": cfg.resolution, **dict(spec.info), "floor": floor,
-            "curves": curves}
+            "curves": curves, "dit_steps": sc.dit_steps, "seeds": list(sc.seeds)}
 
 
 def _stages(root: Path) -> Stages:
@@ -390,7 +394,7 @@ def _ds_url(root: Path) -> str:
 
 
 def run(root: Path, sc: Scale, *, scale_name: str, data: str | None = None, ae_seed: int = 0, threads: int = 2,
-        results_dir: Path | None = None, command: str = "") -> dict:
+        results_dir: Path | None = None, command: str = "", tag: str | None = None) -> dict:
     """Run (or continue) every stage under ``root``; write the report; return the report's summary."""
     import torch
 
@@ -410,14 +414,18 @@ def run(root: Path, sc: Scale, *, scale_name: str, data: str | None = None, ae_s
     for kind, adt, seed in _variants(sc.seeds):
         stages.run(f"dit-{variant_name(kind, adt, seed)}",
                    lambda kind=kind, adt=adt, seed=seed: _dit(root, sc, stores[kind], kind, adt, seed, channels,
-                                                              threads))
-    stages.run("structure-eval", lambda: _structure_eval(root, sc, ds["url"], aes))
+                                                              threads),
+                   valid=lambda r: r["config"]["steps"] == sc.dit_steps)
+    stages.run("structure-eval", lambda: _structure_eval(root, sc, ds["url"], aes),
+               valid=lambda r: r.get("dit_steps") == sc.dit_steps and r.get("seeds") == list(sc.seeds))
     from experiments.report import write_report
 
-    session = {"command": command, "scale": scale_name, "scale_config": _jsonable(dataclasses.asdict(sc)),
+    mine = {f"dit-{variant_name(k, a, s)}" for k, a, s in _variants(sc.seeds)}
+    shown = {k: v for k, v in stages.all().items() if not k.startswith("dit-") or k in mine}
+    session = {"command": command, "scale": scale_name, "tag": tag or scale_name, "scale_config": _jsonable(dataclasses.asdict(sc)),
                "this_invocation_seconds": round(time.perf_counter() - t_start, 1), "ae_seed": ae_seed,
                "threads": threads, "machine": machine_description()}
-    return write_report(root, stages.all(), session, results_dir or (root / "report"))
+    return write_report(root, shown, session, results_dir or (root / "report"))
 
 
 def _jsonable(d: dict) -> dict:
@@ -440,6 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scale", default="small", choices=sorted(SCALES), help="budget preset (see SCALES)")
     ap.add_argument("--seeds", default=None, type=lambda s: tuple(int(v) for v in s.split(",")),
                     help="diffusion seeds, comma separated (default: the scale's, >= 2)")
+    ap.add_argument("--dit-steps", type=int, default=None,
+                    help="diffusion steps (default: the scale's); more steps on an existing root continue the runs")
+    ap.add_argument("--tag", default=None, help="names the report RESULTS-<tag>.md (default: the scale)")
     ap.add_argument("--ae-seed", type=int, default=0, help="seed of both autoencoders")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--results-dir", type=Path, default=None,
@@ -448,10 +459,12 @@ def main(argv: list[str] | None = None) -> dict:
     sc = SCALES[args.scale]
     if args.seeds is not None:
         sc = dataclasses.replace(sc, seeds=args.seeds)
+    if args.dit_steps is not None:
+        sc = dataclasses.replace(sc, dit_steps=args.dit_steps)
     command = ".venv/bin/python -m experiments.replicate " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     summary = run(args.root, sc, scale_name=args.scale, data=args.data, ae_seed=args.ae_seed, threads=args.threads,
-                  results_dir=args.results_dir, command=command)
+                  results_dir=args.results_dir, command=command, tag=args.tag)
     print(json.dumps(summary["verdicts"], indent=1))
     return summary
 

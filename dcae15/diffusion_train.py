@@ -36,7 +36,7 @@ __all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run
 # Fields that change neither the math nor the data order: left out of the run id so a resubmission with more
 # steps, other logging or more loader workers continues the same run.
 _RUNTIME_FIELDS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "compile",
-                   "activation_checkpointing", "peak_tflops", "progress")
+                   "activation_checkpointing", "peak_tflops", "progress", "cpu_threads")
 
 
 @dataclass(kw_only=True)
@@ -81,6 +81,10 @@ class DiffusionTrainConfig:
     peak_tflops: float | None = None
     """Accelerator peak for MFU; None = looked up for H100/H200/A100 (989/989/312 bf16 dense)."""
     progress: bool = True
+    cpu_threads: int | None = 1
+    """torch intra-op threads when training on CPU (None = torch's default). Tiny models step 10-40x slower with
+    2 threads than with 1 on a busy 2-core machine (bench/RESULTS.md, diffusion section): small ops drown in
+    thread synchronisation. Ignored on GPU."""
 
     def __post_init__(self) -> None:
         if isinstance(self.adt, dict):
@@ -92,6 +96,8 @@ class DiffusionTrainConfig:
         for name in ("global_batch_size", "steps", "checkpoint_every", "log_every", "patch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"DiffusionTrainConfig.{name}={getattr(self, name)!r} must be >= 1")
+        if self.cpu_threads is not None and int(self.cpu_threads) < 1:
+            raise ValueError(f"DiffusionTrainConfig.cpu_threads={self.cpu_threads!r} must be >= 1 or None")
         for name in ("warmup_steps", "num_workers", "keep_checkpoints", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DiffusionTrainConfig.{name}={getattr(self, name)!r} must be >= 0")
@@ -277,9 +283,13 @@ def train_diffusion(cfg: DiffusionTrainConfig, store_url: str, run_url: str, *, 
                          "finish encoding before training")
 
     rank, ws, device, created = _init_distributed()
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and cfg.cpu_threads is not None:
+        torch.set_num_threads(int(cfg.cpu_threads))
     try:
         return _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options)
     finally:
+        torch.set_num_threads(threads_before)  # the caller (a flow worker, a notebook) keeps its own setting
         if created:
             dist.destroy_process_group()
 

@@ -127,7 +127,7 @@ def _print_outputs(summary: dict[str, Any]) -> None:
 
 
 def _run(args: argparse.Namespace) -> Any:
-    from flows.env import apply_prefect_defaults, local_root
+    from flows.env import apply_cpu_defaults, apply_prefect_defaults, local_root
     from flows.config import load_config
 
     overrides = _parse_set(args.set)
@@ -139,6 +139,7 @@ def _run(args: argparse.Namespace) -> Any:
         raise SystemExit(f"dcae15 {args.command}: config error: {exc}") from None
     root = local_root(cfg.root)
     apply_prefect_defaults(root)
+    apply_cpu_defaults()
 
     from flows.autoencoder import train_autoencoder
     from flows.caching import result_storage_for

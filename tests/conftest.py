@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import uuid
 from dataclasses import dataclass
 
 import pytest
+
+# One intra-op thread per process (before torch is imported; subprocesses inherit it): tests start Dask workers,
+# DataLoader workers and torchrun children on 2 cores, and tiny models slow down 10-50x when threads oversubscribe.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", ""}
 

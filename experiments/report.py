@@ -207,52 +207,47 @@ def _psnr_figure(stages: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def _convergence_figure(stages: dict, path: Path) -> None:
+_VARIANT_COLORS = {("plain", False): "tab:gray", ("plain", True): "tab:blue", ("structured", False): "tab:orange",
+                   ("structured", True): "tab:red"}
+
+
+def _curve_panels(panels: list[tuple[dict, str]], title: str, path: Path, *, detailed: bool) -> None:
+    """Two panels of mean ± std curves per variant. ``detailed`` adds seed counts, the baseline's final value
+    and a log scale on the first panel (the primary scorer's figure)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    colors = {("plain", False): "tab:gray", ("plain", True): "tab:blue", ("structured", False): "tab:orange",
-              ("structured", True): "tab:red"}
-    for ax, key, ylabel in ((axes[0], "proxy-fid", "proxy-FID (lower is better)"),
-                            (axes[1], "proxy-acc", "proxy class accuracy of samples (higher is better)")):
-        curves = _curves(stages, key)
+    for ax, (curves, ylabel) in zip(axes, panels):
         for kind, adt, label in _VARIANTS:
             if (kind, adt) not in curves:
                 continue
+            color = _VARIANT_COLORS[(kind, adt)]
             steps, mu, sd = _mean_curve(curves[(kind, adt)])
-            seeds = len(curves[(kind, adt)])
-            ax.plot(steps, mu, "o-", color=colors[(kind, adt)], label=f"{label} ({seeds} seeds)", ms=3)
-            ax.fill_between(steps, mu - sd, mu + sd, color=colors[(kind, adt)], alpha=0.15)
-            if (kind, adt) == ("plain", False):
+            name = f"{label} ({len(curves[(kind, adt)])} seeds)" if detailed else label
+            ax.plot(steps, mu, "o-", color=color, label=name, ms=3)
+            ax.fill_between(steps, mu - sd, mu + sd, color=color, alpha=0.15)
+            if detailed and (kind, adt) == ("plain", False):
                 ax.axhline(mu[-1], color="tab:gray", ls=":", lw=1)
         ax.set_xlabel("diffusion training step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    axes[0].set_yscale("log")
-    fig.suptitle("Convergence (Table 5 ablation, toy scale): mean ± std over seeds", fontsize=9)
+    if detailed:
+        axes[0].set_yscale("log")
+    fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def _convergence_figure(stages: dict, path: Path) -> None:
+    _curve_panels([(_curves(stages, "proxy-fid"), "proxy-FID (lower is better)"),
+                   (_curves(stages, "proxy-acc"), "proxy class accuracy of samples (higher is better)")],
+                  "Convergence (Table 5 ablation, toy scale): mean ± std over seeds", path, detailed=True)
 
 
 def _structure_figure(stages: dict, path: Path) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    colors = {("plain", False): "tab:gray", ("plain", True): "tab:blue", ("structured", False): "tab:orange",
-              ("structured", True): "tab:red"}
-    for ax, key, ylabel in ((axes[0], "fid", "structure proxy-FID (16 px classifier)"),
-                            (axes[1], "acc", "structure proxy class accuracy")):
-        curves = _structure_curves(stages, key)
-        for kind, adt, label in _VARIANTS:
-            if (kind, adt) not in curves:
-                continue
-            steps, mu, sd = _mean_curve(curves[(kind, adt)])
-            ax.plot(steps, mu, "o-", color=colors[(kind, adt)], label=label, ms=3)
-            ax.fill_between(steps, mu - sd, mu + sd, color=colors[(kind, adt)], alpha=0.15)
-        ax.set_xlabel("diffusion training step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle("Secondary scorer (added after the fact): 16 px proxy classifier, mean ± std over seeds", fontsize=9)
-    _save(fig, path)
+    _curve_panels([(_structure_curves(stages, "fid"), "structure proxy-FID (16 px classifier)"),
+                   (_structure_curves(stages, "acc"), "structure proxy class accuracy")],
+                  "Secondary scorer (added after the fact): 16 px proxy classifier, mean ± std over seeds", path,
+                  detailed=False)
 
 
 def _samples_figure(root: Path, seed: int, path: Path, n: int = 8) -> bool:

@@ -32,11 +32,13 @@ PHASES: dict[str, dict[str, Any]] = {
     "full": dict(lr=6.4e-5, betas=(0.9, 0.999), weight_decay=0.1, w_gan=0.0),
     "latent_adaptation": dict(lr=1.6e-5, betas=(0.9, 0.999), weight_decay=0.001, w_gan=0.0),
     "refinement": dict(lr=5.4e-5, betas=(0.5, 0.9), weight_decay=0.001, w_gan=0.1),
+    # Figure 3's setting: the encoder (so the latent) frozen, the decoder re-fitted to one fixed c'
+    "decoder_finetune": dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, w_gan=0.0),
 }
 PERCEPTUAL = ("lpips-vgg", "lpips-alex", "lpips-squeeze", "none")
 _SCHEDULES = ("constant", "cosine")
 # Fields that change how a run is operated but not what it computes: excluded from the run's identity.
-_OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "progress", "prefetch", "device")
+_OPERATIONAL = ("name", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "prefetch", "device")
 
 
 @dataclass(kw_only=True)
@@ -46,8 +48,10 @@ class AETrainConfig:
     Attributes:
         preset: architecture (``AE_PRESETS``) when starting from scratch.
         init_from: URL of a saved AE to start from instead (phases 2 and 3 start from the previous phase).
-        phase: "full" (all weights), "latent_adaptation" (encoder head + decoder input) or "refinement"
-            (decoder head, + GAN).
+        name: a label for the phase in a recipe (logs, stage names); not part of the run's identity.
+        phase: "full" (all weights), "latent_adaptation" (encoder head + decoder input), "refinement"
+            (decoder head, + GAN) or "decoder_finetune" (the whole decoder at one fixed c', encoder frozen).
+        finetune_channels: the fixed c' of a "decoder_finetune" phase (required there, refused elsewhere).
         resolution: training crop size.
         steps / batch_size: optimisation length and batch.
         lr / betas / weight_decay: AdamW; None takes the phase default (``PHASES``).
@@ -67,9 +71,11 @@ class AETrainConfig:
         device: "auto" (cuda if available), "cpu" or "cuda[:i]"; bf16 autocast on CUDA when ``bf16``.
     """
 
+    name: str | None = None
     preset: str = "tiny-f8c32"
     init_from: str | None = None
     phase: str = "full"
+    finetune_channels: int | None = None
     resolution: int = 32
     steps: int = 1000
     batch_size: int = 16
@@ -114,6 +120,13 @@ class AETrainConfig:
         self.weight_decay = d["weight_decay"] if self.weight_decay is None else float(self.weight_decay)
         self.w_gan = d["w_gan"] if self.w_gan is None else float(self.w_gan)
         self.disc_lr = self.lr if self.disc_lr is None else float(self.disc_lr)
+        if (self.phase == "decoder_finetune") != (self.finetune_channels is not None):
+            raise ValueError(f"AETrainConfig.finetune_channels={self.finetune_channels!r} with phase={self.phase!r}: "
+                             "a decoder_finetune phase needs the fixed c' in finetune_channels, other phases none")
+        if self.finetune_channels is not None:
+            self.finetune_channels = int(self.finetune_channels)
+            if self.finetune_channels < 1:
+                raise ValueError(f"AETrainConfig.finetune_channels must be >= 1, got {self.finetune_channels}")
         if self.channel_choices is not None:
             self.channel_choices = tuple(int(c) for c in self.channel_choices)
         if self.init_from is None and self.preset not in AE_PRESETS:
@@ -165,7 +178,7 @@ class AETrainConfig:
 def trainable_parameters(model: StructuredAutoencoder, phase: str) -> list[nn.Parameter]:
     """The parameters a phase trains; the rest are frozen (requires_grad=False).
 
-    full: everything. latent_adaptation: the "middle" around the latent — the encoder's last stage and output conv,
+    full: everything. decoder_finetune: the whole decoder. latent_adaptation: the "middle" around the latent — the encoder's last stage and output conv,
     the decoder's input conv and its lowest-resolution stage. refinement: the decoder's head — its
     highest-resolution stage, output norm and output conv.
     """
@@ -174,6 +187,8 @@ def trainable_parameters(model: StructuredAutoencoder, phase: str) -> list[nn.Pa
         modules = [model.net]
     elif phase == "latent_adaptation":
         modules = [enc.down_blocks[-1], enc.conv_out, dec.conv_in, dec.up_blocks[-1]]
+    elif phase == "decoder_finetune":
+        modules = [dec]
     elif phase == "refinement":
         modules = [dec.up_blocks[0], dec.up_blocks[1], dec.norm_out, dec.conv_out]  # stage 0 is empty in DC-AE
     else:
@@ -377,7 +392,12 @@ def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, sto
     model = _build_model(cfg, storage_options).to(device).train()
     params = trainable_parameters(model, cfg.phase)
     sampling = None
-    if cfg.structured:
+    if cfg.finetune_channels is not None:
+        if cfg.finetune_channels > model.latent_channels:
+            raise ValueError(f"AETrainConfig.finetune_channels={cfg.finetune_channels} exceeds the AE's "
+                             f"{model.latent_channels} latent channels")
+        sampling = ChannelSampling(choices=(cfg.finetune_channels,))  # one fixed c' every step
+    elif cfg.structured:
         choices = cfg.channel_choices or model.channel_choices
         if not choices:
             raise ValueError(f"AETrainConfig.structured=True but {model.config.name} has no channel_choices; "

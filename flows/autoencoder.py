@@ -1,13 +1,13 @@
-"""Stage 2: the structured autoencoder — train a preset on the packed images (resumable), or take a pretrained one."""
+"""Stage 2: the structured autoencoder — the recipe's phases as cached, resumable stages (in-process or torchrun),
+or a pretrained one."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.caching import STAGE_CACHE, run_cached
+from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.prepare import describe_dataset
 
@@ -32,25 +32,76 @@ def validate_ae(pointer: dict[str, Any]) -> str | None:
     return None if now["fingerprint"] == pointer["fingerprint"] else f"fingerprint {now['fingerprint']} != {pointer['fingerprint']}"
 
 
-@task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
-def fit_autoencoder(root: str, dataset: dict[str, Any], ae: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Train (or resume) the autoencoder run for (config, dataset); returns a pointer to the saved model."""
-    from dcae15.ae_train import AETrainConfig, train_autoencoder as train
-    from storage.fingerprint import fingerprint, short_id
-    from storage.urls import join
+@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json")
+def fit_autoencoder(root: str, dataset: dict[str, Any], phase: dict[str, Any], chain_fingerprint: str,
+                    init: dict[str, Any] | None, launch: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) one phase of the recipe; returns a pointer to the phase's saved model.
 
-    cfg = AETrainConfig(**{"preset": ae["preset"], "seed": seed, **ae["train"]})
-    run_url = join(root, "runs", "ae", short_id(fingerprint(cfg), dataset["fingerprint"]))
-    get_run_logger().info("training autoencoder %s on %s -> %s", ae["preset"], dataset["url"], run_url)
-    summary = train(cfg, dataset["url"], run_url)
-    return describe_ae(summary["model_url"])
+    ``init`` is the previous phase's pointer (its model fingerprint keys this task's cache, so a retrained phase 2
+    retrains phase 3); ``launch`` (processes, nodes) is not part of the cache key, nor of the run directory.
+    """
+    from dcae15.ae.recipe import phase_run_url
+    from dcae15.ae_train import AETrainConfig, train_autoencoder as train
+
+    cfg = AETrainConfig.from_dict({**phase, "init_from": init["url"] if init else phase.get("init_from")})
+    run_url = phase_run_url(root, chain_fingerprint)
+    log = get_run_logger()
+    log.info("autoencoder phase %s (%s) on %s -> %s", cfg.name, cfg.phase, dataset["url"], run_url)
+    world = launch["nproc_per_node"] * launch["nnodes"]
+    if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
+        summary = train(cfg, dataset["url"], run_url)
+    else:
+        summary = _train_torchrun(cfg, dataset["url"], run_url, launch, log)
+    return {**describe_ae(summary["model_url"]), "phase": cfg.phase, "phase_name": cfg.name,
+            "run_url": run_url, "chain_fingerprint": chain_fingerprint}
+
+
+def _train_torchrun(cfg: Any, dataset_url: str, run_url: str, launch: dict[str, Any], log: Any) -> dict[str, Any]:
+    """The same trainer under ``torchrun`` (DDP), exactly like diffusion training: one run file, streamed log."""
+    import json
+
+    import yaml
+
+    from flows.launch import run_streaming, torchrun_command
+    from storage.urls import join, put_atomic, read_bytes, url_to_fs
+
+    # one run file: torchrun's own parser would take the trainer's options for its abbreviated ones
+    run_file = join(run_url, "launch.yaml")
+    fs, path = url_to_fs(run_file)
+    put_atomic(fs, path, yaml.safe_dump({"dataset_url": dataset_url, "run_url": run_url, "train": cfg.to_dict()}).encode())
+    cmd = torchrun_command("dcae15.ae_train", ["--config", run_file], nproc_per_node=launch["nproc_per_node"],
+                           nnodes=launch["nnodes"], extra=launch["torchrun_args"])
+    log.info("launching %s", " ".join(cmd))
+    run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))
+    return json.loads(read_bytes(join(run_url, "done.json")))
 
 
 @flow(name="train_autoencoder")
-def train_autoencoder(dataset: str, root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
-    """Train the config's autoencoder preset on the packed dataset at ``dataset`` (or load ``pretrained``)."""
-    cfg = stage_config(root, config)
-    if cfg.autoencoder.pretrained:
-        return describe_ae(cfg.autoencoder.pretrained)
-    return run_cached(fit_autoencoder, validate_ae, root=cfg.root, dataset=describe_dataset(dataset),
-                      ae=dataclasses.asdict(cfg.autoencoder), seed=cfg.seed)
+def train_autoencoder(dataset: str, root: str | None = None, config: ConfigArg = "demo",
+                      nproc_per_node: int | None = None, nnodes: int | None = None,
+                      torchrun_args: list[str] | None = None) -> dict[str, Any]:
+    """Run the config's autoencoder recipe (``autoencoder.phases``) on the packed dataset, or load ``pretrained``.
+
+    Each phase is one cached task whose model lands in ``<root>/runs/ae/<chain id>/model``; the returned pointer
+    is the last phase's model with ``chain_fingerprint`` (covering every phase and the dataset) and ``phases``.
+    ``nproc_per_node`` / ``nnodes`` > 1 train each phase under ``torchrun`` (DDP).
+    """
+    from dcae15.ae.recipe import chain_fingerprints, phase_configs, resolve_phases
+
+    over = {k: v for k, v in {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "torchrun_args": torchrun_args}.items()
+            if v is not None}
+    cfg = stage_config(root, config, **({"autoencoder": over} if over else {}))
+    sec = cfg.autoencoder
+    if sec.pretrained:
+        return describe_ae(sec.pretrained)
+    data = describe_dataset(dataset)
+    phases = resolve_phases(sec.phases, sec.train, real_data=cfg.data.source is not None)
+    cfgs = phase_configs(phases, preset=sec.preset, seed=cfg.seed)
+    fps = chain_fingerprints(cfgs, data["fingerprint"])
+    launch = {"launcher": sec.launcher, "nproc_per_node": sec.nproc_per_node, "nnodes": sec.nnodes,
+              "torchrun_args": list(sec.torchrun_args)}
+    done: list[dict[str, Any]] = []
+    for c, fp in zip(cfgs, fps):
+        done.append(run_cached(fit_autoencoder, validate_ae, root=cfg.root, dataset=data, phase=c.to_dict(),
+                               chain_fingerprint=fp, init=done[-1] if done else None, launch=launch))
+    return {**done[-1], "phases": [{k: p[k] for k in ("phase_name", "phase", "url", "fingerprint")} for p in done]}

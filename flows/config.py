@@ -59,7 +59,29 @@ class AESection:
     pretrained: str | None = None
     """URL of a ``save_pretrained`` directory; skips training when set."""
     train: dict[str, Any] = field(default_factory=dict)
-    """Fields of ``dcae15.ae_train.AETrainConfig`` (the preset is filled in)."""
+    """Fields of ``dcae15.ae_train.AETrainConfig`` (the preset is filled in): the one phase of a single-phase config
+    (the demo), or, with ``phases``, fields shared by every phase (a phase's own value wins)."""
+    phases: list[dict[str, Any]] | str | None = None
+    """The recipe: a list of phases (``AETrainConfig`` fields each, plus an optional ``name``), each started from
+    the previous phase's model; ``"paper"`` = ``dcae15.ae.recipe.PAPER_PHASES``. None: ``train`` as one phase,
+    or the paper's three phases for real data (``data.source`` set) when ``train`` is empty too."""
+    nproc_per_node: int = 1
+    """> 1 trains each phase under ``torchrun --nproc_per_node N`` (DDP); 1 trains in the flow's own process."""
+    nnodes: int = 1
+    torchrun_args: list[str] = field(default_factory=list)
+    """Extra torchrun arguments passed through (``--rdzv-endpoint``, ``--node-rank``, ...)."""
+    launcher: str = "auto"
+    """``auto`` (in-process for one process), ``inprocess`` or ``torchrun``."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.phases, str) and self.phases != "paper":
+            raise ValueError(f"autoencoder.phases must be 'paper' or a list of phase configs, got {self.phases!r}")
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ValueError(f"autoencoder.nproc_per_node and nnodes must be >= 1, got {self.nproc_per_node}, {self.nnodes}")
+        if self.launcher not in ("auto", "inprocess", "torchrun"):
+            raise ValueError(f"autoencoder.launcher must be one of auto, inprocess, torchrun; got {self.launcher!r}")
+        if self.launcher == "inprocess" and self.nproc_per_node * self.nnodes > 1:
+            raise ValueError("autoencoder.launcher 'inprocess' needs nproc_per_node = nnodes = 1; use 'torchrun'")
 
 
 @dataclass(kw_only=True)

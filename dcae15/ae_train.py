@@ -511,6 +511,7 @@ def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, sto
     pointer = {"run_url": run.url, "model_url": run.model_url, "fingerprint": model.fingerprint(),
                "name": model.config.name, "latent_channels": model.latent_channels,
                "spatial_compression": model.spatial_compression, "steps": cfg.steps, "phase": cfg.phase,
-               "config_fingerprint": cfg_fp, "finished": True, "loss": last.get("loss")}
+               "config_fingerprint": cfg_fp, "finished": True, "loss": last.get("loss"),
+               "seconds": last.get("sec")}
     run.write(json.dumps(pointer, indent=2).encode(), "done.json")  # last: the run is finished once this exists
     return pointer

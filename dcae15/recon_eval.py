@@ -39,6 +39,12 @@ class ReconEvalConfig:
         lpips_weights / lpips_random_backbone: see ``dcae15.metrics.lpips_offline`` (random: tests only).
         grid_images: images shown in the figures.
         device: "cpu", "cuda", "auto".
+        finetune: when set, also score each c' after a decoder-only fine-tune at that c' (the paper's Figure 3
+            setting; ``dcae15.ae.recipe.finetune_decoder``): ``AETrainConfig`` fields of that phase (steps,
+            batch_size, lr, perceptual, ...; resolution defaults to ``resolution``). Rows get ``setting``
+            "as_trained" or "decoder_finetuned".
+        finetune_channels: the c' to fine-tune (None: every evaluated c').
+        finetune_url: where the fine-tuned decoders land (None: ``<out_url>/finetune``).
     """
 
     resolution: int
@@ -50,6 +56,9 @@ class ReconEvalConfig:
     lpips_random_backbone: bool = False
     grid_images: int = 6
     device: str = "auto"
+    finetune: dict[str, Any] | None = None
+    finetune_channels: tuple[int, ...] | None = None
+    finetune_url: str | None = None
 
     def __post_init__(self) -> None:
         for f in ("resolution", "num_images", "batch_size", "grid_images"):
@@ -59,6 +68,10 @@ class ReconEvalConfig:
             raise ValueError(f"ReconEvalConfig.lpips_net={self.lpips_net!r}; allowed: alex, vgg, squeeze, None")
         if self.channels is not None:
             self.channels = tuple(int(c) for c in self.channels)
+        if self.finetune_channels is not None:
+            self.finetune_channels = tuple(int(c) for c in self.finetune_channels)
+        if self.finetune is not None and not isinstance(self.finetune, dict):
+            raise ValueError(f"ReconEvalConfig.finetune must be a mapping of AETrainConfig fields, got {self.finetune!r}")
 
 
 class _Gaussian:
@@ -92,14 +105,14 @@ def evaluate_reconstruction(ae_url: str, dataset_url: str, out_url: str | None, 
             skips rFID. Its ``prefix`` names the column (``rfid`` or ``proxy-rfid``).
 
     Returns:
-        One row per c': ae/dataset fingerprints, channels, num_images, psnr, ssim, lpips (NaN when skipped), rfid.
+        One row per c' (and per setting with ``cfg.finetune``): ae/dataset fingerprints, setting, channels,
+        num_images, psnr, ssim, lpips (NaN when skipped), rfid.
     """
     from storage.shards import open_dataset
 
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     ae = StructuredAutoencoder.from_pretrained(ae_url, storage_options=storage_options)
     ae_fp = ae.fingerprint()
-    ae = ae.to(device).eval()
     if cfg.resolution % ae.spatial_compression:
         raise ValueError(f"resolution={cfg.resolution} is not a multiple of the AE's compression {ae.spatial_compression}")
     channels = cfg.channels or default_eval_channels(ae)
@@ -108,6 +121,10 @@ def evaluate_reconstruction(ae_url: str, dataset_url: str, out_url: str | None, 
         raise ValueError(f"channels {bad} outside 1..{ae.latent_channels}")
     if ae.config.bottleneck_shortcut and channels != (ae.latent_channels,):
         raise ValueError(f"{ae.config.name} has bottleneck shortcuts: only channels=({ae.latent_channels},) is defined")
+    ft_channels = cfg.finetune_channels or channels
+    ft_url = cfg.finetune_url or (None if out_url is None else out_url.rstrip("/") + "/finetune")
+    if cfg.finetune is not None and ft_url is None:
+        raise ValueError("ReconEvalConfig.finetune needs a place for the fine-tuned decoders: set finetune_url or out_url")
     dataset = open_dataset(dataset_url, storage_options)
     lpips = None
     if cfg.lpips_net:
@@ -116,63 +133,101 @@ def evaluate_reconstruction(ae_url: str, dataset_url: str, out_url: str | None, 
     feat_net = None
     if extractor is not None:
         feat_net = extractor.build([extractor.layers["fid"]], device).eval()
-        real_g, fake_g = _Gaussian(), {c: _Gaussian() for c in channels}
+    scorer = _Scorer(dataset, cfg, device, lpips, feat_net)
 
-    sums = {c: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for c in channels}
-    count, start = 0, 0
-    grid_x, grid_z, grid_y = None, None, {}
-    from tqdm.auto import tqdm
+    grid: dict[str, Any] = {}
+    rows = scorer.rows(ae.to(device).eval(), channels, grid)
+    for r in rows:
+        r["setting"] = "as_trained"
+    if cfg.finetune is not None:
+        from dcae15.ae.recipe import finetune_decoder
 
-    bar = tqdm(total=cfg.num_images, desc="recon eval", disable=None)
-    with torch.inference_mode():
-        while count < cfg.num_images and start < dataset.num_samples:
-            stop = min(start + cfg.batch_size, dataset.num_samples)
-            images, _, valid = dataset.read_range(start, stop, cfg.resolution)
-            start = stop
-            images = images[np.asarray(valid, bool)][: cfg.num_images - count]
-            if not len(images):
-                continue
-            x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-            z = ae.encode(x)
-            if feat_net is not None:
-                real_g.add(_features(feat_net, to_uint8(x)))
-            if grid_x is None:
-                grid_x, grid_z = images[: cfg.grid_images], z[: cfg.grid_images].float().cpu().numpy()
-            for c in channels:
-                y = ae.decode(z, channels=c).float().clamp(-1, 1)
-                sums[c]["psnr"] += float(psnr(x, y).sum())
-                sums[c]["ssim"] += float(ssim(x, y).sum())
-                if lpips is not None:
-                    sums[c]["lpips"] += float(lpips(x, y).sum())
-                if feat_net is not None:
-                    fake_g[c].add(_features(feat_net, to_uint8(y)))
-                if c not in grid_y:
-                    grid_y[c] = to_uint8(y[: cfg.grid_images]).permute(0, 2, 3, 1).cpu().numpy()
-            count += len(images)
-            bar.update(len(images))
-    bar.close()
-    if count == 0:
-        raise ValueError(f"no valid images in {dataset_url}")
-
-    rows = []
-    for c in channels:
+        train = {"resolution": cfg.resolution, "device": cfg.device, **cfg.finetune}
+        for c in ft_channels:
+            ptr = finetune_decoder(ae_url, dataset_url, ft_url, channels=c, train=train, ae_fingerprint=ae_fp,
+                                   dataset=dataset, storage_options=storage_options)
+            ft = StructuredAutoencoder.from_pretrained(ptr["model_url"], storage_options=storage_options)
+            for r in scorer.rows(ft.to(device).eval(), (c,), None):
+                rows.append({**r, "setting": "decoder_finetuned", "finetune_steps": int(ptr["steps"]),
+                             "finetune_model_url": ptr["model_url"]})
+    out = []
+    for r in rows:
+        r = {"finetune_steps": 0, "finetune_model_url": "", **r}  # one schema for every row (Parquet)
         row = {"ae_name": ae.config.name, "ae_fingerprint": ae_fp, "dataset_fingerprint": str(dataset.fingerprint),
-               "resolution": cfg.resolution, "channels": int(c), "num_images": count,
-               "psnr": sums[c]["psnr"] / count, "ssim": sums[c]["ssim"] / count,
-               "lpips": sums[c]["lpips"] / count if lpips is not None else float("nan"),
+               "resolution": cfg.resolution, "setting": r.pop("setting"), **r,
                "lpips_net": cfg.lpips_net or "", "feature_extractor": extractor.label if extractor else ""}
         if feat_net is not None:
-            from dcae15.metrics.fidelity import frechet_distance
-
-            if count < 2:
-                raise ValueError("rFID needs at least 2 images")
-            row[extractor.metric_name("rfid")] = frechet_distance(*real_g.stats(), *fake_g[c].stats())
-        rows.append(row)
+            row[extractor.metric_name("rfid")] = row.pop("rfid")
+        out.append(row)
     if print_table:
-        print(format_table(rows))
+        print(format_table(out))
     if out_url is not None:
-        _write_outputs(out_url, rows, grid_x, grid_z, grid_y, channels, ae.config.name, storage_options)
-    return rows
+        _write_outputs(out_url, out, grid["x"], grid["z"], grid["y"], channels, ae.config.name, storage_options)
+    return out
+
+
+class _Scorer:
+    """Scores an AE's reconstructions of the same first ``num_images`` valid images; the real-image feature
+    statistics for rFID are computed once and shared by every model scored."""
+
+    def __init__(self, dataset, cfg: ReconEvalConfig, device, lpips, feat_net) -> None:
+        self.dataset, self.cfg, self.device, self.lpips, self.feat_net = dataset, cfg, device, lpips, feat_net
+        self.real: _Gaussian | None = None
+
+    def rows(self, ae: StructuredAutoencoder, channels: tuple[int, ...], grid: dict | None) -> list[dict[str, Any]]:
+        cfg, dataset, device = self.cfg, self.dataset, self.device
+        feat_net, lpips = self.feat_net, self.lpips
+        real_g = _Gaussian() if feat_net is not None and self.real is None else None
+        fake_g = {c: _Gaussian() for c in channels}
+        sums = {c: {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0} for c in channels}
+        count, start = 0, 0
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.num_images, desc="recon eval", disable=None)
+        with torch.inference_mode():
+            while count < cfg.num_images and start < dataset.num_samples:
+                stop = min(start + cfg.batch_size, dataset.num_samples)
+                images, _, valid = dataset.read_range(start, stop, cfg.resolution)
+                start = stop
+                images = images[np.asarray(valid, bool)][: cfg.num_images - count]
+                if not len(images):
+                    continue
+                x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+                z = ae.encode(x)
+                if real_g is not None:
+                    real_g.add(_features(feat_net, to_uint8(x)))
+                if grid is not None and "x" not in grid:
+                    grid.update(x=images[: cfg.grid_images], z=z[: cfg.grid_images].float().cpu().numpy(), y={})
+                for c in channels:
+                    y = ae.decode(z, channels=c).float().clamp(-1, 1)
+                    sums[c]["psnr"] += float(psnr(x, y).sum())
+                    sums[c]["ssim"] += float(ssim(x, y).sum())
+                    if lpips is not None:
+                        sums[c]["lpips"] += float(lpips(x, y).sum())
+                    if feat_net is not None:
+                        fake_g[c].add(_features(feat_net, to_uint8(y)))
+                    if grid is not None and c not in grid["y"]:
+                        grid["y"][c] = to_uint8(y[: cfg.grid_images]).permute(0, 2, 3, 1).cpu().numpy()
+                count += len(images)
+                bar.update(len(images))
+        bar.close()
+        if count == 0:
+            raise ValueError(f"no valid images in {dataset.url}")
+        if real_g is not None:
+            self.real = real_g
+        rows = []
+        for c in channels:
+            row = {"channels": int(c), "num_images": count, "psnr": sums[c]["psnr"] / count,
+                   "ssim": sums[c]["ssim"] / count,
+                   "lpips": sums[c]["lpips"] / count if lpips is not None else float("nan")}
+            if feat_net is not None:
+                from dcae15.metrics.fidelity import frechet_distance
+
+                if count < 2:
+                    raise ValueError("rFID needs at least 2 images")
+                row["rfid"] = frechet_distance(*self.real.stats(), *fake_g[c].stats())
+            rows.append(row)
+        return rows
 
 
 def _features(net: torch.nn.Module, images_u8: torch.Tensor) -> torch.Tensor:
@@ -184,11 +239,12 @@ def _features(net: torch.nn.Module, images_u8: torch.Tensor) -> torch.Tensor:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of the per-c' rows."""
     metric_cols = [k for k in ("psnr", "ssim", "lpips") if k in rows[0]] + sorted(k for k in rows[0] if k.endswith("rfid"))
-    head = f"{'c_prime':>7} " + " ".join(f"{k:>10}" for k in metric_cols)
+    head = f"{'c_prime':>7} {'setting':>17} " + " ".join(f"{k:>10}" for k in metric_cols)
     lines = [f"{rows[0]['ae_name']} ({rows[0]['ae_fingerprint']}), {rows[0]['num_images']} images @ "
              f"{rows[0]['resolution']}px", head]
     for r in rows:
-        lines.append(f"{r['channels']:>7} " + " ".join(f"{r[k]:>10.4f}" for k in metric_cols))
+        lines.append(f"{r['channels']:>7} {r.get('setting', 'as_trained'):>17} " +
+                     " ".join(f"{r[k]:>10.4f}" for k in metric_cols))
     return "\n".join(lines)
 
 
@@ -207,5 +263,6 @@ def _write_outputs(out_url, rows, grid_x, grid_z, grid_y, channels, name, storag
     put_atomic(fs, f"{root}/recon_grid.png", recon_grid_png(grid_x, grid_y, title=f"{name}: reconstruction from the first c' channels"))
     put_atomic(fs, f"{root}/latent_channel_mean.png",
                channel_mean_png(grid_x, grid_z, channels, title=f"{name}: channel-wise mean of the latent"))
+    trained = [r for r in rows if r.get("setting", "as_trained") == "as_trained"]
     put_atomic(fs, f"{root}/psnr_vs_channels.png",
-               metric_curve_png([r["channels"] for r in rows], [r["psnr"] for r in rows], title=name))
+               metric_curve_png([r["channels"] for r in trained], [r["psnr"] for r in trained], title=name))

@@ -17,7 +17,8 @@ from typing import Any
 
 from dcae15.ae_train import AETrainConfig
 
-__all__ = ["PAPER_PHASES", "resolve_phases", "phase_configs", "chain_fingerprints", "phase_run_url", "train_recipe"]
+__all__ = ["PAPER_PHASES", "resolve_phases", "phase_configs", "chain_fingerprints", "phase_run_url", "train_recipe",
+           "finetune_decoder"]
 
 # The DC-AE / DC-AE 1.5 recipe (DESIGN.md §4; DC-AE §3.2 "decoupled high-resolution adaptation"): low-resolution
 # full training, high-resolution latent adaptation, low-resolution local refinement with the PatchGAN.
@@ -145,3 +146,33 @@ def train_recipe(cfgs: list[AETrainConfig], dataset_url: str, root: str, *, stop
             return out
         done.append(out)
     return {**done[-1], "phases": done}
+
+
+def finetune_decoder(ae_url: str, dataset_url: str, runs_url: str, *, channels: int, train: dict[str, Any] | None = None,
+                     ae_fingerprint: str | None = None, dataset: Any = None,
+                     storage_options: dict | None = None) -> dict[str, Any]:
+    """The ``decoder_finetune`` phase on a saved AE at one fixed c' (the paper's Figure 3 setting), cached.
+
+    The encoder stays frozen, so the latent is unchanged; only the decoder is re-fitted to the first ``channels``
+    channels, to "fully reveal the information encoded in the (partial) latent space". The run lands in
+    ``<runs_url>/c<channels>-<id>`` (``id`` from the AE fingerprint and the phase's identity), so a finished
+    fine-tune is reused and a killed one resumes.
+
+    Args:
+        ae_url: the saved AE (``init_from``).
+        channels: the fixed c'.
+        train: further ``AETrainConfig`` fields (steps, batch_size, lr, resolution, perceptual, ...).
+        ae_fingerprint: the AE's fingerprint if known (else the URL identifies it).
+
+    Returns:
+        The trainer's pointer (``model_url``, ``fingerprint``, ``steps``, ``loss``, ``seconds``, ...).
+    """
+    from dcae15.ae_train import train_autoencoder
+    from storage.fingerprint import short_id
+    from storage.urls import join
+
+    cfg = AETrainConfig.from_dict({"progress": False, **(train or {}), "phase": "decoder_finetune",
+                                   "init_from": ae_url, "finetune_channels": int(channels)})
+    ident = {**cfg.identity(), "init_from": ae_fingerprint or ae_url}
+    run_url = join(runs_url, f"c{int(channels)}-{short_id(ident)}")
+    return train_autoencoder(cfg, dataset_url, run_url, storage_options=storage_options, dataset=dataset)

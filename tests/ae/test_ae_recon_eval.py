@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pyarrow.parquet as pq
+import torch
 import pytest
 
 from dcae15.recon_eval import ReconEvalConfig, evaluate_reconstruction
@@ -35,3 +36,30 @@ def test_recon_eval_refuses_bad_channels(shapes_dataset, tiny_ae_url):
         evaluate_reconstruction(tiny_ae_url, shapes_dataset, None, cfg, print_table=False)
     with pytest.raises(ValueError, match="lpips_net"):
         ReconEvalConfig(resolution=32, lpips_net="resnet")
+
+
+def test_recon_eval_as_trained_and_decoder_finetuned(shapes_dataset, tiny_ae_url, tmp_path):
+    """The Figure 3 setting: each c' also scored after a decoder-only fine-tune at that c' (a cached phase run)."""
+    from dcae15.autoencoder import StructuredAutoencoder
+
+    ft = dict(steps=12, batch_size=8, lr=3e-3, perceptual="none", hflip=False, checkpoint_every=12, log_every=6)
+    cfg = ReconEvalConfig(resolution=32, num_images=16, channels=(8, 32), batch_size=8, lpips_net=None, device="cpu",
+                          finetune=ft, finetune_channels=(8,))
+    rows = evaluate_reconstruction(tiny_ae_url, shapes_dataset, str(tmp_path / "out"), cfg, print_table=False)
+    assert [(r["setting"], r["channels"]) for r in rows] == [("as_trained", 8), ("as_trained", 32),
+                                                            ("decoder_finetuned", 8)]
+    trained8, tuned8 = rows[0], rows[2]
+    assert tuned8["finetune_steps"] == 12 and tuned8["psnr"] > trained8["psnr"] + 1.0, (trained8, tuned8)
+    # only the decoder moved: the latent the diffusion model sees is the same
+    base, tuned = StructuredAutoencoder.from_pretrained(tiny_ae_url), StructuredAutoencoder.from_pretrained(
+        tuned8["finetune_model_url"])
+    for (n, a), (_, b) in zip(base.state_dict().items(), tuned.state_dict().items()):
+        assert torch.equal(a, b) == n.startswith("net.encoder"), n
+    table = pq.read_table(tmp_path / "out" / "recon.parquet").to_pylist()
+    assert [t["setting"] for t in table] == ["as_trained", "as_trained", "decoder_finetuned"]
+    # a second evaluation reuses the finished fine-tune run
+    runs = sorted(p.name for p in (tmp_path / "out" / "finetune").iterdir())
+    again = evaluate_reconstruction(tiny_ae_url, shapes_dataset, None, ReconEvalConfig(
+        **{**cfg.__dict__, "finetune_url": str(tmp_path / "out" / "finetune")}), print_table=False)
+    assert again[2]["psnr"] == pytest.approx(tuned8["psnr"])
+    assert sorted(p.name for p in (tmp_path / "out" / "finetune").iterdir()) == runs

@@ -38,7 +38,8 @@ PHASES: dict[str, dict[str, Any]] = {
 PERCEPTUAL = ("lpips-vgg", "lpips-alex", "lpips-squeeze", "none")
 _SCHEDULES = ("constant", "cosine")
 # Fields that change how a run is operated but not what it computes: excluded from the run's identity.
-_OPERATIONAL = ("name", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "prefetch", "device")
+_OPERATIONAL = ("name", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "prefetch", "device",
+                "num_workers", "prefetch_factor", "loader_context")
 
 
 @dataclass(kw_only=True)
@@ -68,7 +69,17 @@ class AETrainConfig:
         hflip: random horizontal flips of training images.
         seed: everything random derives from (seed, step).
         checkpoint_every / keep_checkpoints / log_every: operational.
-        device: "auto" (cuda if available), "cpu" or "cuda[:i]"; bf16 autocast on CUDA when ``bf16``.
+        device: "auto" (cuda if available; under torchrun ``cuda:$LOCAL_RANK``), "cpu" or "cuda[:i]".
+        bf16: bf16 autocast of the AE, LPIPS and the discriminator on CUDA (weights, optimiser and loss sums stay
+            fp32). bf16_on_cpu: the same on CPU (tests of the autocast path; slow on most CPUs).
+        num_workers / prefetch_factor / loader_context: DataLoader worker processes decoding upcoming steps
+            (0: the training process decodes, one thread prefetches the next step's bytes); their start method.
+
+    ``batch_size`` is the global batch: under torchrun each of the W ranks trains on its own disjoint B/W images
+    of every step (DDP averages the gradients), so W processes compute what one process computes with B.
+    Resume rule: a run resumes exactly (bit for bit on the same hardware) at the same world size; at another
+    world size dividing ``batch_size`` it continues with the same images, flips and c' draws at every step, so
+    only the floating-point reduction order differs.
     """
 
     name: str | None = None
@@ -110,6 +121,10 @@ class AETrainConfig:
     prefetch: bool = True
     device: str = "auto"
     bf16: bool = True
+    bf16_on_cpu: bool = False
+    num_workers: int = 0
+    prefetch_factor: int = 4
+    loader_context: str = "forkserver"
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -149,6 +164,11 @@ class AETrainConfig:
             raise ValueError(f"AETrainConfig.betas must be two values in [0, 1), got {self.betas}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"AETrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError(f"AETrainConfig.num_workers must be >= 0 and prefetch_factor >= 1, got "
+                             f"{self.num_workers}, {self.prefetch_factor}")
+        if self.loader_context not in ("fork", "forkserver", "spawn"):
+            raise ValueError(f"AETrainConfig.loader_context={self.loader_context!r}; allowed: fork, forkserver, spawn")
         if self.channel_mode not in ("per_batch", "per_sample"):
             raise ValueError(f"AETrainConfig.channel_mode={self.channel_mode!r}; allowed: per_batch, per_sample")
         if self.w_l1 == 0 and (self.w_lpips == 0 or self.perceptual == "none"):
@@ -335,13 +355,79 @@ def _read_metrics(run: _Run, upto: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _device(cfg: AETrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"AETrainConfig.device={cfg.device!r} but CUDA is not available; use 'cpu' or 'auto'")
-    return dev
+class _Dist:
+    """Where this process sits: rank, world size, device; a process group only when there are several ranks."""
+
+    def __init__(self, cfg: AETrainConfig) -> None:
+        import os
+
+        import torch.distributed as dist
+
+        self.created = False
+        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            cuda = torch.cuda.is_available() and cfg.device != "cpu"
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")  # torchrun's env:// rendezvous
+            self.created = True
+        self.on = dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+        if cfg.device == "auto":
+            if torch.cuda.is_available():
+                local = int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count()))
+                self.device = torch.device("cuda", local)
+            else:
+                self.device = torch.device("cpu")
+        else:
+            self.device = torch.device(cfg.device)
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"AETrainConfig.device={cfg.device!r} but CUDA is not available; use 'cpu' or 'auto'")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def barrier(self) -> None:
+        if self.on:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """The average over ranks of per-rank scalars (the logged losses), so logs equal one process's."""
+        if not self.on or not values:
+            return values
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+
+    def close(self) -> None:
+        if self.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class _Reconstruct(nn.Module):
+    """The AE step's forward as one module call, so DDP sees it: encode once, decode once per c' (Eq. 1)."""
+
+    def __init__(self, model: StructuredAutoencoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, channel_list: list) -> list[torch.Tensor]:
+        z = self.model.encode(x)  # (B, c, H/f, W/f)
+        return [self.model.decode(z, channels=ch) for ch in channel_list]  # each (B, 3, H, W)
+
+
+def _ddp(module: nn.Module, dist_: _Dist) -> nn.Module:
+    """DDP over the trainable parameters (frozen ones are not synchronised: they never change)."""
+    if not dist_.on:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [dist_.device.index] if dist_.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
 def _build_model(cfg: AETrainConfig, storage_options: dict | None) -> StructuredAutoencoder:
@@ -360,9 +446,28 @@ def _build_lpips(cfg: AETrainConfig, device: torch.device) -> nn.Module | None:
     return build_lpips(net, weights=cfg.lpips_weights, random_backbone=cfg.lpips_random_backbone).to(device)
 
 
+def _local(ch: int | torch.Tensor | None, rows: slice) -> int | torch.Tensor | None:
+    """This rank's part of a c' draw: per-sample draws are made for the global batch, then sliced."""
+    return ch[rows] if isinstance(ch, torch.Tensor) else ch
+
+
+def _batches(cfg: AETrainConfig, batches: ImageBatches, start: int, end: int, device: torch.device):
+    """Iterator over this rank's batches of steps [start, end): DataLoader workers decode ahead when configured."""
+    if cfg.num_workers == 0:
+        return (batches.batch(step) for step in range(start, end))
+    from torch.utils.data import DataLoader
+
+    from dcae15.ae.data import StepBatches
+
+    # forkserver by default: forking a process that already runs threads (Prefect, tqdm) can deadlock workers
+    return iter(DataLoader(StepBatches(batches), batch_size=None, sampler=range(start, end),
+                           num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                           pin_memory=device.type == "cuda", multiprocessing_context=cfg.loader_context))
+
+
 def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, stop_at: int | None = None,
                       storage_options: dict | None = None, dataset: Any = None) -> dict[str, Any]:
-    """Train (or resume, or return the finished result of) one AE phase.
+    """Train (or resume, or return the finished result of) one AE phase, in this process or as one torchrun rank.
 
     Args:
         cfg: the phase's config.
@@ -376,19 +481,35 @@ def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, sto
         a finished run returns its stored pointer without doing anything.
 
     Raises:
-        ValueError: a run directory started with another config or dataset.
+        ValueError: a run directory started with another config or dataset; a global batch the world size does
+            not divide.
         MissingWeightsError: LPIPS backbone weights missing (set ``perceptual: none`` to train without LPIPS).
     """
+    dist_ = _Dist(cfg)
+    try:
+        return _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_)
+    finally:
+        dist_.close()
+
+
+def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: _Dist) -> dict[str, Any]:
     run = _Run(run_url, storage_options)
     if dataset is None:
         from storage.shards import open_dataset
 
-        dataset = open_dataset(dataset_url)
-    cfg_fp = _check_or_write_config(run, cfg, str(dataset.fingerprint))
+        dataset = open_dataset(dataset_url, storage_options)
+    if cfg.batch_size % dist_.world:
+        raise ValueError(f"AETrainConfig.batch_size={cfg.batch_size} (the global batch) is not a multiple of the "
+                         f"world size {dist_.world}; change the batch size or the number of processes")
+    if dist_.rank == 0:
+        cfg_fp = _check_or_write_config(run, cfg, str(dataset.fingerprint))
+    dist_.barrier()
+    if dist_.rank != 0:
+        cfg_fp = _check_or_write_config(run, cfg, str(dataset.fingerprint))
     if run.exists("done.json"):
         return json.loads(run.read("done.json"))
 
-    device = _device(cfg)
+    device = dist_.device
     model = _build_model(cfg, storage_options).to(device).train()
     params = trainable_parameters(model, cfg.phase)
     sampling = None
@@ -428,21 +549,34 @@ def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, sto
             ema.load_state_dict(ckpt["ema"])
         torch.set_rng_state(ckpt["rng_cpu"])
         metrics = _read_metrics(run, start)
+        if int(ckpt.get("world_size", 1)) != dist_.world and dist_.rank == 0:
+            print(f"AE run {run.url}: resuming step {start} at world size {dist_.world} (checkpoint written at "
+                  f"{ckpt.get('world_size', 1)}): same images and draws per step, different reduction order")
 
+    # DDP wraps the step's forward (trainable AE parameters) and the discriminator, after any checkpoint load
+    recon = _ddp(_Reconstruct(model), dist_)
+    disc_ddp = _ddp(disc, dist_) if disc is not None else None
+    rows = slice(dist_.rank * cfg.batch_size // dist_.world, (dist_.rank + 1) * cfg.batch_size // dist_.world)
     batches = ImageBatches(dataset, batch_size=cfg.batch_size, resolution=cfg.resolution, seed=cfg.seed,
-                           hflip=cfg.hflip, prefetch=cfg.prefetch)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
+                           hflip=cfg.hflip, prefetch=cfg.prefetch and cfg.num_workers == 0, rank=dist_.rank,
+                           world_size=dist_.world)
+    on_gpu = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=cfg.bf16 and (on_gpu or (cfg.bf16_on_cpu and device.type == "cpu")))
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not cfg.progress, desc=f"AE {cfg.phase}")
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"AE {cfg.name or cfg.phase}",
+               disable=not cfg.progress or dist_.rank != 0)
+    loader = _batches(cfg, batches, start, end, device)
     t0 = time.perf_counter()
     try:
         for step in bar:
-            x, _ = batches.batch(step)
+            x, _ = next(loader)  # decoded ahead by the loader's workers (or the prefetch thread's bytes)
             x = x.to(device, non_blocking=True)
             gen = step_generator(cfg.seed, step, salt=1)
-            channel_list = sampling.draw(gen, x.shape[0]) if sampling else [None]
+            channel_list = ([_local(ch, rows) for ch in sampling.draw(gen, cfg.batch_size)] if sampling
+                            else [None])
             lr = _lr_at(cfg, step, cfg.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -450,33 +584,35 @@ def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, sto
 
             # -- autoencoder step: encode once, decode once per c' (Eq. 1), average the losses
             with autocast:
-                z = model.encode(x)
-                recons, loss, logs = [], 0.0, {}
-                for ch in channel_list:
-                    y = model.decode(z, channels=ch)
+                recons = recon(x, channel_list)
+                loss, logs = 0.0, {}
+                for y in recons:
                     rec, parts = ae_loss(x, y, w_l1=cfg.w_l1, w_lpips=cfg.w_lpips, lpips_net=lpips_net)
                     loss = loss + rec / len(channel_list)
-                    recons.append(y)
                     for k, v in parts.items():
                         logs[k] = logs.get(k, 0.0) + v / len(channel_list)
                 if use_gan:
+                    disc.requires_grad_(False)  # the generator loss trains the AE only (and skips DDP's hooks)
                     g_loss = hinge_g_loss(disc(torch.cat(recons)))
+                    disc.requires_grad_(True)
                     loss = loss + cfg.w_gan * g_loss
                     logs["gan_g"] = float(g_loss.detach())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP all-reduces (averages) the gradients here, overlapped with the backward pass
             if cfg.grad_clip > 0:
                 logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             opt.step()
             if ema is not None:
                 ema.update(model.net)
 
-            # -- discriminator step on the detached reconstructions
+            # -- discriminator step on the detached reconstructions: real and fake in one (DDP) call
             if use_gan:
                 for g in disc_opt.param_groups:
                     g["lr"] = _lr_at(cfg, step, cfg.disc_lr)
+                fake = torch.cat(recons).detach()
                 with autocast:
-                    d_loss = hinge_d_loss(disc(x), disc(torch.cat(recons).detach()))
+                    logits = disc_ddp(torch.cat([x, fake.to(x.dtype)]))  # GroupNorm: per-sample, so batching is exact
+                    d_loss = hinge_d_loss(logits[: x.shape[0]], logits[x.shape[0]:])
                 disc_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 disc_opt.step()
@@ -484,34 +620,79 @@ def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, sto
 
             done_steps = step + 1
             if done_steps % cfg.log_every == 0 or done_steps == end:
-                row = {"step": done_steps, "loss": float(loss.detach()), "lr": lr, **logs,
+                logs = dist_.mean({"loss": float(loss.detach()), **logs})  # the same numbers one process logs
+                row = {"step": done_steps, "lr": lr, **logs,
                        "channels": [c if isinstance(c, int) or c is None else "per-sample" for c in channel_list],
                        "sec": round(time.perf_counter() - t0, 3)}
                 metrics.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if done_steps % cfg.checkpoint_every == 0 or done_steps == end:
-                parts = {"model": model.net.state_dict(), "opt": opt.state_dict(), "rng_cpu": torch.get_rng_state()}
-                if disc is not None:
-                    parts.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
-                if ema is not None:
-                    parts["ema"] = ema.state_dict()
-                _save_checkpoint(run, cfg, done_steps, parts, metrics)
+                if dist_.rank == 0:
+                    parts = {"model": model.net.state_dict(), "opt": opt.state_dict(),
+                             "rng_cpu": torch.get_rng_state(), "world_size": dist_.world}
+                    if disc is not None:
+                        parts.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
+                    if ema is not None:
+                        parts["ema"] = ema.state_dict()
+                    _save_checkpoint(run, cfg, done_steps, parts, metrics)
+                dist_.barrier()  # every rank leaves (stop_at) or goes on only once the checkpoint is named
     finally:
         bar.close()
         batches.close()
+        del loader  # stops DataLoader workers
 
     last = metrics[-1] if metrics else {}
     if end < cfg.steps:
         return {"run_url": run.url, "finished": False, "step": end, "config_fingerprint": cfg_fp,
                 "loss": last.get("loss")}
-    if ema is not None:
-        model.net.load_state_dict({k: v.to(model.net.state_dict()[k].dtype) for k, v in ema.state_dict().items()})
-    model.cpu().eval()
-    model.save_pretrained(run.model_url, storage_options=storage_options)
-    pointer = {"run_url": run.url, "model_url": run.model_url, "fingerprint": model.fingerprint(),
-               "name": model.config.name, "latent_channels": model.latent_channels,
-               "spatial_compression": model.spatial_compression, "steps": cfg.steps, "phase": cfg.phase,
-               "config_fingerprint": cfg_fp, "finished": True, "loss": last.get("loss"),
-               "seconds": last.get("sec")}
-    run.write(json.dumps(pointer, indent=2).encode(), "done.json")  # last: the run is finished once this exists
-    return pointer
+    if dist_.rank == 0:
+        if ema is not None:
+            model.net.load_state_dict({k: v.to(model.net.state_dict()[k].dtype) for k, v in ema.state_dict().items()})
+        model.cpu().eval()
+        model.save_pretrained(run.model_url, storage_options=storage_options)
+        pointer = {"run_url": run.url, "model_url": run.model_url, "fingerprint": model.fingerprint(),
+                   "name": model.config.name, "latent_channels": model.latent_channels,
+                   "spatial_compression": model.spatial_compression, "steps": cfg.steps, "phase": cfg.phase,
+                   "config_fingerprint": cfg_fp, "finished": True, "loss": last.get("loss"),
+                   "seconds": last.get("sec"), "world_size": dist_.world}
+        run.write(json.dumps(pointer, indent=2).encode(), "done.json")  # last: the run is finished once this exists
+    dist_.barrier()
+    return json.loads(run.read("done.json"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI (torchrun entry point)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m dcae15.ae_train --config launch.yaml`` (also under ``torchrun --nproc-per-node N``).
+
+    launch.yaml holds ``dataset_url``, ``run_url``, ``train:`` (``AETrainConfig`` fields) and optionally
+    ``storage_options``; the flow writes it into the run directory.
+    """
+    import argparse
+    import os
+
+    import yaml
+
+    from storage.urls import read_bytes
+
+    ap = argparse.ArgumentParser(description="Train one autoencoder phase (DDP under torchrun, resumable).")
+    ap.add_argument("--config", required=True, help="YAML run file: dataset_url, run_url, train")
+    ap.add_argument("--stop-at", type=int, default=None, help="leave after checkpointing this step (resumable)")
+    args = ap.parse_args(argv)
+    doc = yaml.safe_load(read_bytes(args.config)) or {}
+    missing = [k for k in ("dataset_url", "run_url") if k not in doc]
+    if missing:
+        raise ValueError(f"{args.config}: missing {missing}; it needs dataset_url, run_url and train")
+    cfg = AETrainConfig.from_dict(doc.get("train") or {})
+    out = train_autoencoder(cfg, doc["dataset_url"], doc["run_url"], stop_at=args.stop_at,
+                            storage_options=doc.get("storage_options"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -107,3 +107,34 @@ def test_refinement_phase_from_a_saved_model(shapes_dataset, tiny_ae_url, tmp_pa
     from storage.urls import read_bytes
 
     assert json.loads(read_bytes("memory://ae-tests/p3/metrics.jsonl").decode().splitlines()[-1])["gan_d"] > 0
+
+
+def test_rank_slices_are_disjoint_and_world_size_independent(shapes_dataset):
+    """Rank r of W gets positions [r·B/W, (r+1)·B/W) of the global batch, flips included."""
+    from dcae15.ae.data import ImageBatches
+    from storage.shards import open_dataset
+
+    ds = open_dataset(shapes_dataset)
+    one = ImageBatches(ds, batch_size=8, resolution=32, seed=3, block_size=4, window_blocks=2, prefetch=False)
+    parts = [ImageBatches(ds, batch_size=8, resolution=32, seed=3, block_size=4, window_blocks=2, prefetch=False,
+                          rank=r, world_size=2) for r in range(2)]
+    for step in (0, 1, 5):
+        x, y = one.batch(step)
+        xs, ys = zip(*(p.batch(step) for p in parts))
+        assert torch.equal(torch.cat(xs), x) and torch.equal(torch.cat(ys), y)
+        a, b = (set(p.indices(step).tolist()) for p in parts)
+        assert not a & b and len(a) == len(b) == 4
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        ImageBatches(ds, batch_size=6, resolution=32, rank=0, world_size=4)
+
+
+def test_bf16_autocast_path_on_cpu(shapes_dataset, tmp_path):
+    """The GPU's bf16 autocast of AE, LPIPS and discriminator, run on CPU: finite losses, fp32 weights saved."""
+    cfg = AETrainConfig(preset="tiny-f8c32", steps=2, batch_size=4, bf16_on_cpu=True, perceptual="lpips-squeeze",
+                        lpips_random_backbone=True, w_gan=0.1, disc_channels=8, disc_layers=2, log_every=1,
+                        checkpoint_every=2, progress=False, device="cpu")
+    ptr = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "bf16"))
+    rows = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["lpips"], r["gan_d"]])).all() for r in rows)
+    model = StructuredAutoencoder.from_pretrained(ptr["model_url"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

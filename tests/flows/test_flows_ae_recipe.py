@@ -49,3 +49,19 @@ def test_recipe_flow_caches_each_phase(prefect_api, tmp_path, results_dir, tiny_
     assert states == ["Cached", "Cached", "Completed"]
     assert changed["phases"][:2] == first["phases"][:2] and changed["url"] != first["url"]
     assert changed["chain_fingerprint"] != first["chain_fingerprint"]
+
+
+def test_recipe_phase_under_torchrun(prefect_api, tmp_path, results_dir, tiny_config):
+    """nproc_per_node=2: the flow launches the phase with torchrun (DDP over 2 gloo ranks) and returns its model."""
+    import json
+
+    from flows.autoencoder import train_autoencoder
+    from flows.prepare import prepare_images
+
+    c = tiny_config(tmp_path / "root", autoencoder={"phases": [dict(phase="full", steps=2, batch_size=4)],
+                                                     "nproc_per_node": 2})
+    ds = prepare_images.with_options(result_storage=results_dir)(root=c["root"], config=c)
+    out = train_autoencoder.with_options(result_storage=results_dir)(dataset=ds["url"], root=c["root"], config=c)
+    done = json.loads((tmp_path / "root" / "runs" / "ae" / out["url"].rstrip("/").split("/")[-2] / "done.json").read_text())
+    assert done["world_size"] == 2 and done["fingerprint"] == out["fingerprint"]
+    assert (tmp_path / "root" / "runs" / "ae" / out["url"].rstrip("/").split("/")[-2] / "launch.yaml").exists()

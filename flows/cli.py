@@ -84,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", nargs="+", choices=backbones, metavar="NAME",
                    help=f"backbone presets (default: the config's). Choices: {', '.join(backbones)}")
     add("prepare", "generate (or take --set data.source=URL) images and pack them into shards + an index")
-    p = add("train-ae", "train the structured autoencoder on a packed dataset (resumes)")
+    p = add("train-ae", "train the structured autoencoder on a packed dataset: the config's phases, each cached and "
+                        "resumable (in-process, or torchrun when asked)")
     p.add_argument("--dataset", required=True, help="URL of a packed dataset (<root>/data/<name>)")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="> 1 trains each phase under torchrun (DDP)")
+    p.add_argument("--nnodes", type=int, default=None, help="number of nodes for torchrun")
+    p.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG", help="extra torchrun argument (repeatable)")
     p = add("encode", "encode a packed dataset into a Zarr latent store with Dask (only missing units)")
     p.add_argument("--ae", required=True, help="URL of an autoencoder saved with save_pretrained")
     p.add_argument("--dataset", required=True, help="URL of a packed dataset")
@@ -163,7 +167,8 @@ def _run(args: argparse.Namespace) -> Any:
     if c == "prepare":
         return call(prepare_images)
     if c == "train-ae":
-        return call(train_autoencoder, dataset=args.dataset)
+        return call(train_autoencoder, dataset=args.dataset, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
+                    torchrun_args=args.torchrun_arg or None)
     if c == "encode":
         return call(encode_latents, ae=args.ae, dataset=args.dataset, scheduler=args.scheduler, workers=args.workers)
     if c == "train-diffusion":

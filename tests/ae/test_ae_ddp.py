@@ -1,5 +1,6 @@
 """The AE trainer under torchrun (DDP, gloo on CPU): 2 ranks x B/2 images == 1 process x B within fp tolerance,
-a stop + resume at the same world size is exact, DataLoader workers decode the rank's own images."""
+a stop + resume at the same world size is exact, a 2-rank checkpoint resumed by 1 process continues the same run,
+DataLoader workers decode the rank's own images."""
 
 from __future__ import annotations
 
@@ -50,14 +51,20 @@ def test_two_gloo_ranks_equal_one_process_and_resume_exactly(shapes_dataset, tmp
     _torchrun(tmp_path, shapes_dataset, str(tmp_path / "resumed"), stop_at=2)
     assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "step-0000002.pt"
     assert not (tmp_path / "resumed" / "done.json").exists()
+    import shutil
+
+    shutil.copytree(tmp_path / "resumed", tmp_path / "cross")  # the same checkpoint, resumed by 1 process below
     _torchrun(tmp_path, shapes_dataset, str(tmp_path / "resumed"))
+    train_autoencoder(AETrainConfig(**_CFG), shapes_dataset, str(tmp_path / "cross"))
 
     two = json.loads((tmp_path / "two" / "done.json").read_text())
     assert two["world_size"] == 2 and two["config_fingerprint"] == one["config_fingerprint"]
     w1, w2, wr = _weights(tmp_path / "one"), _weights(tmp_path / "two"), _weights(tmp_path / "resumed")
+    wx = _weights(tmp_path / "cross")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=2e-4, msg=k)
         assert torch.equal(wr[k], w2[k]), k  # same world size: stop + resume is bit-exact
+        torch.testing.assert_close(wx[k], w1[k], rtol=1e-3, atol=2e-4, msg=k)  # another world size: same run
     m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [r["step"] for r in m2] == [1, 2, 3, 4] and m2[-1]["gan_d"] > 0
     for a, b in zip(m1, m2):  # the logged losses are the mean over ranks: the one-process numbers

@@ -220,15 +220,16 @@ def trainable_parameters(model: StructuredAutoencoder, phase: str) -> list[nn.Pa
 
 
 def ae_loss(x: torch.Tensor, y: torch.Tensor, *, w_l1: float, w_lpips: float, lpips_net: nn.Module | None
-            ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 + w_lpips · LPIPS between images in [-1,1]; returns the loss and its parts as floats."""
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L1 + w_lpips · LPIPS between images in [-1,1]; returns the loss and its parts as detached 0-dim tensors
+    (reading them is a GPU sync point: the trainer does so only on logging steps)."""
     l1 = (x - y).abs().mean()
     loss = w_l1 * l1
-    parts = {"l1": float(l1.detach())}
+    parts = {"l1": l1.detach()}
     if lpips_net is not None and w_lpips > 0:
         lp = lpips_net(y.float(), x.float()).mean()
         loss = loss + w_lpips * lp
-        parts["lpips"] = float(lp.detach())
+        parts["lpips"] = lp.detach()
     return loss, parts
 
 
@@ -596,11 +597,11 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                     g_loss = hinge_g_loss(disc(torch.cat(recons)))
                     disc.requires_grad_(True)
                     loss = loss + cfg.w_gan * g_loss
-                    logs["gan_g"] = float(g_loss.detach())
+                    logs["gan_g"] = g_loss.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP all-reduces (averages) the gradients here, overlapped with the backward pass
             if cfg.grad_clip > 0:
-                logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             if ema is not None:
                 ema.update(model.net)
@@ -616,11 +617,12 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                 disc_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 disc_opt.step()
-                logs["gan_d"] = float(d_loss.detach())
+                logs["gan_d"] = d_loss.detach()
 
             done_steps = step + 1
             if done_steps % cfg.log_every == 0 or done_steps == end:
-                logs = dist_.mean({"loss": float(loss.detach()), **logs})  # the same numbers one process logs
+                # the only GPU sync of a step, on logging steps; averaged over ranks: the numbers one process logs
+                logs = dist_.mean({k: float(v) for k, v in {"loss": loss.detach(), **logs}.items()})
                 row = {"step": done_steps, "lr": lr, **logs,
                        "channels": [c if isinstance(c, int) or c is None else "per-sample" for c in channel_list],
                        "sec": round(time.perf_counter() - t0, 3)}

@@ -427,6 +427,10 @@ def _ddp(module: nn.Module, dist_: _Dist) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    if dist_.device.type == "cuda":
+        # DC-AE 1.0 models use BatchNorm: global-batch statistics keep W ranks equal to one process (CUDA only;
+        # on CPU each rank normalises over its own slice)
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     ids = [dist_.device.index] if dist_.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 

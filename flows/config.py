@@ -41,8 +41,16 @@ class DataSection:
     """Keyword arguments of ``storage.synthetic.make_shapes_dataset`` (used when ``source`` is None)."""
     shard_bytes: int = 64 * 2**20
     """Target webdataset shard size."""
+    workers: int = 1
+    """Packing processes (a Dask LocalCluster when > 1; 1 packs inline). ImageNet: one per core."""
+    scheduler: str | None = None
+    """Dask scheduler address to pack on a running cluster instead (``workers`` is then ignored)."""
+    read_threads: int = 16
+    """Concurrent image reads per packing process (hides S3 latency; harmless on local disk)."""
 
     def __post_init__(self) -> None:
+        if self.workers < 1 or self.read_threads < 1:
+            raise ValueError(f"data.workers and data.read_threads must be >= 1, got {self.workers}, {self.read_threads}")
         if not self.name or "/" in self.name:
             raise ValueError(f"data.name must be a non-empty name without '/', got {self.name!r}")
         allowed = {"num_classes", "per_class", "size", "seed", "fmt"}

@@ -88,11 +88,26 @@ class EncodeSection:
     units_per_task: int = 1
     """Store units (Zarr shards) per Dask task; one writer per unit always."""
     device: str = "cpu"
+    """``cpu``, ``cuda`` (one pinned worker per visible GPU; ``workers`` is then ignored) or ``auto``."""
+    dtype: str = "auto"
+    """Encoder compute dtype: ``auto`` (bfloat16 autocast on CUDA, float32 on CPU), ``float32`` or ``bfloat16``;
+    recorded in the store (latents are stored as float16 either way)."""
+    decode_threads: int = 2
+    """CPU threads per worker reading + decoding + cropping batches ahead of the forward pass (ImageNet: 4 per GPU)."""
+    prefetch_batches: int = 4
+    """Batches decoded ahead of the forward pass, per worker."""
 
     def __post_init__(self) -> None:
         for name in ("resolution", "batch_size", "workers", "units_per_task"):
             if getattr(self, name) < 1:
                 raise ValueError(f"encode.{name} must be >= 1, got {getattr(self, name)}")
+        if self.decode_threads < 0 or self.prefetch_batches < 0:
+            raise ValueError(f"encode.decode_threads and encode.prefetch_batches must be >= 0, got "
+                             f"{self.decode_threads}, {self.prefetch_batches}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"encode.dtype={self.dtype!r}; allowed: auto, float32, bfloat16")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"encode.device={self.device!r}; allowed: cpu, cuda, cuda:N, auto")
 
 
 @dataclass(kw_only=True)

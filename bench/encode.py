@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 IMAGENET = 1_281_167
+waits: dict[int, list[dict]] = __import__("collections").defaultdict(list)  # decode threads -> per-run stats
 
 
 def bare_loop(ae_url: str, images: np.ndarray, batch: int, chunk: int, device: str) -> float:
@@ -49,11 +50,16 @@ def encode_run(client, ae_url, dataset_url, root, chunk, batch, device, threads,
     store = prepare_store(ae_url, dataset_url, root, resolution=args.size, flip=True, chunk_size=chunk,
                           dtype="float32", ae_fingerprint=fp)
     units = LatentStore.open(store).missing_units()
+    stats = lambda: list(client.run(lambda: __import__("dcae15.encode", fromlist=["x"]).encode_stats()).values())[0]  # noqa: E731
+    s0 = stats()
     t0 = time.perf_counter()
     fut = client.submit(encode_units, ae_url, dataset_url, store, units, batch_size=batch, device=device,
                         ae_fingerprint=fp, decode_threads=threads, pure=False)
     fut.result()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    s1 = stats()
+    waits[threads].append({k: s1.get(k, 0) - s0.get(k, 0) for k in ("input_wait_s", "forward_s", "write_wait_s")})
+    return wall
 
 
 if __name__ == "__main__":
@@ -105,6 +111,7 @@ if __name__ == "__main__":
         # warm-up (not timed): the worker's dataset index cache, the store code paths, thread pools
         encode_run(client, ae_url, f"{tmp}/data", f"{tmp}/warm", args.chunk, args.batch, dev, args.decode_threads, fp)
         runs: dict[str, list[float]] = {"bare": [], "threads": [], "inline": []}
+        waits.clear()
         for rep in range(args.reps):  # interleaved: the load of a shared machine drifts between runs
             runs["bare"].append(bare_loop(ae_url, images, args.batch, args.chunk, args.device))
             runs["threads"].append(encode_run(client, ae_url, f"{tmp}/data", f"{tmp}/threads{rep}", args.chunk,
@@ -125,6 +132,12 @@ if __name__ == "__main__":
           f"ratio bare/encode = {bare / t_flow:.2f}x (goal >= 0.95)")
     print(f"  encode_units, decode inline        : {t_inline:6.2f} s  {n / t_inline:8.1f} img/s  "
           f"ratio bare/encode = {bare / t_inline:.2f}x")
+    for th, label in ((args.decode_threads, f"{args.decode_threads} decode threads"), (0, "decode inline")):
+        w = waits[th]
+        inp, fwd, wr = (float(np.median([x[k] for x in w])) for k in ("input_wait_s", "forward_s", "write_wait_s"))
+        tot = inp + fwd + wr
+        print(f"  inside encode_units, {label}: forward {fwd:.2f} s, waiting for decoded input {inp:.2f} s, for the "
+              f"writer {wr:.2f} s -> device busy {fwd / tot:.0%} of the loop")
     print(f"  load {os.getloadavg()[0]:.2f} at end")
     # ImageNet on 8 H100 (nothing here measures a GPU: the arithmetic, with the measured ratio)
     gflop, peak, mfu, gpus = 685.0, 989e12, 0.40, 8

@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
@@ -23,7 +24,7 @@ import torch
 from dcae15.autoencoder import StructuredAutoencoder
 
 __all__ = ["CROP", "COMPUTE_DTYPES", "prepare_store", "encode_units", "encode_images", "load_encoder",
-           "encoder_loads", "store_channel_choices", "resolve_dtype", "visible_gpus", "local_device_indices",
+           "encoder_loads", "encode_stats", "store_channel_choices", "resolve_dtype", "visible_gpus", "local_device_indices",
            "pin_worker_device"]
 
 #: The preprocessing every store records (storage.images.center_crop: ADM/DiT box-downsample, bicubic, crop).
@@ -200,11 +201,19 @@ _LOCK = threading.Lock()
 _ENCODERS: dict[tuple, tuple[torch.nn.Module, str]] = {}
 _DATASETS: dict[tuple, Any] = {}
 _LOADS = collections.Counter()
+_STATS = collections.Counter()
 
 
 def encoder_loads() -> dict[str, int]:
     """How many times this process loaded an encoder, per AE URL (tests and benchmarks count them)."""
     return dict(_LOADS)
+
+
+def encode_stats() -> dict[str, float]:
+    """Seconds this process spent in ``encode_units``: ``forward_s`` (host->device, forward, latents back),
+    ``input_wait_s`` (the device waiting for decoded images: ~0 when decoding keeps ahead), ``write_wait_s``
+    (waiting for the writer thread), ``images``."""
+    return dict(_STATS)
 
 
 def _recorded_fingerprint(ae_url: str, storage_options: dict | None) -> str | None:
@@ -364,12 +373,17 @@ def encode_units(ae_url: str, dataset_url: str, store_url: str, units: list[int]
     from tqdm.auto import tqdm
 
     parts: dict[int, list] = collections.defaultdict(list)
+    clock = time.perf_counter
     with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
         writes: collections.deque[Future] = collections.deque()
-        for job, (images, labels, valid) in tqdm(zip(jobs, _ahead(read, jobs, decode_threads, prefetch_batches)),
-                                                 total=len(jobs), desc="encode", disable=not progress):
+        batches = _ahead(read, jobs, decode_threads, prefetch_batches)
+        for job in tqdm(jobs, desc="encode", disable=not progress):
+            t0 = clock()
+            images, labels, valid = next(batches)
+            t1 = clock()
             unit, _, stop = job
             z, zf = _encode_batch(encoder, images, dev, store.has_flip, dtype)
+            _STATS.update(input_wait_s=t1 - t0, forward_s=clock() - t1, images=len(images))
             parts[unit].append((z, zf, np.asarray(labels), np.asarray(valid, dtype=bool)))
             if stop == store.unit_bounds(unit)[1]:  # the unit's last batch: hand it to the writer thread
                 got = parts.pop(unit)
@@ -377,8 +391,10 @@ def encode_units(ae_url: str, dataset_url: str, store_url: str, units: list[int]
                     store.write_unit, unit, np.concatenate([p[0] for p in got]), np.concatenate([p[2] for p in got]),
                     np.concatenate([p[3] for p in got]),
                     latents_flip=np.concatenate([p[1] for p in got]) if store.has_flip else None))
+                t0 = clock()
                 while writes and (writes[0].done() or len(writes) > 2):  # at most 2 units in flight; errors surface
                     writes.popleft().result()
+                _STATS.update(write_wait_s=clock() - t0)
         for w in writes:
             w.result()
     return list(units)

@@ -154,3 +154,30 @@ def test_noop_rerun_reads_only_listings(tmp_path, monkeypatch):
     changed = pack_image_folder(str(tmp_path / "tars"), dst, progress=False)
     assert changed.num_samples == 8 and changed.fingerprint != first.fingerprint
     fsspec.filesystem("memory").rm(dst.split("://", 1)[1], recursive=True)
+
+
+def test_reads_from_s3_are_concurrent(s3_server, tmp_path, monkeypatch):
+    import asyncio
+
+    import s3fs
+
+    make_shapes_dataset(str(tmp_path / "src"), num_classes=2, per_class=8, size=16, fmt="png")
+    src = s3_server.make_bucket() + "/train"
+    s3fs.S3FileSystem().put(str(tmp_path / "src"), src.split("://", 1)[1], recursive=True)
+    live, peak = [0], [0]
+    real = s3fs.S3FileSystem._cat_file
+
+    async def counting(self, path, *args, **kwargs):
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        try:
+            await asyncio.sleep(0.02)  # a GET with some latency: concurrent reads overlap it
+            return await real(self, path, *args, **kwargs)
+        finally:
+            live[0] -= 1
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counting)
+    info = pack_image_folder(src, str(tmp_path / "out"), read_threads=4, progress=False)
+    assert info.num_valid == 16 and peak[0] >= 3, peak  # several GETs in flight at once (one process)
+    local = pack_image_folder(str(tmp_path / "src"), str(tmp_path / "out-local"), progress=False)
+    assert local.fingerprint == info.fingerprint  # the same images packed from S3 or from disk

@@ -26,18 +26,18 @@ IMAGENET = 1_281_167
 waits: dict[int, list[dict]] = __import__("collections").defaultdict(list)  # decode threads -> per-run stats
 
 
-def bare_loop(ae_url: str, images: np.ndarray, batch: int, chunk: int, device: str) -> float:
+def bare_loop(ae_url: str, images: np.ndarray, batch: int, chunk: int, device: str, dtype: str) -> float:
     import torch
 
     from dcae15.encode import _encode_batch, load_encoder
 
     dev = torch.device(device)
     encoder, _ = load_encoder(ae_url, dev)
-    _encode_batch(encoder, images[:batch], dev, True, "float32")  # warm-up
+    _encode_batch(encoder, images[:batch], dev, True, dtype)  # warm-up
     t0 = time.perf_counter()
     for u in range(0, len(images), chunk):  # the same batches as the encode: within units
         for a in range(u, min(u + chunk, len(images)), batch):
-            _encode_batch(encoder, images[a:min(a + batch, u + chunk, len(images))], dev, True, "float32")
+            _encode_batch(encoder, images[a:min(a + batch, u + chunk, len(images))], dev, True, dtype)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -48,7 +48,7 @@ def encode_run(client, ae_url, dataset_url, root, chunk, batch, device, threads,
     from storage.latent_store import LatentStore
 
     store = prepare_store(ae_url, dataset_url, root, resolution=args.size, flip=True, chunk_size=chunk,
-                          dtype="float32", ae_fingerprint=fp)
+                          dtype=args.dtype, ae_fingerprint=fp)
     units = LatentStore.open(store).missing_units()
     stats = lambda: list(client.run(lambda: __import__("dcae15.encode", fromlist=["x"]).encode_stats()).values())[0]  # noqa: E731
     s0 = stats()
@@ -72,6 +72,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decode-threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of both paths")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -113,7 +114,7 @@ if __name__ == "__main__":
         runs: dict[str, list[float]] = {"bare": [], "threads": [], "inline": []}
         waits.clear()
         for rep in range(args.reps):  # interleaved: the load of a shared machine drifts between runs
-            runs["bare"].append(bare_loop(ae_url, images, args.batch, args.chunk, args.device))
+            runs["bare"].append(bare_loop(ae_url, images, args.batch, args.chunk, args.device, args.dtype))
             runs["threads"].append(encode_run(client, ae_url, f"{tmp}/data", f"{tmp}/threads{rep}", args.chunk,
                                               args.batch, dev, args.decode_threads, fp))
             runs["inline"].append(encode_run(client, ae_url, f"{tmp}/data", f"{tmp}/inline{rep}", args.chunk,

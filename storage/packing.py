@@ -103,6 +103,13 @@ def _scan_tar(fs: Any, tar_path: str) -> list[tuple[str, str, int, int, int]]:
         ``(key, image ext, data offset, size, label)`` per complete sample (image + ``.cls``), in tar order.
     """
     tar_name = tar_path.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        return _scan_members(fs, tar_path, tar_name)
+    except tarfile.TarError as exc:
+        raise ValueError(f"{tar_path}: not a readable tar ({exc}); repair or remove it, then rerun") from None
+
+
+def _scan_members(fs: Any, tar_path: str, tar_name: str) -> list[tuple[str, str, int, int, int]]:
     samples: dict[str, list] = {}
     with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
         for member in iter(tf.next, None):  # not tf.getmembers(): that would keep every TarInfo

@@ -154,6 +154,9 @@ def test_noop_rerun_reads_only_listings(tmp_path, monkeypatch):
     changed = pack_image_folder(str(tmp_path / "tars"), dst, progress=False)
     assert changed.num_samples == 8 and changed.fingerprint != first.fingerprint
     fsspec.filesystem("memory").rm(dst.split("://", 1)[1], recursive=True)
+    (tmp_path / "tars" / "zz-broken.tar").write_bytes(b"not a tar" * 400)
+    with pytest.raises(ValueError, match="zz-broken.tar: not a readable tar"):
+        pack_image_folder(str(tmp_path / "tars"), str(tmp_path / "out-broken"), progress=False)
 
 
 def test_reads_from_s3_are_concurrent(s3_server, tmp_path, monkeypatch):

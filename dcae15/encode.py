@@ -11,6 +11,7 @@ threads while the device encodes the current one, and units are written by a wri
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import threading
@@ -374,9 +375,9 @@ def encode_units(ae_url: str, dataset_url: str, store_url: str, units: list[int]
 
     parts: dict[int, list] = collections.defaultdict(list)
     clock = time.perf_counter
-    with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+    with ThreadPoolExecutor(1, thread_name_prefix="write") as writer, \
+            contextlib.closing(_ahead(read, jobs, decode_threads, prefetch_batches)) as batches:
         writes: collections.deque[Future] = collections.deque()
-        batches = _ahead(read, jobs, decode_threads, prefetch_batches)
         for job in tqdm(jobs, desc="encode", disable=not progress):
             t0 = clock()
             images, labels, valid = next(batches)

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from dcae15.autoencoder import StructuredAutoencoder
-from dcae15.encode import (encode_images, encode_units, encoder_loads, local_device_indices, prepare_store,
-                           store_channel_choices)
+from dcae15.encode import (encode_images, encode_units, encoder_loads, load_encoder, local_device_indices,
+                           prepare_store, store_channel_choices)
 from storage.cluster import device_worker_envs
 from storage.latent_store import LatentStore
 
@@ -46,6 +46,11 @@ def test_encoder_loaded_once_per_process(shapes_dataset, tiny_ae_url, tmp_path):
         encode_units(tiny_ae_url, shapes_dataset, url, [unit], batch_size=3, ae_fingerprint=fp)
     assert encoder_loads().get(tiny_ae_url, 0) - before <= 1
     assert LatentStore.open(url).missing_units() == []
+    encoder, got_fp = load_encoder(tiny_ae_url, torch.device("cpu"), ae_fingerprint=fp)
+    ae = StructuredAutoencoder.from_pretrained(tiny_ae_url)
+    assert got_fp == fp and encoder is not None
+    n = sum(p.numel() for p in encoder.parameters())
+    assert n == sum(p.numel() for p in ae.net.encoder.parameters()) < sum(p.numel() for p in ae.parameters())
 
 
 @pytest.mark.slow

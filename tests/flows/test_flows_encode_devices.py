@@ -60,6 +60,7 @@ def test_visible_gpus_follows_cuda_visible_devices(monkeypatch):
     assert visible_gpus() == []
 
 
+@pytest.mark.filterwarnings("ignore:Couldn't detect a suitable IP address")  # in-process cluster: no IP needed
 def test_a_running_cluster_is_used_as_it_is(tmp_path):
     """Any scheduler address works for packing and for the encode client (here: an in-process cluster)."""
     from dask.distributed import LocalCluster
@@ -69,8 +70,7 @@ def test_a_running_cluster_is_used_as_it_is(tmp_path):
     from storage.synthetic import make_shapes_dataset
 
     make_shapes_dataset(str(tmp_path / "src"), num_classes=2, per_class=6, size=16, fmt="png")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
-                      host="127.0.0.1") as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         info = pack_image_folder(str(tmp_path / "src"), str(tmp_path / "packed"), shard_bytes=2_000,
                                  scheduler=cluster.scheduler_address, progress=False)
         with encode_client({**WHERE, "device": "cpu", "scheduler": cluster.scheduler_address}) as client:

@@ -75,6 +75,16 @@ def sanitize_key(name: str) -> str:
 _Item = tuple
 
 
+def _find(fs: Any, top: list[dict], threads: int) -> dict[str, dict]:
+    """Every file under the listed top level, the class folders listed concurrently (an S3 listing returns 1 000
+    keys per request: 1 282 sequential requests for ImageNet, ~16x fewer rounds with 16 threads)."""
+    files = {e["name"]: e for e in top if e.get("type") != "directory"}
+    dirs = sorted(e["name"] for e in top if e.get("type") == "directory")
+    for found in _bounded_map(lambda d: fs.find(d, detail=True), dirs, min(threads, max(1, len(dirs)))):
+        files.update(found)
+    return files
+
+
 def _list_folder(entries: dict[str, dict], root: str) -> tuple[list[_Item], list[str]]:
     classes: dict[str, list[tuple[str, str, int]]] = {}
     prefix = root.rstrip("/") + "/"
@@ -348,7 +358,7 @@ def pack_image_folder(
         listing = [[e["name"][len(sroot):], *stamp(e)] for e in tars]
         entries = None
     else:
-        entries = sfs.find(sroot, detail=True)
+        entries = _find(sfs, top, read_threads)
         listing = [[p[len(sroot):], *stamp(e)] for p, e in sorted(entries.items())]
     source_fp = fingerprint([listing, shuffle, seed, max_pixels])
     name = name or sroot.rstrip("/").rsplit("/", 1)[-1] or "dataset"

@@ -195,7 +195,7 @@ if __name__ == "__main__":
     cpu_s = IMAGENET * per_img / cores
     print("ImageNet extrapolation (32-core node, one packing process per core):")
     print(f"  CPU: {IMAGENET} img x {1e3 * per_img:.2f} ms CPU/img (2-process run) / 32 processes = {cpu_s:.0f} s = "
-          f"{cpu_s / 60:.1f} min (+ listing: 1 282 S3 LIST pages of 1000 keys; + {t_plan:.0f} s of driver planning and {t_asm:.0f} s of index assembly measured above)")
+          f"{cpu_s / 60:.1f} min (+ listing: 1 282 S3 LIST pages of 1000 keys, 16 class prefixes at a time; + {t_plan:.0f} s of driver planning and {t_asm:.0f} s of index assembly measured above)")
     print(f"  I/O: 140 GB read + 140 GB written; NVMe at ~3 GB/s -> ~{2 * 140 / 3:.0f} s; S3 at 25 Gbit/s "
           f"(~3 GB/s) -> ~{2 * 140 / 3:.0f} s, with 32 x 16 = 512 concurrent GETs of ~110 KB at an assumed ~30 ms "
           f"each = {512 / 0.03:.0f} img/s >> the CPU rate of {cores / per_img:.0f} img/s, so packing stays CPU-bound")

@@ -41,8 +41,16 @@ class DataSection:
     """Keyword arguments of ``storage.synthetic.make_shapes_dataset`` (used when ``source`` is None)."""
     shard_bytes: int = 64 * 2**20
     """Target webdataset shard size."""
+    workers: int = 1
+    """Packing processes (a Dask LocalCluster when > 1; 1 packs inline). ImageNet: one per core."""
+    scheduler: str | None = None
+    """Dask scheduler address to pack on a running cluster instead (``workers`` is then ignored)."""
+    read_threads: int = 16
+    """Concurrent image reads per packing process (hides S3 latency; harmless on local disk)."""
 
     def __post_init__(self) -> None:
+        if self.workers < 1 or self.read_threads < 1:
+            raise ValueError(f"data.workers and data.read_threads must be >= 1, got {self.workers}, {self.read_threads}")
         if not self.name or "/" in self.name:
             raise ValueError(f"data.name must be a non-empty name without '/', got {self.name!r}")
         allowed = {"num_classes", "per_class", "size", "seed", "fmt"}
@@ -90,9 +98,11 @@ class EncodeSection:
 
     resolution: int = 32
     flip: bool = True
-    batch_size: int = 64
-    chunk_size: int | None = 256
-    """Samples per store unit (one Zarr shard, one writer); None = the store's default (~16 MB per unit)."""
+    batch_size: int = 128
+    """Images per forward (x2 with flips): sized for a 256 px f32 AE on one GPU; the demo sets its own."""
+    chunk_size: int | None = None
+    """Samples per store unit (one Zarr shard, one writer); None = the store's default (~16 MB of latents per unit:
+    1024 rows of 128x8x8 fp16 at ImageNet size, 1252 units)."""
     scheduler: str | None = None
     """Dask scheduler address (``tcp://host:8786``); None = start a LocalCluster."""
     workers: int = 2
@@ -102,11 +112,26 @@ class EncodeSection:
     units_per_task: int = 1
     """Store units (Zarr shards) per Dask task; one writer per unit always."""
     device: str = "cpu"
+    """``cpu``, ``cuda`` (one pinned worker per visible GPU; ``workers`` is then ignored) or ``auto``."""
+    dtype: str = "auto"
+    """Encoder compute dtype: ``auto`` (bfloat16 autocast on CUDA, float32 on CPU), ``float32`` or ``bfloat16``;
+    recorded in the store (latents are stored as float16 either way)."""
+    decode_threads: int = 2
+    """CPU threads per worker reading + decoding + cropping batches ahead of the forward pass (ImageNet: 4 per GPU)."""
+    prefetch_batches: int = 4
+    """Batches decoded ahead of the forward pass, per worker."""
 
     def __post_init__(self) -> None:
         for name in ("resolution", "batch_size", "workers", "units_per_task"):
             if getattr(self, name) < 1:
                 raise ValueError(f"encode.{name} must be >= 1, got {getattr(self, name)}")
+        if self.decode_threads < 0 or self.prefetch_batches < 0:
+            raise ValueError(f"encode.decode_threads and encode.prefetch_batches must be >= 0, got "
+                             f"{self.decode_threads}, {self.prefetch_batches}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"encode.dtype={self.dtype!r}; allowed: auto, float32, bfloat16")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"encode.device={self.device!r}; allowed: cpu, cuda, cuda:N, auto")
 
 
 @dataclass(kw_only=True)

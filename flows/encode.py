@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, task
@@ -20,7 +19,8 @@ from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.prepare import describe_dataset
 
-__all__ = ["describe_store", "validate_store", "dask_client", "encode_store", "encode_latents"]
+__all__ = ["describe_store", "validate_store", "dask_client", "encode_client", "resolve_device", "encode_store",
+           "encode_latents"]
 
 
 def describe_store(url: str) -> dict[str, Any]:
@@ -47,28 +47,64 @@ def validate_store(pointer: dict[str, Any]) -> str | None:
     return None if now == pointer else f"store changed: {now} != {pointer}"
 
 
+def dask_client(scheduler: str | None, workers: int, processes: bool):
+    """A Dask client on ``scheduler`` or on a LocalCluster of ``workers`` (see :func:`storage.cluster.dask_client`)."""
+    from storage.cluster import dask_client as client
+
+    return client(scheduler, workers, processes=processes)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when this machine has a GPU, else ``cpu``."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 @contextlib.contextmanager
-def dask_client(scheduler: str | None, workers: int, processes: bool) -> Iterator[Any]:
-    """A Dask client on ``scheduler`` (a real cluster), or on a LocalCluster started (and stopped) here."""
-    import logging
+def encode_client(where: dict[str, Any]) -> Iterator[Any]:
+    """The Dask client an encode runs on: one pinned worker per GPU, a running cluster, or CPU worker processes.
 
-    from dask.distributed import Client, LocalCluster
+    - ``device`` cuda, no scheduler: one worker process per visible GPU, each started with its own
+      ``CUDA_VISIBLE_DEVICES`` (dask-cuda's ``LocalCUDACluster`` when installed);
+    - a scheduler address: its workers as they are; on CUDA, workers that each see several GPUs are pinned to
+      one GPU per worker of a host (``dask cuda worker`` pins them already);
+    - cpu: a LocalCluster of ``workers`` processes.
+    """
+    from dcae15.encode import local_device_indices, pin_worker_device, visible_gpus
+    from storage.cluster import dask_client as client, device_worker_envs
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines would drown the flow's own log
-    if scheduler:
-        with Client(scheduler) as client:
-            yield client
+    cuda = resolve_device(where["device"]).startswith("cuda")
+    if where["scheduler"]:
+        with client(where["scheduler"]) as c:
+            if cuda:
+                seen = c.run(lambda: len(visible_gpus()))  # worker address -> GPUs it sees
+                if any(n > 1 for n in seen.values()):
+                    info = c.scheduler_info()["workers"]
+                    hosts = {addr: info[addr]["host"] for addr in seen}
+                    per_host = {hosts[a]: n for a, n in seen.items()}
+                    for addr, idx in local_device_indices(hosts, per_host).items():
+                        if seen[addr] > 1:
+                            c.run(pin_worker_device, idx, workers=[addr])
+            yield c
         return
-    # one thread per worker: torch in each worker process then uses one core, and workers scale across cores
-    # worker processes talk over TCP on loopback only; threads use Dask's in-process transport
-    net = {"host": "127.0.0.1"} if processes else {}
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address=None,
-                      **net) as cluster, \
-            Client(cluster) as client:
-        yield client
+    if cuda:
+        gpus = visible_gpus()
+        if not gpus:
+            raise ValueError(f"encode.device={where['device']!r} but no GPU is visible (CUDA_VISIBLE_DEVICES / driver)")
+        if where["device"].startswith("cuda:"):  # one named GPU: a single worker pinned to it
+            i = int(where["device"].split(":", 1)[1])
+            if not 0 <= i < len(gpus):
+                raise ValueError(f"encode.device={where['device']!r} but only {len(gpus)} GPUs are visible")
+            gpus = [gpus[i]]
+        with client(worker_envs=device_worker_envs(gpus)) as c:
+            yield c
+        return
+    with client(None, where["workers"], processes=where["processes"]) as c:
+        yield c
 
 
-_WHERE = ("scheduler", "workers", "processes", "units_per_task", "device")
+_WHERE = ("scheduler", "workers", "processes", "units_per_task", "device", "decode_threads", "prefetch_batches")
 
 
 @task(cache_policy=stage_cache("where"), persist_result=True, result_serializer="json")
@@ -86,8 +122,10 @@ def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: di
     from storage.latent_store import LatentStore
 
     log = get_run_logger()
+    device = resolve_device(where["device"])
     store_url = prepare_store(ae["url"], dataset["url"], root, resolution=enc["resolution"], flip=enc["flip"],
-                              chunk_size=enc["chunk_size"])
+                              chunk_size=enc["chunk_size"], dtype=enc["dtype"], device=device,
+                              ae_fingerprint=ae["fingerprint"])
     store = LatentStore.open(store_url, expect_ae=ae["fingerprint"], expect_dataset=dataset["fingerprint"],
                              expect_resolution=enc["resolution"])
     missing = store.missing_units()
@@ -95,9 +133,13 @@ def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: di
     k = where["units_per_task"]
     groups = [missing[i:i + k] for i in range(0, len(missing), k)]
     if groups:
-        with dask_client(where["scheduler"], where["workers"], where["processes"]) as client:
+        with encode_client(where) as client:
+            # the AE was fingerprinted once here (describe_ae); workers load it once each and check that fingerprint
             futures = [client.submit(encode_units, ae["url"], dataset["url"], store_url, g, batch_size=enc["batch_size"],
-                                     device=where["device"], pure=False) for g in groups]
+                                     device="cuda" if device.startswith("cuda") and not where["scheduler"] else device,
+                                     ae_fingerprint=ae["fingerprint"],
+                                     decode_threads=where["decode_threads"],
+                                     prefetch_batches=where["prefetch_batches"], pure=False) for g in groups]
             with tqdm(total=len(missing), desc="encode units", disable=None) as bar:
                 for done, fut in enumerate(as_completed(futures), 1):
                     units = fut.result()

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.caching import STAGE_CACHE, run_cached
+from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 
 __all__ = ["describe_dataset", "validate_dataset", "pack_images", "prepare_images"]
@@ -31,9 +31,17 @@ def validate_dataset(pointer: dict[str, Any]) -> str | None:
     return None if now == pointer else f"dataset changed: {now} != {pointer}"
 
 
-@task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
-def pack_images(root: str, data: dict[str, Any]) -> dict[str, Any]:
-    """Generate (if ``data['source']`` is None) and pack the images; returns a pointer to the packed dataset."""
+_WHERE = ("workers", "scheduler", "read_threads")
+
+
+@task(cache_policy=stage_cache("where"), persist_result=True, result_serializer="json")
+def pack_images(root: str, data: dict[str, Any], where: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Generate (if ``data['source']`` is None) and pack the images; returns a pointer to the packed dataset.
+
+    ``where`` (packing processes, Dask scheduler, read threads) is not part of the cache key: the packed bytes and
+    the fingerprint are the same whatever runs them.
+    """
+    where = where or {"workers": 1, "scheduler": None, "read_threads": 16}
     from storage import shards, synthetic, urls
 
     log = get_run_logger()
@@ -44,7 +52,8 @@ def pack_images(root: str, data: dict[str, Any]) -> dict[str, Any]:
         synthetic.make_shapes_dataset(src, **data["synthetic"])
     dst = urls.join(root, "data", data["name"])
     log.info("packing %s into shards at %s", src, dst)
-    shards.pack_image_folder(src, dst, shard_bytes=data["shard_bytes"], name=data["name"])
+    shards.pack_image_folder(src, dst, shard_bytes=data["shard_bytes"], name=data["name"], workers=where["workers"],
+                             scheduler=where["scheduler"], read_threads=where["read_threads"])
     pointer = describe_dataset(dst)
     log.info("dataset %s: %d images, %d classes, fingerprint %s", dst, pointer["num_samples"],
              pointer["num_classes"], pointer["fingerprint"])
@@ -55,4 +64,6 @@ def pack_images(root: str, data: dict[str, Any]) -> dict[str, Any]:
 def prepare_images(root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
     """Pack the images named by the config's ``data`` section into ``<root>/data/<name>/``; returns its pointer."""
     cfg = stage_config(root, config)
-    return run_cached(pack_images, validate_dataset, root=cfg.root, data=dataclasses.asdict(cfg.data))
+    data = dataclasses.asdict(cfg.data)
+    where = {k: data.pop(k) for k in _WHERE}
+    return run_cached(pack_images, validate_dataset, root=cfg.root, data=data, where=where)

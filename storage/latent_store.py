@@ -345,18 +345,37 @@ class LatentStore(UnitStore):
     def raw_unit_object(self, unit: int, *, flip: bool = False) -> str | None:
         """Path (on :attr:`fs`) of the object holding ``unit``'s latents as plain little-endian float16 rows —
         row ``i`` of the unit at byte ``i * row_bytes`` — or None when the array is compressed or sharded (read
-        it through :meth:`read_range` then). The object may be absent: Zarr skips chunks that are all zeros."""
-        name = "latents_flip" if flip else "latents"
+        it through :meth:`read_range` then). The object may be absent: Zarr skips chunks that are all zeros.
+        Reads the array's ``zarr.json`` once (not through Zarr: no async client is started for it)."""
         if flip and not self.has_flip:
             raise ValueError(f"store {self.url!r} has no latents_flip")
+        name = "latents_flip" if flip else "latents"
+        layouts = self.__dict__.setdefault("_raw_layouts", {})
+        if name not in layouts:
+            layouts[name] = self._raw_layout(name)
+        prefix_sep = layouts[name]
+        if prefix_sep is None:
+            return None
+        prefix, sep = prefix_sep
+        return prefix + sep.join(str(i) for i in (unit, 0, 0, 0))
+
+    def _raw_layout(self, name: str) -> tuple[str, str] | None:
+        """``(path prefix, separator)`` of the chunk objects when they are plain whole-unit rows, else None."""
         spec = self.array_specs[name]
         if spec.get("codec", "none") != "none" or int(spec.get("inner_chunks", 1)) != 1:
             return None
-        meta = self.group[name].metadata
-        codecs = getattr(meta, "codecs", ())
-        if len(codecs) != 1 or type(codecs[0]).__name__ != "BytesCodec" or \
-                str(getattr(codecs[0].endian, "value", codecs[0].endian)) != "little":
+        meta = json.loads(self.fs.cat_file(self._p(name, "zarr.json")))
+        codecs = meta.get("codecs", [])
+        if [c.get("name") for c in codecs] != ["bytes"] or \
+                codecs[0].get("configuration", {}).get("endian", "little") != "little":
             return None
-        if tuple(meta.chunk_grid.chunk_shape) != (self.unit_size, *self.latent_shape):
+        if meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") != \
+                [self.unit_size, *self.latent_shape]:
             return None
-        return self._p(name, meta.encode_chunk_key((unit, 0, 0, 0)))
+        enc = meta.get("chunk_key_encoding", {"name": "default"})
+        sep = enc.get("configuration", {}).get("separator")
+        if enc.get("name") == "default":
+            return self._p(name, "c") + (sep or "/"), sep or "/"
+        if enc.get("name") == "v2":
+            return self._p(name) + "/", sep or "."
+        return None

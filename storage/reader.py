@@ -30,7 +30,6 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -126,9 +125,9 @@ class LatentStreamDataset(IterableDataset):
         self._opened: tuple[int, Any] | None = None  # (pid, store source) opened in this process
         self._setup()  # labels/valid once per rank, before any DataLoader worker starts
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict:  # pickled to spawned workers: store handles are reopened there
         state = self.__dict__.copy()
-        state["_opened"] = None  # store handles are reopened in the receiving process
+        state["_opened"] = None
         return state
 
     # ---------------------------------------------------------------------------------------- state
@@ -164,8 +163,10 @@ class LatentStreamDataset(IterableDataset):
         """The store reader of this process (opened on first use after a fork or unpickling)."""
         if self._source is not None:
             return self._source
-        if self._opened is None or self._opened[0] != os.getpid():
+        if self._opened is None:
             self._opened = (os.getpid(), _StoreSource(self.url, self.storage_options))
+        elif self._opened[0] != os.getpid():  # a forked worker: reopen handles, keep what was read
+            self._opened = (os.getpid(), self._opened[1].in_this_process())
         return self._opened[1]
 
     def _setup(self) -> dict:
@@ -341,12 +342,21 @@ class _StoreSource:
     the stream uses. Other layouts go through Zarr (one whole-chunk read per unit and variant).
     """
 
-    def __init__(self, url: str, storage_options: dict | None) -> None:
-        self.store = LatentStore.open(url, storage_options=storage_options, read_only=True)
+    def __init__(self, url: str, storage_options: dict | None, _store: LatentStore | None = None) -> None:
+        self.store = _store or LatentStore.open(url, storage_options=storage_options, read_only=True)
         self.local = is_local(url)
         self.row_bytes = 2 * int(np.prod(self.store.latent_shape))
         self.requests = {"row_index": 0, "unit_reads": 0, "bytes": 0}
         self._lock = threading.Lock()
+        for flip in (False, True) if self.store.has_flip else (False,):
+            self.store.raw_unit_object(0, flip=flip)  # the layout is read now, at setup
+
+    def in_this_process(self) -> "_StoreSource":
+        """The same source for a forked DataLoader worker: fresh handles, no metadata read again."""
+        store = LatentStore(self.store.url, storage_options=self.store.storage_options, read_only=True,
+                            _meta=self.store._meta)
+        store.__dict__["_raw_layouts"] = dict(self.store.__dict__.get("_raw_layouts", {}))
+        return _StoreSource(self.store.url, self.store.storage_options, _store=store)
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -371,7 +381,7 @@ class _StoreSource:
                 arr = np.memmap(path, dtype="<f2", mode="c", offset=lo * self.row_bytes, shape=shape)
             except FileNotFoundError:  # Zarr writes no object for an all-zero unit
                 return lo, np.zeros(shape, np.float16)
-            _will_need(arr, rows - lo, self.row_bytes)
+            _will_need(arr)
             self._count("bytes", len(rows) * self.row_bytes)
             return lo, arr
         try:
@@ -379,24 +389,35 @@ class _StoreSource:
         except FileNotFoundError:
             return lo, np.zeros(shape, np.float16)
         self._count("bytes", len(raw))
-        return lo, np.frombuffer(raw, dtype="<f2").reshape(shape)
+        return lo, np.frombuffer(bytearray(raw), dtype="<f2").reshape(shape)  # writable: torch.from_numpy
 
 
-def _will_need(arr: np.memmap, rows: np.ndarray, row_bytes: int) -> None:
-    """Ask the kernel to read the pages of the used rows now (asynchronously), not at first touch."""
+def _will_need(arr: np.memmap) -> None:
+    """Ask the kernel to start reading the mapped span now (asynchronously) instead of at first touch: one call
+    per (unit, variant). On a warm page cache it costs nothing; on a cold one it reads the whole span of the
+    variant (a per-row call would cost ~unit_size/4 syscalls with random flips)."""
     mm = getattr(arr, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or len(rows) == 0:
-        return
-    page = mmap.PAGESIZE
-    base = arr.offset - arr.offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-    breaks = np.flatnonzero(np.diff(rows) > 1)
-    starts = np.r_[rows[0], rows[breaks + 1]] * row_bytes + base
-    stops = np.r_[rows[breaks], rows[-1]] * row_bytes + row_bytes + base
-    try:
-        for a, b in zip((starts // page * page).tolist(), stops.tolist()):
-            mm.madvise(mmap.MADV_WILLNEED, a, b - a)
-    except (OSError, ValueError):  # advisory only
-        pass
+    if mm is not None and hasattr(mm, "madvise"):
+        try:
+            mm.madvise(mmap.MADV_WILLNEED)
+        except (OSError, ValueError):  # advisory only
+            pass
+
+
+def _empty(shape: tuple, dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """A new tensor; in a DataLoader worker it is born in shared memory, so handing it to the main process
+    costs no copy (what ``default_collate`` does for its batches)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(int(np.prod(shape)))
+    return torch.tensor([], dtype=dtype).set_(storage).view(shape)
+
+
+def _read_tensor(source: Any, unit: int, flip: bool, rows: np.ndarray) -> tuple[int, torch.Tensor]:
+    r0, arr = source.read(unit, flip, rows)
+    if not arr.flags.writeable:  # torch wants writable memory; a read-only source is copied once per unit
+        arr = arr.copy()
+    return r0, torch.from_numpy(np.ascontiguousarray(arr))
 
 
 class _UnitLoader:
@@ -434,7 +455,7 @@ class _UnitLoader:
             for variant in (0, 1):
                 rows = sched.rows_of(unit, bool(variant))
                 if rows is not None:
-                    reads[variant] = self.pool.submit(self.source.read, unit, bool(variant), rows)
+                    reads[variant] = self.pool.submit(_read_tensor, self.source, unit, bool(variant), rows)
             self.cache[(plan.epoch, unit)] = reads
 
     def gather(self, pieces: list) -> dict:
@@ -462,26 +483,32 @@ class _UnitLoader:
             self.scratch = torch.empty((n, *shape), dtype=torch.float16)
         grouped = self.scratch[:n]
         local = torch.from_numpy(rows[order] - units[order] * self.unit_size)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only buffers from object storage are only read
-            for a, b in zip(starts.tolist(), stops.tolist()):
-                i = int(order[a])
-                r0, arr = self.cache[(parts[piece_of[i]][0], int(units[i]))][int(flips[i])].result()
-                src = torch.from_numpy(arr)
-                torch.index_select(src, 0, local[a:b] - r0, out=grouped[a:b])
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            i = int(order[a])
+            r0, src = self.cache[(parts[piece_of[i]][0], int(units[i]))][int(flips[i])].result()
+            torch.index_select(src, 0, local[a:b] - r0, out=grouped[a:b])
         inverse = torch.from_numpy(np.argsort(order, kind="stable"))
-        x = self._finish(torch.index_select(grouped, 0, inverse))
+        shared = get_worker_info() is not None
+        x = self._finish(grouped, inverse, shared)
         self._evict(pieces)
-        return {"latents": x, "labels": torch.from_numpy(self.meta["labels"][rows].astype(np.int64)),
-                "indices": torch.from_numpy(rows.astype(np.int64)), "flipped": torch.from_numpy(flips.copy())}
+        labels = _empty((n,), torch.int64, shared)
+        labels.numpy()[:] = self.meta["labels"][rows]
+        indices = _empty((n,), torch.int64, shared)
+        indices.numpy()[:] = rows
+        flipped = _empty((n,), torch.bool, shared)
+        flipped.numpy()[:] = flips
+        return {"latents": x, "labels": labels, "indices": indices, "flipped": flipped}
 
-    def _finish(self, x16: torch.Tensor) -> torch.Tensor:
-        """Normalise in as few passes as torch allows: cast + one in-place op for a scalar factor."""
+    def _finish(self, grouped: torch.Tensor, inverse: torch.Tensor, shared: bool) -> torch.Tensor:
+        """Back to plan order, cast and normalise: fp16 permute, fp16 -> fp32 copy, one in-place op for a scalar
+        factor (two for channel statistics)."""
         meta = self.meta
+        shape = tuple(grouped.shape)
         if self.dtype == "float16":
-            x = x16  # fp16 arithmetic on CPU computes each element in fp32 and rounds once per op
+            # fp16 arithmetic on CPU computes each element in fp32 and rounds once per op
+            x = torch.index_select(grouped, 0, inverse, out=_empty(shape, torch.float16, shared))
         else:
-            x = x16.float()
+            x = _empty(shape, torch.float32, shared).copy_(torch.index_select(grouped, 0, inverse))
         if meta["normalize"] == "scaling_factor":
             x.mul_(meta["scale_value"])
         elif meta["normalize"] == "channel_stats":

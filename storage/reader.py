@@ -316,17 +316,21 @@ class _Schedule:
         units = plan.rows // unit_size
         local = plan.rows - units * unit_size
         slot = units * 2 + plan.flips  # (unit, variant)
-        order = np.argsort(slot * unit_size + local, kind="stable")
+        order = np.argsort(slot * unit_size + local)  # keys are unique (one per row): no stable sort needed
         self.locals = local[order]
-        slots, starts = np.unique(slot[order], return_index=True)
+        sorted_slot = slot[order]
+        starts = np.flatnonzero(np.r_[True, sorted_slot[1:] != sorted_slot[:-1]])
         ends = np.append(starts[1:], len(order))
-        self.spans = {int(k): (int(a), int(b)) for k, a, b in zip(slots, starts, ends)}
-        uniq, first = np.unique(units, return_index=True)
-        _, from_end = np.unique(units[::-1], return_index=True)
-        by_first = np.argsort(first, kind="stable")
-        self.unit_order = uniq[by_first].tolist()
+        self.spans = {int(k): (int(a), int(b)) for k, a, b in zip(sorted_slot[starts].tolist(), starts, ends)}
+        # first and last plan position of each unit, from the same sort (positions grouped by unit)
+        sorted_unit = sorted_slot // 2
+        ustarts = np.flatnonzero(np.r_[True, sorted_unit[1:] != sorted_unit[:-1]])
+        first = np.minimum.reduceat(order, ustarts)
+        last = np.maximum.reduceat(order, ustarts)
+        by_first = np.argsort(first)
+        self.unit_order = sorted_unit[ustarts][by_first].tolist()
         self.first_use = first[by_first]
-        self.last_use = dict(zip(uniq.tolist(), (len(units) - 1 - from_end).tolist()))
+        self.last_use = dict(zip(sorted_unit[ustarts].tolist(), last.tolist()))
         self.submitted = 0  # units of unit_order handed to the readers so far
 
     def rows_of(self, unit: int, flip: bool) -> np.ndarray | None:

@@ -350,7 +350,8 @@ def section_profile(root: str, args) -> None:
     url = os.path.join(root, "profile")
     write_store(url, args.rows, (128, 8, 8))
     ds = LatentStreamDataset(url, batch_size=args.batch_size, infinite=False, flip=True, seed=0)
-    batches_of(ds, 0)
+    for _ in ds:  # warm-up: page cache, imports
+        pass
     prof = cProfile.Profile()
     prof.enable()
     for _ in ds:

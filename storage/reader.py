@@ -27,6 +27,7 @@ worker count is fine.
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import threading
@@ -260,10 +261,9 @@ class LatentStreamDataset(IterableDataset):
         in_process = info is None
         loader = _UnitLoader(self.source(), meta, self.reads_in_flight, self.prefetch_units, self.dtype)
         try:
-            for positions, pieces in self._batches(meta, epoch, stream, streams, length, j):
+            for pieces, batch in loader.stream(self._batches(meta, epoch, stream, streams, length, j)):
                 k = j * workers + v
                 j += 1
-                batch = loader.gather(pieces)
                 if self.infinite:
                     state = {"epoch": epoch, "step": k + 1}
                 elif k + 1 >= workers * per_stream:
@@ -432,11 +432,14 @@ class _UnitLoader:
     position of its plan that uses it. Only the flip variant(s) a unit's rows use are read.
     """
 
+    AHEAD = 2  # batches assembled ahead of the consumer
+
     def __init__(self, source: Any, meta: dict, reads_in_flight: int, prefetch_units: int, dtype: str) -> None:
         self.source, self.meta = source, meta
         self.unit_size = meta["unit_size"]
         self.prefetch_units = prefetch_units
         self.pool = ThreadPoolExecutor(max_workers=reads_in_flight, thread_name_prefix="latent-read")
+        self.assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latent-batch")
         self.schedules: dict[int, _Schedule] = {}  # by plan epoch
         self.cache: dict[tuple[int, int], dict[int, Future]] = {}  # (epoch, unit) -> {variant: read}
         self.dtype = dtype
@@ -462,7 +465,22 @@ class _UnitLoader:
                     reads[variant] = self.pool.submit(_read_tensor, self.source, unit, bool(variant), rows)
             self.cache[(plan.epoch, unit)] = reads
 
-    def gather(self, pieces: list) -> dict:
+    def stream(self, batches: Iterator) -> Iterator[tuple[list, dict]]:
+        """``(pieces, batch)`` in plan order. Each batch is assembled (gathered into fp16, plan order) on the
+        assembler thread ``AHEAD`` batches before it is needed, while this thread casts and normalises the
+        previous one — torch ops release the GIL, so the two overlap."""
+        pending: collections.deque = collections.deque()
+        for _, pieces in batches:
+            pending.append((pieces, self.assembler.submit(self.assemble, pieces)))
+            if len(pending) > self.AHEAD:
+                done, fut = pending.popleft()
+                yield done, self.finish(*fut.result())
+        while pending:
+            done, fut = pending.popleft()
+            yield done, self.finish(*fut.result())
+
+    def assemble(self, pieces: list) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The batch's latents as fp16 in plan order (assembler thread only: it owns the cache and scratch)."""
         ahead = self.meta["ahead_rows"]
         parts = []
         for piece, (plan, a, b) in enumerate(pieces):
@@ -477,14 +495,14 @@ class _UnitLoader:
         piece_of = np.concatenate([p[4] for p in parts])
         n = len(rows)
         # Group the batch by (piece, unit, variant): one index_select per group straight into a scratch batch,
-        # then one permutation back to plan order (both fp16 copies, far cheaper than the cast that follows).
+        # then one permutation back to plan order (both fp16 copies, cheaper than the cast that follows).
         key = (piece_of * (2 * self.meta["num_units"]) + units * 2 + flips).astype(np.int64)
         order = np.argsort(key, kind="stable")
         bounds = np.flatnonzero(np.diff(key[order])) + 1
         starts, stops = np.r_[0, bounds], np.r_[bounds, n]
-        shape = self.meta["shape"]
+        shape = (n, *self.meta["shape"])
         if self.scratch.shape[0] < n:
-            self.scratch = torch.empty((n, *shape), dtype=torch.float16)
+            self.scratch = torch.empty(shape, dtype=torch.float16)
         grouped = self.scratch[:n]
         local = torch.from_numpy(rows[order] - units[order] * self.unit_size)
         for a, b in zip(starts.tolist(), stops.tolist()):
@@ -492,32 +510,30 @@ class _UnitLoader:
             r0, src = self.cache[(parts[piece_of[i]][0], int(units[i]))][int(flips[i])].result()
             torch.index_select(src, 0, local[a:b] - r0, out=grouped[a:b])
         inverse = torch.from_numpy(np.argsort(order, kind="stable"))
-        shared = get_worker_info() is not None
-        x = self._finish(grouped, inverse, shared)
+        shared = self.dtype == "float16" and get_worker_info() is not None  # fp16: this tensor is the output
+        x16 = torch.index_select(grouped, 0, inverse, out=_empty(shape, torch.float16, shared))
         self._evict(pieces)
+        return x16, rows, flips
+
+    def finish(self, x16: torch.Tensor, rows: np.ndarray, flips: np.ndarray) -> dict:
+        """Cast and normalise (fp16 -> fp32 copy and one in-place op for a scalar factor, two for channel
+        statistics) and attach labels; in a DataLoader worker every tensor is born in shared memory."""
+        meta = self.meta
+        shared = get_worker_info() is not None
+        x = x16 if self.dtype == "float16" else _empty(tuple(x16.shape), torch.float32, shared).copy_(x16)
+        # (fp16 arithmetic on CPU computes each element in fp32 and rounds once per op)
+        if meta["normalize"] == "scaling_factor":
+            x.mul_(meta["scale_value"])
+        elif meta["normalize"] == "channel_stats":
+            x.sub_(meta["shift_t"].to(x.dtype)).mul_(meta["scale_t"].to(x.dtype))
+        n = len(rows)
         labels = _empty((n,), torch.int64, shared)
-        labels.numpy()[:] = self.meta["labels"][rows]
+        labels.numpy()[:] = meta["labels"][rows]
         indices = _empty((n,), torch.int64, shared)
         indices.numpy()[:] = rows
         flipped = _empty((n,), torch.bool, shared)
         flipped.numpy()[:] = flips
         return {"latents": x, "labels": labels, "indices": indices, "flipped": flipped}
-
-    def _finish(self, grouped: torch.Tensor, inverse: torch.Tensor, shared: bool) -> torch.Tensor:
-        """Back to plan order, cast and normalise: fp16 permute, fp16 -> fp32 copy, one in-place op for a scalar
-        factor (two for channel statistics)."""
-        meta = self.meta
-        shape = tuple(grouped.shape)
-        if self.dtype == "float16":
-            # fp16 arithmetic on CPU computes each element in fp32 and rounds once per op
-            x = torch.index_select(grouped, 0, inverse, out=_empty(shape, torch.float16, shared))
-        else:
-            x = _empty(shape, torch.float32, shared).copy_(torch.index_select(grouped, 0, inverse))
-        if meta["normalize"] == "scaling_factor":
-            x.mul_(meta["scale_value"])
-        elif meta["normalize"] == "channel_stats":
-            x.sub_(meta["shift_t"].to(x.dtype)).mul_(meta["scale_t"].to(x.dtype))
-        return x
 
     def _evict(self, pieces: list) -> None:
         plan, _, b = pieces[-1]
@@ -530,6 +546,7 @@ class _UnitLoader:
             del self.schedules[epoch]
 
     def close(self) -> None:
+        self.assembler.shutdown(wait=True, cancel_futures=True)
         for reads in self.cache.values():
             for fut in reads.values():
                 fut.cancel()

@@ -85,8 +85,8 @@ class ArraySource:
         return self.store.read_row_index()
 
     def read(self, unit: int, flip: bool, rows: np.ndarray):
-        a, b = self.store.unit_bounds(unit)
-        return 0, self.arrays[flip][a:b]
+        a, _ = self.store.unit_bounds(unit)
+        return int(rows[0]), self.arrays[flip][a + rows[0]:a + rows[-1] + 1]
 
 
 def bare_gather(url: str, batches: list, scale: float, reps: int) -> dict:

@@ -28,6 +28,7 @@ worker count is fine.
 from __future__ import annotations
 
 import collections
+import heapq
 import mmap
 import os
 import threading
@@ -322,6 +323,11 @@ class _Schedule:
         starts = np.flatnonzero(np.r_[True, sorted_slot[1:] != sorted_slot[:-1]])
         ends = np.append(starts[1:], len(order))
         self.spans = {int(k): (int(a), int(b)) for k, a, b in zip(sorted_slot[starts].tolist(), starts, ends)}
+        # per plan position: its (unit, variant) slot, and its row relative to the first row read of that slot
+        self.slot = slot
+        first_row = np.repeat(self.locals[starts], ends - starts)  # sorted order
+        self.rel = np.empty_like(local)
+        self.rel[order] = self.locals - first_row
         # first and last plan position of each unit, from the same sort (positions grouped by unit)
         sorted_unit = sorted_slot // 2
         ustarts = np.flatnonzero(np.r_[True, sorted_unit[1:] != sorted_unit[:-1]])
@@ -371,7 +377,8 @@ class _StoreSource:
         return self.store.read_row_index()
 
     def read(self, unit: int, flip: bool, rows: np.ndarray) -> tuple[int, np.ndarray]:
-        """``(r0, a)``: ``a[i]`` is the latent of unit-local row ``r0 + i``; covers the sorted ``rows``."""
+        """``(r0, a)`` with ``r0 = rows[0]``: ``a[i]`` is the latent of unit-local row ``r0 + i``, for every
+        ``i`` up to ``rows[-1] - r0`` (``rows`` sorted)."""
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         shape = (hi - lo, *self.store.latent_shape)
         path = self.store.raw_unit_object(unit, flip=flip)
@@ -385,7 +392,7 @@ class _StoreSource:
                 arr = np.memmap(path, dtype="<f2", mode="c", offset=lo * self.row_bytes, shape=shape)
             except FileNotFoundError:  # Zarr writes no object for an all-zero unit
                 return lo, np.zeros(shape, np.float16)
-            _will_need(arr)
+            _populate(arr, rows - lo, self.row_bytes)
             self._count("bytes", len(rows) * self.row_bytes)
             return lo, arr
         try:
@@ -396,16 +403,37 @@ class _StoreSource:
         return lo, np.frombuffer(bytearray(raw), dtype="<f2").reshape(shape)  # writable: torch.from_numpy
 
 
-def _will_need(arr: np.memmap) -> None:
-    """Ask the kernel to start reading the mapped span now (asynchronously) instead of at first touch: one call
-    per (unit, variant). On a warm page cache it costs nothing; on a cold one it reads the whole span of the
-    variant (a per-row call would cost ~unit_size/4 syscalls with random flips)."""
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+
+
+def _populate(arr: np.memmap, rows: np.ndarray, row_bytes: int) -> None:
+    """Read the pages of the used ``rows`` (sorted, relative to ``arr``'s first row) now, on this reader thread,
+    and map them, so that the gather neither waits for the disk nor takes page faults: one
+    ``madvise(MADV_POPULATE_READ)`` per run of consecutive rows (read faults: no copy-on-write copies of the
+    private mapping), so only the pages of the rows (and flip variant) the plan uses are read. Kernels without it
+    get ``MADV_WILLNEED`` (asynchronous read-ahead) instead. Advisory: errors are ignored."""
     mm = getattr(arr, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise"):
+    if mm is None or not hasattr(mm, "madvise") or len(rows) == 0:
+        return
+    page = mmap.PAGESIZE
+    base = arr.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 of ``arr`` sits in the mapping
+    breaks = np.flatnonzero(np.diff(rows) > 1)
+    starts = (np.r_[rows[0], rows[breaks + 1]] * row_bytes + base) // page * page
+    stops = (np.r_[rows[breaks], rows[-1]] + 1) * row_bytes + base
+    keep = np.flatnonzero(np.r_[True, starts[1:] >= stops[:-1]])  # merge runs that share a page
+    starts, stops = starts[keep], np.maximum.reduceat(stops, keep)
+    advice = _MADV_POPULATE_READ
+    for a, b in zip(starts.tolist(), stops.tolist()):
         try:
-            mm.madvise(mmap.MADV_WILLNEED)
-        except (OSError, ValueError):  # advisory only
-            pass
+            mm.madvise(advice, a, b - a)
+        except OSError:
+            if advice == mmap.MADV_WILLNEED:
+                return
+            advice = mmap.MADV_WILLNEED
+            try:
+                mm.madvise(advice, a, b - a)
+            except OSError:
+                return
 
 
 def _empty(shape: tuple, dtype: torch.dtype, shared: bool) -> torch.Tensor:
@@ -442,6 +470,7 @@ class _UnitLoader:
         self.assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latent-batch")
         self.schedules: dict[int, _Schedule] = {}  # by plan epoch
         self.cache: dict[tuple[int, int], dict[int, Future]] = {}  # (epoch, unit) -> {variant: read}
+        self.expiry: list[tuple[int, int, int]] = []  # heap of (epoch, last position used, unit) in the cache
         self.dtype = dtype
         self.scratch = torch.empty(0, dtype=torch.float16)
 
@@ -464,6 +493,7 @@ class _UnitLoader:
                 if rows is not None:
                     reads[variant] = self.pool.submit(_read_tensor, self.source, unit, bool(variant), rows)
             self.cache[(plan.epoch, unit)] = reads
+            heapq.heappush(self.expiry, (plan.epoch, sched.last_use[unit], unit))
 
     def stream(self, batches: Iterator) -> Iterator[tuple[list, dict]]:
         """``(pieces, batch)`` in plan order. Each batch is assembled (gathered into fp16, plan order) on the
@@ -482,33 +512,34 @@ class _UnitLoader:
     def assemble(self, pieces: list) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """The batch's latents as fp16 in plan order (assembler thread only: it owns the cache and scratch)."""
         ahead = self.meta["ahead_rows"]
-        parts = []
+        slots = 2 * self.meta["num_units"]
+        rows, flips, keys, rels, epochs = [], [], [], [], []
         for piece, (plan, a, b) in enumerate(pieces):
             sched = self._schedule(plan)
             self._submit_until(plan, sched, b + ahead)
-            rows, flips = plan.rows[a:b], plan.flips[a:b]
-            units = rows // self.unit_size
-            parts.append((plan.epoch, rows, flips, units, np.full(b - a, piece)))
-        rows = np.concatenate([p[1] for p in parts])
-        flips = np.concatenate([p[2] for p in parts])
-        units = np.concatenate([p[3] for p in parts])
-        piece_of = np.concatenate([p[4] for p in parts])
+            rows.append(plan.rows[a:b])
+            flips.append(plan.flips[a:b])
+            keys.append(sched.slot[a:b] + piece * slots if piece else sched.slot[a:b])
+            rels.append(sched.rel[a:b])
+            epochs.append(plan.epoch)
+        rows, flips, key, rel = (x[0] if len(pieces) == 1 else np.concatenate(x) for x in (rows, flips, keys, rels))
         n = len(rows)
         # Group the batch by (piece, unit, variant): one index_select per group straight into a scratch batch,
         # then one permutation back to plan order (both fp16 copies, cheaper than the cast that follows).
-        key = (piece_of * (2 * self.meta["num_units"]) + units * 2 + flips).astype(np.int64)
         order = np.argsort(key, kind="stable")
-        bounds = np.flatnonzero(np.diff(key[order])) + 1
-        starts, stops = np.r_[0, bounds], np.r_[bounds, n]
+        sorted_key = key[order]
+        starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
+        stops = np.r_[starts[1:], n]
+        group_keys = sorted_key[starts]
         shape = (n, *self.meta["shape"])
         if self.scratch.shape[0] < n:
             self.scratch = torch.empty(shape, dtype=torch.float16)
         grouped = self.scratch[:n]
-        local = torch.from_numpy(rows[order] - units[order] * self.unit_size)
-        for a, b in zip(starts.tolist(), stops.tolist()):
-            i = int(order[a])
-            r0, src = self.cache[(parts[piece_of[i]][0], int(units[i]))][int(flips[i])].result()
-            torch.index_select(src, 0, local[a:b] - r0, out=grouped[a:b])
+        rel_t = torch.from_numpy(rel[order])
+        for k, a, b in zip(group_keys.tolist(), starts.tolist(), stops.tolist()):
+            piece, slot = divmod(k, slots)
+            _, src = self.cache[(epochs[piece], slot // 2)][slot % 2].result()
+            torch.index_select(src, 0, rel_t[a:b], out=grouped[a:b])
         inverse = torch.from_numpy(np.argsort(order, kind="stable"))
         shared = self.dtype == "float16" and get_worker_info() is not None  # fp16: this tensor is the output
         x16 = torch.index_select(grouped, 0, inverse, out=_empty(shape, torch.float16, shared))
@@ -536,12 +567,11 @@ class _UnitLoader:
         return {"latents": x, "labels": labels, "indices": indices, "flipped": flipped}
 
     def _evict(self, pieces: list) -> None:
+        """Drop the units no later position needs (they recur only in a later epoch's plan)."""
         plan, _, b = pieces[-1]
-        sched = self.schedules[plan.epoch]
-        for key in list(self.cache):
-            epoch, unit = key
-            if epoch < plan.epoch or (epoch == plan.epoch and sched.last_use[unit] < b):
-                del self.cache[key]
+        while self.expiry and self.expiry[0][:2] < (plan.epoch, b):
+            epoch, _, unit = heapq.heappop(self.expiry)
+            self.cache.pop((epoch, unit), None)
         for epoch in [e for e in self.schedules if e < plan.epoch]:
             del self.schedules[epoch]
 

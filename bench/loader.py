@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 
 import numpy as np
 import torch
@@ -100,17 +101,18 @@ def bare_gather(url: str, batches: list, scale: float, reps: int) -> dict:
     idx = [r + f.astype(np.int64) * n for r, f in batches]
     idx_t = [torch.from_numpy(i) for i in idx]
     total = sum(len(i) for i in idx)
-    best_t = best_np = float("inf")
+    best_t = best_np = best_cpu = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in idx_t:
             torch.index_select(both_t, 0, i).float().mul_(scale)
         best_t = min(best_t, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
         t0 = time.perf_counter()
         for i in idx:
             np.multiply(both[i], np.float32(scale), dtype=np.float32)
         best_np = min(best_np, time.perf_counter() - t0)
-    return {"torch": total / best_t, "numpy": total / best_np}
+    return {"torch": total / best_t, "numpy": total / best_np, "torch_cpu": total / best_cpu}
 
 
 class PremadeBatches(torch.utils.data.IterableDataset):
@@ -180,7 +182,7 @@ def section_limit(root: str, args) -> list[dict]:
               f"({store.unit_size * 2 * int(np.prod(shape)) / 2**20:.0f} MiB), flips stored; written in {w:.1f}s; "
               f"{load_note()}", flush=True)
         print("| flips | DataLoader workers | bare gather torch | bare gather numpy | reader, in-memory source "
-              "| reader, local store | store / limit | store / in-memory | CPU-s rate / limit | DataLoader transport "
+              "| reader, local store | store / limit | store / in-memory | per CPU-second: store / limit | DataLoader transport "
               "ceiling | store / transport |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         timed = max(8, 2 * n // args.batch_size)  # two epochs of batches
@@ -192,7 +194,7 @@ def section_limit(root: str, args) -> list[dict]:
             scale = LatentStreamDataset(url, **kw)._setup()["scale_value"]
             r = reader_rate(url, kw, workers, timed, args.reps)
             limit = bare_gather(url, r["batches"], scale, args.reps)
-            lim = max(limit.values())
+            lim = max(limit["torch"], limit["numpy"])
             r_mem = reader_rate(url, kw, 0, timed, args.reps, source=mem_source) if workers == 0 else None
             tdtype = torch.float16 if dtype == "float16" else torch.float32
             ceiling = transport_rate(shape, args.batch_size, workers, timed, tdtype) if workers else None
@@ -200,7 +202,7 @@ def section_limit(root: str, args) -> list[dict]:
             rows_out.append(row)
             mem_s = f"{r_mem['rate']:,.0f}" if r_mem else "–"
             mem_ratio = f"{r['rate'] / r_mem['rate']:.2f}" if r_mem else "–"
-            cpu_ratio = f"{r['cpu_rate'] / lim:.2f}" if workers == 0 else "–"
+            cpu_ratio = f"{r['cpu_rate'] / limit['torch_cpu']:.2f}" if workers == 0 else "–"
             ceil_s = f"{ceiling:,.0f} | {r['rate'] / ceiling:.2f}" if ceiling else "– | –"
             print(f"| {'on' if flip else 'off'} | {workers or '0 (in-process)'}"
                   f"{' fp16 out' if dtype == 'float16' else ''} | {limit['torch']:,.0f} | "
@@ -291,14 +293,6 @@ def section_s3(root: str, args) -> None:
     server.wait(timeout=10)
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def section_imagenet(root: str, args) -> None:
     """1 281 167 rows of 1x1x1 latents in units of 1024 rows (the unit count of 128x8x8 latents in 16 MiB units)."""
     url = os.path.join(root, "imagenet-sim")
@@ -307,28 +301,29 @@ def section_imagenet(root: str, args) -> None:
     store = LatentStore.open(url, read_only=True)
     print(f"\n## ImageNet-size simulation: {IMAGENET_ROWS:,} rows, {store.num_units} units of 1024 rows "
           f"(1x1x1 latents; written in {time.perf_counter() - t0:.0f}s; {load_note()})", flush=True)
-    print("| world size x workers | setup s (open + rows.npz) | object reads at setup | planning s per epoch "
-          "per stream | rows per stream | unit reads per stream per epoch | RSS after setup MiB (+ plan) "
+    print("| world size x workers | setup s (open + rows.npz, per rank) | object reads at setup | planning s per epoch "
+          "per stream | rows per stream | unit reads per stream per epoch | reader memory after setup MiB (+ one plan) "
           "| epoch s (stream 0) |")
     print("|---|---|---|---|---|---|---|---|")
+    from storage.reader import _Schedule
+
     for ws, workers in ((1, 1), (8, 4), (64, 8)):
-        rss0 = _rss_mib()
+        tracemalloc.start()  # numpy and torch CPU buffers report to tracemalloc
         t0 = time.perf_counter()
         ds = LatentStreamDataset(url, batch_size=256, rank=0, world_size=ws, infinite=False, seed=0)
         setup = time.perf_counter() - t0
         src = ds.source()
         setup_reads = dict(src.requests)
-        rss_setup = _rss_mib() - rss0
+        rss_setup = tracemalloc.get_traced_memory()[0] / 2**20
         meta = ds._setup()
         streams = ws * workers
         length = ds._stream_length(meta, streams)
         t0 = time.perf_counter()
         plan = ds._plan(meta, 0, 0, streams, length)
-        from storage.reader import _Schedule
-
         sched = _Schedule(plan, meta["unit_size"])
         planning = time.perf_counter() - t0
-        rss_plan = _rss_mib() - rss0
+        rss_plan = tracemalloc.get_traced_memory()[0] / 2**20
+        tracemalloc.stop()
         unit_reads = len(sched.spans)
         t0 = time.perf_counter()
         n = 0
@@ -336,8 +331,8 @@ def section_imagenet(root: str, args) -> None:
             for batch in ds:
                 n += len(batch["indices"])
         epoch_s = f"{time.perf_counter() - t0:.1f}" if n else "–"
-        print(f"| {ws} x {workers} | {setup:.2f} | {setup_reads['row_index']} rows.npz + store metadata | "
-              f"{planning:.3f} | {length:,} | {unit_reads} | {rss_setup:.0f} (+{rss_plan - rss_setup:.0f}) | "
+        print(f"| {ws} x {workers} | {setup:.3f} | {setup_reads['row_index']} rows.npz + store metadata | "
+              f"{planning:.3f} | {length:,} | {unit_reads} | {rss_setup:.1f} (+{rss_plan - rss_setup:.1f}) | "
               f"{epoch_s} |", flush=True)
         if n:
             reads = src.requests["unit_reads"] - setup_reads["unit_reads"]

@@ -5,8 +5,8 @@ How an epoch is laid out (all of it a pure function of ``seed``, the epoch and t
 1. The units are permuted with ``(seed, epoch)``; concatenating their valid rows gives the epoch order of T rows.
 2. With W DataLoader workers per rank (W = 1 without workers) there are ``G = world_size × W`` *streams*;
    stream ``g = rank × W + v`` owns the contiguous slice ``[g·L, (g+1)·L)`` of that order, ``L = T // G``.
-   Contiguous slices mean each stream reads whole units (one GET per array) and only units at slice edges are
-   read by two streams. The last ``T mod G`` (< G) rows of the epoch order are left out of that epoch; the unit
+   Contiguous slices mean each stream reads each of its units once (one ranged GET per unit and flip variant)
+   and only units at slice edges are read by two streams. The last ``T mod G`` (< G) rows of the epoch order are left out of that epoch; the unit
    permutation changes every epoch, so different rows are left out each time.
 3. Inside its slice a stream shuffles windows of ``shuffle_chunks`` units' worth of rows (a shuffle buffer that is
    exactly reproducible) and picks ``latents`` or ``latents_flip`` per row with probability ½ (store with flips
@@ -17,6 +17,14 @@ How an epoch is laid out (all of it a pure function of ``seed``, the epoch and t
    (``infinite=False``): one epoch per ``__iter__``, ``ceil(L / batch_size)`` batches per stream, the last one
    short (same size on every stream). Infinite mode: each stream runs on into the next epoch, so every batch is
    full and a batch may straddle two epochs; per epoch every row but the < G left-out ones is seen exactly once.
+
+Reading (what keeps it near memory speed; bench/loader.py, bench/RESULTS.md): ``labels``/``valid`` come from one
+object read when the dataset is built (DataLoader workers inherit them). Per plan, a schedule lists the units in
+the order they are first needed and, per (unit, flip variant), the sorted rows used; ``reads_in_flight`` threads
+read them ahead of the plan (local disk: memory-mapped with read-ahead, the gather touches only the pages of the
+used rows; object storage: one ranged GET per unit and variant, covering the rows used). An assembler thread builds each batch two batches
+ahead — one ``index_select`` per (unit, variant) into an fp16 scratch, one permutation back to plan order — so the
+consumer only casts to fp32 and scales in place (``dtype="float16"``: no cast). No Python loop runs over rows.
 
 Resume: every batch carries ``state = {"epoch", "step", ...}`` = the position *after* it (``step`` = rank-level
 batches consumed since the start of ``epoch``). ``load_state_dict(state)`` before iterating continues the
@@ -392,7 +400,7 @@ class _StoreSource:
                 arr = np.memmap(path, dtype="<f2", mode="c", offset=lo * self.row_bytes, shape=shape)
             except FileNotFoundError:  # Zarr writes no object for an all-zero unit
                 return lo, np.zeros(shape, np.float16)
-            _populate(arr, rows - lo, self.row_bytes)
+            _read_ahead(arr)
             self._count("bytes", len(rows) * self.row_bytes)
             return lo, arr
         try:
@@ -403,37 +411,19 @@ class _StoreSource:
         return lo, np.frombuffer(bytearray(raw), dtype="<f2").reshape(shape)  # writable: torch.from_numpy
 
 
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+def _read_ahead(arr: np.memmap) -> None:
+    """Start reading the mapped span from disk now (asynchronous read-ahead; nothing to do on a warm page cache).
 
-
-def _populate(arr: np.memmap, rows: np.ndarray, row_bytes: int) -> None:
-    """Read the pages of the used ``rows`` (sorted, relative to ``arr``'s first row) now, on this reader thread,
-    and map them, so that the gather neither waits for the disk nor takes page faults: one
-    ``madvise(MADV_POPULATE_READ)`` per run of consecutive rows (read faults: no copy-on-write copies of the
-    private mapping), so only the pages of the rows (and flip variant) the plan uses are read. Kernels without it
-    get ``MADV_WILLNEED`` (asynchronous read-ahead) instead. Advisory: errors are ignored."""
+    One call per (unit, variant): on a cold cache the whole span is read, both variants' pages. Per-run calls
+    (only the used rows' pages) or ``MADV_POPULATE_READ`` (no page faults later) cost 1.5-2x the CPU of the
+    gather itself with random per-row flips (measured: bench/RESULTS.md), so the gather takes the page faults.
+    """
     mm = getattr(arr, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or len(rows) == 0:
-        return
-    page = mmap.PAGESIZE
-    base = arr.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 of ``arr`` sits in the mapping
-    breaks = np.flatnonzero(np.diff(rows) > 1)
-    starts = (np.r_[rows[0], rows[breaks + 1]] * row_bytes + base) // page * page
-    stops = (np.r_[rows[breaks], rows[-1]] + 1) * row_bytes + base
-    keep = np.flatnonzero(np.r_[True, starts[1:] >= stops[:-1]])  # merge runs that share a page
-    starts, stops = starts[keep], np.maximum.reduceat(stops, keep)
-    advice = _MADV_POPULATE_READ
-    for a, b in zip(starts.tolist(), stops.tolist()):
+    if mm is not None and hasattr(mm, "madvise"):
         try:
-            mm.madvise(advice, a, b - a)
-        except OSError:
-            if advice == mmap.MADV_WILLNEED:
-                return
-            advice = mmap.MADV_WILLNEED
-            try:
-                mm.madvise(advice, a, b - a)
-            except OSError:
-                return
+            mm.madvise(mmap.MADV_WILLNEED)
+        except (OSError, ValueError):  # advisory only
+            pass
 
 
 def _empty(shape: tuple, dtype: torch.dtype, shared: bool) -> torch.Tensor:

@@ -39,6 +39,7 @@ import collections
 import heapq
 import mmap
 import os
+import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -358,7 +359,12 @@ class _StoreSource:
     Plain (uncompressed, unsharded) units are read directly: memory-mapped on a local disk, so a gather touches
     only the pages of the rows it uses; one ranged GET per (unit, variant) on object storage, covering the rows
     the stream uses. Other layouts go through Zarr (one whole-chunk read per unit and variant).
+
+    ``MAX_MAPPED_BYTES``: local unit objects kept memory-mapped per process (address space and page tables, ~2 MiB
+    per GiB mapped; the data itself is the shared page cache).
     """
+
+    MAX_MAPPED_BYTES = 8 * 2**30
 
     def __init__(self, url: str, storage_options: dict | None, _store: LatentStore | None = None) -> None:
         self.store = _store or LatentStore.open(url, storage_options=storage_options, read_only=True)
@@ -366,8 +372,36 @@ class _StoreSource:
         self.row_bytes = 2 * int(np.prod(self.store.latent_shape))
         self.requests = {"row_index": 0, "unit_reads": 0, "bytes": 0}
         self._lock = threading.Lock()
+        self._maps: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._maps_bytes = 0
         for flip in (False, True) if self.store.has_flip else (False,):
             self.store.raw_unit_object(0, flip=flip)  # the layout is read now, at setup
+
+    def _mapped(self, path: str) -> np.ndarray | None:
+        """The whole unit object memory-mapped (copy-on-write, never written), kept open across epochs in an LRU
+        of at most ``MAX_MAPPED_BYTES``: the page faults that map the page cache into this process then happen
+        once per process, not once per epoch (they were ~45 % of the gather; bench/RESULTS.md)."""
+        with self._lock:
+            unit_map = self._maps.get(path)
+            if unit_map is not None:
+                self._maps.move_to_end(path)
+                return unit_map
+        shape = (self.store.unit_size, *self.store.latent_shape)
+        try:
+            unit_map = np.memmap(path, dtype="<f2", mode="c", shape=shape)
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:  # shorter than a unit: Zarr writes whole chunks, so the object is damaged
+            raise ValueError(f"unit object {path!r} is shorter than {shape[0]} rows ({exc}); the store is damaged: "
+                             "run LatentStore.verify() and re-encode the units it reports") from None
+        _read_ahead(unit_map)
+        with self._lock:
+            self._maps[path] = unit_map
+            self._maps_bytes += unit_map.nbytes
+            while self._maps_bytes > self.MAX_MAPPED_BYTES and len(self._maps) > 1:
+                _, old = self._maps.popitem(last=False)  # views handed out keep their mapping alive
+                self._maps_bytes -= old.nbytes
+        return unit_map
 
     def in_this_process(self) -> "_StoreSource":
         """The same source for a forked DataLoader worker: fresh handles, no metadata read again."""
@@ -396,13 +430,11 @@ class _StoreSource:
             self._count("bytes", shape[0] * self.row_bytes)
             return lo, self.store.read_range(start + lo, start + hi, flip=flip)
         if self.local:
-            try:
-                arr = np.memmap(path, dtype="<f2", mode="c", offset=lo * self.row_bytes, shape=shape)
-            except FileNotFoundError:  # Zarr writes no object for an all-zero unit
+            unit_map = self._mapped(path)
+            if unit_map is None:  # Zarr writes no object for an all-zero unit
                 return lo, np.zeros(shape, np.float16)
-            _read_ahead(arr)
             self._count("bytes", len(rows) * self.row_bytes)
-            return lo, arr
+            return lo, unit_map[lo:hi]
         try:
             raw = self.store.fs.cat_file(path, start=lo * self.row_bytes, end=hi * self.row_bytes)
         except FileNotFoundError:
@@ -463,6 +495,7 @@ class _UnitLoader:
         self.expiry: list[tuple[int, int, int]] = []  # heap of (epoch, last position used, unit) in the cache
         self.dtype = dtype
         self.scratch = torch.empty(0, dtype=torch.float16)
+        self.recycled: queue.SimpleQueue = queue.SimpleQueue()  # fp16 batches the consumer is done with
 
     def _schedule(self, plan: _Plan) -> _Schedule:
         sched = self.schedules.get(plan.epoch)
@@ -531,8 +564,16 @@ class _UnitLoader:
             _, src = self.cache[(epochs[piece], slot // 2)][slot % 2].result()
             torch.index_select(src, 0, rel_t[a:b], out=grouped[a:b])
         inverse = torch.from_numpy(np.argsort(order, kind="stable"))
-        shared = self.dtype == "float16" and get_worker_info() is not None  # fp16: this tensor is the output
-        x16 = torch.index_select(grouped, 0, inverse, out=_empty(shape, torch.float16, shared))
+        if self.dtype == "float16":  # this tensor is the output: a new one (in shared memory in a worker)
+            out = _empty(shape, torch.float16, get_worker_info() is not None)
+        else:  # internal: recycled from the consumer, no fresh pages (and page faults) per batch
+            try:
+                out = self.recycled.get_nowait()
+            except queue.Empty:
+                out = torch.empty(shape, dtype=torch.float16)
+            if tuple(out.shape) != shape:
+                out = torch.empty(shape, dtype=torch.float16)
+        x16 = torch.index_select(grouped, 0, inverse, out=out)
         self._evict(pieces)
         return x16, rows, flips
 
@@ -541,7 +582,11 @@ class _UnitLoader:
         statistics) and attach labels; in a DataLoader worker every tensor is born in shared memory."""
         meta = self.meta
         shared = get_worker_info() is not None
-        x = x16 if self.dtype == "float16" else _empty(tuple(x16.shape), torch.float32, shared).copy_(x16)
+        if self.dtype == "float16":
+            x = x16
+        else:
+            x = _empty(tuple(x16.shape), torch.float32, shared).copy_(x16)
+            self.recycled.put(x16)
         # (fp16 arithmetic on CPU computes each element in fp32 and rounds once per op)
         if meta["normalize"] == "scaling_factor":
             x.mul_(meta["scale_value"])

@@ -21,8 +21,9 @@ How an epoch is laid out (all of it a pure function of ``seed``, the epoch and t
 Reading (what keeps it near memory speed; bench/loader.py, bench/RESULTS.md): ``labels``/``valid`` come from one
 object read when the dataset is built (DataLoader workers inherit them). Per plan, a schedule lists the units in
 the order they are first needed and, per (unit, flip variant), the sorted rows used; ``reads_in_flight`` threads
-read them ahead of the plan (local disk: memory-mapped with read-ahead, the gather touches only the pages of the
-used rows; object storage: one ranged GET per unit and variant, covering the rows used). An assembler thread builds each batch two batches
+read them ahead of the plan (local disk: memory-mapped with read-ahead, mappings kept across epochs, the gather
+touches only the pages of the used rows; object storage: one ranged GET per unit and variant, covering the rows
+used). An assembler thread builds each batch two batches
 ahead — one ``index_select`` per (unit, variant) into an fp16 scratch, one permutation back to plan order — so the
 consumer only casts to fp32 and scales in place (``dtype="float16"``: no cast). No Python loop runs over rows.
 

@@ -34,9 +34,10 @@ def valid_rows(url):
     return set(np.flatnonzero(LatentStore.open(url, read_only=True).valid()).tolist())
 
 
-def run_rank(url, rank, world_size, workers, batch_size, state=None, limit=None, **kw):
+def run_rank(url, rank, world_size, workers, batch_size, state=None, limit=None, seed_override=3, **kw):
     kw = {"normalize": "none", "shuffle_chunks": 2, "infinite": False, **kw}
-    ds = LatentStreamDataset(url, batch_size=batch_size, rank=rank, world_size=world_size, seed=3, **kw)
+    ds = LatentStreamDataset(url, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed_override,
+                             **kw)
     if state is not None:
         ds.load_state_dict(state)
     out = []
@@ -146,3 +147,87 @@ def test_incomplete_store_is_refused(tmp_path):
     LatentStore.create(url, num_samples=10, channels=1, height=1, width=1, flip=False, attrs=attrs, chunk_size=4)
     with pytest.raises(IncompleteStoreError, match="not complete"):
         next(iter(LatentStreamDataset(url, batch_size=2)))
+
+
+def _write_like(url, flip=True, zero_unit=None):
+    attrs = {"ae_fingerprint": "ae", "dataset_fingerprint": "ds", "resolution": 8}
+    store = LatentStore.create(url, num_samples=70, channels=2, height=1, width=1, flip=flip, attrs=attrs,
+                               chunk_size=16)
+    for u in range(store.num_units):
+        a, b = store.unit_bounds(u)
+        rows = np.arange(a, b)
+        lat = np.stack([rows, rows % 7], 1).reshape(-1, 2, 1, 1).astype(np.float16)
+        valid = np.ones(b - a, bool) if u != zero_unit else np.zeros(b - a, bool)  # all-zero unit: no chunk object
+        store.write_unit(u, lat, rows % 5, valid, -lat if flip else None)
+    store.finalize()
+    return store
+
+
+def test_same_batches_on_every_backend_and_only_used_variants_read(backend_url, tmp_path):
+    """Plain units are read directly (memmap / ranged reads); every backend yields the local store's batches, each
+    (unit, variant) is read at most once per epoch, and with flips off latents_flip is never read."""
+    url = backend_url + "/lat"
+    _write_like(url, zero_unit=2)
+    ref_url = str(tmp_path / "ref")
+    _write_like(ref_url, zero_unit=2)
+    for flip in (True, False):
+        ds = LatentStreamDataset(url, batch_size=9, seed=1, normalize="none", shuffle_chunks=2, infinite=False,
+                                 flip=flip, reads_in_flight=3)
+        got = list(ds)
+        want = run_rank(ref_url, 0, 1, 0, 9, flip=flip, seed_override=1)
+        assert [b["indices"].tolist() for b in got] == [b["indices"].tolist() for b in want]
+        for a, b in zip(got, want):
+            assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["flipped"], b["flipped"])
+            check_values(a)
+        reads = ds.source().requests
+        assert reads["row_index"] == 1
+        assert reads["unit_reads"] <= (2 if flip else 1) * 4  # 3 units with rows (unit 2 is all invalid)
+
+
+def test_labels_and_valid_read_once_per_rank_not_per_worker(store_url, monkeypatch):
+    ds = LatentStreamDataset(store_url, batch_size=8, seed=3, normalize="none", infinite=False)
+
+    def boom(self):
+        raise AssertionError("labels/valid read again in a worker")
+
+    monkeypatch.setattr(LatentStore, "labels", boom)
+    monkeypatch.setattr(LatentStore, "valid", boom)
+    monkeypatch.setattr(LatentStore, "read_row_index", boom)
+    n = sum(len(b["indices"]) for b in DataLoader(ds, batch_size=None, num_workers=2))
+    assert n > 0
+
+
+def test_stores_without_row_index_and_float16_output(store_url, tmp_path):
+    import shutil
+
+    old = str(tmp_path / "old")
+    shutil.copytree(store_url, old)
+    (tmp_path / "old" / "_dcae15" / "rows.npz").unlink()  # finalized before the row index existed
+    a = run_rank(store_url, 0, 1, 0, 8, normalize="scaling_factor")
+    b = run_rank(old, 0, 1, 0, 8, normalize="scaling_factor", dtype="float16")
+    assert all(x["latents"].dtype == torch.float16 and x["latents"].is_contiguous() for x in b)
+    assert [x["indices"].tolist() for x in a] == [x["indices"].tolist() for x in b]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y["latents"].float(), x["latents"], rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="dtype"):
+        LatentStreamDataset(store_url, batch_size=4, dtype="bfloat8")
+    with pytest.raises(ValueError, match="reads_in_flight"):
+        LatentStreamDataset(store_url, batch_size=4, reads_in_flight=0)
+
+
+def test_compressed_store_is_read_through_zarr(tmp_path):
+    attrs = {"ae_fingerprint": "ae", "dataset_fingerprint": "ds", "resolution": 8}
+    url = str(tmp_path / "z")
+    store = LatentStore.create(url, num_samples=40, channels=2, height=1, width=1, flip=True, attrs=attrs,
+                               chunk_size=16, codec="zstd1")
+    for u in range(store.num_units):
+        a, b = store.unit_bounds(u)
+        rows = np.arange(a, b)
+        lat = np.stack([rows, rows % 7], 1).reshape(-1, 2, 1, 1).astype(np.float16)
+        store.write_unit(u, lat, rows % 5, np.ones(b - a, bool), -lat)
+    store.finalize()
+    assert store.raw_unit_object(0) is None
+    batches = run_rank(url, 0, 1, 0, 6)
+    for b in batches:
+        check_values(b)
+    assert sorted(torch.cat([b["indices"] for b in batches]).tolist()) == list(range(40))

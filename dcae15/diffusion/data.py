@@ -40,11 +40,13 @@ def layout_ranks(global_batch: int, data_world_size: int, world_size: int, rank:
 
 
 class RankBatches:
-    """Iterator over this rank's batches: ``{"latents", "labels", "states": {layout rank: reader state}}``.
+    """Iterator over this rank's batches: ``{"latents", "labels", "indices", "states": {layout rank: state}}``.
 
     ``sources`` is ``[(q, iterator of reader batches, lo, hi)]`` as laid out by ``layout_ranks``. With one source
     covering its whole batch the reader's tensors pass through untouched (no copy).
     """
+
+    KEYS = ("latents", "labels", "indices")
 
     def __init__(self, sources: list[tuple[int, Iterator[dict], int, int]]):
         self.sources = sources
@@ -63,10 +65,9 @@ class RankBatches:
         states = {q: b["state"] for q, b, *_ in parts}
         if len(parts) == 1 and parts[0][2] == 0 and parts[0][3] == parts[0][4]:
             b = parts[0][1]
-            return {"latents": b["latents"], "labels": b["labels"], "states": states}
-        lat = torch.cat([b["latents"][lo:hi] for _, b, lo, hi, _ in parts])
-        lab = torch.cat([b["labels"][lo:hi] for _, b, lo, hi, _ in parts])
-        return {"latents": lat, "labels": lab, "states": states}
+            return {**{k: b[k] for k in self.KEYS if k in b}, "states": states}
+        out = {k: torch.cat([b[k][lo:hi] for _, b, lo, hi, _ in parts]) for k in self.KEYS if k in parts[0][1]}
+        return {**out, "states": states}
 
 
 class DevicePrefetcher:

@@ -32,7 +32,7 @@ from storage.fingerprint import fingerprint, short_id
 from storage.urls import join, url_to_fs
 
 __all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
-           "latest_checkpoint", "save_config", "lr_at", "ema_decay_at", "main"]
+           "latest_checkpoint", "save_config", "lr_at", "ema_decay_at", "train_flops_per_image", "main"]
 
 # Fields that change neither the math nor the data order: left out of the run id so a resubmission with more
 # steps, other logging or more loader workers continues the same run.
@@ -200,10 +200,28 @@ def run_id_for(cfg: DiffusionTrainConfig, store_id: str) -> str:
 
 
 def _flops_per_image(mcfg, tokens: int, params: int, passes: int) -> float:
-    """Training FLOPs per image: 6 N T for the matmuls plus 12 L T^2 D for attention (fwd + bwd), x passes."""
+    """Rule-of-thumb training FLOPs per image: 6 N T (all parameters as per-token matmuls) + 12 L T^2 D for
+    attention, x passes. It overcounts adaLN / embedding parameters, which act once per image: MFU uses
+    ``train_flops_per_image`` (counted); this stays as the cross-check printed by bench/train_step.py."""
     blocks = mcfg.depth + (1 if mcfg.arch == "uvit" else 0)
     t = tokens + (2 if mcfg.arch == "uvit" else 0)
     return passes * (6.0 * params * t + 12.0 * blocks * t * t * mcfg.hidden)
+
+
+def train_flops_per_image(mcfg, batch: int, passes: int = 1) -> float:
+    """Forward + backward FLOPs per image counted by ``torch.utils.flop_counter`` on a meta-device copy of the
+    model (no memory, no compute) at the real micro-batch (``passes`` = 2 when ADT adds the full objective)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, (h, w) = mcfg.in_channels, mcfg.input_size
+    n = batch * passes
+    with torch.device("meta"):
+        model = build_model(mcfg)
+        x, t = torch.randn(n, c, h, w), torch.full((n,), 500.0)
+        y = torch.zeros(n, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y).float().square().mean().backward()
+    return counter.get_total_flops() / batch
 
 
 def _peak_flops(cfg: DiffusionTrainConfig, device: torch.device) -> float | None:
@@ -388,7 +406,6 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     # Same-seed init on every rank, then shard: every rank starts from identical weights.
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
-    n_params = sum(p.numel() for p in model.parameters())
     mesh = make_mesh(device, ws, cfg.hsdp_shard_size)
     apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
                       activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
@@ -429,7 +446,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     metrics = _read_metrics(run_url, start, storage_options) if rank == 0 else []
     tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
     passes = 2 if (cfg.adt.enabled and cfg.adt.include_full) else 1
-    flops_img = _flops_per_image(mcfg, tokens, n_params, passes)
+    flops_img = train_flops_per_image(mcfg, micro, passes)
     peak = _peak_flops(cfg, device)
     null_class = mcfg.num_classes
     chans_dev = torch.tensor(chans, dtype=torch.long, device=device)

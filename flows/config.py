@@ -129,8 +129,13 @@ class SampleSection:
     batch_size: int = 64
     chunk_size: int = 256
     """Images per sample-store unit: the granularity at which a killed sampling job resumes."""
+    precision: str = "auto"
+    """Backbone + decoder autocast: ``auto`` (bf16 on a GPU, fp32 on CPU), ``bf16`` or ``fp32``. Sampling runs
+    on as many processes as training (``diffusion.nproc_per_node`` / ``nnodes`` / ``launcher``)."""
 
     def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"sample.precision must be one of auto, bf16, fp32; got {self.precision!r}")
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError(f"sample.num_samples, steps, batch_size, chunk_size must be >= 1, got {self.num_samples}, "
                              f"{self.steps}, {self.batch_size}, {self.chunk_size}")

@@ -145,16 +145,18 @@ class SampleSection:
 class EvalSection:
     """Scoring samples against the real data."""
 
-    extractor: str = "proxy"
-    """``proxy`` (a small classifier trained on the demo data; numbers labelled proxy-*) or ``inception``."""
+    extractor: str = "auto"
+    """``inception`` (the standard numbers; needs its local weights), ``proxy`` (a small classifier trained on the
+    demo data; numbers labelled proxy-*), or ``auto``: inception for real data (``data.source`` set), proxy for
+    the generated demo dataset."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the metrics package (e.g. the proxy's training steps, Inception weights path)."""
     reconstruction: bool = True
     """Also score the autoencoder's reconstructions per c' (rFID / PSNR / SSIM / LPIPS) and draw its figures."""
 
     def __post_init__(self) -> None:
-        if self.extractor not in ("proxy", "inception"):
-            raise ValueError(f"evaluate.extractor must be 'proxy' or 'inception', got {self.extractor!r}")
+        if self.extractor not in ("auto", "proxy", "inception"):
+            raise ValueError(f"evaluate.extractor must be 'auto', 'proxy' or 'inception', got {self.extractor!r}")
 
 
 @dataclass(kw_only=True)
@@ -170,6 +172,10 @@ class PipelineConfig:
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     sample: SampleSection = field(default_factory=SampleSection)
     evaluate: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        if self.evaluate.extractor == "auto":  # real data gets the standard extractor; the demo keeps its proxy
+            self.evaluate.extractor = "inception" if self.data.source is not None else "proxy"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

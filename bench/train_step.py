@@ -80,7 +80,8 @@ def bench(model_name: str, batch: int, latent: tuple[int, int, int], adt: ADTCon
 SIZES = {"S": {"hidden": 384, "depth": 12, "heads": 6}, "B": {"hidden": 768, "depth": 12, "heads": 12}}
 
 
-def synthetic_store(url: str, n: int, latent: tuple[int, int, int], num_classes: int = 10) -> str:
+def synthetic_store(url: str, n: int, latent: tuple[int, int, int], num_classes: int = 10,
+                    attrs: dict | None = None) -> str:
     """A finalized store of random fp16 latents with flips, written through storage's API."""
     import numpy as np
 
@@ -89,7 +90,7 @@ def synthetic_store(url: str, n: int, latent: tuple[int, int, int], num_classes:
     c, h, w = latent
     st = LatentStore.create(url, num_samples=n, channels=c, height=h, width=w, flip=True, chunk_size=256,
                             attrs={"ae_fingerprint": "bench", "dataset_fingerprint": "bench", "resolution": h * 8,
-                                   "ae_scaling_factor": 1.0, "num_classes": num_classes})
+                                   "ae_scaling_factor": 1.0, "num_classes": num_classes, **(attrs or {})})
     rng = np.random.default_rng(0)
     for u in range(st.num_units):
         a, b = st.unit_bounds(u)

@@ -104,6 +104,7 @@ def bare_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -
     """img/s of the same model's forward + backward + AdamW step (FSDP2-wrapped, batch resident on the device)."""
     import torch.nn.functional as F
 
+    from dcae15.diffusion_train import DiffusionTrainConfig, make_optimizer
     from dcae15.parallel import make_mesh
 
     created = not dist.is_initialized()
@@ -113,7 +114,7 @@ def bare_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -
         torch.manual_seed(0)
         model = build_model(mcfg)
         apply_parallelism(model, mesh=make_mesh(device, 1), device=device, mixed_precision="bf16")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = make_optimizer(model, DiffusionTrainConfig())  # the trainer's optimizer (AdamW, fused), same settings
         obj = make_objective(preset("DiT-tiny").objective)
         c, (h, w) = mcfg.in_channels, mcfg.input_size
         x0 = torch.randn(batch, c, h, w, device=device)
@@ -187,6 +188,44 @@ def trainer_run(store: str, run: str, model: str, overrides: dict, batch: int, s
     return img_s, info
 
 
+def per_parameter_work(mcfg, device: torch.device, reps: int = 5) -> dict:
+    """Median time of the trainer's per-parameter passes that a bare loop does not have (EMA update, gradient
+    clipping) next to AdamW's step: memory-bound, independent of the batch, so their share shrinks as the batch
+    (tokens per step) grows."""
+    from dcae15.diffusion.ema import ShardedEMA
+    from dcae15.parallel import make_mesh
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = build_model(mcfg)
+        apply_parallelism(model, mesh=make_mesh(device, 1), device=device, mixed_precision="bf16")
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        from dcae15.diffusion_train import DiffusionTrainConfig, make_optimizer
+
+        ema, opt = ShardedEMA(model), make_optimizer(model, DiffusionTrainConfig())
+
+        def timed(fn) -> float:
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t0)
+            return sorted(ts)[reps // 2]
+
+        return {"ema_update_ms": round(1e3 * timed(lambda: ema.update(0.9999)), 2),
+                "grad_clip_ms": round(1e3 * timed(lambda: torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), 1.0, foreach=True)), 2),
+                "adamw_step_ms": round(1e3 * timed(opt.step), 2)}
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 def gemm_flops(device: torch.device, n: int = 1024, reps: int = 5) -> float:
     """Measured fp32 matmul FLOP/s: the CPU's 'peak' for an MFU figure (no datasheet number on CPU)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
@@ -231,16 +270,20 @@ def overhead(args) -> None:
     _, prof = trainer_run(store, os.path.join(tmp, "run"), args.model, overrides, args.batch, args.steps,
                           args.warmup, profile=True)
     b, t = sorted(bare)[len(bare) // 2], sorted(trainer)[len(trainer) // 2]
+    parts = per_parameter_work(mcfg, device)
+    parts["bare_step_ms"] = round(1e3 * args.batch / b, 1)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else gemm_flops(device)
     out = {"model": args.model + (f" ({args.size} width)" if overrides else ""), "params_M": round(n_params / 1e6, 2),
            "batch": args.batch, "latent": latent, "device": str(device), "threads": torch.get_num_threads(),
            "bare_img_s": round(b, 1), "trainer_img_s": round(t, 1), "trainer_over_bare": round(t / b, 3),
+           # each pair was measured back to back: the median of their ratios resists the load drifting between pairs
+           "trainer_over_bare_pairwise_median": round(sorted(x / y for x, y in zip(trainer, bare))[len(bare) // 2], 3),
            "all_bare": [round(v, 1) for v in bare], "all_trainer": [round(v, 1) for v in trainer],
            "flops_per_img_trainer": trainer_flops, "flops_per_img_counted": counted,
            "trainer_over_counted": round(trainer_flops / counted, 4),
            "rule_of_thumb_6NT_over_counted": round(formula / counted, 3),
            "peak_flops": peak, "peak_source": "--peak-tflops" if args.peak_tflops else "measured fp32 GEMM",
-           "mfu_trainer": round(t * counted / peak, 4), "mfu_bare": round(b * counted / peak, 4), **prof,
+           "mfu_trainer": round(t * counted / peak, 4), "mfu_bare": round(b * counted / peak, 4), **prof, **parts,
            "load": os.getloadavg()}
     print(json.dumps(out))
 

@@ -32,7 +32,8 @@ from storage.fingerprint import fingerprint, short_id
 from storage.urls import join, url_to_fs
 
 __all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
-           "latest_checkpoint", "save_config", "lr_at", "ema_decay_at", "train_flops_per_image", "main"]
+           "latest_checkpoint", "save_config", "lr_at", "ema_decay_at", "train_flops_per_image", "make_optimizer",
+           "main"]
 
 # Fields that change neither the math nor the data order: left out of the run id so a resubmission with more
 # steps, other logging or more loader workers continues the same run.
@@ -236,6 +237,16 @@ def _peak_flops(cfg: DiffusionTrainConfig, device: torch.device) -> float | None
     return None
 
 
+def make_optimizer(model: torch.nn.Module, cfg: DiffusionTrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all parameters, DTensors included) where the device supports it: the
+    per-parameter loop costs ~6x more on CPU at DiT-S size and is pure host overhead on a GPU."""
+    kw = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(model.parameters(), fused=True, **kw)
+    except (RuntimeError, ValueError):  # a device without a fused kernel
+        return torch.optim.AdamW(model.parameters(), foreach=True, **kw)
+
+
 # ------------------------------------------------------------------------------------------------ distributed
 def _init_distributed() -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, created): reuse a live process group, else torchrun env, else a 1-rank gloo."""
@@ -410,7 +421,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
                       activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
     ema = ShardedEMA(model)
     train_state: dict = {"step": 0, "world_size": ws, "data_world_size": ws, "readers": None, "gens": None}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -24,15 +25,17 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _launch(nproc: int, run: str, out: str, spec: dict) -> float:
+def _launch(nproc: int, run: str, out: str, spec: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all child processes) of one torchrun launch."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "dcae15.sampling", run, out, "--spec", json.dumps({**spec, "progress": False})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
-    return time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - t0, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def main() -> None:
@@ -60,12 +63,15 @@ def main() -> None:
                           store, os.path.join(tmp, "run"))["run_url"]
     spec = {"num_samples": args.num_samples, "sampler": "euler", "steps": args.steps, "cfg_scale": 1.5, "seed": 0,
             "batch_size": args.batch, "chunk_size": args.batch, "ae_url": ae_url}
-    startup = _launch(1, run, os.path.join(tmp, "warm"), {**spec, "num_samples": args.batch})
-    walls = {n: _launch(n, run, os.path.join(tmp, f"p{n}"), spec) for n in (1, args.procs)}
+    startup, startup_cpu = _launch(1, run, os.path.join(tmp, "warm"), {**spec, "num_samples": args.batch})
+    runs = {n: _launch(n, run, os.path.join(tmp, f"p{n}"), spec) for n in (1, args.procs)}
+    walls = {n: r[0] for n, r in runs.items()}
     a, b = (SampleStore.open(os.path.join(tmp, f"p{n}")).read_all()[0] for n in (1, args.procs))
     out = {"num_samples": args.num_samples, "sampler_steps": args.steps, "batch": args.batch,
            "identical_stores": bool(np.array_equal(a, b)), "one_unit_launch_s": round(startup, 2)}
-    for n, wall in walls.items():
+    for n, (wall, cpu) in runs.items():
+        # CPU seconds per image beyond a 1-unit launch (n startups): the work the split adds, load-independent
+        out[f"cpu_s_per_img_{n}proc"] = round((cpu - n * startup_cpu) / (args.num_samples - n * args.batch), 4)
         out[f"wall_s_{n}proc"] = round(wall, 2)
         out[f"img_s_{n}proc_wall"] = round(args.num_samples / wall, 2)
         # minus a 1-unit launch (startup + loading + one unit): the sampling rate itself, roughly

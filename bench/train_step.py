@@ -100,8 +100,9 @@ def synthetic_store(url: str, n: int, latent: tuple[int, int, int], num_classes:
     return url
 
 
-def bare_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -> float:
-    """img/s of the same model's forward + backward + AdamW step (FSDP2-wrapped, batch resident on the device)."""
+def bare_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(img/s, thread CPU s per step) of the same model's forward + backward + AdamW step (FSDP2-wrapped, batch
+    resident on the device)."""
     import torch.nn.functional as F
 
     from dcae15.diffusion_train import DiffusionTrainConfig, make_optimizer
@@ -123,22 +124,23 @@ def bare_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -
             if i == warmup:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
             x_t, t, tgt = obj.prepare(x0, torch.randn_like(x0), torch.rand(batch, device=device))
             F.mse_loss(model(x_t, t, y), tgt).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return steps * batch / (time.perf_counter() - t0)
+        return steps * batch / (time.perf_counter() - t0), (time.thread_time() - c0) / steps
     finally:
         if created:
             dist.destroy_process_group()
 
 
 def trainer_run(store: str, run: str, model: str, overrides: dict, batch: int, steps: int, warmup: int,
-                profile: bool = False) -> tuple[float, dict]:
-    """img/s of ``train_diffusion`` after its first ``warmup`` steps (metrics rows of ``warmup`` steps each)."""
+                profile: bool = False) -> tuple[float, float, dict]:
+    """(img/s, training-thread CPU s per step, profile info) of ``train_diffusion`` after its first ``warmup``
+    steps (metrics rows of ``warmup`` steps each)."""
     import cProfile
     import pstats
     import shutil
@@ -174,6 +176,7 @@ def trainer_run(store: str, run: str, model: str, overrides: dict, batch: int, s
         data.DevicePrefetcher.__next__ = real_next
     rows = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl")).read().splitlines()][1:]
     img_s = len(rows) * warmup * batch / sum(warmup * batch / r["img_per_s"] for r in rows)
+    cpu_step = sum(r["thread_cpu_s_per_step"] for r in rows) / len(rows)
     info = {}
     if prof:
         st = pstats.Stats(prof)
@@ -185,7 +188,7 @@ def trainer_run(store: str, run: str, model: str, overrides: dict, batch: int, s
                 "waiting_share": round(wait / total, 4), "waiting_after_warmup_s": round(after, 4),
                 "waiting_after_warmup_share": round(after / total, 5),
                 "reader_code_on_training_thread_s": round(reader, 4)}
-    return img_s, info
+    return img_s, cpu_step, info
 
 
 def per_parameter_work(mcfg, device: torch.device, reps: int = 5) -> dict:
@@ -259,15 +262,19 @@ def overhead(args) -> None:
     counted = fc.get_total_flops() / args.batch  # on real tensors
     trainer_flops = train_flops_per_image(mcfg, args.batch)  # what the trainer's MFU uses (meta device)
     formula = _flops_per_image(mcfg, latent[1] * latent[2], n_params, 1)
-    bare, trainer = [], []
+    bare, trainer, bare_cpu, trainer_cpu = [], [], [], []
     for i in range(args.repeats):  # alternate (and swap the order), so the machine's load hits both alike
         for which in ((0, 1) if i % 2 == 0 else (1, 0)):
             if which == 0:
-                bare.append(bare_loop(mcfg, args.batch, args.steps, args.warmup, device))
+                r = bare_loop(mcfg, args.batch, args.steps, args.warmup, device)
+                bare.append(r[0])
+                bare_cpu.append(r[1])
             else:
-                trainer.append(trainer_run(store, os.path.join(tmp, "run"), args.model, overrides, args.batch,
-                                           args.steps, args.warmup)[0])
-    _, prof = trainer_run(store, os.path.join(tmp, "run"), args.model, overrides, args.batch, args.steps,
+                r = trainer_run(store, os.path.join(tmp, "run"), args.model, overrides, args.batch, args.steps,
+                                args.warmup)
+                trainer.append(r[0])
+                trainer_cpu.append(r[1])
+    _, _, prof = trainer_run(store, os.path.join(tmp, "run"), args.model, overrides, args.batch, args.steps,
                           args.warmup, profile=True)
     b, t = sorted(bare)[len(bare) // 2], sorted(trainer)[len(trainer) // 2]
     parts = per_parameter_work(mcfg, device)
@@ -279,6 +286,12 @@ def overhead(args) -> None:
            # each pair was measured back to back: the median of their ratios resists the load drifting between pairs
            "trainer_over_bare_pairwise_median": round(sorted(x / y for x, y in zip(trainer, bare))[len(bare) // 2], 3),
            "all_bare": [round(v, 1) for v in bare], "all_trainer": [round(v, 1) for v in trainer],
+           # training-thread CPU time per step: insensitive to other processes on a shared machine (on CPU it
+           # includes the compute; the reader and prefetch threads are not counted, they overlap the step)
+           "bare_thread_cpu_ms_per_step": round(1e3 * sorted(bare_cpu)[len(bare_cpu) // 2], 2),
+           "trainer_thread_cpu_ms_per_step": round(1e3 * sorted(trainer_cpu)[len(trainer_cpu) // 2], 2),
+           "cpu_time_ratio_bare_over_trainer": round(sorted(bare_cpu)[len(bare_cpu) // 2]
+                                                     / sorted(trainer_cpu)[len(trainer_cpu) // 2], 3),
            "flops_per_img_trainer": trainer_flops, "flops_per_img_counted": counted,
            "trainer_over_counted": round(trainer_flops / counted, 4),
            "rule_of_thumb_6NT_over_counted": round(formula / counted, 3),

@@ -521,7 +521,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
             f"before each checkpoint; the run stopped at step {step} without saving). The last good checkpoint "
             f"is {read_latest(run_url, storage_options) or 'none'}. Lower lr or check the data.")
 
-    step, t_log, n_log = start, time.perf_counter(), 0
+    step, t_log, c_log, n_log = start, time.perf_counter(), time.thread_time(), 0
     acc = torch.zeros(3, device=device)  # loss, grad norm, c' summed over the log window (local)
     first_bad = torch.zeros((), dtype=torch.long, device=device)
     step_dev = torch.full((), start, dtype=torch.long, device=device)
@@ -575,7 +575,10 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 dt = time.perf_counter() - t_log
                 img_s = n_log * cfg.global_batch_size / dt
                 row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m, "lr": lr_at(cfg, step - 1),
-                       "c_prime": cp_m, "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time()}
+                       "c_prime": cp_m, "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time(),
+                       # CPU time of the training thread per step: its host work on a GPU (must stay below the
+                       # step time), everything on CPU; unlike img_per_s, blind to other processes' load
+                       "thread_cpu_s_per_step": (time.thread_time() - c_log) / n_log}
                 if peak:
                     row["mfu"] = img_s * flops_img / (peak * ws)
                 if device.type == "cuda":
@@ -583,7 +586,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 if rank == 0:
                     metrics.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}")
-                t_log, n_log = time.perf_counter(), 0
+                t_log, c_log, n_log = time.perf_counter(), time.thread_time(), 0
                 acc.zero_()
             if is_ckpt:
                 save(step)

@@ -77,6 +77,28 @@ def test_elastic_layout_continues_the_same_global_batches(latent_store, dws, ws)
     assert sorted(epoch) == list(range(128))
 
 
+def test_prefetcher_keeps_order_reraises_and_closes():
+    from dcae15.diffusion.data import DevicePrefetcher
+
+    def source():
+        for i in range(3):
+            yield {"latents": torch.full((2, 1), float(i)), "labels": torch.tensor([i, i]), "states": {0: i}}
+        raise OSError("store went away")
+
+    pre = DevicePrefetcher(source(), torch.device("cpu"), depth=2)
+    got = [next(pre) for _ in range(3)]
+    assert [b["states"][0] for b in got] == [0, 1, 2] and got[2]["latents"].device.type == "cpu"
+    with pytest.raises(OSError, match="went away"):  # the reader's error reaches the training thread
+        next(pre)
+    pre.close()
+    assert not pre.thread.is_alive()
+    endless = DevicePrefetcher(iter(lambda: {"latents": torch.zeros(1), "labels": torch.zeros(1)}, None),
+                               torch.device("cpu"), depth=1)
+    next(endless)
+    endless.close()  # a producer blocked on a full queue stops too
+    assert not endless.thread.is_alive()
+
+
 def test_sharded_ema_matches_a_loop():
     from dcae15.diffusion.ema import ShardedEMA
     from dcae15.parallel import apply_parallelism, make_mesh

@@ -210,19 +210,22 @@ def per_parameter_work(mcfg, device: torch.device, reps: int = 5) -> dict:
 
         ema, opt = ShardedEMA(model), make_optimizer(model, DiffusionTrainConfig())
 
+        clock = time.perf_counter if device.type == "cuda" else time.thread_time  # CPU: blind to other load
+
         def timed(fn) -> float:
             ts = []
             for _ in range(reps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t0)
+                ts.append(clock() - t0)
             return sorted(ts)[reps // 2]
 
+        from dcae15.diffusion_train import _clip_and_guard
+
         return {"ema_update_ms": round(1e3 * timed(lambda: ema.update(0.9999)), 2),
-                "grad_clip_ms": round(1e3 * timed(lambda: torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), 1.0, foreach=True)), 2),
+                "grad_norm_clip_guard_ms": round(1e3 * timed(lambda: _clip_and_guard(model, opt, 1.0)), 2),
                 "adamw_step_ms": round(1e3 * timed(opt.step), 2)}
     finally:
         if created:
@@ -230,15 +233,17 @@ def per_parameter_work(mcfg, device: torch.device, reps: int = 5) -> dict:
 
 
 def gemm_flops(device: torch.device, n: int = 1024, reps: int = 5) -> float:
-    """Measured fp32 matmul FLOP/s: the CPU's 'peak' for an MFU figure (no datasheet number on CPU)."""
+    """Measured fp32 matmul FLOP/s: the CPU's 'peak' for an MFU figure (no datasheet number on CPU). Per CPU
+    second of this thread on CPU, so that other processes' load does not move it."""
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(reps):
         a @ b
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    return 2 * n**3 * reps / (clock() - t0)
 
 
 def overhead(args) -> None:
@@ -280,6 +285,12 @@ def overhead(args) -> None:
     parts = per_parameter_work(mcfg, device)
     parts["bare_step_ms"] = round(1e3 * args.batch / b, 1)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else gemm_flops(device)
+    if device.type == "cuda":
+        mfu = {"mfu_trainer": round(t * counted / peak, 4), "mfu_bare": round(b * counted / peak, 4)}
+    else:  # per CPU second of the training thread, against the GEMM rate per CPU second: load-independent
+        tc, bc = (sorted(v)[len(v) // 2] for v in (trainer_cpu, bare_cpu))
+        mfu = {"mfu_trainer_cpu_time": round(args.batch * counted / tc / peak, 4),
+               "mfu_bare_cpu_time": round(args.batch * counted / bc / peak, 4)}
     out = {"model": args.model + (f" ({args.size} width)" if overrides else ""), "params_M": round(n_params / 1e6, 2),
            "batch": args.batch, "latent": latent, "device": str(device), "threads": torch.get_num_threads(),
            "bare_img_s": round(b, 1), "trainer_img_s": round(t, 1), "trainer_over_bare": round(t / b, 3),
@@ -296,7 +307,7 @@ def overhead(args) -> None:
            "trainer_over_counted": round(trainer_flops / counted, 4),
            "rule_of_thumb_6NT_over_counted": round(formula / counted, 3),
            "peak_flops": peak, "peak_source": "--peak-tflops" if args.peak_tflops else "measured fp32 GEMM",
-           "mfu_trainer": round(t * counted / peak, 4), "mfu_bare": round(b * counted / peak, 4), **prof, **parts,
+           **mfu, **prof, **parts,
            "load": os.getloadavg()}
     print(json.dumps(out))
 

@@ -149,7 +149,8 @@ class DiffusionTrainConfig:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Loss or gradient norm became NaN/inf; the weights were not updated and the last checkpoint is intact."""
+    """Loss or gradient norm became NaN/inf (seen at the next log / checkpoint step); updates with a non-finite
+    gradient were skipped on the device, no checkpoint was written since, and the last checkpoint is intact."""
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
@@ -245,6 +246,27 @@ def make_optimizer(model: torch.nn.Module, cfg: DiffusionTrainConfig) -> torch.o
         return torch.optim.AdamW(model.parameters(), fused=True, **kw)
     except (RuntimeError, ValueError):  # a device without a fused kernel
         return torch.optim.AdamW(model.parameters(), foreach=True, **kw)
+
+
+def _clip_and_guard(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (a device scalar, identical on all ranks); clip to ``max_norm`` and skip the update of
+    a step whose norm is not finite — all without a host sync.
+
+    With the fused AdamW both ride in its kernel: ``grad_scale`` = 1 / clip coefficient (no separate pass over
+    the gradients) and ``found_inf`` (parameters and moments untouched, step count rolled back: the weights stay
+    finite until the NaN guard reads the flag). Other optimizers clip with one ``foreach`` pass.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # the all-reduce of the shards' norms
+    clip = math.isfinite(max_norm)
+    if optimizer.defaults.get("fused"):
+        if clip:
+            optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)  # grads / this
+        optimizer.found_inf = (~torch.isfinite(norm)).float()
+    elif clip:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm, foreach=True)
+    return norm
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -518,7 +540,8 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
         where = f"step {fb}" if fb else f"steps {step - n + 1}..{step}"
         raise NonFiniteLossError(
             f"{where}: the loss or grad norm is not finite (checked every log_every={cfg.log_every} steps and "
-            f"before each checkpoint; the run stopped at step {step} without saving). The last good checkpoint "
+            f"before each checkpoint; updates with a non-finite gradient were skipped; the run stopped at step "
+            f"{step} without saving). The last good checkpoint "
             f"is {read_latest(run_url, storage_options) or 'none'}. Lower lr or check the data.")
 
     step, t_log, c_log, n_log = start, time.perf_counter(), time.thread_time(), 0
@@ -550,8 +573,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                                   cfg.adt, norm)
                 part.backward()
                 loss += part.detach()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+            gnorm = _clip_and_guard(model, optimizer, max_norm)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, step)
             optimizer.step()

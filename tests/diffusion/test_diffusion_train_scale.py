@@ -235,3 +235,14 @@ def test_kill_during_async_save_keeps_latest_complete(latent_store, tmp_path):
     for which in ("model", "ema"):  # and the resumed run is the uninterrupted one, bit for bit
         wa, wb = _weights(ref["run_url"], 6, which), _weights(run, 6, which)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), which
+
+
+def test_nan_guard_reads_the_flag_every_log_every_steps(latent_store, tmp_path):
+    """No host sync per step: a blow-up at step 2 is seen at the step-4 check, which stops the run unsaved; the
+    first bad step is named."""
+    from dcae15.diffusion_train import NonFiniteLossError
+
+    cfg = _cfg(lr=1e30, steps=8, log_every=4, checkpoint_every=4, grad_clip=0)
+    with pytest.raises(NonFiniteLossError, match=r"^step 2: .*stopped at step 4 without saving"):
+        train_diffusion(cfg, latent_store, str(tmp_path / "nan"))
+    assert read_latest(str(tmp_path / "nan")) is None and not (tmp_path / "nan" / "checkpoints").exists()

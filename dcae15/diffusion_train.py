@@ -260,7 +260,8 @@ def _clip_and_guard(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ma
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # the all-reduce of the shards' norms
     clip = math.isfinite(max_norm)
-    if optimizer.defaults.get("fused"):
+    # per group, as loaded: a checkpoint of a non-fused optimizer (written before fused AdamW) resumes as it was
+    if all(g.get("fused") for g in optimizer.param_groups):
         if clip:
             optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)  # grads / this
         optimizer.found_inf = (~torch.isfinite(norm)).float()

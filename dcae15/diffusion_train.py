@@ -539,6 +539,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         fb = int(bad)
         where = f"step {fb}" if fb else f"steps {step - n + 1}..{step}"
+        finish_pending(wait=True)  # a save in flight (of a checked step) completes: name it below
         raise NonFiniteLossError(
             f"{where}: the loss or grad norm is not finite (checked every log_every={cfg.log_every} steps and "
             f"before each checkpoint; updates with a non-finite gradient were skipped; the run stopped at step "

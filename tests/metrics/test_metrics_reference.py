@@ -71,6 +71,7 @@ def test_metrics_reference_resumes_after_a_kill(proxy_spec, shapes_url, tmp_path
     np.testing.assert_array_equal(resumed.features, fresh.features)
 
 
+@pytest.mark.slow
 def test_metrics_reference_decodes_in_worker_processes(proxy_spec, shapes_url, tmp_path):
     """2 spawned decode workers give the statistics of in-process decoding; loader batches never straddle a read
     block of a packed dataset (each block decoded once)."""

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from dcae15.diffusion.adt import ADTConfig, diffusion_loss
+from dcae15.diffusion.adt import ADTConfig, LossNorm, draw_mask, micro_loss
 from dcae15.diffusion.checkpoint import (
     checkpoint_url,
     dcp_reader,
     dcp_writer,
+    list_checkpoints,
     prune_checkpoints,
     read_latest,
     read_run_config,
@@ -31,12 +32,14 @@ from storage.fingerprint import fingerprint, short_id
 from storage.urls import join, url_to_fs
 
 __all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
-           "latest_checkpoint", "save_config", "lr_at", "ema_decay_at", "main"]
+           "latest_checkpoint", "save_config", "lr_at", "ema_decay_at", "train_flops_per_image", "make_optimizer",
+           "main"]
 
 # Fields that change neither the math nor the data order: left out of the run id so a resubmission with more
 # steps, other logging or more loader workers continues the same run.
 _RUNTIME_FIELDS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "compile",
-                   "activation_checkpointing", "peak_tflops", "progress", "cpu_threads")
+                   "activation_checkpointing", "peak_tflops", "progress", "cpu_threads", "grad_accum_steps",
+                   "hsdp_shard_size", "async_checkpoint", "prefetch_batches")
 
 
 @dataclass(kw_only=True)
@@ -71,6 +74,17 @@ class DiffusionTrainConfig:
     flip: bool = True
     shuffle_chunks: int = 4
     num_workers: int = 0
+    prefetch_batches: int = 2
+    """Batches fetched ahead by a background thread while the step runs (>= 1)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step: each rank's batch is split in this many forward/backward passes (same
+    update as the whole batch up to fp rounding; gradients are reduced across ranks once, on the last one)."""
+    hsdp_shard_size: int | None = None
+    """Ranks that shard the model (e.g. the GPUs of one node); the world is replicated across
+    ``world_size / hsdp_shard_size`` such groups (HSDP, a 2-D mesh). None = shard across all ranks (FSDP)."""
+    async_checkpoint: bool = True
+    """Save checkpoints in a background thread (DCP async_save) after staging them to CPU memory; ``latest``
+    is written only once the save completed."""
     mixed_precision: str = "bf16"
     """'bf16' (bf16 params, fp32 reduce; GPU only, CPU always runs fp32) or 'fp32'."""
     activation_checkpointing: bool = False
@@ -93,9 +107,12 @@ class DiffusionTrainConfig:
         preset(self.model)  # unknown names fail here with the allowed set
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise ValueError(f"DiffusionTrainConfig.objective={self.objective!r}; allowed: {OBJECTIVES} or None")
-        for name in ("global_batch_size", "steps", "checkpoint_every", "log_every", "patch_size"):
+        for name in ("global_batch_size", "steps", "checkpoint_every", "log_every", "patch_size",
+                     "grad_accum_steps", "prefetch_batches"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"DiffusionTrainConfig.{name}={getattr(self, name)!r} must be >= 1")
+        if self.hsdp_shard_size is not None and int(self.hsdp_shard_size) < 1:
+            raise ValueError(f"DiffusionTrainConfig.hsdp_shard_size={self.hsdp_shard_size!r} must be >= 1 or None")
         if self.cpu_threads is not None and int(self.cpu_threads) < 1:
             raise ValueError(f"DiffusionTrainConfig.cpu_threads={self.cpu_threads!r} must be >= 1 or None")
         for name in ("warmup_steps", "num_workers", "keep_checkpoints", "grad_clip", "weight_decay"):
@@ -132,7 +149,8 @@ class DiffusionTrainConfig:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Loss or gradient norm became NaN/inf; the weights were not updated and the last checkpoint is intact."""
+    """Loss or gradient norm became NaN/inf (seen at the next log / checkpoint step); updates with a non-finite
+    gradient were skipped on the device, no checkpoint was written since, and the last checkpoint is intact."""
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
@@ -147,9 +165,10 @@ def ema_decay_at(cfg: DiffusionTrainConfig, step: int) -> float:
     return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the noise / timestep / label-dropout / c' draws of one (step, rank): resume needs no RNG replay."""
-    return int(fingerprint(["diffusion-step", seed, step, rank]), 16) % (2**63)
+def _noise_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of a rank's device generator (noise, timesteps, label dropout, c') when started at ``step``: its state
+    is checkpointed, so it is reseeded only at the start of a run or when the world size changed."""
+    return int(fingerprint(["diffusion-noise", seed, rank, step]), 16) % (2**63)
 
 
 def store_info(store_url: str, storage_options: dict | None = None) -> dict:
@@ -183,10 +202,28 @@ def run_id_for(cfg: DiffusionTrainConfig, store_id: str) -> str:
 
 
 def _flops_per_image(mcfg, tokens: int, params: int, passes: int) -> float:
-    """Training FLOPs per image: 6 N T for the matmuls plus 12 L T^2 D for attention (fwd + bwd), x passes."""
+    """Rule-of-thumb training FLOPs per image: 6 N T (all parameters as per-token matmuls) + 12 L T^2 D for
+    attention, x passes. It overcounts adaLN / embedding parameters, which act once per image: MFU uses
+    ``train_flops_per_image`` (counted); this stays as the cross-check printed by bench/train_step.py."""
     blocks = mcfg.depth + (1 if mcfg.arch == "uvit" else 0)
     t = tokens + (2 if mcfg.arch == "uvit" else 0)
     return passes * (6.0 * params * t + 12.0 * blocks * t * t * mcfg.hidden)
+
+
+def train_flops_per_image(mcfg, batch: int, passes: int = 1) -> float:
+    """Forward + backward FLOPs per image counted by ``torch.utils.flop_counter`` on a meta-device copy of the
+    model (no memory, no compute) at the real micro-batch (``passes`` = 2 when ADT adds the full objective)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, (h, w) = mcfg.in_channels, mcfg.input_size
+    n = batch * passes
+    with torch.device("meta"):
+        model = build_model(mcfg)
+        x, t = torch.randn(n, c, h, w), torch.full((n,), 500.0)
+        y = torch.zeros(n, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y).float().square().mean().backward()
+    return counter.get_total_flops() / batch
 
 
 def _peak_flops(cfg: DiffusionTrainConfig, device: torch.device) -> float | None:
@@ -199,6 +236,38 @@ def _peak_flops(cfg: DiffusionTrainConfig, device: torch.device) -> float | None
         if key in name:
             return tf * 1e12
     return None
+
+
+def make_optimizer(model: torch.nn.Module, cfg: DiffusionTrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all parameters, DTensors included) where the device supports it: the
+    per-parameter loop costs ~6x more on CPU at DiT-S size and is pure host overhead on a GPU."""
+    kw = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(model.parameters(), fused=True, **kw)
+    except (RuntimeError, ValueError):  # a device without a fused kernel
+        return torch.optim.AdamW(model.parameters(), foreach=True, **kw)
+
+
+def _clip_and_guard(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (a device scalar, identical on all ranks); clip to ``max_norm`` and skip the update of
+    a step whose norm is not finite — all without a host sync.
+
+    With the fused AdamW both ride in its kernel: ``grad_scale`` = 1 / clip coefficient (no separate pass over
+    the gradients) and ``found_inf`` (parameters and moments untouched, step count rolled back: the weights stay
+    finite until the NaN guard reads the flag). Other optimizers clip with one ``foreach`` pass.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # the all-reduce of the shards' norms
+    clip = math.isfinite(max_norm)
+    # per group, as loaded: a checkpoint of a non-fused optimizer (written before fused AdamW) resumes as it was
+    if all(g.get("fused") for g in optimizer.param_groups):
+        if clip:
+            optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)  # grads / this
+        optimizer.found_inf = (~torch.isfinite(norm)).float()
+    elif clip:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm, foreach=True)
+    return norm
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -323,18 +392,41 @@ def _read_metrics(run_url: str, upto: int, storage_options) -> list[dict]:
     return [r for r in rows if r["step"] <= upto]  # rows past the checkpoint are redone after a crash
 
 
+def _train_state_compat(ts: dict) -> dict:
+    """Checkpoints written before the elastic layout kept one {"reader", "rng"} per rank under "ranks"."""
+    if "readers" not in ts and ts.get("ranks") is not None:
+        ts["readers"] = [r["reader"] for r in ts["ranks"]]
+        ts["data_world_size"] = ts["world_size"]
+        ts["gens"] = None  # the old per-step CPU seeding: reseed the device generators
+    return ts
+
+
+def _drop_partial_checkpoints(run_url: str, latest_step: int, storage_options) -> None:
+    """Checkpoint dirs newer than ``latest`` are saves a kill interrupted: never complete, delete them."""
+    for s in list_checkpoints(run_url, storage_options):
+        if s > latest_step:
+            fs, path = url_to_fs(checkpoint_url(run_url, s), storage_options)
+            fs.rm(path, recursive=True)
+
+
 def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options) -> dict:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from dcae15.parallel import apply_parallelism
+    from dcae15.diffusion.data import DevicePrefetcher, RankBatches, layout_ranks
+    from dcae15.diffusion.ema import ShardedEMA
+    from dcae15.parallel import apply_parallelism, make_mesh
     from storage.reader import LatentStreamDataset
 
     if cfg.global_batch_size % ws:
         raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by world size {ws}")
     local_bs = cfg.global_batch_size // ws
+    accum = int(cfg.grad_accum_steps)
+    if local_bs % accum:
+        raise ValueError(f"grad_accum_steps={accum} does not divide the per-rank batch {local_bs} "
+                         f"(global_batch_size {cfg.global_batch_size} / {ws} ranks)")
+    micro = local_bs // accum
     c, h, w = info["channels"], info["height"], info["width"]
     mcfg = model_config(cfg.model, in_channels=c, input_size=(h, w), patch_size=cfg.patch_size,
                         num_classes=cfg.num_classes or info["num_classes"], **cfg.model_overrides)
@@ -342,121 +434,197 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     objective = make_objective(cfg.objective_name)
     if rank == 0:
         _write_config(cfg, store_url, run_url, info, run_id, mcfg, storage_options)
+        if latest is not None:
+            _drop_partial_checkpoints(run_url, int(latest["step"]), storage_options)
 
     # Same-seed init on every rank, then shard: every rank starts from identical weights.
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    mesh = init_device_mesh(device.type, (ws,))
+    mesh = make_mesh(device, ws, cfg.hsdp_shard_size)
     apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
                       activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
-    ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
-    train_state: dict = {"step": 0, "world_size": ws, "ranks": None}
-    app = _AppState(model, optimizer, ema, train_state)
-
-    reader_state = None
+    ema = ShardedEMA(model)
+    train_state: dict = {"step": 0, "world_size": ws, "data_world_size": ws, "readers": None, "gens": None}
+    app = _AppState(model, optimizer, ema.shadow, train_state)
+    # The noise / timestep / dropout / c' generator lives on the device (no host draws, no copies); its state
+    # is part of the checkpoint, which keeps resume exact.
+    gen = torch.Generator(device=device)
     if latest is not None:
         dcp.load({"app": app}, storage_reader=dcp_reader(latest["checkpoint"], storage_options))
-        if train_state["world_size"] != ws:
-            raise ValueError(f"checkpoint {latest['checkpoint']!r} was written by {train_state['world_size']} "
-                             f"ranks; resume the data stream with the same world size (now {ws})")
-        mine = train_state["ranks"][rank]
-        reader_state = mine["reader"]
-        torch.set_rng_state(mine["rng"])
+        _train_state_compat(train_state)
+        ema.refresh()
     start = int(train_state["step"])
+    dws = int(train_state["data_world_size"])
+    if train_state["gens"] is not None and train_state["world_size"] == ws:
+        gen.set_state(train_state["gens"][rank])
+    else:  # a new run, or another world size: per-rank noise streams cannot carry over
+        gen.manual_seed(_noise_seed(cfg.seed, rank, start))
 
-    ds = LatentStreamDataset(store_url, batch_size=local_bs, seed=cfg.seed, rank=rank, world_size=ws,
-                             shuffle_chunks=cfg.shuffle_chunks, flip=cfg.flip, normalize=cfg.normalize,
-                             infinite=True, storage_options=storage_options)
-    if reader_state is not None:
-        ds.load_state_dict(reader_state)
-    loader = iter(DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
+    # This rank's rows of each global batch come from the reader rank(s) of the run's data layout (elastic).
+    layout = layout_ranks(cfg.global_batch_size, dws, ws, rank)
+    sources, reader_states = [], {}
+    for q, lo, hi in layout:
+        ds = LatentStreamDataset(store_url, batch_size=cfg.global_batch_size // dws, seed=cfg.seed, rank=q,
+                                 world_size=dws, shuffle_chunks=cfg.shuffle_chunks, flip=cfg.flip,
+                                 normalize=cfg.normalize, infinite=True, storage_options=storage_options)
+        if train_state["readers"] is not None:
+            ds.load_state_dict(train_state["readers"][q])
+            reader_states[q] = train_state["readers"][q]
+        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        sources.append((q, iter(loader), lo, hi))
+    batches = DevicePrefetcher(RankBatches(sources), device, depth=cfg.prefetch_batches)
 
     metrics = _read_metrics(run_url, start, storage_options) if rank == 0 else []
     tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
     passes = 2 if (cfg.adt.enabled and cfg.adt.include_full) else 1
-    flops_img = _flops_per_image(mcfg, tokens, n_params, passes)
+    flops_img = train_flops_per_image(mcfg, micro, passes)
     peak = _peak_flops(cfg, device)
     null_class = mcfg.num_classes
+    chans_dev = torch.tensor(chans, dtype=torch.long, device=device)
     bar = tqdm(total=target, initial=start, disable=rank != 0 or not cfg.progress, desc=f"train {cfg.model}",
                dynamic_ncols=True)
+    # Async saves run their collectives on a group of their own, so they never interleave with training's.
+    ckpt_group = dist.new_group(backend="gloo") if cfg.async_checkpoint else None
+    pending: list = []  # [(step, future)] of the one save in flight
 
-    def save(step: int) -> None:
-        # Everyone's reader cursor and RNG, gathered so the saved object is identical on all ranks.
-        gathered = [None] * ws
-        dist.all_gather_object(gathered, {"reader": last_state, "rng": torch.get_rng_state()})
-        train_state.update(step=step, world_size=ws, ranks=gathered)
-        url = checkpoint_url(run_url, step)
-        dcp.save({"app": app}, storage_writer=dcp_writer(url, storage_options))
-        dist.barrier()
-        if rank == 0:  # metrics, then the pointer last, then pruning
-            body = "".join(json.dumps(r) + "\n" for r in metrics)
+    def publish(step: int) -> None:
+        """The checkpoint of ``step`` is complete: metrics, then the pointer last, then pruning."""
+        if rank == 0:
+            body = "".join(json.dumps(r) + "\n" for r in metrics if r["step"] <= step)
             write_text(join(run_url, "metrics.jsonl"), body, storage_options)
             write_latest(run_url, step, storage_options)
             prune_checkpoints(run_url, cfg.keep_checkpoints, step, storage_options)
-        dist.barrier()
 
-    last_state = reader_state
-    step, t_log, n_log, loss_acc = start, time.perf_counter(), 0, 0.0
-    while step < target:
-        batch = next(loader)
-        last_state = batch["state"]
-        x0 = batch["latents"].to(device, non_blocking=True)
-        y = batch["labels"].to(device, non_blocking=True)
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank))
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        u = torch.rand(x0.shape[0], generator=gen).to(device)
-        drop = (torch.rand(x0.shape[0], generator=gen) < cfg.label_dropout).to(device)
-        y = torch.where(drop, torch.full_like(y, null_class), y)
-        x_t, t, tgt = objective.prepare(x0, noise, u)
-        loss, linfo = diffusion_loss(model, x_t, t, y, tgt, cfg.adt, chans, gen)
-        loss.backward()
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-        # Global mean loss; this all-reduce is a sync point, and it lets every rank see the same NaN verdict.
-        lsum = loss.detach().float().clone()
-        dist.all_reduce(lsum)
-        lval, gval = float(lsum) / ws, float(gnorm)
-        if not (math.isfinite(lval) and math.isfinite(gval)):
+    def finish_pending(wait: bool) -> None:
+        if not pending or not (wait or pending[0][1].done()):
+            return
+        step_done, fut = pending.pop()
+        fut.result()  # re-raises a failed save: `latest` then keeps naming the previous checkpoint
+        publish(step_done)
+
+    def save(step: int) -> None:
+        # Every layout rank's reader cursor and every rank's generator, gathered so the saved object is
+        # identical on all ranks (DCP keeps one copy).
+        gathered = [None] * ws
+        dist.all_gather_object(gathered, {"readers": reader_states, "gen": gen.get_state()})
+        readers = [None] * dws
+        for g in gathered:
+            for q, st in g["readers"].items():
+                readers[q] = st
+        train_state.update(step=step, world_size=ws, data_world_size=dws, readers=readers,
+                           gens=[g["gen"] for g in gathered], ranks=None)
+        url = checkpoint_url(run_url, step)
+        if not cfg.async_checkpoint:
+            dcp.save({"app": app}, storage_writer=dcp_writer(url, storage_options))
+            dist.barrier()  # every rank's shard is written before the pointer moves
+            publish(step)
+            dist.barrier()
+            return
+        finish_pending(wait=True)  # one save in flight at a time
+        fut = dcp.async_save({"app": app}, storage_writer=dcp_writer(url, storage_options),
+                             process_group=ckpt_group)
+        pending.append((step, getattr(fut, "upload_completion", fut)))
+
+    def check(step: int, acc: torch.Tensor, first_bad: torch.Tensor, n: int) -> list[float]:
+        """Read the window's device accumulators (the only host sync); stop the run on a non-finite value."""
+        vals = acc.clone()
+        dist.all_reduce(vals)  # every rank gets the same verdict
+        loss_sum, gnorm_sum, cp_sum = vals.tolist()
+        if math.isfinite(loss_sum) and math.isfinite(gnorm_sum):
+            return [loss_sum / ws / n, gnorm_sum / ws / n, cp_sum / ws / n]
+        bad = first_bad.clone()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        fb = int(bad)
+        where = f"step {fb}" if fb else f"steps {step - n + 1}..{step}"
+        finish_pending(wait=True)  # a save in flight (of a checked step) completes: name it below
+        raise NonFiniteLossError(
+            f"{where}: the loss or grad norm is not finite (checked every log_every={cfg.log_every} steps and "
+            f"before each checkpoint; updates with a non-finite gradient were skipped; the run stopped at step "
+            f"{step} without saving). The last good checkpoint "
+            f"is {read_latest(run_url, storage_options) or 'none'}. Lower lr or check the data.")
+
+    step, t_log, c_log, n_log = start, time.perf_counter(), time.thread_time(), 0
+    acc = torch.zeros(3, device=device)  # loss, grad norm, c' summed over the log window (local)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
+    step_dev = torch.full((), start, dtype=torch.long, device=device)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    try:
+        while step < target:
+            batch = next(batches)  # prefetched in the background; non-blocking host-to-device copy
+            reader_states.update(batch["states"])
+            x0 = batch["latents"].float()  # no-op for fp32 batches
+            y = batch["labels"]
+            # All random draws for the whole local batch at once, on the device: micro-batching then changes
+            # nothing but the fp summation order.
+            noise = torch.randn(x0.shape, generator=gen, device=device)
+            u = torch.rand(x0.shape[0], generator=gen, device=device)
+            drop = torch.rand(x0.shape[0], generator=gen, device=device) < cfg.label_dropout
+            y = torch.where(drop, null_class, y)
+            mask, cprime = draw_mask(cfg.adt, chans_dev, x0.shape[0], c, gen, device)
+            x_t, t, tgt = objective.prepare(x0, noise, u)
+            norm = LossNorm(x0.shape, mask)
+            loss = torch.zeros((), device=device)
+            for i in range(accum):
+                sl = slice(i * micro, (i + 1) * micro)
+                if accum > 1:  # reduce gradients across ranks only once, after the last micro-batch
+                    model.set_requires_gradient_sync(i == accum - 1)
+                part = micro_loss(model, x_t[sl], t[sl], y[sl], tgt[sl], None if mask is None else mask[sl],
+                                  cfg.adt, norm)
+                part.backward()
+                loss += part.detach()
+            gnorm = _clip_and_guard(model, optimizer, max_norm)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            bar.close()
-            raise NonFiniteLossError(
-                f"step {step + 1}: loss={lval} grad_norm={gval} is not finite; weights were not updated. The last "
-                f"good checkpoint is {read_latest(run_url, storage_options)}. Lower lr or check the data.")
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            d = ema_decay_at(cfg, step)
-            for n, p in model.named_parameters():
-                ema[n].lerp_(p.detach().float(), 1.0 - d)
-        step += 1
-        n_log += 1
-        loss_acc += lval
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == target:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t_log
-            img_s = n_log * cfg.global_batch_size / dt
-            row = {"step": step, "loss": loss_acc / n_log, "grad_norm": gval, "lr": lr_at(cfg, step - 1),
-                   "c_prime": linfo["c_prime"], "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time()}
-            if peak:
-                row["mfu"] = img_s * flops_img / (peak * ws)
-            if device.type == "cuda":
-                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if rank == 0:
-                metrics.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}")
-            t_log, n_log, loss_acc = time.perf_counter(), 0, 0.0
-        if step % cfg.checkpoint_every == 0 or step == target:
-            save(step)
-    bar.close()
+            ema.update(ema_decay_at(cfg, step))
+            # Device-side bookkeeping, read every log_every steps (no per-step host sync).
+            step_dev += 1
+            stats = torch.stack([loss, gnorm.float(), cprime.float().mean()])
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(stats[:2]).all(), step_dev, first_bad)
+            acc += stats
+            step += 1
+            n_log += 1
+            bar.update(1)
+            if pending:
+                finish_pending(wait=False)
+            is_ckpt = step % cfg.checkpoint_every == 0 or step == target
+            if step % cfg.log_every == 0 or step == target or is_ckpt:
+                loss_m, gnorm_m, cp_m = check(step, acc, first_bad, n_log)  # a checkpoint is never non-finite
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t_log
+                img_s = n_log * cfg.global_batch_size / dt
+                row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m, "lr": lr_at(cfg, step - 1),
+                       "c_prime": cp_m, "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time(),
+                       # CPU time of the training thread per step: its host work on a GPU (must stay below the
+                       # step time), everything on CPU; unlike img_per_s, blind to other processes' load
+                       "thread_cpu_s_per_step": (time.thread_time() - c_log) / n_log}
+                if peak:
+                    row["mfu"] = img_s * flops_img / (peak * ws)
+                if device.type == "cuda":
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                if rank == 0:
+                    metrics.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}")
+                t_log, c_log, n_log = time.perf_counter(), time.thread_time(), 0
+                acc.zero_()
+            if is_ckpt:
+                save(step)
+        finish_pending(wait=True)
+    finally:
+        bar.close()
+        batches.close()
+        if pending:  # an error stopped training: let the save in flight finish (its step was checked)
+            try:
+                finish_pending(wait=True)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        if ckpt_group is not None:
+            dist.destroy_process_group(ckpt_group)
     ckpt = checkpoint_url(run_url, step)
     return {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"], "step": step,
             "checkpoint": ckpt, "done": step >= cfg.steps}

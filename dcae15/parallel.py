@@ -5,7 +5,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["apply_parallelism", "mixed_precision_policy"]
+__all__ = ["apply_parallelism", "make_mesh", "mixed_precision_policy"]
+
+
+def make_mesh(device: torch.device, world_size: int, shard_size: int | None = None):
+    """The device mesh FSDP2 shards over: 1-D over all ranks (FSDP), or 2-D ``(replicate, shard)`` for HSDP.
+
+    With ``shard_size`` s < world size, parameters are sharded within groups of s consecutive ranks (one node's
+    GPUs: the reduce-scatter stays on NVLink) and replicated across the ``world_size / s`` groups (one
+    all-reduce of the shards across nodes per step).
+
+    Raises:
+        ValueError: ``shard_size`` does not divide the world size.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shard_size is None or int(shard_size) == world_size:
+        return init_device_mesh(device.type, (world_size,))
+    s = int(shard_size)
+    if s < 1 or world_size % s:
+        raise ValueError(f"hsdp_shard_size={shard_size} must divide the world size {world_size}")
+    return init_device_mesh(device.type, (world_size // s, s), mesh_dim_names=("replicate", "shard"))
 
 
 def mixed_precision_policy(device: torch.device, mixed_precision: str):
@@ -29,7 +49,8 @@ def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_pre
 
     Args:
         model: a backbone exposing ``blocks_to_shard`` (its transformer blocks).
-        mesh: a 1-D ``DeviceMesh`` over all ranks.
+        mesh: a 1-D ``DeviceMesh`` over all ranks (FSDP) or a 2-D ``(replicate, shard)`` one (HSDP), see
+            ``make_mesh``.
         device: where the parameters live.
         mixed_precision: 'bf16' (bf16 params, fp32 reduce; GPU only) or 'fp32'.
         activation_checkpointing: recompute each block's activations in the backward pass.

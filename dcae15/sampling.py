@@ -1,6 +1,16 @@
-"""Sample a trained diffusion run into a resumable uint8 sample store, decoding with the store's autoencoder."""
+"""Sample a trained diffusion run into a resumable uint8 sample store, decoding with the store's autoencoder.
+
+Under ``torchrun`` every process takes its share of the missing units (unit u goes to rank ``u mod world``
+among the missing ones), so N GPUs sample N times as fast and each unit is written by exactly one rank; the
+images depend only on (seed, unit, batch), never on the number of processes.
+"""
 
 from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
 
 import numpy as np
 import torch
@@ -11,11 +21,44 @@ from dcae15.diffusion.samplers import SAMPLERS, sample_latents
 from dcae15.models.registry import ModelConfig, build_model
 from storage.fingerprint import fingerprint
 
-__all__ = ["DEFAULT_SAMPLER", "LABEL_MODES", "load_run_model", "make_labels", "denormalize", "to_uint8",
-           "sample_to_store"]
+__all__ = ["DEFAULT_SAMPLER", "LABEL_MODES", "PRECISIONS", "load_run_model", "make_labels", "denormalize",
+           "to_uint8", "sample_to_store", "main"]
 
 DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "heun"}
 LABEL_MODES = ("uniform", "balanced")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast for the backbone and the decoder ('auto' = bf16 on a GPU, fp32 on CPU, where bf16 matmuls
+    are slow); the samplers' updates stay fp32 (the models' outputs are cast back)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {PRECISIONS}")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _unit_seed(seed: int, unit: int, batch: int) -> int:
+    return int(fingerprint(["sample", seed, unit, batch]), 16) % 2**63
+
+
+def _distributed(device: torch.device | None) -> tuple[int, int, torch.device, bool]:
+    """(rank, world, device, created): a process group when run under torchrun (or one already live)."""
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        created = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if device is None:
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device("cpu")
+    return rank, world, torch.device(device), created
 
 
 def _resolve_checkpoint(run_url: str, checkpoint, storage_options) -> tuple[int, str]:
@@ -87,12 +130,14 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
                     cfg_scale: float = 1.0, seed: int = 0, checkpoint: int | str | None = None,
                     guidance_interval: tuple[float, float] = (0.0, 1.0), labels: str = "uniform",
                     batch_size: int = 64, chunk_size: int = 256, ema: bool = True, ae_url: str | None = None,
-                    device: str | torch.device | None = None, progress: bool = True,
+                    device: str | torch.device | None = None, precision: str = "auto", progress: bool = True,
                     storage_options: dict | None = None) -> str:
     """Generate ``num_samples`` images into the sample store at ``out_url``; a rerun writes only missing units.
 
-    Every unit's noise comes from a generator seeded by (seed, unit, batch), so a resumed job writes the same
-    images an uninterrupted one would.
+    Every unit's noise comes from a generator on the sampling device seeded by (seed, unit, batch), so a resumed
+    job, or one run on any number of processes, writes the same images an uninterrupted one-process job would
+    (on the same kind of device: CPU and CUDA generators draw different numbers). Under torchrun each rank
+    samples its share of the missing units.
 
     Args:
         run_url: a diffusion run directory.
@@ -102,21 +147,38 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
         checkpoint: step number, checkpoint URL, or None for ``latest``.
         labels: 'uniform' or 'balanced' class labels.
         ae_url: override the autoencoder location recorded in the store (its fingerprint is still checked).
+        device: None = this rank's GPU (LOCAL_RANK) if there is one, else the CPU.
+        precision: 'auto' (bf16 autocast on a GPU, fp32 on CPU), 'bf16' or 'fp32', for backbone and decoder.
 
     Returns:
         ``out_url``.
     """
-    from tqdm.auto import tqdm
-
-    from storage.sample_store import SampleStore
-
     if num_samples < 1 or batch_size < 1 or chunk_size < 1:
         raise ValueError(f"num_samples, batch_size, chunk_size must be >= 1; got {num_samples}, {batch_size}, "
                          f"{chunk_size}")
     lo, hi = (float(v) for v in guidance_interval)
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"guidance_interval={guidance_interval!r} must satisfy 0 <= lo <= hi <= 1")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {PRECISIONS}")
+    rank, world, device, created = _distributed(None if device is None else torch.device(device))
+    try:
+        return _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, checkpoint, (lo, hi), labels,
+                       batch_size, chunk_size, ema, ae_url, device, precision, progress, storage_options, rank, world)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, checkpoint, interval, labels, batch_size,
+            chunk_size, ema, ae_url, device, precision, progress, storage_options, rank, world) -> str:
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from storage.sample_store import SampleStore
+
     model, conf, step = load_run_model(run_url, checkpoint=checkpoint, ema=ema, device=device,
                                        storage_options=storage_options)
     objective = make_objective(conf["objective"])
@@ -127,23 +189,62 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
     mc = conf["model_config"]
     ae = _load_ae(conf, ae_url, device, storage_options)
     res = int(conf.get("resolution") or mc["input_size"][0] * ae.spatial_compression)
+    lo, hi = interval
     spec = {"run_id": conf["run_id"], "checkpoint_step": step, "sampler": sampler, "steps": int(steps),
             "cfg_scale": float(cfg_scale), "guidance_interval": [lo, hi], "seed": int(seed), "labels": labels,
             "ema": bool(ema), "ae_fingerprint": conf["ae_fingerprint"]}
-    store = SampleStore.create(out_url, num_samples=num_samples, height=res, width=res, chunk_size=chunk_size,
-                               attrs={**spec, "spec_fingerprint": fingerprint(spec)}, storage_options=storage_options)
+
+    def create():
+        return SampleStore.create(out_url, num_samples=num_samples, height=res, width=res, chunk_size=chunk_size,
+                                  attrs={**spec, "spec_fingerprint": fingerprint(spec)},
+                                  storage_options=storage_options)
+
+    if world > 1:  # rank 0 creates the store and lists what is missing; the others follow its view
+        store = create() if rank == 0 else None
+        msg = [store.missing_units() if rank == 0 else None]
+        dist.broadcast_object_list(msg, src=0)
+        if store is None:
+            store = SampleStore.open(out_url, storage_options=storage_options)
+        missing = msg[0][rank::world]
+    else:
+        store = create()
+        missing = store.missing_units()
     all_labels = make_labels(num_samples, mc["num_classes"], labels, seed)
     shape = (mc["in_channels"], *mc["input_size"])
-    missing = store.missing_units()
-    for unit in tqdm(missing, desc="sample units", disable=not progress):
+    for unit in tqdm(missing, desc=f"sample units (rank {rank}/{world})", disable=not progress):
         a, b = store.unit_bounds(unit)
         images = []
         for i, s in enumerate(range(a, b, batch_size)):
-            y = torch.from_numpy(all_labels[s:min(b, s + batch_size)]).long()
-            gen = torch.Generator().manual_seed(int(fingerprint(["sample", seed, unit, i]), 16) % 2**63)
-            z = sample_latents(model, objective, shape=(len(y), *shape), labels=y, sampler=sampler, steps=steps,
-                               generator=gen, cfg_scale=cfg_scale, guidance_interval=(lo, hi),
-                               null_class=mc["num_classes"], device=device)
-            images.append(to_uint8(ae.decode(denormalize(z, conf["latent_norm"]))))
+            y = torch.from_numpy(all_labels[s:min(b, s + batch_size)]).long().to(device)
+            gen = torch.Generator(device=device).manual_seed(_unit_seed(seed, unit, i))
+            with _autocast(device, precision):
+                z = sample_latents(model, objective, shape=(len(y), *shape), labels=y, sampler=sampler,
+                                   steps=steps, generator=gen, cfg_scale=cfg_scale, guidance_interval=(lo, hi),
+                                   null_class=mc["num_classes"], device=device)
+                images.append(to_uint8(ae.decode(denormalize(z.float(), conf["latent_norm"]))))
         store.write_unit(unit, np.concatenate(images), all_labels[a:b])
+    if world > 1:
+        dist.barrier()  # the store is complete when every rank returns
     return out_url
+
+
+def main(argv: list[str] | None = None) -> str:
+    """``python -m dcae15.sampling RUN OUT --spec '{"num_samples": 50000, ...}'`` (also under torchrun)."""
+    ap = argparse.ArgumentParser(description="Sample a diffusion run into a resumable sample store.")
+    ap.add_argument("run_url")
+    ap.add_argument("out_url")
+    ap.add_argument("--spec", default="{}", help="JSON of sample_to_store keyword arguments")
+    ap.add_argument("--checkpoint", default=None, help="step number or checkpoint URL (default: latest)")
+    args = ap.parse_args(argv)
+    kw = json.loads(args.spec)
+    if args.checkpoint is not None:
+        kw["checkpoint"] = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
+    kw.setdefault("progress", int(os.environ.get("RANK", "0")) == 0)
+    out = sample_to_store(args.run_url, args.out_url, **kw)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"out_url": out}))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -176,8 +176,13 @@ class SampleSection:
     batch_size: int = 64
     chunk_size: int = 256
     """Images per sample-store unit: the granularity at which a killed sampling job resumes."""
+    precision: str = "auto"
+    """Backbone + decoder autocast: ``auto`` (bf16 on a GPU, fp32 on CPU), ``bf16`` or ``fp32``. Sampling runs
+    on as many processes as training (``diffusion.nproc_per_node`` / ``nnodes`` / ``launcher``)."""
 
     def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"sample.precision must be one of auto, bf16, fp32; got {self.precision!r}")
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError(f"sample.num_samples, steps, batch_size, chunk_size must be >= 1, got {self.num_samples}, "
                              f"{self.steps}, {self.batch_size}, {self.chunk_size}")
@@ -187,16 +192,18 @@ class SampleSection:
 class EvalSection:
     """Scoring samples against the real data."""
 
-    extractor: str = "proxy"
-    """``proxy`` (a small classifier trained on the demo data; numbers labelled proxy-*) or ``inception``."""
+    extractor: str = "auto"
+    """``inception`` (the standard numbers; needs its local weights), ``proxy`` (a small classifier trained on the
+    demo data; numbers labelled proxy-*), or ``auto``: inception for real data (``data.source`` set), proxy for
+    the generated demo dataset."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the metrics package (e.g. the proxy's training steps, Inception weights path)."""
     reconstruction: bool = True
     """Also score the autoencoder's reconstructions per c' (rFID / PSNR / SSIM / LPIPS) and draw its figures."""
 
     def __post_init__(self) -> None:
-        if self.extractor not in ("proxy", "inception"):
-            raise ValueError(f"evaluate.extractor must be 'proxy' or 'inception', got {self.extractor!r}")
+        if self.extractor not in ("auto", "proxy", "inception"):
+            raise ValueError(f"evaluate.extractor must be 'auto', 'proxy' or 'inception', got {self.extractor!r}")
 
 
 @dataclass(kw_only=True)
@@ -212,6 +219,10 @@ class PipelineConfig:
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     sample: SampleSection = field(default_factory=SampleSection)
     evaluate: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        if self.evaluate.extractor == "auto":  # real data gets the standard extractor; the demo keeps its proxy
+            self.evaluate.extractor = "inception" if self.data.source is not None else "proxy"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,5 @@
-"""Stage 5: sample a trained run (its latest or a given checkpoint) into a resumable sample store."""
+"""Stage 5: sample a trained run (its latest or a given checkpoint) into a resumable sample store — in this process,
+or on every GPU via torchrun with the ``diffusion`` section's launch settings (like training)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.caching import STAGE_CACHE, run_cached
+from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.diffusion import describe_run
+from flows.launch import run_streaming, torchrun_command
 
 __all__ = ["describe_samples", "validate_samples", "draw_samples", "sample"]
 
@@ -34,16 +36,34 @@ def validate_samples(pointer: dict[str, Any]) -> str | None:
     return None if now["complete"] else "sample store has missing units"
 
 
-@task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
-def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str, Any]) -> dict[str, Any]:
-    """Sample ``spec['num_samples']`` images from ``run`` at ``checkpoint`` into ``<root>/samples/<id>``."""
+@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json")
+def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str, Any],
+                 launch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sample ``spec['num_samples']`` images from ``run`` at ``checkpoint`` into ``<root>/samples/<id>``.
+
+    ``launch`` (as for training: launcher, nproc_per_node, nnodes, torchrun_args) is not part of the cache key:
+    the images do not depend on how many processes drew them.
+    """
+    import json
+
     from dcae15.sampling import sample_to_store
     from storage.fingerprint import short_id
     from storage.urls import join
 
+    log = get_run_logger()
     out_url = join(root, "samples", short_id(run["run_id"], checkpoint, spec))
-    get_run_logger().info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
-    sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
+    launch = launch or {"launcher": "inprocess", "nproc_per_node": 1, "nnodes": 1, "torchrun_args": []}
+    world = launch["nproc_per_node"] * launch["nnodes"]
+    if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
+        log.info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
+        sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
+    else:
+        cmd = torchrun_command("dcae15.sampling", [run["url"], out_url, "--checkpoint", str(checkpoint),
+                                                   "--spec", json.dumps(spec)],
+                               nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
+                               extra=launch["torchrun_args"])
+        log.info("launching %s", " ".join(cmd))
+        run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))
     return describe_samples(out_url)
 
 
@@ -55,5 +75,8 @@ def sample(run: str, root: str | None = None, config: ConfigArg = "demo", checkp
     step = latest["step"] if checkpoint is None else int(checkpoint)
     # the run's identity, not its latest step: sampling step 100 stays cached while training goes on
     ref = {"url": latest["url"], "run_id": latest["run_id"]}
+    d = cfg.diffusion
+    launch = {"launcher": d.launcher, "nproc_per_node": d.nproc_per_node, "nnodes": d.nnodes,
+              "torchrun_args": list(d.torchrun_args)}
     return run_cached(draw_samples, validate_samples, root=cfg.root, run=ref, checkpoint=step,
-                      spec=dataclasses.asdict(cfg.sample))
+                      spec=dataclasses.asdict(cfg.sample), launch=launch)

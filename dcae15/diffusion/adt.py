@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["ADTConfig", "ADT_MODES", "default_channel_list", "sample_channels", "channel_mask", "masked_mse",
-           "diffusion_loss"]
+           "diffusion_loss", "draw_mask", "LossNorm", "micro_loss"]
 
 ADT_MODES = ("per_batch", "per_sample")
 
@@ -52,11 +52,14 @@ def default_channel_list(c: int, start: int = 16, step: int = 4) -> list[int]:
     return sorted(set(range(start, c + 1, step)) | {c}) if c > start else [c]
 
 
-def sample_channels(chans: list[int], batch: int, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """c' per sample (B,) drawn uniformly from ``chans`` with ``gen`` (per batch: one draw repeated)."""
+def sample_channels(chans: list[int] | torch.Tensor, batch: int, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """c' per sample (B,) drawn uniformly from ``chans`` with ``gen`` (per batch: one draw repeated).
+
+    ``chans`` may be a long tensor already on the generator's device (the trainer's: no copy per step)."""
     n = 1 if mode == "per_batch" else batch
-    idx = torch.randint(len(chans), (n,), generator=gen)
-    return torch.tensor(chans, dtype=torch.long)[idx].expand(batch).clone()
+    idx = torch.randint(len(chans), (n,), generator=gen, device=gen.device)  # on the generator's device: no sync
+    table = chans if isinstance(chans, torch.Tensor) else torch.tensor(chans, dtype=torch.long, device=gen.device)
+    return table[idx].expand(batch).clone()
 
 
 def channel_mask(cprime: torch.Tensor, c: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -71,22 +74,53 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return sq.sum() / mask.expand_as(pred).sum()
 
 
+def draw_mask(adt: ADTConfig, chans: list[int], batch: int, c: int, gen: torch.Generator, device,
+              dtype=torch.float32) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(mask (B, c, 1, 1) or None when ADT is off, c' per sample (B,)) drawn with ``gen`` for a whole batch."""
+    if not adt.enabled:
+        return None, torch.full((batch,), c, dtype=torch.long, device=device)
+    cprime = sample_channels(chans, batch, adt.mode, gen)
+    return channel_mask(cprime, c, dtype, device), cprime
+
+
+class LossNorm:
+    """Denominators of the batch's losses (active elements of the whole batch), so that the losses of
+    micro-batches add up to the loss of the whole batch exactly (gradient accumulation)."""
+
+    def __init__(self, shape: torch.Size, mask: torch.Tensor | None):
+        self.full = float(shape.numel())
+        self.masked = mask.expand(shape).sum() if mask is not None else None  # device scalar: no sync
+
+
+def _sq_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    sq = (pred.float() - target.float()).square()
+    return (sq * mask).sum() if mask is not None else sq.sum()
+
+
+def micro_loss(model, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+               mask: torch.Tensor | None, adt: ADTConfig, norm: LossNorm) -> torch.Tensor:
+    """This (micro-)batch's share of the batch loss of Eq. 2 (``norm`` holds the whole batch's denominators).
+
+    ``mask`` None = ADT off (plain loss on all channels). With ``include_full`` the full and masked inputs go
+    through the model as one concatenated batch (one forward, same x_t / t).
+    """
+    if mask is None:
+        return _sq_sum(model(x_t, t, y), target, None) / norm.full
+    if not adt.include_full:
+        return _sq_sum(model(x_t * mask, t, y), target, mask) / norm.masked
+    b = x_t.shape[0]
+    out = model(torch.cat([x_t, x_t * mask]), torch.cat([t, t]), torch.cat([y, y]))  # (2B, C, H, W)
+    return 0.5 * (_sq_sum(out[:b], target, None) / norm.full + _sq_sum(out[b:], target, mask) / norm.masked)
+
+
 def diffusion_loss(model, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
                    adt: ADTConfig, chans: list[int], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Diffusion loss of ``model`` with or without ADT; returns (loss, info with the c' used).
+    """Diffusion loss of ``model`` with or without ADT; returns (loss, info with the mean c' as a 0-d tensor).
 
     Eq. 2: || eps * m - eps_theta(x_t * m, t) * m ||^2 averaged over active elements. With ``include_full`` the
     full and masked inputs go through the model as one concatenated batch (one forward, same x_t / t).
     """
     b, c = x_t.shape[:2]
-    if not adt.enabled:
-        return masked_mse(model(x_t, t, y), target, torch.ones(1, 1, 1, 1, device=x_t.device)), {"c_prime": c}
-    cprime = sample_channels(chans, b, adt.mode, gen)
-    m = channel_mask(cprime, c, x_t.dtype, x_t.device)
-    info = {"c_prime": float(cprime.float().mean())}
-    if not adt.include_full:
-        return masked_mse(model(x_t * m, t, y), target, m), info
-    out = model(torch.cat([x_t, x_t * m]), torch.cat([t, t]), torch.cat([y, y]))  # (2B, C, H, W)
-    ones = torch.ones_like(m)
-    loss = 0.5 * (masked_mse(out[:b], target, ones) + masked_mse(out[b:], target, m))
-    return loss, info
+    mask, cprime = draw_mask(adt, chans, b, c, gen, x_t.device, x_t.dtype)
+    loss = micro_loss(model, x_t, t, y, target, mask, adt, LossNorm(x_t.shape, mask))
+    return loss, {"c_prime": cprime.float().mean()}

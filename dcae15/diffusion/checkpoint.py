@@ -10,7 +10,7 @@ import torch
 from storage.urls import join, put_atomic, url_to_fs
 
 __all__ = ["checkpoint_url", "read_latest", "write_latest", "read_run_config", "write_text", "list_checkpoints",
-           "prune_checkpoints", "dcp_writer", "dcp_reader", "load_ema_state"]
+           "prune_checkpoints", "dcp_writer", "dcp_reader", "load_ema_state", "read_train_state"]
 
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
@@ -121,3 +121,18 @@ def load_ema_state(ckpt_url: str, model: torch.nn.Module, *, which: str = "ema",
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(state["app"][which][n])
+
+
+def read_train_state(ckpt_url: str, storage_options: dict | None = None) -> dict:
+    """The trainer's small state of a DCP checkpoint: step, world sizes, reader cursors, generator states."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    state = {"app": {"train": io.BytesIO()}}
+    dcp.load(state, storage_reader=dcp_reader(ckpt_url, storage_options),
+             planner=DefaultLoadPlanner(allow_partial_load=True))
+    blob = state["app"]["train"]
+    blob.seek(0)
+    return torch.load(blob, weights_only=True)

@@ -48,10 +48,13 @@ class DDPMObjective(Objective):
         self.betas = betas_for(schedule)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64 [1000]
         self.num_timesteps = len(self.betas)
+        self._on_device: dict = {}  # alphas_cumprod per device: no host->device copy per training step
 
     def prepare(self, x0, noise, u):
         t = (u * self.num_timesteps).long().clamp_(max=self.num_timesteps - 1)  # (B,) ints
-        ab = self.alphas_cumprod.to(x0.device)[t]
+        if x0.device not in self._on_device:
+            self._on_device[x0.device] = self.alphas_cumprod.to(x0.device)
+        ab = self._on_device[x0.device][t]
         x_t = _bcast(ab.sqrt(), x0) * x0 + _bcast((1 - ab).sqrt(), x0) * noise
         return x_t, t.to(x0.dtype), noise
 

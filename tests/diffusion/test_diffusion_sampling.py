@@ -69,3 +69,40 @@ def test_label_modes():
     assert sorted(make_labels(9, 3, "balanced", 1).tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     with pytest.raises(ValueError, match="allowed"):
         make_labels(3, 3, "zipf", 0)
+
+
+def test_two_ranks_split_units_and_write_the_one_process_store(trained_run):
+    """torchrun with 2 gloo processes: each unit written by one rank, the store equal to a 1-process run."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, run = trained_run
+    kw = dict(num_samples=10, sampler="euler", steps=2, cfg_scale=2.0, seed=5, batch_size=4, chunk_size=4,
+              labels="uniform")
+    one = SampleStore.open(sample_to_store(run, str(root / "one"), progress=False, **kw))
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dcae15.sampling", run, str(root / "two"), "--spec", json.dumps({**kw, "progress": True})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # 3 units: rank 0 samples units 0 and 2, rank 1 unit 1
+    assert "(rank 0/2): 100%|██████████| 2/2" in proc.stderr and "(rank 1/2): 100%|██████████| 1/1" in proc.stderr
+    two = SampleStore.open(str(root / "two"))
+    assert two.missing_units() == []
+    (a, la), (b, lb) = one.read_all(), two.read_all()
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+
+
+def test_bf16_autocast_path(trained_run):
+    root, run = trained_run
+    kw = dict(num_samples=4, sampler="euler", steps=2, seed=1, batch_size=4, chunk_size=4, progress=False)
+    fp32, _ = SampleStore.open(sample_to_store(run, str(root / "fp32"), precision="fp32", **kw)).read_all()
+    bf16, _ = SampleStore.open(sample_to_store(run, str(root / "bf16"), precision="bf16", **kw)).read_all()
+    diff = np.abs(fp32.astype(int) - bf16.astype(int))
+    assert 0 < diff.mean() < 8  # bf16 really ran (differs), and stays close to fp32
+    with pytest.raises(ValueError, match="precision"):
+        sample_to_store(run, str(root / "bad3"), precision="fp8", **kw)

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 
 def test_metrics_reference_matches_direct_stats_and_is_reused(proxy_spec, shapes_url, shapes_images, tmp_path,
@@ -33,7 +34,7 @@ def test_metrics_reference_matches_direct_stats_and_is_reused(proxy_spec, shapes
     assert a == pytest.approx(b, rel=1e-5, abs=1e-8)
 
     # reused: a second call computes nothing
-    monkeypatch.setattr(reference, "extract_features", lambda *a, **k: pytest.fail("recomputed a cached reference"))
+    monkeypatch.setattr(reference, "_block_features", lambda *a, **k: pytest.fail("recomputed a cached reference"))
     assert reference.reference_stats(shapes_url, 32, proxy_spec, cache_url=cache, num_features=300) == url
     assert reference.get_reference(shapes_url, 32, proxy_spec, cache_url=cache, num_features=300).url == url
     # any changed input is another reference
@@ -45,7 +46,7 @@ def test_metrics_reference_matches_direct_stats_and_is_reused(proxy_spec, shapes
 def test_metrics_reference_resumes_after_a_kill(proxy_spec, shapes_url, tmp_path, monkeypatch):
     import dcae15.metrics.reference as reference
 
-    real = reference.extract_features
+    real = reference._block_features
     calls = []
 
     def dies_on_third_block(*a, **k):
@@ -54,12 +55,12 @@ def test_metrics_reference_resumes_after_a_kill(proxy_spec, shapes_url, tmp_path
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(reference, "extract_features", dies_on_third_block)
+    monkeypatch.setattr(reference, "_block_features", dies_on_third_block)
     kw = dict(cache_url=str(tmp_path / "eval"), num_features=100, block_size=400, seed=3)
     with pytest.raises(KeyboardInterrupt):
         reference.reference_stats(shapes_url, 32, proxy_spec, **kw)
     calls.clear()
-    monkeypatch.setattr(reference, "extract_features", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(reference, "_block_features", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     url = reference.reference_stats(shapes_url, 32, proxy_spec, **kw)
     assert len(calls) == 2  # blocks 3 and 4 of 4; blocks 1-2 came from their part files
     resumed = reference.load_reference(url)
@@ -68,6 +69,30 @@ def test_metrics_reference_resumes_after_a_kill(proxy_spec, shapes_url, tmp_path
     np.testing.assert_allclose(resumed.mu, fresh.mu)
     np.testing.assert_allclose(resumed.sigma, fresh.sigma)
     np.testing.assert_array_equal(resumed.features, fresh.features)
+
+
+@pytest.mark.slow
+def test_metrics_reference_decodes_in_worker_processes(proxy_spec, shapes_url, tmp_path):
+    """2 spawned decode workers give the statistics of in-process decoding; loader batches never straddle a read
+    block of a packed dataset (each block decoded once)."""
+    import dcae15.metrics.reference as reference
+
+    kw = dict(num_features=50, block_size=800, max_samples=400, seed=1)
+    a = reference.load_reference(reference.reference_stats(shapes_url, 32, proxy_spec, cache_url=str(tmp_path / "a"),
+                                                           num_workers=0, **kw))
+    b = reference.load_reference(reference.reference_stats(shapes_url, 32, proxy_spec, cache_url=str(tmp_path / "b"),
+                                                           num_workers=2, **kw))
+    np.testing.assert_allclose(a.mu, b.mu, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(a.sigma, b.sigma, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(a.indices, b.indices)
+
+    class Packed(torch.utils.data.Dataset):  # the attributes PackedImages exposes: read block, dataset rows
+        block, rows = 4, np.array([0, 1, 3, 4, 5, 9, 12, 13])
+
+    groups = reference._load_batches(Packed(), np.arange(8), batch_size=64)
+    assert groups == [[0, 1, 2], [3, 4], [5], [6, 7]]  # rows {0,1,3}, {4,5}, {9}, {12,13}
+    assert reference._load_batches(Packed.__new__(torch.utils.data.Dataset), np.arange(5), 2) == [[0, 1], [2, 3], [4]]
+    assert reference.default_workers(100) == 0
 
 
 def test_metrics_reference_refuses_another_extractor(proxy_spec, shapes_url, shapes_images, tmp_path):

@@ -45,7 +45,8 @@ class DataSection:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"data.name must be a non-empty name without '/', got {self.name!r}")
-        allowed = {"num_classes", "per_class", "size", "seed", "fmt", "texture", "noise", "scale"}
+        allowed = {"num_classes", "per_class", "size", "seed", "fmt", "texture", "noise", "scale", "background",
+                   "jitter"}
         if self.source is None and set(self.synthetic) - allowed:
             raise ValueError(f"data.synthetic has unknown keys {sorted(set(self.synthetic) - allowed)}; allowed: {sorted(allowed)}")
 

@@ -77,7 +77,16 @@ def _texture(rng: np.random.Generator, size: int, base: np.ndarray, level: float
     return np.clip(base[None, None, :] + amp * wave[..., None], 0, 255)
 
 
-def _check_look(texture: float, noise: float, scale: tuple[float, float]) -> tuple[float, float]:
+BACKGROUNDS = ("gradient", "flat")
+
+
+def _check_look(texture: float, noise: float, scale: tuple[float, float], background: str = "gradient",
+                jitter: float = 1.0) -> tuple[float, float]:
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter (how far the object may move off-centre, 0..1 of the room it has) must be in "
+                         f"[0, 1], got {jitter}")
     lo, hi = (float(v) for v in scale)
     if not 0.0 <= texture <= 1.0:
         raise ValueError(f"texture must be in [0, 1] (0 = flat fill, 1 = full stripes/checks/noise), got {texture}")
@@ -90,22 +99,27 @@ def _check_look(texture: float, noise: float, scale: tuple[float, float]) -> tup
 
 
 def render_shape_image(label: int, size: int = 64, seed: int = 0, *, texture: float = 0.2, noise: float = 2.0,
-                       scale: tuple[float, float] = (0.28, 0.45)) -> np.ndarray:
+                       scale: tuple[float, float] = (0.28, 0.45), background: str = "gradient",
+                       jitter: float = 1.0) -> np.ndarray:
     """Render one image of class ``label`` as uint8 [size, size, 3], deterministic in (label, size, seed, look).
 
     Args:
         texture: amplitude of the object's fill texture, 0 (flat colour) .. 1 (full).
         noise: std of the background's per-pixel noise (0..255 scale).
         scale: (min, max) object radius as a fraction of the image size.
+        background: "gradient" (two random colours) or "flat" (one random colour).
+        jitter: 1 = the object anywhere it fits, 0 = centred.
     """
     if not 0 <= label < len(SHAPES):
         raise ValueError(f"label must be in [0, {len(SHAPES)}), got {label}")
-    lo, hi = _check_look(texture, noise, scale)
+    lo, hi = _check_look(texture, noise, scale, background, jitter)
     rng = np.random.default_rng([seed, label, size])
     ss = 4  # supersampling for anti-aliased edges
     big = size * ss
     # background: smooth two-colour gradient + fine noise
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    if background == "flat":
+        c1 = c0
     theta = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     g = (xx * math.cos(theta) + yy * math.sin(theta) + 1) / 2
@@ -113,7 +127,7 @@ def render_shape_image(label: int, size: int = 64, seed: int = 0, *, texture: fl
     bg += rng.normal(0, 1, bg.shape) * noise
     # object: shape mask drawn at high resolution then box-downsampled
     r = rng.uniform(lo, hi) * big
-    cx, cy = rng.uniform(r, big - r), rng.uniform(r, big - r)
+    cx, cy = (big / 2 + jitter * (rng.uniform(r, big - r) - big / 2) for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
     mask_img = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask_img)
@@ -149,12 +163,14 @@ def make_shapes_dataset(
     texture: float = 0.2,
     noise: float = 2.0,
     scale: tuple[float, float] = (0.28, 0.45),
+    background: str = "gradient",
+    jitter: float = 1.0,
     storage_options: dict | None = None,
 ) -> str:
     """Write an ImageNet-style class-folder tree ``root/<class>/<class>_<i>.<fmt>`` of generated images.
 
-    Deterministic in (num_classes, per_class, size, seed, texture, noise, scale). Existing files are overwritten
-    with identical bytes. ``texture``, ``noise``, ``scale``: see :func:`render_shape_image`.
+    Deterministic in (num_classes, per_class, size, seed, look). Existing files are overwritten with identical
+    bytes. ``texture``, ``noise``, ``scale``, ``background``, ``jitter``: see :func:`render_shape_image`.
 
     Returns:
         ``root``.
@@ -165,7 +181,7 @@ def make_shapes_dataset(
         raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
     if per_class < 1 or size < 8:
         raise ValueError(f"per_class must be >= 1 and size >= 8, got {per_class}, {size}")
-    _check_look(texture, noise, scale)
+    _check_look(texture, noise, scale, background, jitter)
     import fsspec
 
     fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
@@ -174,7 +190,7 @@ def make_shapes_dataset(
         fs.makedirs(f"{base}/{name}", exist_ok=True)
         for i in range(per_class):
             arr = render_shape_image(label, size=size, seed=seed * 1_000_003 + i, texture=texture, noise=noise,
-                                     scale=scale)
+                                     scale=scale, background=background, jitter=jitter)
             buf = io.BytesIO()
             if fmt == "png":
                 Image.fromarray(arr).save(buf, format="PNG")

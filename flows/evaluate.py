@@ -72,17 +72,27 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
         values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
                                     **ev["options"].get("generation", {}))
         if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
-            from dcae15.metrics.proxy import class_accuracy
-            from storage.sample_store import SampleStore
-
-            images, labels = SampleStore.open(samples["url"], read_only=True).read_all()
-            values["proxy-class_accuracy"] = class_accuracy(extractor, images, labels)
+            values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
         context = {"backbone": samples["run_id"].rsplit("-", 1)[0], "sampler": samples["sampler"],
                    "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
                    "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"]}
         append_results(results_url(root), [{**key, **context, **values}])
         log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
     return {"kind": "result_row", "root": root, "key": key}
+
+
+def _sample_class_accuracy(extractor: Any, samples_url: str, block: int = 1024) -> float:
+    """The proxy classifier's accuracy on a sample store against the labels the samples were drawn for, read in
+    blocks so a 50k-sample store never sits in memory at once."""
+    from dcae15.metrics.proxy import class_accuracy, load_proxy_net
+    from storage.sample_store import SampleStore
+
+    store, net = SampleStore.open(samples_url, read_only=True), load_proxy_net(extractor)
+    correct = 0
+    for a in range(0, store.num_samples, block):
+        images, labels = store.read_range(a, min(store.num_samples, a + block))
+        correct += round(class_accuracy(extractor, images, labels, net=net) * len(labels))
+    return correct / store.num_samples
 
 
 @flow(name="evaluate")

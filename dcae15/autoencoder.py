@@ -241,6 +241,9 @@ AE_PRESETS: dict[str, AEConfig] = {
     ),
     # Tiny CPU presets of the same structure (stage 0 empty, ResBlock, RMSNorm + SiLU, no bottleneck shortcut).
     "tiny-f8c32": _dc_ae_15("tiny-f8c32", (16, 32, 64, 64), (0, 1, 1, 1), 32, None),
+    # f4c8: 32 px -> 8x8x8, the same 512 numbers as f8c32's 4x4x32 but a shape stays 4-6 latent pixels wide,
+    # which a tiny AE can reconstruct and a tiny backbone can learn in CPU minutes (the demo's default).
+    "tiny-f4c8": _dc_ae_15("tiny-f4c8", (16, 32, 64), (0, 1, 1), 8, None),
     "tiny-f16c64": _dc_ae_15("tiny-f16c64", (16, 32, 64, 64, 128), (0, 1, 1, 1, 1), 64, None),
 }
 

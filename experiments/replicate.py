@@ -46,6 +46,10 @@ class Scale:
     per_class: int = 256
     """Synthetic dataset: images per class."""
     resolution: int = 32
+    look: dict = field(default_factory=lambda: {"texture": 1.0, "noise": 6.0, "scale": (0.22, 0.38)})
+    """Synthetic dataset look (``storage.synthetic.make_shapes_dataset`` options). The original full-detail look,
+    which the committed RESULTS.md was measured on; the demo's learnable look (configs/demo.yaml) is texture 0.1,
+    noise 2, scale (0.36, 0.48), flat background, jitter 0.3."""
     ae_preset: str = "tiny-f8c32"
     """tiny-f8c32 at 32 px -> 32x4x4 latents (c / (h*w) = 2, as f32c128 at 256 px: 128x8x8)."""
     ae_steps: int = 3000
@@ -145,7 +149,8 @@ def _data(root: Path, sc: Scale, data: str | None) -> dict:
 
     if data is None:
         src = root / "src" / "shapes"
-        make_shapes_dataset(str(src), num_classes=sc.num_classes, per_class=sc.per_class, size=sc.resolution, seed=0)
+        make_shapes_dataset(str(src), num_classes=sc.num_classes, per_class=sc.per_class, size=sc.resolution, seed=0,
+                            **sc.look)
         name = "shapes"
     else:
         src, name = Path(data), Path(data).name

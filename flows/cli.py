@@ -128,6 +128,8 @@ def _print_outputs(summary: dict[str, Any]) -> None:
         print(f"{'figure':>12}: {fig}")
     if summary.get("table"):
         print("\n" + summary["table"])
+    if summary.get("headline"):
+        print("\n" + summary["headline"])
 
 
 def _run(args: argparse.Namespace) -> Any:

@@ -53,7 +53,8 @@ class DataSection:
             raise ValueError(f"data.workers and data.read_threads must be >= 1, got {self.workers}, {self.read_threads}")
         if not self.name or "/" in self.name:
             raise ValueError(f"data.name must be a non-empty name without '/', got {self.name!r}")
-        allowed = {"num_classes", "per_class", "size", "seed", "fmt"}
+        allowed = {"num_classes", "per_class", "size", "seed", "fmt", "texture", "noise", "scale", "background",
+                   "jitter"}
         if self.source is None and set(self.synthetic) - allowed:
             raise ValueError(f"data.synthetic has unknown keys {sorted(set(self.synthetic) - allowed)}; allowed: {sorted(allowed)}")
 
@@ -200,10 +201,15 @@ class EvalSection:
     """Extra keyword arguments of the metrics package (e.g. the proxy's training steps, Inception weights path)."""
     reconstruction: bool = True
     """Also score the autoencoder's reconstructions per c' (rFID / PSNR / SSIM / LPIPS) and draw its figures."""
+    checkpoints: str = "all"
+    """Which checkpoints of each run the pipeline samples and scores: ``all`` it keeps (``diffusion.train.
+    keep_checkpoints``), so the results plot shows curves, or only the ``latest``."""
 
     def __post_init__(self) -> None:
         if self.extractor not in ("auto", "proxy", "inception"):
             raise ValueError(f"evaluate.extractor must be 'auto', 'proxy' or 'inception', got {self.extractor!r}")
+        if self.checkpoints not in ("all", "latest"):
+            raise ValueError(f"evaluate.checkpoints must be 'all' or 'latest', got {self.checkpoints!r}")
 
 
 @dataclass(kw_only=True)

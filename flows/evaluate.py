@@ -13,7 +13,8 @@ from flows.common import ConfigArg, stage_config
 from flows.prepare import describe_dataset
 
 __all__ = ["results_url", "extractor_for", "score_samples", "evaluate", "reconstruction_scores",
-           "evaluate_autoencoder", "evaluate_new_checkpoints", "plot_results"]
+           "evaluate_autoencoder", "evaluate_new_checkpoints", "checkpoints_to_score", "draw_run_figures",
+           "plot_results"]
 
 
 def results_url(root: str) -> str:
@@ -70,12 +71,28 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
         ref = get_reference(dataset["url"], resolution, extractor)
         values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
                                     **ev["options"].get("generation", {}))
+        if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
+            values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
         context = {"backbone": samples["run_id"].rsplit("-", 1)[0], "sampler": samples["sampler"],
                    "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
                    "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"]}
         append_results(results_url(root), [{**key, **context, **values}])
         log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
     return {"kind": "result_row", "root": root, "key": key}
+
+
+def _sample_class_accuracy(extractor: Any, samples_url: str, block: int = 1024) -> float:
+    """The proxy classifier's accuracy on a sample store against the labels the samples were drawn for, read in
+    blocks so a 50k-sample store never sits in memory at once."""
+    from dcae15.metrics.proxy import class_accuracy, load_proxy_net
+    from storage.sample_store import SampleStore
+
+    store, net = SampleStore.open(samples_url, read_only=True), load_proxy_net(extractor)
+    correct = 0
+    for a in range(0, store.num_samples, block):
+        images, labels = store.read_range(a, min(store.num_samples, a + block))
+        correct += round(class_accuracy(extractor, images, labels, net=net) * len(labels))
+    return correct / store.num_samples
 
 
 @flow(name="evaluate")
@@ -100,8 +117,35 @@ def reconstruction_scores(root: str, ae: dict[str, Any], dataset: dict[str, Any]
 
     out_url = join(root, "eval", "ae", ae["fingerprint"])
     cfg = ReconEvalConfig(**{"resolution": resolution, **ev["options"].get("reconstruction", {})})
-    evaluate_reconstruction(ae["url"], dataset["url"], out_url, cfg, extractor=extractor_for(ev, dataset["url"]))
+    extractor = extractor_for(ev, dataset["url"])
+    evaluate_reconstruction(ae["url"], dataset["url"], out_url, cfg, extractor=extractor)
+    if extractor.prefix == "proxy-":
+        _proxy_check(out_url, ae, dataset, ev, extractor, resolution)
     return {"kind": "recon_eval", "url": out_url, "ae_fingerprint": ae["fingerprint"]}
+
+
+def _proxy_check(out_url: str, ae: dict[str, Any], dataset: dict[str, Any], ev: dict[str, Any], extractor: Any,
+                 resolution: int) -> None:
+    """``proxy_check.json``: the proxy classifier on real vs reconstructed held-out images, and the proxy-FID
+    floor (the AE's own reconstructions), which the results plot draws next to the samples' proxy-FID."""
+    import json
+
+    from dcae15.metrics.proxy import ProxyConfig
+    from dcae15.metrics.recon_proxy import reconstruction_class_check
+    from dcae15.metrics.reference import get_reference
+    from storage.urls import join, put_atomic, url_to_fs
+
+    ref = get_reference(dataset["url"], resolution, extractor)
+    check = reconstruction_class_check(ae["url"], dataset["url"], extractor, ref, resolution=resolution,
+                                       proxy_cfg=ProxyConfig(**ev["options"].get("proxy", {})))
+    check.update(feature_extractor=extractor.label, ae_fingerprint=ae["fingerprint"],
+                 **{f"proxy-{k}": v for k, v in extractor.info.items() if k.startswith("held_out_accuracy")})
+    fs, path = url_to_fs(join(out_url, "proxy_check.json"))
+    put_atomic(fs, path, json.dumps(check, indent=1).encode())
+    get_run_logger().info("proxy classifier on held-out images: real %.3f, reconstructed %.3f (ratio %.2f); "
+                          "proxy-FID floor (reconstructions) %.2f, real images %.2f",
+                          check["proxy-class_accuracy_real"], check["proxy-class_accuracy_recon"],
+                          check["recon_over_real"], check["proxy-fid_recon"], check["proxy-fid_real"])
 
 
 def validate_recon(pointer: dict[str, Any]) -> str | None:
@@ -164,6 +208,60 @@ def evaluate_new_checkpoints(root: str | None = None, config: ConfigArg = "demo"
     return rows
 
 
+def checkpoints_to_score(run_url: str, which: str) -> list[int]:
+    """The checkpoint steps of a run to sample and score: ``all`` it keeps, or only the ``latest``."""
+    from dcae15.diffusion.checkpoint import list_checkpoints
+    from flows.diffusion import describe_run
+
+    latest = describe_run(run_url)["step"]
+    return sorted({s for s in list_checkpoints(run_url) if s <= latest} | {latest}) if which == "all" else [latest]
+
+
+@task
+def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str) -> list[str]:
+    """A run's loss curve and a grid of its samples (a row per class), under ``<root>/eval/figures``."""
+    import json
+
+    from dcae15.plots_runs import loss_curve_png, sample_grid_png
+    from storage.sample_store import SampleStore
+    from storage.shards import open_dataset
+    from storage.urls import join, put_atomic, read_bytes, url_to_fs
+
+    run_id = run_url.rstrip("/").rsplit("/", 1)[-1]
+    store = SampleStore.open(samples_url, read_only=True)
+    a = store.attrs
+    images, labels = store.read_all()
+    names = list(open_dataset(dataset_url).class_names)
+    grid = sample_grid_png(images, labels, names, title=f"{run_id} step {a['checkpoint_step']}: {a['sampler']} "
+                                                        f"{a['steps']} steps, CFG {a['cfg_scale']}")
+    rows = [json.loads(line) for line in read_bytes(join(run_url, "metrics.jsonl")).decode().splitlines() if line]
+    loss = loss_curve_png(rows, title=f"{run_id}: training loss (EMA weights are sampled)")
+    out = []
+    for name, data in ((f"{run_id}_samples.png", grid), (f"{run_id}_loss.png", loss)):
+        url = join(root, "eval", "figures", name)
+        fs, path = url_to_fs(url)
+        put_atomic(fs, path, data)
+        out.append(url)
+    return out
+
+
+def reference_lines(root: str) -> dict[str, dict[str, float]]:
+    """Per feature extractor, the autoencoder's own numbers the samples are measured against: proxy-FID of its
+    reconstructions (the floor) and the proxy's class accuracy on them (what samples can reach at best)."""
+    import json
+
+    from storage.urls import url_to_fs
+
+    fs, base = url_to_fs(root)
+    out: dict[str, dict[str, float]] = {}
+    for path in sorted(fs.glob(f"{base}/eval/ae/*/proxy_check.json")):
+        with fs.open(path, "rb") as f:
+            check = json.loads(f.read())
+        out[check["feature_extractor"]] = {"proxy-fid": check["proxy-fid_recon"],
+                                           "proxy-class_accuracy": check["proxy-class_accuracy_recon"]}
+    return out
+
+
 @task
 def plot_results(root: str) -> list[str]:
     """Draw the results table's figures (metric vs step per backbone) under ``<root>/eval``; returns their URLs."""
@@ -171,4 +269,4 @@ def plot_results(root: str) -> list[str]:
 
     from storage.urls import join
 
-    return plot(results_url(root), join(root, "eval"))
+    return plot(results_url(root), join(root, "eval"), references=reference_lines(root))

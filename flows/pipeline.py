@@ -11,7 +11,7 @@ from flows.autoencoder import train_autoencoder
 from flows.common import ConfigArg, stage_config
 from flows.diffusion import train_diffusion
 from flows.encode import encode_latents
-from flows.evaluate import evaluate, evaluate_autoencoder, plot_results
+from flows.evaluate import checkpoints_to_score, draw_run_figures, evaluate, evaluate_autoencoder, plot_results
 from flows.prepare import prepare_images
 from flows.report import outputs_summary
 from flows.sample import sample
@@ -34,8 +34,10 @@ def pipeline(root: str | None = None, config: ConfigArg = "demo", backbones: lis
     store = encode_latents(ae=ae["url"], dataset=dataset["url"], root=cfg.root, config=conf)
     for backbone in cfg.diffusion.backbones:
         run = train_diffusion(store=store["url"], backbone=backbone, root=cfg.root, config=conf)
-        samples = sample(run=run["url"], root=cfg.root, config=conf)
-        evaluate(samples=samples["url"], dataset=dataset["url"], root=cfg.root, config=conf)
+        for step in checkpoints_to_score(run["url"], cfg.evaluate.checkpoints):  # several: the plot shows curves
+            samples = sample(run=run["url"], root=cfg.root, config=conf, checkpoint=step)
+            evaluate(samples=samples["url"], dataset=dataset["url"], root=cfg.root, config=conf)
+        draw_run_figures(root=cfg.root, run_url=run["url"], samples_url=samples["url"], dataset_url=dataset["url"])
     plot_results(root=cfg.root)
 
     summary = outputs_summary(cfg.root)

@@ -4,6 +4,12 @@ Each class is a shape (circle, square, triangle, ...). Every image draws one obj
 position, scale and rotation, filled with a random colour and a texture (stripes, checks or noise), on a smooth
 random gradient background with fine noise. Structure (what shape, where) and detail (texture, noise) are both
 present, which is what the structured latent space separates.
+
+How much detail there is is a choice (``texture``, ``noise``, ``scale``): at 32 px a tiny autoencoder cannot
+represent 1.5-4 px stripes or per-pixel noise fills, and a shape 2-3 latent pixels wide is hard for a tiny
+diffusion model. The defaults are a toned-down look (texture 0.2, noise 2, radius 0.28-0.45 of the image) that a
+tiny AE reconstructs with the class kept; ``texture=1, noise=6, scale=(0.22, 0.38)`` is the original full-detail
+look.
 """
 
 from __future__ import annotations
@@ -54,8 +60,8 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
     raise ValueError(f"unknown polygon kind {kind!r}")
 
 
-def _texture(rng: np.random.Generator, size: int, base: np.ndarray) -> np.ndarray:
-    """A textured fill: stripes, checks or noise around a base colour. Returns float [S,S,3] in 0..255."""
+def _texture(rng: np.random.Generator, size: int, base: np.ndarray, level: float) -> np.ndarray:
+    """A textured fill: stripes, checks or noise around a base colour, amplitude x ``level``. Float [S,S,3], 0..255."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     kind = rng.integers(3)
     if kind == 0:
@@ -67,27 +73,61 @@ def _texture(rng: np.random.Generator, size: int, base: np.ndarray) -> np.ndarra
         wave = np.sign(np.sin(math.pi * xx / period) * np.sin(math.pi * yy / period))
     else:
         wave = rng.standard_normal((size, size)).astype(np.float32)
-    amp = rng.uniform(20, 60)
+    amp = rng.uniform(20, 60) * level
     return np.clip(base[None, None, :] + amp * wave[..., None], 0, 255)
 
 
-def render_shape_image(label: int, size: int = 64, seed: int = 0) -> np.ndarray:
-    """Render one image of class ``label`` as uint8 [size, size, 3], deterministic in (label, size, seed)."""
+BACKGROUNDS = ("gradient", "flat")
+
+
+def _check_look(texture: float, noise: float, scale: tuple[float, float], background: str = "gradient",
+                jitter: float = 1.0) -> tuple[float, float]:
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter (how far the object may move off-centre, 0..1 of the room it has) must be in "
+                         f"[0, 1], got {jitter}")
+    lo, hi = (float(v) for v in scale)
+    if not 0.0 <= texture <= 1.0:
+        raise ValueError(f"texture must be in [0, 1] (0 = flat fill, 1 = full stripes/checks/noise), got {texture}")
+    if noise < 0:
+        raise ValueError(f"noise (background noise std, 0..255 scale) must be >= 0, got {noise}")
+    if not 0.05 <= lo <= hi <= 0.5:
+        raise ValueError(f"scale (object radius as a fraction of the image) must satisfy 0.05 <= lo <= hi <= 0.5, "
+                         f"got {scale}")
+    return lo, hi
+
+
+def render_shape_image(label: int, size: int = 64, seed: int = 0, *, texture: float = 0.2, noise: float = 2.0,
+                       scale: tuple[float, float] = (0.28, 0.45), background: str = "gradient",
+                       jitter: float = 1.0) -> np.ndarray:
+    """Render one image of class ``label`` as uint8 [size, size, 3], deterministic in (label, size, seed, look).
+
+    Args:
+        texture: amplitude of the object's fill texture, 0 (flat colour) .. 1 (full).
+        noise: std of the background's per-pixel noise (0..255 scale).
+        scale: (min, max) object radius as a fraction of the image size.
+        background: "gradient" (two random colours) or "flat" (one random colour).
+        jitter: 1 = the object anywhere it fits, 0 = centred.
+    """
     if not 0 <= label < len(SHAPES):
         raise ValueError(f"label must be in [0, {len(SHAPES)}), got {label}")
+    lo, hi = _check_look(texture, noise, scale, background, jitter)
     rng = np.random.default_rng([seed, label, size])
     ss = 4  # supersampling for anti-aliased edges
     big = size * ss
     # background: smooth two-colour gradient + fine noise
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    if background == "flat":
+        c1 = c0
     theta = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     g = (xx * math.cos(theta) + yy * math.sin(theta) + 1) / 2
     bg = c0[None, None] * (1 - g[..., None]) + c1[None, None] * g[..., None]
-    bg += rng.normal(0, 6, bg.shape)
+    bg += rng.normal(0, 1, bg.shape) * noise
     # object: shape mask drawn at high resolution then box-downsampled
-    r = rng.uniform(0.22, 0.38) * big
-    cx, cy = rng.uniform(r, big - r), rng.uniform(r, big - r)
+    r = rng.uniform(lo, hi) * big
+    cx, cy = (big / 2 + jitter * (rng.uniform(r, big - r) - big / 2) for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
     mask_img = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask_img)
@@ -107,7 +147,7 @@ def render_shape_image(label: int, size: int = 64, seed: int = 0) -> np.ndarray:
     base = rng.uniform(0, 255, 3)
     if np.abs(base - bg.mean((0, 1))).sum() < 120:
         base = 255 - base
-    fg = _texture(rng, size, base)
+    fg = _texture(rng, size, base, texture)
     img = bg * (1 - mask) + fg * mask
     return np.clip(img, 0, 255).round().astype(np.uint8)
 
@@ -120,11 +160,17 @@ def make_shapes_dataset(
     size: int = 64,
     seed: int = 0,
     fmt: str = "png",
+    texture: float = 0.2,
+    noise: float = 2.0,
+    scale: tuple[float, float] = (0.28, 0.45),
+    background: str = "gradient",
+    jitter: float = 1.0,
     storage_options: dict | None = None,
 ) -> str:
     """Write an ImageNet-style class-folder tree ``root/<class>/<class>_<i>.<fmt>`` of generated images.
 
-    Deterministic in (num_classes, per_class, size, seed). Existing files are overwritten with identical bytes.
+    Deterministic in (num_classes, per_class, size, seed, look). Existing files are overwritten with identical
+    bytes. ``texture``, ``noise``, ``scale``, ``background``, ``jitter``: see :func:`render_shape_image`.
 
     Returns:
         ``root``.
@@ -135,6 +181,7 @@ def make_shapes_dataset(
         raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
     if per_class < 1 or size < 8:
         raise ValueError(f"per_class must be >= 1 and size >= 8, got {per_class}, {size}")
+    _check_look(texture, noise, scale, background, jitter)
     import fsspec
 
     fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
@@ -142,7 +189,8 @@ def make_shapes_dataset(
         name = f"{label:02d}_{SHAPES[label]}"
         fs.makedirs(f"{base}/{name}", exist_ok=True)
         for i in range(per_class):
-            arr = render_shape_image(label, size=size, seed=seed * 1_000_003 + i)
+            arr = render_shape_image(label, size=size, seed=seed * 1_000_003 + i, texture=texture, noise=noise,
+                                     scale=scale, background=background, jitter=jitter)
             buf = io.BytesIO()
             if fmt == "png":
                 Image.fromarray(arr).save(buf, format="PNG")

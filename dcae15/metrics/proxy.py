@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import time
 
 import numpy as np
@@ -26,6 +27,10 @@ from dcae15.weights import MissingWeightsError
 __all__ = [
     "PROXY_NAME",
     "ProxyConfig",
+    "class_accuracy",
+    "gaussian_blur",
+    "held_out_split",
+    "load_proxy_net",
     "ProxyFeatureExtractor",
     "ProxyNet",
     "proxy_extractor",
@@ -49,6 +54,11 @@ class ProxyConfig:
         weight_decay: AdamW weight decay.
         holdout: fraction of each class held out to measure accuracy.
         seed: seed of the split, the initialisation and the batch order.
+        blur: training augmentation: half of each batch is Gaussian-blurred with sigma ~ U(0, blur) pixels (at
+            ``resolution``); 0 = off. Without it the classifier scores 0.99 on real images but 0.39 on the same
+            images blurred with sigma = 1 px, so its numbers would measure blur rather than shape.
+        noise: training augmentation: Gaussian noise with std ~ U(0, noise) (in [-1, 1] units) on every image,
+            standing in for an autoencoder's artefacts; 0 = off.
     """
 
     resolution: int = 32
@@ -59,6 +69,8 @@ class ProxyConfig:
     weight_decay: float = 5e-4
     holdout: float = 0.2
     seed: int = 0
+    blur: float = 1.5
+    noise: float = 0.1
 
     def __post_init__(self):
         if self.resolution < 8 or self.width < 4 or self.epochs < 1 or self.batch_size < 2:
@@ -67,6 +79,8 @@ class ProxyConfig:
             )
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"ProxyConfig.holdout must be in (0, 1), got {self.holdout}")
+        if self.blur < 0 or self.noise < 0:
+            raise ValueError(f"ProxyConfig.blur and noise must be >= 0, got {self.blur}, {self.noise}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"ProxyConfig.lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
 
@@ -172,14 +186,44 @@ def _split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, n
     return np.concatenate(train), np.concatenate(test)
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur float images [B,C,H,W] with a Gaussian of ``sigma`` pixels (reflect padding); sigma <= 0: unchanged."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(math.ceil(3 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype) / sigma) ** 2)
+    k = (k / k.sum()).to(x.device)
+    c = x.shape[1]
+    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)  # rows
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # columns
+
+
+def _augment(xb: torch.Tensor, cfg: ProxyConfig, gen: torch.Generator) -> torch.Tensor:
+    """Flip, 90-degree rotation, blur on half the batch, noise: shape must survive what the AE does to images."""
+    if torch.rand((), generator=gen) < 0.5:
+        xb = xb.flip(-1)
+    xb = torch.rot90(xb, int(torch.randint(4, (), generator=gen)), dims=(-2, -1))
+    if cfg.blur > 0:
+        sigma = float(torch.rand((), generator=gen)) * cfg.blur
+        pick = (torch.rand(len(xb), generator=gen) < 0.5).view(-1, 1, 1, 1)
+        xb = torch.where(pick, gaussian_blur(xb, sigma), xb)
+    if cfg.noise > 0:
+        std = torch.rand(len(xb), 1, 1, 1, generator=gen) * cfg.noise
+        xb = xb + std * torch.randn(xb.shape, generator=gen)
+    return xb
+
+
 @torch.no_grad()
-def _accuracy(net: ProxyNet, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> float:
+def _predict(net: ProxyNet, images: torch.Tensor, batch: int = 256, blur: float = 0.0) -> torch.Tensor:
+    """Predicted classes of uint8 images [N,3,H,W] (optionally blurred with ``blur`` px at the net's resolution)."""
     net.eval()
-    correct = 0
-    for i in range(0, len(images), batch):
-        _, logits = net(net.prepare(images[i:i + batch]))
-        correct += int((logits.argmax(1) == labels[i:i + batch]).sum())
-    return correct / len(images)
+    out = [net(gaussian_blur(net.prepare(images[i:i + batch]), blur))[1].argmax(1) for i in range(0, len(images), batch)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def _accuracy(net: ProxyNet, images: torch.Tensor, labels: torch.Tensor, batch: int = 256, blur: float = 0.0) -> float:
+    return float((_predict(net, images, batch, blur) == labels).float().mean())
 
 
 def train_proxy(
@@ -188,7 +232,9 @@ def train_proxy(
     """Train a ProxyNet on uint8 images [N,H,W,3] with int labels; returns (net, info with held-out accuracy).
 
     Augmentation: horizontal flips and 90-degree rotations (the shapes are drawn at random angles), which keeps
-    the classifier blind to orientation so its features describe shape, colour and texture.
+    the classifier blind to orientation so its features describe shape, colour and texture; blur and noise
+    (``cfg.blur``, ``cfg.noise``), so that an autoencoder's softened reconstructions are still recognised. The info
+    reports held-out accuracy on real images and on the same images blurred with sigma = 1 px.
     """
     from tqdm import tqdm
 
@@ -214,10 +260,7 @@ def train_proxy(
         order = torch.randperm(len(tr), generator=gen)
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            xb, yb = xs_tr[idx], ys_tr[idx]
-            if torch.rand((), generator=gen) < 0.5:
-                xb = xb.flip(-1)
-            xb = torch.rot90(xb, int(torch.randint(4, (), generator=gen)), dims=(-2, -1))
+            xb, yb = _augment(xs_tr[idx], cfg, gen), ys_tr[idx]
             loss = F.cross_entropy(net(xb)[1], yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -227,6 +270,7 @@ def train_proxy(
     net.eval()
     info = {
         "held_out_accuracy": _accuracy(net, x[te], y[te]),
+        "held_out_accuracy_blur1px": _accuracy(net, x[te], y[te], blur=1.0),
         "train_accuracy": _accuracy(net, x[tr], y[tr]),
         "num_train": int(len(tr)), "num_held_out": int(len(te)), "num_classes": num_classes,
         "train_seconds": round(train_seconds, 2), "torch_threads": torch.get_num_threads(),
@@ -278,7 +322,8 @@ def proxy_extractor(
         _io.write_json_atomic(info_url, info, storage_options)  # completion marker, last
         if verbose:
             print(f"proxy classifier {key}: held-out accuracy {info['held_out_accuracy']:.3f} "
-                  f"({info['num_held_out']} images), trained in {info['train_seconds']:.1f} s")
+                  f"({info['held_out_accuracy_blur1px']:.3f} blurred 1 px; {info['num_held_out']} images), "
+                  f"trained in {info['train_seconds']:.1f} s")
     info = _io.read_json(info_url, storage_options)
     return FeatureExtractorSpec(
         name=PROXY_NAME,
@@ -287,8 +332,33 @@ def proxy_extractor(
         fingerprint=info["weights_sha256"],
         weights_path=model_url,
         layers={"fid": "features", "isc": "logits", "prc": "features", "kid": "features"},
-        info={k: info[k] for k in ("held_out_accuracy", "num_held_out", "num_classes", "train_seconds")},
+        info={k: info[k] for k in ("held_out_accuracy", "held_out_accuracy_blur1px", "num_held_out", "num_classes",
+                                   "train_seconds") if k in info},
     )
+
+
+def held_out_split(labels: np.ndarray, cfg: ProxyConfig = ProxyConfig()) -> np.ndarray:
+    """Indices of the images the proxy classifier of ``cfg`` never trained on (its held-out split)."""
+    return _split(np.asarray(labels, dtype=np.int64), cfg.holdout, cfg.seed)[1]
+
+
+def load_proxy_net(spec: FeatureExtractorSpec) -> ProxyNet:
+    """The trained classifier behind a proxy extractor spec (eval mode, CPU)."""
+    if spec.prefix != "proxy-":
+        raise ValueError(f"{spec.label!r} is not a proxy extractor; class accuracy needs the proxy classifier")
+    return ProxyFeatureExtractor(spec.name, ("logits",), feature_extractor_weights_path=spec.weights_path).net
+
+
+def class_accuracy(spec: FeatureExtractorSpec, images: np.ndarray, labels: np.ndarray, *,
+                   net: ProxyNet | None = None) -> float:
+    """Fraction of uint8 images [N,H,W,3] that the proxy classifier assigns to their ``labels`` — for samples,
+    the class they were generated for: whether class-conditional samples show their class's shape."""
+    images, labels = np.asarray(images), np.asarray(labels, dtype=np.int64)
+    if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels) or not len(images):
+        raise ValueError(f"need uint8 images [N,H,W,3] with N >= 1 labels, got {images.shape}, {labels.shape}")
+    net = net or load_proxy_net(spec)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return _accuracy(net, x, torch.from_numpy(labels))
 
 
 def _is_folder(url: str, storage_options: dict | None) -> bool:

@@ -34,8 +34,11 @@ CONTEXT_COLUMNS = {
     "num_samples": "int64", "feature_extractor": "string", "step": "int64", "dataset_fingerprint": "string",
 }
 _BASE_METRICS = ("fid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "psnr", "ssim", "lpips",
-                 "classifier_accuracy")
-_FEATURE_METRICS = ("fid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "classifier_accuracy")
+                 "classifier_accuracy", "class_accuracy")
+_FEATURE_METRICS = ("fid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "classifier_accuracy",
+                    "class_accuracy")
+# Properties of the feature network itself (the proxy's held-out accuracy), not of the samples: plotted as text.
+_EXTRACTOR_PROPERTIES = ("classifier_accuracy",)
 
 
 def is_metric_name(name: str) -> bool:
@@ -225,9 +228,14 @@ def format_table(table: ResultsTable, columns: Sequence[str] = _SHOW) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
-def plot_results(table_url: str, out_url: str, *, storage_options: dict | None = None) -> list[str]:
+def plot_results(table_url: str, out_url: str, *, references: Mapping[str, Mapping[str, float]] | None = None,
+                 storage_options: dict | None = None) -> list[str]:
     """One PNG per feature extractor, ``<out_url>/results-<extractor>.png``: a panel per metric, value vs training
-    step, one line per run (labelled with its backbone). Returns the PNG URLs (none for an empty table)."""
+    step, one line per run (labelled with its backbone). Returns the PNG URLs (none for an empty table).
+
+    Properties of the feature network (``proxy-classifier_accuracy``) are written in the title, not drawn as if
+    they were sample curves. ``references`` maps an extractor label to ``{metric: value}`` drawn as a dashed
+    horizontal line (e.g. the proxy-FID of the autoencoder's reconstructions: the floor for its samples)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,7 +247,11 @@ def plot_results(table_url: str, out_url: str, *, storage_options: dict | None =
     urls = []
     for extractor in sorted({str(v) for v in table["feature_extractor"]}):
         sub = table.select(np.array([str(v) == extractor for v in table["feature_extractor"]]))
-        metrics = sorted({m for m in sub["metric"] if not str(m).endswith("_std")})
+        props = sorted({m for m in sub["metric"] if str(m).removeprefix("proxy-") in _EXTRACTOR_PROPERTIES})
+        metrics = sorted({m for m in sub["metric"] if not str(m).endswith("_std") and m not in props})
+        if not metrics:
+            continue
+        refs = (references or {}).get(extractor, {})
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
             m = sub.select(np.array([v == metric for v in sub["metric"]]))
@@ -250,11 +262,16 @@ def plot_results(table_url: str, out_url: str, *, storage_options: dict | None =
                 backbone = next((str(b) for b in r["backbone"] if b), "")
                 label = f"{backbone} {run[:10]}".strip()
                 ax.plot(steps[order], np.asarray(r["value"], dtype=float)[order], marker="o", label=label)
+            if metric in refs:
+                ax.axhline(refs[metric], color="k", ls="--", lw=1, label="AE reconstructions")
             ax.set_title(metric)
             ax.set_xlabel("training step")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"feature extractor: {extractor}", fontsize=9)
+            ax.legend(fontsize=7)
+        facts = "; ".join(f"{p} {np.nanmean(np.asarray(sub.select(np.array([v == p for v in sub['metric']]))['value'], dtype=float)):.3f}"
+                          for p in props)
+        fig.suptitle(f"feature extractor: {extractor}" + (f"  ({facts}: a property of the extractor)" if facts else ""),
+                     fontsize=9)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)

@@ -70,6 +70,8 @@ class UViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cfg.label_embed_std is not None:  # else torch's N(0, 1), as U-ViT leaves it
+            nn.init.normal_(self.label_emb.weight, std=self.cfg.label_embed_std)
 
     @property
     def blocks_to_shard(self) -> list[nn.Module]:

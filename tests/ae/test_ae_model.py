@@ -40,7 +40,7 @@ def test_preset_structure_matches_the_papers():
     assert f64.scaling_factor == pytest.approx(0.5935)
 
 
-@pytest.mark.parametrize("name,size", [("tiny-f8c32", 32), ("tiny-f16c64", 64)])
+@pytest.mark.parametrize("name,size", [("tiny-f4c8", 32), ("tiny-f8c32", 32), ("tiny-f16c64", 64)])
 def test_tiny_presets_run(name, size):
     torch.manual_seed(0)
     ae = StructuredAutoencoder.from_preset(name)

@@ -12,7 +12,7 @@ from flows.launch import LaunchError, run_streaming, torchrun_command
 
 def test_presets_load_and_validate():
     demo, tiny = load_config("demo"), load_config("tiny")
-    assert demo.diffusion.backbones == ["DiT-tiny", "USiT-tiny"]
+    assert demo.diffusion.backbones == ["SiT-tiny", "USiT-tiny"]  # both families, flow matching (issue 12)
     assert tiny.data.synthetic["per_class"] * tiny.data.synthetic["num_classes"] < demo.data.synthetic["per_class"] * 8
     over = load_config("tiny", {"diffusion": {"train": {"steps": 7}}, "root": "/x"})
     assert over.diffusion.train["steps"] == 7 and over.root == "/x"

@@ -80,11 +80,17 @@ def stand_in_inception(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shift():
-    """A function making a visibly different image set: brightness shift + noise (deterministic)."""
+    """A function making a visibly different image set: shapes cut into 8 px tiles and shuffled, then a brightness
+    shift + noise (deterministic). The tiles matter: the proxy is trained to ignore noise and blur, not shape."""
 
     def shifted(images: np.ndarray, amount: int = 60) -> np.ndarray:
         rng = np.random.default_rng(1)
-        out = images.astype(np.int16) + amount + rng.integers(-30, 30, images.shape)
+        n, h, w, c = images.shape
+        t = 8
+        tiles = images.reshape(n, h // t, t, w // t, t, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, t, t, c)
+        tiles = tiles[:, rng.permutation(tiles.shape[1])]
+        scrambled = tiles.reshape(n, h // t, w // t, t, t, c).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)
+        out = scrambled.astype(np.int16) + amount + rng.integers(-30, 30, images.shape)
         return np.clip(out, 0, 255).astype(np.uint8)
 
     return shifted

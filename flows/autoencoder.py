@@ -7,6 +7,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows import names
+from flows.artifacts import publish_pointer
 from flows.caching import STAGE_CACHE, run_cached
 from flows.common import ConfigArg, stage_config
 from flows.prepare import describe_dataset
@@ -46,11 +48,11 @@ def fit_autoencoder(root: str, dataset: dict[str, Any], ae: dict[str, Any], seed
     return describe_ae(summary["model_url"])
 
 
-@flow(name="train_autoencoder")
+@flow(name="train_autoencoder", flow_run_name=names.autoencoder_name)
 def train_autoencoder(dataset: str, root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
     """Train the config's autoencoder preset on the packed dataset at ``dataset`` (or load ``pretrained``)."""
     cfg = stage_config(root, config)
     if cfg.autoencoder.pretrained:
         return describe_ae(cfg.autoencoder.pretrained)
-    return run_cached(fit_autoencoder, validate_ae, root=cfg.root, dataset=describe_dataset(dataset),
-                      ae=dataclasses.asdict(cfg.autoencoder), seed=cfg.seed)
+    return publish_pointer("autoencoder", run_cached(fit_autoencoder, validate_ae, root=cfg.root, dataset=describe_dataset(dataset),
+                      ae=dataclasses.asdict(cfg.autoencoder), seed=cfg.seed))

@@ -7,6 +7,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows import names
+from flows.artifacts import publish_pointer, sample_progress
 from flows.caching import STAGE_CACHE, run_cached
 from flows.common import ConfigArg, stage_config
 from flows.diffusion import describe_run
@@ -43,11 +45,12 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
 
     out_url = join(root, "samples", short_id(run["run_id"], checkpoint, spec))
     get_run_logger().info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
-    sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
+    with sample_progress(out_url, run["run_id"], checkpoint):  # a progress artifact polled from the store
+        sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
     return describe_samples(out_url)
 
 
-@flow(name="sample")
+@flow(name="sample", flow_run_name=names.sample_name)
 def sample(run: str, root: str | None = None, config: ConfigArg = "demo", checkpoint: int | None = None) -> dict[str, Any]:
     """Sample the diffusion run at ``run`` (checkpoint step ``checkpoint``, default the latest) per the ``sample`` section."""
     cfg = stage_config(root, config)
@@ -55,5 +58,5 @@ def sample(run: str, root: str | None = None, config: ConfigArg = "demo", checkp
     step = latest["step"] if checkpoint is None else int(checkpoint)
     # the run's identity, not its latest step: sampling step 100 stays cached while training goes on
     ref = {"url": latest["url"], "run_id": latest["run_id"]}
-    return run_cached(draw_samples, validate_samples, root=cfg.root, run=ref, checkpoint=step,
-                      spec=dataclasses.asdict(cfg.sample))
+    return publish_pointer("sample", run_cached(draw_samples, validate_samples, root=cfg.root, run=ref, checkpoint=step,
+                                                spec=dataclasses.asdict(cfg.sample)))

@@ -12,6 +12,7 @@ from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.encode import describe_store
 from flows.events import announce_checkpoints
+from flows.gpu import GPU_TAG, gpu_stage
 from flows.launch import run_streaming, torchrun_command
 
 __all__ = ["describe_run", "validate_run", "fit_backbone", "train_diffusion"]
@@ -35,8 +36,9 @@ def validate_run(pointer: dict[str, Any]) -> str | None:
     return None if now == pointer else f"run changed: latest is {now['step']}, cached {pointer['step']}"
 
 
-@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json")
+@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json", tags=[GPU_TAG])
 @announce_checkpoints  # checkpoint events + a progress artifact while it trains (flows/events.py)
+@gpu_stage  # one GPU job per machine unless asked (flows/gpu.py)
 def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[str, Any], seed: int,
                  launch: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) the run for (backbone, training config, store); returns a pointer to its final checkpoint.

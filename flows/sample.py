@@ -12,6 +12,7 @@ from flows.artifacts import publish_pointer, sample_progress
 from flows.caching import STAGE_CACHE, run_cached
 from flows.common import ConfigArg, stage_config
 from flows.diffusion import describe_run
+from flows.gpu import GPU_TAG, gpu_stage
 
 __all__ = ["describe_samples", "validate_samples", "draw_samples", "sample"]
 
@@ -36,7 +37,8 @@ def validate_samples(pointer: dict[str, Any]) -> str | None:
     return None if now["complete"] else "sample store has missing units"
 
 
-@task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
+@task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", tags=[GPU_TAG])
+@gpu_stage  # one GPU job per machine unless asked (flows/gpu.py)
 def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Sample ``spec['num_samples']`` images from ``run`` at ``checkpoint`` into ``<root>/samples/<id>``."""
     from dcae15.sampling import sample_to_store

@@ -96,3 +96,81 @@ def test_a_process_forked_inside_a_flow_run_exits_cleanly(prefect_api):
         return child.exitcode
 
     assert fork_a_child() == 0
+
+
+def _deploy_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "apply.py"
+    spec = importlib.util.spec_from_file_location("dcae15_deploy_apply", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prefect_yaml_trigger_and_heartbeats_validate_with_prefects_schema():
+    from pathlib import Path
+
+    import yaml
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    conf = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in conf["deployments"]}
+    (trigger,) = deps["evaluate-checkpoint"]["triggers"]
+    t = DeploymentEventTrigger.model_validate({k: v for k, v in trigger.items() if k != "type"})
+    assert t.expect == {"dcae15.checkpoint.saved"} and set(t.parameters) == {"run", "step", "root", "config"}
+    assert deps["evaluate-new-checkpoints"]["schedules"][0]["cron"] == "0 * * * *"  # the sweep stays
+    env = deps["train-diffusion"]["work_pool"]["job_variables"]["env"]
+    assert 30 <= int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) < 90  # < the zombie automation's window
+    assert "gpu" in deps["train-diffusion"]["tags"]
+
+
+def test_gpu_pool_template_renders_for_a_training_job():
+    """The Kubernetes template passes Prefect's work-pool validation and renders with Prefect's own templating."""
+    from prefect.utilities.schema_tools import validate
+    from prefect.utilities.templating import apply_values
+
+    template = _deploy_module().load_gpu_pool_template()
+    schema = template["variables"]
+    values = {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
+    values.update(gpus=4, image="registry.lab/dcae15:1", name="train-dit-xl", command="prefect flow-run execute",
+                  labels={"app": "dcae15"})
+    validate(values, schema, raise_on_error=True)
+    job = apply_values(template["job_configuration"], values)
+    pod = job["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4 and container["image"] == "registry.lab/dcae15:1"
+    assert job["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30" and "{{" not in str(job)
+    with pytest.raises(Exception):
+        validate({**values, "gpus": 0}, schema, raise_on_error=True)  # fewer than one GPU is refused
+
+
+def test_apply_creates_automations_limits_and_pool_idempotently(prefect_api):
+    from prefect.client.orchestration import get_client
+
+    from flows.gpu import gpu_limit_name, gpu_slot
+
+    deploy = _deploy_module()
+    automations = deploy.load_automations()
+    assert [a.name for a in automations] == ["dcae15-crash-zombie-flow-runs"]
+    assert automations[0].trigger.posture.value == "Proactive" and automations[0].actions[0].type == "change-flow-run-state"
+    with get_client(sync_client=True) as client:
+        try:
+            for _ in range(2):  # re-applying replaces, never duplicates
+                deploy.main(["--gpu-host", "testhost", "--gpu-pool", "dcae15-gpu-test"])
+            assert len(client.read_automations_by_name("dcae15-crash-zombie-flow-runs")) == 1
+            assert client.read_global_concurrency_limit_by_name(gpu_limit_name("testhost")).limit == 1
+            pool = client.read_work_pool("dcae15-gpu-test")
+            assert pool.type == "kubernetes" and "nvidia.com/gpu" in str(pool.base_job_template)
+
+            # a GPU stage holds its machine's slot while it runs, and gives it back
+            client.upsert_global_concurrency_limit_by_name(gpu_limit_name(), 1)
+            with gpu_slot():
+                assert client.read_global_concurrency_limit_by_name(gpu_limit_name()).active_slots == 1
+            assert client.read_global_concurrency_limit_by_name(gpu_limit_name()).active_slots == 0
+        finally:  # the session's other tests share this server
+            for name in (gpu_limit_name("testhost"), gpu_limit_name()):
+                client.delete_global_concurrency_limit_by_name(name)
+            for a in client.read_automations_by_name("dcae15-crash-zombie-flow-runs"):
+                client.delete_automation(a.id)

@@ -73,6 +73,9 @@ def publish_pointer(stage: str, pointer: dict[str, Any], *, title: str | None = 
     Returns:
         ``pointer`` itself, so that a flow can ``return publish_pointer(stage, run_cached(...))``.
     """
+    from flows import rerun
+
+    rerun.record(stage, pointer)  # what a cached rerun re-validates before starting Prefect (flows/rerun.py)
     url = pointer.get("url", "")
     key = artifact_key(stage, pointer.get("run_id") or pointer.get("store_id") or _basename(url))
     lines = [f"# {title or f'{stage}: {_basename(url)}'}", ""]
@@ -106,8 +109,10 @@ def publish_metrics(pointer: dict[str, Any]) -> dict[str, Any]:
     The proxy extractor's held-out accuracy is the ``proxy-classifier_accuracy`` row of the same table.
     """
     from dcae15.metrics.results import read_results
+    from flows import rerun
     from flows.evaluate import results_url
 
+    rerun.record("evaluate", pointer)
     root, key = pointer["root"], pointer["key"]
     akey = artifact_key("metrics", key.get("run_id"), f"step-{key.get('step')}", key.get("feature_extractor"))
     try:
@@ -128,8 +133,11 @@ def publish_metrics(pointer: dict[str, Any]) -> dict[str, Any]:
 
 def publish_figures(urls: list[str], *, stage: str = "figure") -> list[str]:
     """One link artifact per PNG figure (local paths become ``file://`` links). Returns the keys published."""
+    from flows import rerun
+
     keys = []
     for url in urls:
+        rerun.record("figure", {"url": url})
         link = url if "://" in url else f"file://{url}"
         key = artifact_key(stage, _basename(url).removesuffix(".png"))
         try:

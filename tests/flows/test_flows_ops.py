@@ -174,3 +174,37 @@ def test_apply_creates_automations_limits_and_pool_idempotently(prefect_api):
                 client.delete_global_concurrency_limit_by_name(name)
             for a in client.read_automations_by_name("dcae15-crash-zombie-flow-runs"):
                 client.delete_automation(a.id)
+
+
+def test_cached_rerun_shortcut_revalidates_pointers_before_starting_prefect(tmp_path):
+    """An identical finished pipeline is answered from its recorded pointers; a missing output sends it through
+    Prefect again (flows/rerun.py; bench/rerun.py measures the whole demo)."""
+    import argparse
+
+    from flows import rerun
+    from flows.cli import _pipeline_or_shortcut
+
+    root = str(tmp_path / "root")
+    fig = tmp_path / "root" / "eval" / "results.png"
+    calls = []
+
+    def fake_pipeline():  # stands in for the Prefect run: it publishes what it wrote
+        calls.append(1)
+        fig.parent.mkdir(parents=True, exist_ok=True)
+        fig.write_bytes(b"png")
+        rerun.record("figure", {"url": str(fig)})
+        return {"figures": [str(fig)]}
+
+    args = argparse.Namespace(backbones=None, through_prefect=False)
+    config = {"root": root, "seed": 0}
+    _pipeline_or_shortcut(args, root, config, fake_pipeline)
+    out = _pipeline_or_shortcut(args, root, config, fake_pipeline)
+    assert len(calls) == 1 and out["figures"] == [str(fig)]  # the rerun started nothing
+    _pipeline_or_shortcut(argparse.Namespace(backbones=None, through_prefect=True), root, config, fake_pipeline)
+    assert len(calls) == 2  # asked to go through Prefect
+    _pipeline_or_shortcut(args, root, {**config, "seed": 1}, fake_pipeline)
+    assert len(calls) == 3  # another config is another command
+    fig.unlink()
+    assert "figure missing" in rerun.check_record(root, rerun.record_key("pipeline", config, {"backbones": None}))
+    _pipeline_or_shortcut(args, root, config, fake_pipeline)
+    assert len(calls) == 4 and fig.exists()  # a missing output: through Prefect again

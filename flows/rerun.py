@@ -1,0 +1,98 @@
+"""A cached rerun without starting Prefect: the command's stage pointers are checked before any API starts.
+
+Why: a rerun of ``dcae15 demo`` whose every stage is cached used to cost ~26-34 s, most of it Prefect's temporary
+local server starting (no ``PREFECT_API_URL``), for work that amounts to checking that each stage's output is
+still there. Every stage flow publishes its output pointer (flows/artifacts.py), which also records it here; when
+a ``demo`` / ``pipeline`` command completes, the CLI writes the recorded pointers to
+``<root>/.dcae15/reruns/<key>.json``, keyed by (command, resolved config, backbones, library code version). The
+next identical command re-validates every pointer with its stage's own validator (the same check a cached Prefect
+task result gets) and, if all hold, prints the outputs without starting Prefect. Anything missing, changed or
+unreadable, and the command runs through Prefect as usual (where only the stale stages recompute).
+``--through-prefect`` skips the shortcut (e.g. to see the rerun in the UI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable
+
+__all__ = ["record", "reset", "recorded", "record_key", "save_record", "check_record"]
+
+_LEDGER: list[dict[str, Any]] = []
+
+
+def record(stage: str, pointer: dict[str, Any]) -> None:
+    """Remember one stage output of this process's command (called when a stage publishes its pointer)."""
+    _LEDGER.append({"stage": stage, "pointer": pointer})
+
+
+def reset() -> None:
+    _LEDGER.clear()
+
+
+def recorded() -> list[dict[str, Any]]:
+    return list(_LEDGER)
+
+
+def record_key(command: str, config: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+    """Identity of a command: its name, the resolved config, extra arguments and the library code version."""
+    from flows.caching import code_version
+
+    blob = json.dumps({"command": command, "config": config, "extra": extra or {}, "code": code_version()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _record_url(root: str, key: str) -> str:
+    from storage.urls import join
+
+    return join(root, ".dcae15", "reruns", f"{key}.json")
+
+
+def _validators() -> dict[str, Callable[[dict[str, Any]], str | None]]:
+    from flows.autoencoder import validate_ae
+    from flows.diffusion import validate_run
+    from flows.encode import validate_store
+    from flows.evaluate import validate_recon, validate_row
+    from flows.prepare import validate_dataset
+    from flows.sample import validate_samples
+    from storage.urls import exists
+
+    return {"prepare": validate_dataset, "autoencoder": validate_ae, "encode": validate_store, "train": validate_run,
+            "sample": validate_samples, "evaluate": validate_row, "evaluate-ae": validate_recon,
+            "figure": lambda p: None if exists(p["url"]) else "figure missing"}
+
+
+def save_record(root: str, key: str) -> str | None:
+    """Write this process's recorded pointers for ``key``; returns the URL (None when nothing was recorded)."""
+    from dcae15.diffusion.checkpoint import write_text
+
+    entries = recorded()
+    if not entries:
+        return None
+    url = _record_url(root, key)
+    write_text(url, json.dumps({"key": key, "entries": entries}, default=str))
+    return url
+
+
+def check_record(root: str, key: str) -> str | None:
+    """None if the record for ``key`` exists and every pointer in it still validates; else why not."""
+    from storage.urls import exists, read_bytes
+
+    url = _record_url(root, key)
+    try:
+        if not exists(url):
+            return "no record of an identical finished command"
+        entries = json.loads(read_bytes(url))["entries"]
+    except Exception as exc:  # noqa: BLE001 - an unreadable record only means "run through Prefect"
+        return f"cannot read {url}: {exc}"
+    validators = _validators()
+    for entry in entries:
+        check = validators.get(entry["stage"])
+        if check is None:
+            return f"unknown stage {entry['stage']!r} in {url}"
+        problem = check(entry["pointer"])
+        if problem is not None:
+            return f"{entry['stage']}: {problem}"
+    return None

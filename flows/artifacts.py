@@ -152,13 +152,14 @@ def publish_figures(urls: list[str], *, stage: str = "figure") -> list[str]:
 class Progress:
     """A progress artifact (0-100 %) with a stable key; ``update(done, total)`` pushes only visible changes."""
 
-    def __init__(self, key: str, description: str) -> None:
+    def __init__(self, key: str, description: str, *, done: float = 0.0, total: float = 1.0) -> None:
         self.key, self.description = key, description
         self._id: UUID | None = None
         self._last: float | None = None
+        start = 100.0 * done / total if total > 0 else 0.0
         try:
-            self._id = create_progress_artifact(progress=0.0, key=key, description=description)
-            self._last = 0.0
+            self._id = create_progress_artifact(progress=start, key=key, description=description)
+            self._last = start
         except Exception as exc:  # noqa: BLE001
             _warn(f"progress {key}", exc)
 

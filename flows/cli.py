@@ -187,7 +187,7 @@ def _pipeline_or_shortcut(args: argparse.Namespace, root: str, config: dict[str,
     from flows.report import outputs_summary
 
     key = rerun.record_key("pipeline", config, {"backbones": args.backbones})
-    if not args.through_prefect:
+    if not args.through_prefect and rerun.shortcut_allowed():
         problem = rerun.check_record(root, key)
         if problem is None:
             print("dcae15: every stage's output is still valid (identical finished run): not starting Prefect "

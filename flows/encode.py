@@ -96,7 +96,8 @@ def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: di
     log.info("latent store %s: %d of %d units to encode", store_url, len(missing), store.num_units)
     k = where["units_per_task"]
     groups = [missing[i:i + k] for i in range(0, len(missing), k)]
-    progress = Progress(artifact_key("progress-encode", store_url.rstrip("/").rsplit("/", 1)[-1]), f"encoding {store_url}")
+    progress = Progress(artifact_key("progress-encode", store_url.rstrip("/").rsplit("/", 1)[-1]), f"encoding {store_url}",
+                        done=store.num_units - len(missing), total=store.num_units)
     if groups:
         with dask_client(where["scheduler"], where["workers"], where["processes"]) as client:
             futures = [client.submit(encode_units, ae["url"], dataset["url"], store_url, g, batch_size=enc["batch_size"],

@@ -73,6 +73,10 @@ def watch_training(run_url: str, *, root: str, backbone: str, steps: int, interv
 
     start = latest()
     state = {"announced": start[0] if start else -1}
+    if start is not None:
+        from prefect import get_run_logger
+
+        get_run_logger().info("run %s: resuming from its checkpoint at step %d", run_url, start[0])
     config = _flow_config()
 
     def announce() -> None:

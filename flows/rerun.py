@@ -8,7 +8,7 @@ a ``demo`` / ``pipeline`` command completes, the CLI writes the recorded pointer
 next identical command re-validates every pointer with its stage's own validator (the same check a cached Prefect
 task result gets) and, if all hold, prints the outputs without starting Prefect. Anything missing, changed or
 unreadable, and the command runs through Prefect as usual (where only the stale stages recompute).
-``--through-prefect`` skips the shortcut (e.g. to see the rerun in the UI).
+``--through-prefect`` skips the shortcut; so does a ``PREFECT_API_URL`` (a running server starts nothing).
 """
 
 from __future__ import annotations
@@ -17,9 +17,17 @@ import hashlib
 import json
 from typing import Any, Callable
 
-__all__ = ["record", "reset", "recorded", "record_key", "save_record", "check_record"]
+__all__ = ["shortcut_allowed", "record", "reset", "recorded", "record_key", "save_record", "check_record"]
 
 _LEDGER: list[dict[str, Any]] = []
+
+
+def shortcut_allowed() -> bool:
+    """Only without a Prefect API to talk to: with ``PREFECT_API_URL`` (a running server) a cached rerun costs
+    seconds and belongs in that server's UI like any other run."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url is None
 
 
 def record(stage: str, pointer: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@
     python scripts/deploy_checks.py wait-triggered ROOT [--timeout S]    # one evaluate-checkpoint run per event
     python scripts/deploy_checks.py rows ROOT                            # print the result table's row count
     python scripts/deploy_checks.py check ROOT [--rows N]                # one row per scoring; artifacts; names
+    python scripts/deploy_checks.py kill-worker FLOW_RUN_ID WORKER_PID   # SIGKILL it mid-training; must end Crashed
+    python scripts/deploy_checks.py resumed FLOW_RUN_ID STEP             # the rerun resumed from >= STEP
 """
 
 from __future__ import annotations
@@ -132,6 +134,82 @@ def check(client: Any, root: str, expect_rows: int | None) -> None:
     print(f"flow-run names: {sorted(set(names))[:8]} ...")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), children first found first."""
+    import os
+
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children[ppid].append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_worker(client: Any, run_id: str, worker_pid: int, timeout: float) -> None:
+    """Wait until the flow run trains past its first checkpoint, SIGKILL the worker and every process under it (a lost
+    node), then wait for the run to leave Running: the zombie automation must mark it Crashed."""
+    import os
+    import signal
+
+    deadline = time.monotonic() + 600
+    step = None
+    while step is None:
+        events = [e for e in client.read_events(EventFilter(event=EventNameFilter(name=["dcae15.checkpoint.saved"])),
+                                                limit=50).events
+                  if any(r.id == f"prefect.flow-run.{run_id}" for r in e.related)]
+        if events:
+            step = max(int(e.resource["dcae15.step"]) for e in events)
+        elif time.monotonic() > deadline:
+            _fail(f"flow run {run_id} committed no checkpoint in 600 s")
+        else:
+            time.sleep(1)
+    state = client.read_flow_run(run_id).state.type.value
+    if state != "RUNNING":
+        _fail(f"flow run {run_id} is {state} before the kill: make the training longer")
+    victims = [worker_pid, *_descendants(worker_pid)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    t_kill = time.monotonic()
+    print(f"checkpoint step {step} committed; SIGKILLed the worker and its {len(victims) - 1} child processes")
+    while True:
+        run = client.read_flow_run(run_id)
+        if run.state.type.value != "RUNNING":
+            break
+        if time.monotonic() - t_kill > timeout:
+            _fail(f"flow run {run_id} still Running {timeout:.0f} s after its worker was killed")
+        time.sleep(2)
+    waited = time.monotonic() - t_kill
+    print(f"flow run {run.name!r} left Running {waited:.0f} s after the kill: {run.state.type.value} "
+          f"({run.state.message})")
+    if run.state.type.value != "CRASHED":
+        _fail(f"expected CRASHED, got {run.state.type.value}")
+
+
+def resumed(client: Any, run_id: str, step: int) -> None:
+    """The rerun's log says it resumed from a checkpoint at or after ``step`` (the one committed before the kill)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+    hits = [re.search(r"resuming from its checkpoint at step (\d+)", log.message) for log in logs]
+    steps = [int(h.group(1)) for h in hits if h]
+    if not steps or steps[0] < step:
+        _fail(f"the rerun {run_id} did not resume from step >= {step} (log lines: {steps})")
+    print(f"the rerun resumed from step {steps[0]} (>= {step}, committed before the kill)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -141,6 +219,13 @@ def main() -> None:
     a = sub.add_parser("wait-triggered")
     a.add_argument("root")
     a.add_argument("--timeout", type=float, default=600)
+    a = sub.add_parser("kill-worker")
+    a.add_argument("run_id")
+    a.add_argument("worker_pid", type=int)
+    a.add_argument("--timeout", type=float, default=240)
+    a = sub.add_parser("resumed")
+    a.add_argument("run_id")
+    a.add_argument("step", type=int)
     a = sub.add_parser("rows")
     a.add_argument("root")
     a = sub.add_parser("check")
@@ -155,6 +240,10 @@ def main() -> None:
             wait_run(client, args.run_id, args.timeout)
         elif args.cmd == "wait-triggered":
             wait_triggered(client, args.root, args.timeout)
+        elif args.cmd == "kill-worker":
+            kill_worker(client, args.run_id, args.worker_pid, args.timeout)
+        elif args.cmd == "resumed":
+            resumed(client, args.run_id, args.step)
         else:
             check(client, args.root, args.rows)
 

@@ -6,7 +6,9 @@
 # dcae15.checkpoint.saved, the trigger starts an evaluate-checkpoint run per event, and each writes its result row.
 # The hourly sweep, run once by hand, must then add no row (one checkpoint scored twice = one row). Artifacts,
 # flow-run names and the table are checked through the Prefect client (scripts/deploy_checks.py).
-# Exit status 0 = all good. Takes ~4-6 minutes on 2 shared cores.
+# Last, a worker is SIGKILLed mid-training: the heartbeat automation (deploy/automations.yaml) must mark the run
+# Crashed, and its rerun must resume from the checkpoint (SKIP_ZOMBIE=1 skips this part, ~3 min).
+# Exit status 0 = all good. Takes ~6-8 minutes on 2 shared cores.
 #
 #   scripts/deploy_smoke.sh            # uses .venv/bin/{python,prefect}; WORK=<dir> keeps the files for a look
 set -euo pipefail
@@ -89,4 +91,27 @@ run_deployment 'evaluate_new_checkpoints/evaluate-new-checkpoints' --param root=
 
 say "check rows, artifacts and flow-run names through the API"
 $CHECK check "$ROOT" --rows "$ROWS" || fail "checks failed"
+
+if [ "${SKIP_ZOMBIE:-0}" != 1 ]; then
+  say "a worker killed mid-training: heartbeats stop, the zombie automation marks the run Crashed, a rerun resumes"
+  "$PY" deploy/apply.py --gpu-host no-gpu-slot-in-this-smoke   # the automations of deploy/automations.yaml
+  "$PY" - <<PYEOF
+import yaml
+from flows.config import load_config
+cfg = load_config("tiny", {"root": "$ROOT", "diffusion": {"train": {"steps": 400, "checkpoint_every": 20}}}).to_dict()
+open("$WORK/long.yaml", "w").write(yaml.safe_dump(cfg))
+PYEOF
+  STORE=$(ls -d "$ROOT"/latents/*/ | head -n1)
+  train_args=(--param store="${STORE%/}" --param backbone=DiT-tiny --param root="$ROOT" --param config="$WORK/long.yaml")
+  out=$("$PREFECT" deployment run 'train_diffusion/train-diffusion' "${train_args[@]}")
+  id=$(printf '%s\n' "$out" | grep -oE '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}' | head -n1)
+  $CHECK kill-worker "$id" "$WORKER_PID" --timeout 240 | tee "$WORK/kill.txt" || fail "the killed run did not end Crashed"
+  STEP=$(grep -oE 'checkpoint step [0-9]+' "$WORK/kill.txt" | grep -oE '[0-9]+$')
+  setsid "$PREFECT" worker start --pool "$POOL" --type process --limit 1 >>"$WORK/worker.log" 2>&1 &
+  WORKER_PID=$!
+  out=$("$PREFECT" deployment run 'train_diffusion/train-diffusion' "${train_args[@]}")
+  id=$(printf '%s\n' "$out" | grep -oE '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}' | head -n1)
+  $CHECK wait-run "$id" --timeout 900 || fail "the rerun of the killed training did not complete"
+  $CHECK resumed "$id" "$STEP" || fail "the rerun did not resume from the checkpoint"
+fi
 echo "deploy smoke: OK"

@@ -176,7 +176,7 @@ def test_apply_creates_automations_limits_and_pool_idempotently(prefect_api):
                 client.delete_automation(a.id)
 
 
-def test_cached_rerun_shortcut_revalidates_pointers_before_starting_prefect(tmp_path):
+def test_cached_rerun_shortcut_revalidates_pointers_before_starting_prefect(tmp_path, monkeypatch):
     """An identical finished pipeline is answered from its recorded pointers; a missing output sends it through
     Prefect again (flows/rerun.py; bench/rerun.py measures the whole demo)."""
     import argparse
@@ -184,6 +184,7 @@ def test_cached_rerun_shortcut_revalidates_pointers_before_starting_prefect(tmp_
     from flows import rerun
     from flows.cli import _pipeline_or_shortcut
 
+    monkeypatch.setattr(rerun, "shortcut_allowed", lambda: True)  # as without PREFECT_API_URL (this session has one)
     root = str(tmp_path / "root")
     fig = tmp_path / "root" / "eval" / "results.png"
     calls = []

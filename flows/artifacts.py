@@ -56,6 +56,12 @@ def _basename(url: str) -> str:
     return str(url).rstrip("/").rsplit("/", 1)[-1]
 
 
+def _object_name(url: str) -> str:
+    """The name that identifies what a URL holds: ``.../runs/ae/<id>/model`` -> ``<id>``, else the last part."""
+    parts = str(url).rstrip("/").rsplit("/", 2)
+    return parts[-2] if len(parts) >= 2 and parts[-1] == "model" else parts[-1]
+
+
 _URL_FIELDS = ("url", "checkpoint", "samples_url")
 _SKIP = {"kind", "complete"}
 
@@ -77,7 +83,7 @@ def publish_pointer(stage: str, pointer: dict[str, Any], *, title: str | None = 
 
     rerun.record(stage, pointer)  # what a cached rerun re-validates before starting Prefect (flows/rerun.py)
     url = pointer.get("url", "")
-    key = artifact_key(stage, pointer.get("run_id") or pointer.get("store_id") or _basename(url))
+    key = artifact_key(stage, pointer.get("run_id") or pointer.get("store_id") or _object_name(url))
     lines = [f"# {title or f'{stage}: {_basename(url)}'}", ""]
     for name in _URL_FIELDS:
         if pointer.get(name):

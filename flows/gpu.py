@@ -33,13 +33,26 @@ def gpu_limit_name(host: str | None = None) -> str:
 @contextlib.contextmanager
 def gpu_slot() -> Iterator[None]:
     """Hold this machine's GPU slot for the body (no-op when sharing is asked for or no limit exists)."""
-    if os.environ.get("DCAE15_GPU_SHARE", "").lower() in ("1", "true", "yes"):
+    if os.environ.get("DCAE15_GPU_SHARE", "").lower() in ("1", "true", "yes") or not _limit_exists(gpu_limit_name()):
         yield
         return
     from prefect.concurrency.sync import concurrency
 
     with concurrency(gpu_limit_name(), occupy=1, lease_duration=LEASE_SECONDS, strict=False):
         yield
+
+
+def _limit_exists(name: str) -> bool:
+    """Whether the limit was declared (a missing one would make Prefect warn on every GPU task of a laptop run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        return False
+    return True
 
 
 def gpu_stage(fn: Callable[..., Any]) -> Callable[..., Any]:

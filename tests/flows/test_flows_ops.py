@@ -209,3 +209,19 @@ def test_cached_rerun_shortcut_revalidates_pointers_before_starting_prefect(tmp_
     assert "figure missing" in rerun.check_record(root, rerun.record_key("pipeline", config, {"backbones": None}))
     _pipeline_or_shortcut(args, root, config, fake_pipeline)
     assert len(calls) == 4 and fig.exists()  # a missing output: through Prefect again
+
+
+def test_rerun_record_stamps_the_autoencoder_files_instead_of_loading_it(tmp_path, monkeypatch):
+    from flows import rerun
+
+    model = tmp_path / "runs" / "ae" / "abc" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "weights.safetensors").write_bytes(b"w" * 10)
+    rerun.reset()
+    rerun.record("autoencoder", {"url": str(model), "fingerprint": "f"})
+    rerun.save_record(str(tmp_path), "k")
+    assert rerun.check_record(str(tmp_path), "k") is None  # no diffusers import, no model load
+    (model / "weights.safetensors").write_bytes(b"w" * 11)
+    assert rerun.check_record(str(tmp_path), "k") == "autoencoder: files changed or missing"
+    rerun.reset()

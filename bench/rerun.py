@@ -39,6 +39,7 @@ def main() -> None:
     tmp = None if args.root else tempfile.mkdtemp(prefix="dcae15-rerun-")
     root = Path(args.root or tmp) / "root"
     log = Path(args.root or tmp) / "bench.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = ["demo", "--config", args.config, "--root", str(root)]

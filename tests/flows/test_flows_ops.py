@@ -225,3 +225,18 @@ def test_rerun_record_stamps_the_autoencoder_files_instead_of_loading_it(tmp_pat
     (model / "weights.safetensors").write_bytes(b"w" * 11)
     assert rerun.check_record(str(tmp_path), "k") == "autoencoder: files changed or missing"
     rerun.reset()
+
+
+def test_an_evaluation_appended_twice_is_one_row(tmp_path):
+    """Event-triggered evaluation and the sweep racing on one checkpoint write the same part file."""
+    from dcae15.metrics.results import append_results, read_results
+
+    table = str(tmp_path / "results")
+    row = {"run_id": "DiT-tiny-x", "step": 5, "samples_url": "s", "feature_extractor": "proxy-a", "proxy-fid": 1.0}
+    for _ in range(2):
+        append_results(table, [row], part_id="key-1")
+    assert len(read_results(table)) == 1
+    append_results(table, [{**row, "step": 10}])  # default names still never collide
+    assert len(read_results(table)) == 2
+    with pytest.raises(ValueError, match="part_id"):
+        append_results(table, [row], part_id="../escape")

@@ -18,6 +18,7 @@ __all__ = [
     "sample",
     "evaluate",
     "evaluate_new_checkpoints",
+    "evaluate_checkpoint",
     "pipeline",
 ]
 
@@ -29,6 +30,7 @@ _HOME = {
     "sample": "flows.sample",
     "evaluate": "flows.evaluate",
     "evaluate_new_checkpoints": "flows.evaluate",
+    "evaluate_checkpoint": "flows.evaluate_checkpoint",
     "pipeline": "flows.pipeline",
 }
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows import names
+from flows.artifacts import publish_pointer
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.prepare import describe_dataset
@@ -76,7 +78,7 @@ def _train_torchrun(cfg: Any, dataset_url: str, run_url: str, launch: dict[str, 
     return json.loads(read_bytes(join(run_url, "done.json")))
 
 
-@flow(name="train_autoencoder")
+@flow(name="train_autoencoder", flow_run_name=names.autoencoder_name)
 def train_autoencoder(dataset: str, root: str | None = None, config: ConfigArg = "demo",
                       nproc_per_node: int | None = None, nnodes: int | None = None,
                       torchrun_args: list[str] | None = None) -> dict[str, Any]:
@@ -104,4 +106,5 @@ def train_autoencoder(dataset: str, root: str | None = None, config: ConfigArg =
     for c, fp in zip(cfgs, fps):
         done.append(run_cached(fit_autoencoder, validate_ae, root=cfg.root, dataset=data, phase=c.to_dict(),
                                chain_fingerprint=fp, init=done[-1] if done else None, launch=launch))
-    return {**done[-1], "phases": [{k: p[k] for k in ("phase_name", "phase", "url", "fingerprint")} for p in done]}
+    return publish_pointer("autoencoder", {**done[-1], "phases": [{k: p[k] for k in ("phase_name", "phase", "url", "fingerprint")}
+                                                                for p in done]})

@@ -12,6 +12,10 @@ from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.filesystems import RemoteFileSystem
 
+from flows import forksafe
+
+forksafe.install()  # DataLoader workers forked in a flow run must not die at exit (see flows/forksafe.py)
+
 __all__ = ["CodeVersion", "STAGE_CACHE", "stage_cache", "code_version", "result_storage_for", "run_cached"]
 
 _LIB_DIRS = ("storage", "dcae15", "flows")

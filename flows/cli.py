@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], help=help_, description=help_, epilog=_EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
+    common.add_argument("--through-prefect", action="store_true",
+                        help="demo/pipeline: run through Prefect even when an identical finished run's outputs are "
+                             "all still valid (by default such a rerun is answered without starting Prefect)")
     p = add("demo", "the embedded default: generate a shapes dataset, train a tiny AE and two tiny backbones on "
                     "CPU, sample, evaluate, and print where everything is (≈10 min first time, seconds when rerun)")
     p.add_argument("--backbones", nargs="+", choices=backbones, metavar="NAME",
@@ -165,7 +168,7 @@ def _run(args: argparse.Namespace) -> Any:
 
     c = args.command
     if c in ("demo", "pipeline"):
-        return call(pipeline, backbones=args.backbones)
+        return _pipeline_or_shortcut(args, root, config, lambda: call(pipeline, backbones=args.backbones))
     if c == "prepare":
         return call(prepare_images)
     if c == "train-ae":
@@ -183,6 +186,25 @@ def _run(args: argparse.Namespace) -> Any:
     if c == "evaluate-new":
         return call(evaluate_new_checkpoints)
     raise SystemExit(f"unknown command {c!r}")
+
+
+def _pipeline_or_shortcut(args: argparse.Namespace, root: str, config: dict[str, Any], run: Callable[[], Any]) -> Any:
+    """Answer an identical finished pipeline from its validated pointers (flows/rerun.py), else run it."""
+    from flows import rerun
+    from flows.report import outputs_summary
+
+    key = rerun.record_key("pipeline", config, {"backbones": args.backbones})
+    if not args.through_prefect and rerun.shortcut_allowed():
+        problem = rerun.check_record(root, key)
+        if problem is None:
+            print("dcae15: every stage's output is still valid (identical finished run): not starting Prefect "
+                  "(--through-prefect to run it anyway)")
+            return outputs_summary(root)
+        print(f"dcae15: running through Prefect ({problem})")
+    rerun.reset()
+    out = run()
+    rerun.save_record(root, key)
+    return out
 
 
 def _results(args: argparse.Namespace) -> None:

@@ -6,9 +6,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows import names
+from flows.artifacts import publish_pointer
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.encode import describe_store
+from flows.events import announce_checkpoints
+from flows.gpu import GPU_TAG, gpu_stage
 from flows.launch import run_streaming, torchrun_command
 
 __all__ = ["describe_run", "validate_run", "fit_backbone", "train_diffusion"]
@@ -32,7 +36,9 @@ def validate_run(pointer: dict[str, Any]) -> str | None:
     return None if now == pointer else f"run changed: latest is {now['step']}, cached {pointer['step']}"
 
 
-@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json")
+@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json", tags=[GPU_TAG])
+@announce_checkpoints  # checkpoint events + a progress artifact while it trains (flows/events.py)
+@gpu_stage  # one GPU job per machine unless asked (flows/gpu.py)
 def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[str, Any], seed: int,
                  launch: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) the run for (backbone, training config, store); returns a pointer to its final checkpoint.
@@ -66,7 +72,7 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
     return describe_run(run_url)
 
 
-@flow(name="train_diffusion")
+@flow(name="train_diffusion", flow_run_name=names.train_name)
 def train_diffusion(store: str, backbone: str, root: str | None = None, config: ConfigArg = "demo",
                     nproc_per_node: int | None = None, nnodes: int | None = None,
                     torchrun_args: list[str] | None = None) -> dict[str, Any]:
@@ -85,5 +91,5 @@ def train_diffusion(store: str, backbone: str, root: str | None = None, config: 
     if not pointer["complete"]:
         raise ValueError(f"latent store {store} is not complete: run encode_latents first")
     task_ = fit_backbone.with_options(retries=d.retries, retry_delay_seconds=5)
-    return run_cached(task_, validate_run, root=cfg.root, store=pointer, backbone=backbone, train=dict(d.train),
-                      seed=cfg.seed, launch=launch)
+    return publish_pointer("train", run_cached(task_, validate_run, root=cfg.root, store=pointer, backbone=backbone,
+                                               train=dict(d.train), seed=cfg.seed, launch=launch))

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, task
 
+from flows import names
+from flows.artifacts import Progress, artifact_key, publish_pointer
 from flows.autoencoder import describe_ae
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
@@ -132,6 +134,8 @@ def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: di
     log.info("latent store %s: %d of %d units to encode", store_url, len(missing), store.num_units)
     k = where["units_per_task"]
     groups = [missing[i:i + k] for i in range(0, len(missing), k)]
+    progress = Progress(artifact_key("progress-encode", store_url.rstrip("/").rsplit("/", 1)[-1]), f"encoding {store_url}",
+                        done=store.num_units - len(missing), total=store.num_units)
     if groups:
         with encode_client(where) as client:
             # the AE was fingerprinted once here (describe_ae); workers load it once each and check that fingerprint
@@ -144,13 +148,14 @@ def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: di
                 for done, fut in enumerate(as_completed(futures), 1):
                     units = fut.result()
                     bar.update(len(units))
+                    progress.update(store.num_units - len(missing) + bar.n, store.num_units)
                     log.info("encoded units %s (%d/%d tasks)", units, done, len(futures))
     store = LatentStore.open(store_url)
     store.finalize()
     return describe_store(store_url)
 
 
-@flow(name="encode_latents")
+@flow(name="encode_latents", flow_run_name=names.encode_name)
 def encode_latents(ae: str, dataset: str, root: str | None = None, config: ConfigArg = "demo",
                    scheduler: str | None = None, workers: int | None = None) -> dict[str, Any]:
     """Encode the packed dataset at ``dataset`` with the autoencoder at ``ae`` into ``<root>/latents/<store_id>``.
@@ -165,5 +170,5 @@ def encode_latents(ae: str, dataset: str, root: str | None = None, config: Confi
     cfg = stage_config(root, config, **({"encode": over} if over else {}))
     section = dataclasses.asdict(cfg.encode)
     where = {k: section.pop(k) for k in _WHERE}
-    return run_cached(encode_store, validate_store, root=cfg.root, ae=describe_ae(ae), dataset=describe_dataset(dataset),
-                      enc=section, where=where)
+    return publish_pointer("encode", run_cached(encode_store, validate_store, root=cfg.root, ae=describe_ae(ae), dataset=describe_dataset(dataset),
+                      enc=section, where=where))

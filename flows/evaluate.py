@@ -8,6 +8,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows import names
+from flows.artifacts import publish_metrics, publish_pointer, reference_progress
 from flows.caching import STAGE_CACHE, run_cached
 from flows.common import ConfigArg, stage_config
 from flows.prepare import describe_dataset
@@ -63,12 +65,14 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
     from dcae15.metrics.fidelity import generation_metrics
     from dcae15.metrics.reference import get_reference
     from dcae15.metrics.results import append_results
+    from storage.fingerprint import short_id
 
     log = get_run_logger()
     extractor = extractor_for(ev, dataset["url"])
     key = _row_key(samples, extractor.label)
     if not _has_row(root, key):  # a rerun after a kill between the append and the cache write must not duplicate
-        ref = get_reference(dataset["url"], resolution, extractor)
+        with reference_progress(dataset["url"], extractor.label):
+            ref = get_reference(dataset["url"], resolution, extractor)
         values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
                                     **ev["options"].get("generation", {}))
         if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
@@ -76,7 +80,8 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
         context = {"backbone": samples["run_id"].rsplit("-", 1)[0], "sampler": samples["sampler"],
                    "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
                    "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"]}
-        append_results(results_url(root), [{**key, **context, **values}])
+        # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
+        append_results(results_url(root), [{**key, **context, **values}], part_id=short_id(key))
         log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
     return {"kind": "result_row", "root": root, "key": key}
 
@@ -95,7 +100,7 @@ def _sample_class_accuracy(extractor: Any, samples_url: str, block: int = 1024) 
     return correct / store.num_samples
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name=names.evaluate_name)
 def evaluate(samples: str, dataset: str, root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
     """Score the sample store at ``samples`` against the packed dataset at ``dataset``; one row in the results table."""
     from flows.sample import describe_samples
@@ -104,8 +109,9 @@ def evaluate(samples: str, dataset: str, root: str | None = None, config: Config
     spointer = describe_samples(samples)
     if not spointer["complete"]:
         raise ValueError(f"sample store {samples} has missing units: rerun the sample flow first")
-    return run_cached(score_samples, validate_row, root=cfg.root, samples=spointer, dataset=describe_dataset(dataset),
-                      ev=dataclasses.asdict(cfg.evaluate), resolution=cfg.encode.resolution)
+    return publish_metrics(run_cached(score_samples, validate_row, root=cfg.root, samples=spointer,
+                                      dataset=describe_dataset(dataset), ev=dataclasses.asdict(cfg.evaluate),
+                                      resolution=cfg.encode.resolution))
 
 
 @task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
@@ -154,15 +160,16 @@ def validate_recon(pointer: dict[str, Any]) -> str | None:
     return None if exists(join(pointer["url"], "recon.parquet")) else "recon.parquet is missing"
 
 
-@flow(name="evaluate_autoencoder")
+@flow(name="evaluate_autoencoder", flow_run_name=names.evaluate_autoencoder_name)
 def evaluate_autoencoder(ae: str, dataset: str, root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
     """Reconstruction quality of the autoencoder at ``ae`` per c' (the structured latent space), with figures."""
     from flows.autoencoder import describe_ae
 
     cfg = stage_config(root, config)
-    return run_cached(reconstruction_scores, validate_recon, root=cfg.root, ae=describe_ae(ae),
-                      dataset=describe_dataset(dataset), ev=dataclasses.asdict(cfg.evaluate),
-                      resolution=cfg.encode.resolution)
+    return publish_pointer("evaluate-ae", run_cached(reconstruction_scores, validate_recon, root=cfg.root,
+                                                     ae=describe_ae(ae), dataset=describe_dataset(dataset),
+                                                     ev=dataclasses.asdict(cfg.evaluate),
+                                                     resolution=cfg.encode.resolution))
 
 
 def _dataset_of(store_url: str, root: str) -> str:
@@ -178,7 +185,7 @@ def _dataset_of(store_url: str, root: str) -> str:
     return url
 
 
-@flow(name="evaluate_new_checkpoints")
+@flow(name="evaluate_new_checkpoints", flow_run_name=names.sweep_name)
 def evaluate_new_checkpoints(root: str | None = None, config: ConfigArg = "demo") -> list[dict[str, Any]]:
     """Scan ``<root>/runs/diffusion/*`` and sample + score every checkpoint that has no result row yet.
 

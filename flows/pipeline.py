@@ -7,6 +7,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows import names
+from flows.artifacts import publish_figures
 from flows.autoencoder import train_autoencoder
 from flows.common import ConfigArg, stage_config
 from flows.diffusion import train_diffusion
@@ -19,7 +21,7 @@ from flows.sample import sample
 __all__ = ["pipeline"]
 
 
-@flow(name="pipeline")
+@flow(name="pipeline", flow_run_name=names.pipeline_name)
 def pipeline(root: str | None = None, config: ConfigArg = "demo", backbones: list[str] | None = None) -> dict[str, Any]:
     """Run every stage; each is cached (a rerun with the same inputs does nothing) and resumable (a killed run
     continues). ``backbones`` (preset names) overrides the config's list; they all train on the same store."""
@@ -45,4 +47,5 @@ def pipeline(root: str | None = None, config: ConfigArg = "demo", backbones: lis
     create_markdown_artifact(key="dcae15-pipeline", markdown=f"# dcae15 pipeline\n\n```\n{summary.get('table', '')}\n```\n"
                              + "\n".join(f"- {k}: `{v}`" for k, v in summary.items() if k != "table"),
                              description="where the pipeline's outputs are")
+    publish_figures(summary.get("figures", []))  # one link artifact per PNG
     return summary

@@ -7,6 +7,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows import names
+from flows.artifacts import publish_pointer
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 
@@ -60,10 +62,10 @@ def pack_images(root: str, data: dict[str, Any], where: dict[str, Any] | None = 
     return pointer
 
 
-@flow(name="prepare_images")
+@flow(name="prepare_images", flow_run_name=names.prepare_name)
 def prepare_images(root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
     """Pack the images named by the config's ``data`` section into ``<root>/data/<name>/``; returns its pointer."""
     cfg = stage_config(root, config)
     data = dataclasses.asdict(cfg.data)
     where = {k: data.pop(k) for k in _WHERE}
-    return run_cached(pack_images, validate_dataset, root=cfg.root, data=data, where=where)
+    return publish_pointer("prepare", run_cached(pack_images, validate_dataset, root=cfg.root, data=data, where=where))

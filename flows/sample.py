@@ -8,9 +8,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows import names
+from flows.artifacts import publish_pointer, sample_progress
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.diffusion import describe_run
+from flows.gpu import GPU_TAG, gpu_stage
 from flows.launch import run_streaming, torchrun_command
 
 __all__ = ["describe_samples", "validate_samples", "draw_samples", "sample"]
@@ -36,7 +39,8 @@ def validate_samples(pointer: dict[str, Any]) -> str | None:
     return None if now["complete"] else "sample store has missing units"
 
 
-@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json")
+@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json", tags=[GPU_TAG])
+@gpu_stage  # one GPU job per machine unless asked (flows/gpu.py)
 def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str, Any],
                  launch: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sample ``spec['num_samples']`` images from ``run`` at ``checkpoint`` into ``<root>/samples/<id>``.
@@ -54,20 +58,21 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
     out_url = join(root, "samples", short_id(run["run_id"], checkpoint, spec))
     launch = launch or {"launcher": "inprocess", "nproc_per_node": 1, "nnodes": 1, "torchrun_args": []}
     world = launch["nproc_per_node"] * launch["nnodes"]
-    if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
-        log.info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
-        sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
-    else:
-        cmd = torchrun_command("dcae15.sampling", [run["url"], out_url, "--checkpoint", str(checkpoint),
-                                                   "--spec", json.dumps(spec)],
-                               nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
-                               extra=launch["torchrun_args"])
-        log.info("launching %s", " ".join(cmd))
-        run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))
+    with sample_progress(out_url, run["run_id"], checkpoint):  # a progress artifact polled from the store
+        if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
+            log.info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
+            sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
+        else:
+            cmd = torchrun_command("dcae15.sampling", [run["url"], out_url, "--checkpoint", str(checkpoint),
+                                                       "--spec", json.dumps(spec)],
+                                   nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
+                                   extra=launch["torchrun_args"])
+            log.info("launching %s", " ".join(cmd))
+            run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))
     return describe_samples(out_url)
 
 
-@flow(name="sample")
+@flow(name="sample", flow_run_name=names.sample_name)
 def sample(run: str, root: str | None = None, config: ConfigArg = "demo", checkpoint: int | None = None) -> dict[str, Any]:
     """Sample the diffusion run at ``run`` (checkpoint step ``checkpoint``, default the latest) per the ``sample`` section."""
     cfg = stage_config(root, config)
@@ -78,5 +83,5 @@ def sample(run: str, root: str | None = None, config: ConfigArg = "demo", checkp
     d = cfg.diffusion
     launch = {"launcher": d.launcher, "nproc_per_node": d.nproc_per_node, "nnodes": d.nnodes,
               "torchrun_args": list(d.torchrun_args)}
-    return run_cached(draw_samples, validate_samples, root=cfg.root, run=ref, checkpoint=step,
-                      spec=dataclasses.asdict(cfg.sample), launch=launch)
+    return publish_pointer("sample", run_cached(draw_samples, validate_samples, root=cfg.root, run=ref, checkpoint=step,
+                                                spec=dataclasses.asdict(cfg.sample), launch=launch))

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Operate dcae15 the way a user would with Prefect deployments, on this machine only:
-# a real `prefect server start` on 127.0.0.1, a process work pool, `prefect deploy --all` from prefect.yaml, a triggered
-# pipeline run (tiny config) and a triggered checkpoint evaluation, each executed by `prefect worker start --run-once`;
-# then the artifacts are checked. Exit status 0 = all good. Takes ~2-3 minutes on 2 cores.
+# Operate dcae15 the way a lab would with Prefect deployments, on this machine only:
+# a real `prefect server start` on 127.0.0.1, a process work pool, `prefect deploy --all` from prefect.yaml (with the
+# evaluate-checkpoint event trigger and the hourly sweep), one long-running worker, a triggered pipeline run (tiny
+# config). Then, with nothing else started by hand: every checkpoint the training commits emits
+# dcae15.checkpoint.saved, the trigger starts an evaluate-checkpoint run per event, and each writes its result row.
+# The hourly sweep, run once by hand, must then add no row (one checkpoint scored twice = one row). Artifacts,
+# flow-run names and the table are checked through the Prefect client (scripts/deploy_checks.py).
+# Last, a worker is SIGKILLed mid-training: the heartbeat automation (deploy/automations.yaml) must mark the run
+# Crashed, and its rerun must resume from the checkpoint (SKIP_ZOMBIE=1 skips this part, ~3 min).
+# Exit status 0 = all good. Takes ~6-8 minutes on 2 shared cores.
 #
 #   scripts/deploy_smoke.sh            # uses .venv/bin/{python,prefect}; WORK=<dir> keeps the files for a look
 set -euo pipefail
@@ -21,9 +27,20 @@ say() { printf '\n== %s\n' "$*"; }
 
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 say "prefect server start on 127.0.0.1:$PORT (log: $WORK/server.log)"
-"$PREFECT" server start --host 127.0.0.1 --port "$PORT" >"$WORK/server.log" 2>&1 &
+# server and worker each in their own process group, so that cleanup also ends the flow-run processes they started
+setsid "$PREFECT" server start --host 127.0.0.1 --port "$PORT" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
-trap 'kill $SERVER_PID 2>/dev/null || true; wait $SERVER_PID 2>/dev/null || true' EXIT
+WORKER_PID=
+cleanup() {
+  local pid
+  for pid in $WORKER_PID $SERVER_PID; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  for _ in $(seq 20); do
+    kill -0 $WORKER_PID $SERVER_PID 2>/dev/null || break
+    sleep 0.5
+  done
+  for pid in $WORKER_PID $SERVER_PID; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
 "$PY" - <<PYEOF
 import time, urllib.request
@@ -43,43 +60,58 @@ say "work pool + deployments"
 "$PREFECT" deployment schedule ls 'evaluate_new_checkpoints/evaluate-new-checkpoints' | tee "$WORK/schedules.txt"
 grep -q '0 \* \* \* \*' "$WORK/schedules.txt" || { echo "the evaluation deployment has no cron schedule"; exit 1; }
 
-# trigger a deployment, then run a worker until that flow run is finished (--run-once takes one run per start)
+CHECK="$PY scripts/deploy_checks.py"
+COLUMNS=250 "$PREFECT" automation ls | tee "$WORK/automations.txt"
+grep -q 'evaluate-checkpoint-on-save' "$WORK/automations.txt" || { echo "the checkpoint trigger was not created"; exit 1; }
+
+say "one process worker (one flow run at a time; log: $WORK/worker.log)"
+setsid "$PREFECT" worker start --pool "$POOL" --type process --limit 1 >"$WORK/worker.log" 2>&1 &
+WORKER_PID=$!
+fail() { echo "$*"; echo "--- worker log tail"; tail -n 80 "$WORK/worker.log"; exit 1; }
+
+# trigger a deployment and wait (through the API) until the worker has finished it
 run_deployment() {
   local name=$1; shift
   local out id
   out=$("$PREFECT" deployment run "$name" "$@")
   echo "$out"
   id=$(printf '%s\n' "$out" | grep -oE '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}' | head -n1)
-  for _ in 1 2 3; do
-    "$PREFECT" worker start --pool "$POOL" --run-once --type process >>"$WORK/worker.log" 2>&1 || true
-    state=$("$PY" -c "
-from prefect.client.orchestration import get_client
-print(get_client(sync_client=True).read_flow_run('$id').state.type.value)")
-    [ "$state" = COMPLETED ] && { echo "flow run $id: COMPLETED"; return 0; }
-    [ "$state" = FAILED ] || [ "$state" = CRASHED ] && break
-  done
-  echo "flow run $id of $name ended in state $state; worker log: $WORK/worker.log"; tail -n 60 "$WORK/worker.log"; exit 1
+  $CHECK wait-run "$id" --timeout 1200 || fail "deployment $name did not complete"
 }
 
 say "run the pipeline deployment (tiny config, root $ROOT)"
 run_deployment 'pipeline/pipeline' --param root="$ROOT" --param config=tiny
-say "run the checkpoint-evaluation deployment"
+
+say "the checkpoint events start the evaluate-checkpoint deployment by themselves"
+$CHECK wait-triggered "$ROOT" --timeout 900 || fail "event-triggered evaluation did not happen"
+ROWS=$($CHECK rows "$ROOT")
+
+say "the hourly sweep, run once now: every checkpoint is scored already, so no new row"
 run_deployment 'evaluate_new_checkpoints/evaluate-new-checkpoints' --param root="$ROOT" --param config=tiny
 
-say "check the artifacts"
-"$PY" - <<PYEOF
-import glob
-from dcae15.metrics.results import format_table, read_results
-root = "$ROOT"
-stores = glob.glob(f"{root}/latents/*/")
-runs = glob.glob(f"{root}/runs/diffusion/*/checkpoints/step-*")
-table = read_results(f"{root}/eval/results")
-print(format_table(table))
-print(f"stores: {len(stores)}, checkpoints: {len(runs)}, result rows: {len(table)}")
-if not stores or not runs:
-    raise SystemExit("missing latent store or checkpoints")
-steps = sorted(set(int(s) for s in table["step"]))
-if len(steps) < 2:
-    raise SystemExit(f"evaluate_new_checkpoints scored no further checkpoint (steps with rows: {steps})")
-print("deploy smoke: OK")
+say "check rows, artifacts and flow-run names through the API"
+$CHECK check "$ROOT" --rows "$ROWS" || fail "checks failed"
+
+if [ "${SKIP_ZOMBIE:-0}" != 1 ]; then
+  say "a worker killed mid-training: heartbeats stop, the zombie automation marks the run Crashed, a rerun resumes"
+  "$PY" deploy/apply.py --gpu-host no-gpu-slot-in-this-smoke   # the automations of deploy/automations.yaml
+  "$PY" - <<PYEOF
+import yaml
+from flows.config import load_config
+cfg = load_config("tiny", {"root": "$ROOT", "diffusion": {"train": {"steps": 400, "checkpoint_every": 20}}}).to_dict()
+open("$WORK/long.yaml", "w").write(yaml.safe_dump(cfg))
 PYEOF
+  STORE=$(ls -d "$ROOT"/latents/*/ | head -n1)
+  train_args=(--param store="${STORE%/}" --param backbone=DiT-tiny --param root="$ROOT" --param config="$WORK/long.yaml")
+  out=$("$PREFECT" deployment run 'train_diffusion/train-diffusion' "${train_args[@]}")
+  id=$(printf '%s\n' "$out" | grep -oE '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}' | head -n1)
+  $CHECK kill-worker "$id" "$WORKER_PID" --timeout 240 | tee "$WORK/kill.txt" || fail "the killed run did not end Crashed"
+  STEP=$(grep -oE 'checkpoint step [0-9]+' "$WORK/kill.txt" | grep -oE '[0-9]+$')
+  setsid "$PREFECT" worker start --pool "$POOL" --type process --limit 1 >>"$WORK/worker.log" 2>&1 &
+  WORKER_PID=$!
+  out=$("$PREFECT" deployment run 'train_diffusion/train-diffusion' "${train_args[@]}")
+  id=$(printf '%s\n' "$out" | grep -oE '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}' | head -n1)
+  $CHECK wait-run "$id" --timeout 900 || fail "the rerun of the killed training did not complete"
+  $CHECK resumed "$id" "$STEP" || fail "the rerun did not resume from the checkpoint"
+fi
+echo "deploy smoke: OK"

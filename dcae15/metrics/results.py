@@ -131,8 +131,13 @@ def _arrow_table(rows: list[dict[str, Any]]):
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def append_results(table_url: str, rows: Sequence[Mapping[str, Any]], *, storage_options: dict | None = None) -> str:
+def append_results(table_url: str, rows: Sequence[Mapping[str, Any]], *, storage_options: dict | None = None,
+                   part_id: str | None = None) -> str:
     """Append rows (long, or wide with metric-named keys) as one new part file; returns its URL.
+
+    ``part_id`` (letters, digits, dashes) names the part file ``part-<part_id>.parquet`` instead of a time + random
+    name: appending the same evaluation twice (an event-triggered evaluator racing a scheduled sweep) then writes
+    the same object twice, one atomic PUT each, and the table keeps one copy of the rows.
 
     Raises:
         ValueError: a row without a metric, an unknown metric name, a ``proxy-`` metric from a non-proxy extractor,
@@ -146,7 +151,10 @@ def append_results(table_url: str, rows: Sequence[Mapping[str, Any]], *, storage
         raise ValueError("append_results needs at least one row")
     buf = io.BytesIO()
     pq.write_table(_arrow_table(long_rows), buf)
-    url = _io.join(table_url, f"part-{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet")
+    if part_id is not None and not part_id.replace("-", "").isalnum():
+        raise ValueError(f"part_id must be letters, digits and dashes, got {part_id!r}")
+    name = part_id or f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}"
+    url = _io.join(table_url, f"part-{name}.parquet")
     _io.write_bytes_atomic(url, buf.getvalue(), storage_options)
     return url
 

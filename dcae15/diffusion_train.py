@@ -281,14 +281,10 @@ def _init_distributed() -> tuple[int, int, torch.device, bool]:
         else:  # one process: still a process group, so the code path is the same as under torchrun
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         created = True
+    from dcae15.parallel import local_device
+
     rank, ws = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return rank, ws, device, created
+    return rank, ws, local_device(rank), created
 
 
 class _AppState:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-__all__ = ["apply_parallelism", "make_mesh", "mixed_precision_policy"]
+__all__ = ["apply_parallelism", "local_device", "make_mesh", "mixed_precision_policy"]
+
+
+def local_device(rank: int) -> torch.device:
+    """This process's device: the GPU of its LOCAL_RANK (torchrun) or ``rank % GPUs``, made current; else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 def make_mesh(device: torch.device, world_size: int, shard_size: int | None = None):

@@ -52,12 +52,9 @@ def _distributed(device: torch.device | None) -> tuple[int, int, torch.device, b
         created = True
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if device is None:
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-        else:
-            device = torch.device("cpu")
+        from dcae15.parallel import local_device
+
+        device = local_device(rank)
     return rank, world, torch.device(device), created
 
 

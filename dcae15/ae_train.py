@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dcae15.ae.channels import ChannelSampling, step_generator
@@ -373,11 +372,9 @@ class _Dist:
         self.rank = dist.get_rank() if self.on else 0
         self.world = dist.get_world_size() if self.on else 1
         if cfg.device == "auto":
-            if torch.cuda.is_available():
-                local = int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count()))
-                self.device = torch.device("cuda", local)
-            else:
-                self.device = torch.device("cpu")
+            from dcae15.parallel import local_device
+
+            self.device = local_device(self.rank)
         else:
             self.device = torch.device(cfg.device)
             if self.device.type == "cuda" and not torch.cuda.is_available():

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import os
 from dataclasses import dataclass
 from typing import Any
 

@@ -52,7 +52,7 @@ def scaling(args, ds: str, tmp: Path) -> None:
         run = tmp / f"scale-{nproc}"
         f.write_text(yaml.safe_dump({"dataset_url": ds, "run_url": str(run),
                                      "train": _train_cfg(args, batch_size=args.batch * nproc)}))
-        cmd = torchrun_command("dcae15.ae_train", ["--config", str(f)], nproc_per_node=nproc)
+        cmd = torchrun_command("dcae15.ae.train", ["--config", str(f)], nproc_per_node=nproc)
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         out[nproc] = _img_per_s(run, args.batch * nproc, skip=5)
     print(f"scaling  {args.preset} @ {args.size}px, {args.batch} img/rank/step, {args.steps} steps, gloo, 1 thread/rank")
@@ -62,7 +62,7 @@ def scaling(args, ds: str, tmp: Path) -> None:
 def loader_vs_bare(args, ds: str, tmp: Path) -> None:
     """The trainer's step with its data path (prefetch thread, or DataLoader workers) vs the same trainer fed one
     pre-decoded tensor (``_batches`` replaced): the ratio bare/step is how well decoding is kept ahead."""
-    import dcae15.ae_train as T
+    import dcae15.ae.train as T
 
     res: dict[str, float] = {}
     for rep in range(args.repeats):  # interleaved repeats, best of each: the machine is shared and its load drifts
@@ -102,8 +102,8 @@ def extrapolate(args) -> None:
     recipe's GPU time on 8 H100s at an assumed model-FLOPs utilisation. NO GPU was available to measure it."""
     from dcae15.ae.discriminator import NLayerDiscriminator
     from dcae15.ae.recipe import PAPER_PHASES
-    from dcae15.ae_train import trainable_parameters
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.train import trainable_parameters
+    from dcae15.ae.model import StructuredAutoencoder
 
     with torch.device("meta"):
         ae = StructuredAutoencoder.from_preset("dc-ae-f32c128-1.5")

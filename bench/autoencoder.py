@@ -26,7 +26,7 @@ def main() -> None:
     from diffusers import AutoencoderDC
 
     from dcae15.ae.channels import ChannelSampling, step_generator
-    from dcae15.autoencoder import AE_PRESETS, StructuredAutoencoder
+    from dcae15.ae.model import AE_PRESETS, StructuredAutoencoder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny-f16c64", choices=sorted(AE_PRESETS))

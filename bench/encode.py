@@ -29,7 +29,7 @@ waits: dict[int, list[dict]] = __import__("collections").defaultdict(list)  # de
 def bare_loop(ae_url: str, images: np.ndarray, batch: int, chunk: int, device: str, dtype: str) -> float:
     import torch
 
-    from dcae15.encode import _encode_batch, load_encoder
+    from dcae15.ae.encode import _encode_batch, load_encoder
 
     dev = torch.device(device)
     encoder, _ = load_encoder(ae_url, dev)
@@ -44,13 +44,13 @@ def bare_loop(ae_url: str, images: np.ndarray, batch: int, chunk: int, device: s
 
 
 def encode_run(client, ae_url, dataset_url, root, chunk, batch, device, threads, fp) -> float:
-    from dcae15.encode import encode_units, prepare_store
+    from dcae15.ae.encode import encode_units, prepare_store
     from storage.latent_store import LatentStore
 
     store = prepare_store(ae_url, dataset_url, root, resolution=args.size, flip=True, chunk_size=chunk,
                           dtype=args.dtype, ae_fingerprint=fp)
     units = LatentStore.open(store).missing_units()
-    stats = lambda: list(client.run(lambda: __import__("dcae15.encode", fromlist=["x"]).encode_stats()).values())[0]  # noqa: E731
+    stats = lambda: list(client.run(lambda: __import__("dcae15.ae.encode", fromlist=["x"]).encode_stats()).values())[0]  # noqa: E731
     s0 = stats()
     t0 = time.perf_counter()
     fut = client.submit(encode_units, ae_url, dataset_url, store, units, batch_size=batch, device=device,
@@ -79,7 +79,7 @@ if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(1)  # the Dask worker runs torch with one intra-op thread too
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
     from storage.cluster import dask_client, device_worker_envs
     from storage.shards import open_dataset, pack_image_folder
     from storage.synthetic import make_shapes_dataset
@@ -103,10 +103,10 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     with dask_client(None, 1, worker_envs=envs) as client:
         dev = "cuda" if args.device.startswith("cuda") else "cpu"
-        client.run(lambda: __import__("dcae15.encode"))
+        client.run(lambda: __import__("dcae15.ae.encode"))
         t_start = time.perf_counter() - t0
         t0 = time.perf_counter()
-        client.submit(lambda: __import__("dcae15.encode", fromlist=["x"]).load_encoder(
+        client.submit(lambda: __import__("dcae15.ae.encode", fromlist=["x"]).load_encoder(
             ae_url, __import__("torch").device(dev), ae_fingerprint=fp) and None, pure=False).result()
         t_load = time.perf_counter() - t0
         # warm-up (not timed): the worker's dataset index cache, the store code paths, thread pools
@@ -119,7 +119,7 @@ if __name__ == "__main__":
                                               args.batch, dev, args.decode_threads, fp))
             runs["inline"].append(encode_run(client, ae_url, f"{tmp}/data", f"{tmp}/inline{rep}", args.chunk,
                                              args.batch, dev, 0, fp))
-        loads = client.run(lambda: __import__("dcae15.encode", fromlist=["x"]).encoder_loads())
+        loads = client.run(lambda: __import__("dcae15.ae.encode", fromlist=["x"]).encoder_loads())
     med = {k: float(np.median(v)) for k, v in runs.items()}
     bare, t_flow, t_inline = med["bare"], med["threads"], med["inline"]
     print(f"  decode+crop of all images, 1 thread (not in the baseline): {t_decode:6.2f} s "

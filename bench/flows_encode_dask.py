@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/flows_encode_dask.py [--images 4096] [--chunk 256] [--preset tiny-f8c32] [--size 32]
 
-Encodes the same generated dataset twice into fresh stores with `flows.encode.dask_client` + `dcae15.encode.encode_units`
+Encodes the same generated dataset twice into fresh stores with `flows.encode.dask_client` + `dcae15.ae.encode.encode_units`
 (what the `encode_latents` flow runs, minus Prefect), once per worker count, and prints images/s and the ratio.
 The AE is untrained: encoding cost does not depend on the weights.
 """
@@ -17,14 +17,14 @@ from dask.distributed import as_completed
 
 
 def encode_with(workers: int, ae_url: str, dataset_url: str, root: str, chunk: int, batch: int) -> float:
-    from dcae15.encode import encode_units, prepare_store
+    from dcae15.ae.encode import encode_units, prepare_store
     from flows.encode import dask_client
     from storage.latent_store import LatentStore
 
     store_url = prepare_store(ae_url, dataset_url, root, resolution=args.size, flip=True, chunk_size=chunk)
     units = LatentStore.open(store_url).missing_units()
     with dask_client(None, workers, True) as client:
-        client.run(lambda: __import__("dcae15.encode"))  # worker start-up and imports are not encode time
+        client.run(lambda: __import__("dcae15.ae.encode"))  # worker start-up and imports are not encode time
         t0 = time.perf_counter()
         futures = [client.submit(encode_units, ae_url, dataset_url, store_url, [u], batch_size=batch, device="cpu",
                                  pure=False) for u in units]
@@ -42,7 +42,7 @@ if __name__ == "__main__":
     ap.add_argument("--size", type=int, default=32)
     args = ap.parse_args()
 
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
     from storage.shards import pack_image_folder
     from storage.synthetic import make_shapes_dataset
 

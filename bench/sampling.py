@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _launch(nproc: int, run: str, out: str, spec: dict) -> tuple[float, float]:
     """(wall seconds, CPU seconds of all child processes) of one torchrun launch."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "dcae15.sampling", run, out, "--spec", json.dumps({**spec, "progress": False})]
+           "-m", "dcae15.diffusion.sample", run, out, "--spec", json.dumps({**spec, "progress": False})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -42,8 +42,8 @@ def main() -> None:
     import torch
 
     from bench.train_step import synthetic_store
-    from dcae15.autoencoder import StructuredAutoencoder
-    from dcae15.diffusion_train import DiffusionTrainConfig, train_diffusion
+    from dcae15.ae.model import StructuredAutoencoder
+    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
     from storage.sample_store import SampleStore
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from dcae15.diffusion.adt import ADTConfig, diffusion_loss
 from dcae15.diffusion.objectives import make_objective
-from dcae15.diffusion_train import _flops_per_image, _init_distributed, train_flops_per_image
+from dcae15.diffusion.train import _flops_per_image, _init_distributed, train_flops_per_image
 from dcae15.models import build_model, model_config, preset
 from dcae15.parallel import apply_parallelism
 
@@ -105,7 +105,7 @@ def bare_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -
     resident on the device)."""
     import torch.nn.functional as F
 
-    from dcae15.diffusion_train import DiffusionTrainConfig, make_optimizer
+    from dcae15.diffusion.train import DiffusionTrainConfig, make_optimizer
     from dcae15.parallel import make_mesh
 
     created = not dist.is_initialized()
@@ -145,7 +145,7 @@ def trainer_run(store: str, run: str, model: str, overrides: dict, batch: int, s
     import pstats
     import shutil
 
-    from dcae15.diffusion_train import DiffusionTrainConfig, train_diffusion
+    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
 
     shutil.rmtree(run, ignore_errors=True)
     windows = max(1, steps // warmup)
@@ -206,7 +206,7 @@ def per_parameter_work(mcfg, device: torch.device, reps: int = 5) -> dict:
         apply_parallelism(model, mesh=make_mesh(device, 1), device=device, mixed_precision="bf16")
         for p in model.parameters():
             p.grad = torch.randn_like(p)
-        from dcae15.diffusion_train import DiffusionTrainConfig, make_optimizer
+        from dcae15.diffusion.train import DiffusionTrainConfig, make_optimizer
 
         ema, opt = ShardedEMA(model), make_optimizer(model, DiffusionTrainConfig())
 
@@ -222,7 +222,7 @@ def per_parameter_work(mcfg, device: torch.device, reps: int = 5) -> dict:
                 ts.append(clock() - t0)
             return sorted(ts)[reps // 2]
 
-        from dcae15.diffusion_train import _clip_and_guard
+        from dcae15.diffusion.train import _clip_and_guard
 
         return {"ema_update_ms": round(1e3 * timed(lambda: ema.update(0.9999)), 2),
                 "grad_norm_clip_guard_ms": round(1e3 * timed(lambda: _clip_and_guard(model, opt, 1.0)), 2),

@@ -16,7 +16,7 @@ def finetune_decoder(ae_url: str, dataset: Any, out_url: str, *, channels: int, 
                      lr: float, resolution: int, seed: int) -> dict:
     """Fine-tune only the decoder of a saved AE to reconstruct from its first ``channels`` latent channels.
 
-    The library's ``decoder_finetune`` phase (``dcae15.ae_train``): encoder frozen, so the latent (what the
+    The library's ``decoder_finetune`` phase (``dcae15.ae.train``): encoder frozen, so the latent (what the
     diffusion model will see) is unchanged; this only reveals how much of the image the first c' channels hold.
     Here with loss L1 only (no LPIPS weights on this machine), AdamW without weight decay, batches as pure
     functions of (seed, step); the run is resumable and a finished one is returned as is.
@@ -24,7 +24,7 @@ def finetune_decoder(ae_url: str, dataset: Any, out_url: str, *, channels: int, 
     Returns:
         ``{"model_url", "channels", "steps", "seconds", "final_l1"}``.
     """
-    from dcae15.ae_train import AETrainConfig, train_autoencoder
+    from dcae15.ae.train import AETrainConfig, train_autoencoder
 
     cfg = AETrainConfig(phase="decoder_finetune", init_from=ae_url, finetune_channels=channels, steps=steps,
                         batch_size=batch_size, lr=lr, weight_decay=0.0, resolution=resolution, seed=seed + 7919,
@@ -77,7 +77,7 @@ class ProxyPerceptual(nn.Module):
 def proxy_lpips(ae_url: str, dataset: Any, perceptual: ProxyPerceptual, *, channels: int, num_images: int,
                 resolution: int, batch_size: int = 128) -> float:
     """Mean proxy-LPIPS of reconstructions from the first ``channels`` channels over the first valid images."""
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
     from dcae15.metrics.image_quality import to_uint8
 
     ae = StructuredAutoencoder.from_pretrained(ae_url).eval()
@@ -99,7 +99,7 @@ def proxy_lpips(ae_url: str, dataset: Any, perceptual: ProxyPerceptual, *, chann
 @torch.no_grad()
 def reconstruct_grid(ae_url: str, images: np.ndarray, channels: int) -> np.ndarray:
     """Reconstructions (uint8 [n,H,W,3]) of ``images`` (uint8 [n,H,W,3]) from the first ``channels`` channels."""
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
     from dcae15.metrics.image_quality import to_uint8
 
     ae = StructuredAutoencoder.from_pretrained(ae_url).eval()

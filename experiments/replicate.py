@@ -177,7 +177,7 @@ def _extractor(root: Path, sc: Scale, ds_url: str):
 
 
 def _ae(root: Path, sc: Scale, ds_url: str, kind: str, seed: int) -> dict:
-    from dcae15.ae_train import AETrainConfig, train_autoencoder
+    from dcae15.ae.train import AETrainConfig, train_autoencoder
 
     cfg = AETrainConfig(preset=sc.ae_preset, resolution=sc.resolution, steps=sc.ae_steps, batch_size=sc.ae_batch,
                         lr=sc.ae_lr, perceptual="none", structured=kind == "structured", seed=seed,
@@ -193,8 +193,8 @@ def _ft_channels(sc: Scale, c: int) -> tuple[int, ...]:
 
 def _recon(root: Path, sc: Scale, ds_url: str, kind: str, ae: dict, seed: int) -> dict:
     """Per-c' reconstruction quality as trained (every c' of the list) and after a decoder fine-tune per c'."""
-    from dcae15.autoencoder import StructuredAutoencoder
-    from dcae15.recon_eval import ReconEvalConfig, evaluate_reconstruction
+    from dcae15.ae.model import StructuredAutoencoder
+    from dcae15.ae.recon_eval import ReconEvalConfig, evaluate_reconstruction
     from experiments.recon import ProxyPerceptual, finetune_decoder, proxy_lpips
     from storage.shards import open_dataset
 
@@ -230,7 +230,7 @@ def _recon(root: Path, sc: Scale, ds_url: str, kind: str, ae: dict, seed: int) -
 
 
 def _encode(root: Path, sc: Scale, ds_url: str, ae: dict) -> dict:
-    from dcae15.encode import encode_units, prepare_store
+    from dcae15.ae.encode import encode_units, prepare_store
     from storage.latent_store import LatentStore
 
     url = prepare_store(ae["model_url"], ds_url, str(root), resolution=sc.resolution, flip=True)
@@ -257,7 +257,7 @@ def _floor(root: Path, sc: Scale, ds_url: str, ae: dict) -> dict:
     ds = open_dataset(ds_url)
     images, labels, valid = ds.read_range(0, min(ds.num_samples, sc.eval_samples), sc.resolution)
     images = images[np.asarray(valid, bool)]
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
 
     c = StructuredAutoencoder.from_pretrained(ae["model_url"]).latent_channels
     recon = np.concatenate([reconstruct_grid(ae["model_url"], images[a:a + 256], c)
@@ -287,10 +287,10 @@ def _dit(root: Path, sc: Scale, store: dict, kind: str, adt: bool, seed: int, ch
     import numpy as np
     import torch
 
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
     from dcae15.diffusion.adt import ADTConfig
     from dcae15.diffusion.checkpoint import list_checkpoints
-    from dcae15.diffusion_train import DiffusionTrainConfig, train_diffusion
+    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
     from dcae15.metrics.reference import load_reference
     from experiments.generation import checkpoint_proxy_fid, proxy_class_accuracy, sample_images
     from experiments.recon import ProxyPerceptual
@@ -363,7 +363,7 @@ def _structure_eval(root: Path, sc: Scale, ds_url: str, aes: dict) -> dict:
     floor = {"real": {"fid": checkpoint_proxy_fid(images, ref, spec),
                       "acc": proxy_class_accuracy(images, labels, classifier)}}
     for kind, ae in aes.items():
-        from dcae15.autoencoder import StructuredAutoencoder
+        from dcae15.ae.model import StructuredAutoencoder
 
         c = StructuredAutoencoder.from_pretrained(ae["model_url"]).latent_channels
         recon = np.concatenate([reconstruct_grid(ae["model_url"], images[a:a + 256], c)

@@ -18,7 +18,7 @@ __all__ = ["describe_ae", "validate_ae", "fit_autoencoder", "train_autoencoder"]
 
 def describe_ae(url: str) -> dict[str, Any]:
     """The pointer of a saved autoencoder: URL + fingerprint (hash of weights + config) + latent shape."""
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
 
     ae = StructuredAutoencoder.from_pretrained(url)
     return {"kind": "autoencoder", "url": url, "fingerprint": ae.fingerprint(),
@@ -43,7 +43,7 @@ def fit_autoencoder(root: str, dataset: dict[str, Any], phase: dict[str, Any], c
     retrains phase 3); ``launch`` (processes, nodes) is not part of the cache key, nor of the run directory.
     """
     from dcae15.ae.recipe import phase_run_url
-    from dcae15.ae_train import AETrainConfig, train_autoencoder as train
+    from dcae15.ae.train import AETrainConfig, train_autoencoder as train
 
     cfg = AETrainConfig.from_dict({**phase, "init_from": init["url"] if init else phase.get("init_from")})
     run_url = phase_run_url(root, chain_fingerprint)
@@ -71,7 +71,7 @@ def _train_torchrun(cfg: Any, dataset_url: str, run_url: str, launch: dict[str, 
     run_file = join(run_url, "launch.yaml")
     fs, path = url_to_fs(run_file)
     put_atomic(fs, path, yaml.safe_dump({"dataset_url": dataset_url, "run_url": run_url, "train": cfg.to_dict()}).encode())
-    cmd = torchrun_command("dcae15.ae_train", ["--config", run_file], nproc_per_node=launch["nproc_per_node"],
+    cmd = torchrun_command("dcae15.ae.train", ["--config", run_file], nproc_per_node=launch["nproc_per_node"],
                            nnodes=launch["nnodes"], extra=launch["torchrun_args"])
     log.info("launching %s", " ".join(cmd))
     run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))

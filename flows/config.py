@@ -64,11 +64,11 @@ class AESection:
     """The autoencoder: a preset trained on the data, or a pretrained one."""
 
     preset: str = "tiny-f8c32"
-    """A name from ``dcae15.autoencoder.AE_PRESETS``."""
+    """A name from ``dcae15.ae.model.AE_PRESETS``."""
     pretrained: str | None = None
     """URL of a ``save_pretrained`` directory; skips training when set."""
     train: dict[str, Any] = field(default_factory=dict)
-    """Fields of ``dcae15.ae_train.AETrainConfig`` (the preset is filled in): the one phase of a single-phase config
+    """Fields of ``dcae15.ae.train.AETrainConfig`` (the preset is filled in): the one phase of a single-phase config
     (the demo), or, with ``phases``, fields shared by every phase (a phase's own value wins)."""
     phases: list[dict[str, Any]] | str | None = None
     """The recipe: a list of phases (``AETrainConfig`` fields each, plus an optional ``name``), each started from
@@ -142,7 +142,7 @@ class DiffusionSection:
     backbones: list[str] = field(default_factory=lambda: ["DiT-tiny", "USiT-tiny"])
     """Names from ``dcae15.models`` presets; each gets its own run on the same store."""
     train: dict[str, Any] = field(default_factory=dict)
-    """Fields of ``dcae15.diffusion_train.DiffusionTrainConfig`` shared by all backbones (model is filled in)."""
+    """Fields of ``dcae15.diffusion.train.DiffusionTrainConfig`` shared by all backbones (model is filled in)."""
     nproc_per_node: int = 1
     """> 1 launches ``torchrun --nproc_per_node N``; 1 trains in the flow's own process."""
     nnodes: int = 1
@@ -166,7 +166,7 @@ class DiffusionSection:
 
 @dataclass(kw_only=True)
 class SampleSection:
-    """Sampling from each trained backbone (arguments of ``dcae15.sampling.sample_to_store``)."""
+    """Sampling from each trained backbone (arguments of ``dcae15.diffusion.sample.sample_to_store``)."""
 
     num_samples: int = 512
     sampler: str | None = None

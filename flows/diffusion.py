@@ -20,7 +20,7 @@ __all__ = ["describe_run", "validate_run", "fit_backbone", "train_diffusion"]
 
 def describe_run(url: str) -> dict[str, Any]:
     """The pointer of a diffusion run: URL + the step of its latest checkpoint + that checkpoint's location."""
-    from dcae15.diffusion_train import latest_checkpoint
+    from dcae15.diffusion.train import latest_checkpoint
 
     step, ckpt_url = latest_checkpoint(url)
     return {"kind": "diffusion_run", "url": url, "run_id": url.rstrip("/").rsplit("/", 1)[-1],
@@ -46,7 +46,7 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
     ``launch`` (processes, nodes, torchrun arguments) is not part of the cache key; the run id does not depend on
     it either, so a run started on one GPU can be resumed on eight.
     """
-    from dcae15.diffusion_train import DiffusionTrainConfig, run_id_for, train_diffusion as train_fn
+    from dcae15.diffusion.train import DiffusionTrainConfig, run_id_for, train_diffusion as train_fn
     from storage.urls import join
 
     log = get_run_logger()
@@ -64,7 +64,7 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
         # one run file: torchrun's own parser would take the trainer's --store / --run for its abbreviated options
         run_file = join(run_url, "launch.yaml")
         write_text(run_file, yaml.safe_dump({"store_url": store["url"], "run_url": run_url, "train": cfg.to_dict()}))
-        cmd = torchrun_command("dcae15.diffusion_train", ["--config", run_file],
+        cmd = torchrun_command("dcae15.diffusion.train", ["--config", run_file],
                                nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
                                extra=launch["torchrun_args"])
         log.info("launching %s", " ".join(cmd))

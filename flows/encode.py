@@ -73,7 +73,7 @@ def encode_client(where: dict[str, Any]) -> Iterator[Any]:
       one GPU per worker of a host (``dask cuda worker`` pins them already);
     - cpu: a LocalCluster of ``workers`` processes.
     """
-    from dcae15.encode import local_device_indices, pin_worker_device, visible_gpus
+    from dcae15.ae.encode import local_device_indices, pin_worker_device, visible_gpus
     from storage.cluster import dask_client as client, device_worker_envs
 
     cuda = resolve_device(where["device"]).startswith("cuda")
@@ -120,7 +120,7 @@ def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: di
     from dask.distributed import as_completed
     from tqdm.auto import tqdm
 
-    from dcae15.encode import encode_units, prepare_store
+    from dcae15.ae.encode import encode_units, prepare_store
     from storage.latent_store import LatentStore
 
     log = get_run_logger()

@@ -118,7 +118,7 @@ def evaluate(samples: str, dataset: str, root: str | None = None, config: Config
 def reconstruction_scores(root: str, ae: dict[str, Any], dataset: dict[str, Any], ev: dict[str, Any],
                           resolution: int) -> dict[str, Any]:
     """Per-c' PSNR / SSIM / LPIPS / rFID of the autoencoder with its figures, under ``<root>/eval/ae/<fingerprint>``."""
-    from dcae15.recon_eval import ReconEvalConfig, evaluate_reconstruction
+    from dcae15.ae.recon_eval import ReconEvalConfig, evaluate_reconstruction
     from storage.urls import join
 
     out_url = join(root, "eval", "ae", ae["fingerprint"])
@@ -229,7 +229,7 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
     """A run's loss curve and a grid of its samples (a row per class), under ``<root>/eval/figures``."""
     import json
 
-    from dcae15.plots_runs import loss_curve_png, sample_grid_png
+    from dcae15.diffusion.plots import loss_curve_png, sample_grid_png
     from storage.sample_store import SampleStore
     from storage.shards import open_dataset
     from storage.urls import join, put_atomic, read_bytes, url_to_fs

@@ -63,7 +63,7 @@ def watch_training(run_url: str, *, root: str, backbone: str, steps: int, interv
     """While the body trains ``run_url``: emit one checkpoint event per newly committed step and keep a progress
     artifact (step / ``steps``) up to date. Checkpoints present before the body started are not announced again."""
     from dcae15.diffusion.checkpoint import checkpoint_url, list_checkpoints
-    from dcae15.diffusion_train import latest_checkpoint
+    from dcae15.diffusion.train import latest_checkpoint
 
     def latest() -> tuple[int, str] | None:
         try:
@@ -106,7 +106,7 @@ def announce_checkpoints(fit: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fit)
     def watched(*args: Any, **kwargs: Any) -> Any:
-        from dcae15.diffusion_train import DiffusionTrainConfig, run_id_for
+        from dcae15.diffusion.train import DiffusionTrainConfig, run_id_for
         from storage.urls import join
 
         a = sig.bind(*args, **kwargs).arguments

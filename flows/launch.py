@@ -26,7 +26,7 @@ def torchrun_command(
     """The argv that runs ``python -m module`` under ``torch.distributed.run`` (the module behind ``torchrun``).
 
     Args:
-        module: e.g. ``dcae15.diffusion_train``.
+        module: e.g. ``dcae15.diffusion.train``.
         module_args: arguments of the module.
         nproc_per_node: processes per node (GPUs per node).
         nnodes: number of nodes; multi-node runs also need rendezvous arguments in ``extra``

@@ -50,7 +50,7 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
     """
     import json
 
-    from dcae15.sampling import sample_to_store
+    from dcae15.diffusion.sample import sample_to_store
     from storage.fingerprint import short_id
     from storage.urls import join
 
@@ -63,7 +63,7 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
             log.info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
             sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
         else:
-            cmd = torchrun_command("dcae15.sampling", [run["url"], out_url, "--checkpoint", str(checkpoint),
+            cmd = torchrun_command("dcae15.diffusion.sample", [run["url"], out_url, "--checkpoint", str(checkpoint),
                                                        "--spec", json.dumps(spec)],
                                    nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
                                    extra=launch["torchrun_args"])

@@ -1,1 +1,1 @@
-"""Parts of the autoencoder trainer: c' sampling, the PatchGAN discriminator, the deterministic image batches."""
+"""The autoencoder: model (DC-AE), trainer and its recipe, dataset encoding into latent stores, reconstruction eval, figures."""

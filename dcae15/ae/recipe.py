@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dcae15.ae_train import AETrainConfig
+from dcae15.ae.train import AETrainConfig
 
 __all__ = ["PAPER_PHASES", "resolve_phases", "phase_configs", "chain_fingerprints", "phase_run_url", "train_recipe",
            "finetune_decoder"]
@@ -129,7 +129,7 @@ def train_recipe(cfgs: list[AETrainConfig], dataset_url: str, root: str, *, stop
     """
     import dataclasses
 
-    from dcae15.ae_train import train_autoencoder
+    from dcae15.ae.train import train_autoencoder
     from storage.shards import open_dataset
 
     dataset = open_dataset(dataset_url, storage_options)
@@ -167,7 +167,7 @@ def finetune_decoder(ae_url: str, dataset_url: str, runs_url: str, *, channels: 
     Returns:
         The trainer's pointer (``model_url``, ``fingerprint``, ``steps``, ``loss``, ``seconds``, ...).
     """
-    from dcae15.ae_train import train_autoencoder
+    from dcae15.ae.train import train_autoencoder
     from storage.fingerprint import short_id
     from storage.urls import join
 

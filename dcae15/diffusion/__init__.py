@@ -1,4 +1,4 @@
-"""Diffusion objectives, augmented diffusion training (ADT) and samplers; models live in ``dcae15.models``."""
+"""Diffusion: objectives, augmented diffusion training (ADT), samplers, the trainer, sampling to stores, figures; models live in ``dcae15.models``."""
 
 from dcae15.diffusion.adt import ADTConfig, channel_mask, default_channel_list, diffusion_loss, masked_mse
 from dcae15.diffusion.objectives import DDPMObjective, FlowObjective, Objective, make_objective

@@ -30,7 +30,7 @@ def reconstruction_class_check(ae_url: str, dataset_url: str, spec: FeatureExtra
         (the floor for samples decoded by this AE) and ``proxy-fid_real`` (real held-out images: the floor of a
         perfect model at this sample count).
     """
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
     from dcae15.metrics.inputs import load_labelled_images
 
     images, labels, _ = load_labelled_images(dataset_url, resolution=resolution, storage_options=storage_options)

@@ -21,7 +21,7 @@ def shapes_dataset(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_ae_url(tmp_path_factory) -> str:
     """A randomly initialised (seeded) tiny-f8c32 saved with save_pretrained."""
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
 
     torch.manual_seed(0)
     url = str(tmp_path_factory.mktemp("ae-model") / "tiny")

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from dcae15.ae_train import AETrainConfig, train_autoencoder
-from dcae15.autoencoder import StructuredAutoencoder
+from dcae15.ae.train import AETrainConfig, train_autoencoder
+from dcae15.ae.model import StructuredAutoencoder
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def _torchrun(tmp: Path, ds: str, run: str, stop_at: int | None = None, **over) 
     f.write_text(yaml.safe_dump({"dataset_url": ds, "run_url": run, "train": {**_CFG, **over}}))
     args = ["--config", str(f)] + (["--stop-at", str(stop_at)] if stop_at else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(torchrun_command("dcae15.ae_train", args, nproc_per_node=2), env=env, capture_output=True,
+    out = subprocess.run(torchrun_command("dcae15.ae.train", args, nproc_per_node=2), env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 

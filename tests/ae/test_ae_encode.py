@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcae15.autoencoder import StructuredAutoencoder
-from dcae15.encode import encode_units, prepare_store
+from dcae15.ae.model import StructuredAutoencoder
+from dcae15.ae.encode import encode_units, prepare_store
 
 
 def test_encode_units_round_trip(shapes_dataset, tiny_ae_url, tmp_path):

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from dcae15.autoencoder import StructuredAutoencoder
-from dcae15.encode import (encode_images, encode_units, encoder_loads, load_encoder, local_device_indices,
+from dcae15.ae.model import StructuredAutoencoder
+from dcae15.ae.encode import (encode_images, encode_units, encoder_loads, load_encoder, local_device_indices,
                            prepare_store, store_channel_choices)
 from storage.cluster import device_worker_envs
 from storage.latent_store import LatentStore
@@ -72,7 +72,7 @@ def test_pinned_workers_load_once_and_write_the_same_store(shapes_dataset, tiny_
                                  ae_fingerprint=fp, decode_threads=2, pure=False) for u in range(8)]
         wait(futures)
         assert [f.result() for f in futures] == [[u] for u in range(8)]
-        loads = client.run(lambda: __import__("dcae15.encode", fromlist=["x"]).encoder_loads().get(tiny_ae_url, 0))
+        loads = client.run(lambda: __import__("dcae15.ae.encode", fromlist=["x"]).encoder_loads().get(tiny_ae_url, 0))
     assert set(loads.values()) <= {0, 1} and sum(loads.values()) >= 1  # 8 tasks, at most one load per worker
     a, b = _arrays(inline), _arrays(store)
     for name in a:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcae15.autoencoder import AE_PRESETS, AEConfig, MissingWeightsError, StructuredAutoencoder, default_channel_choices
+from dcae15.ae.model import AE_PRESETS, AEConfig, MissingWeightsError, StructuredAutoencoder, default_channel_choices
 
 # (preset, image size) for the meta-device shape checks of the full-size presets
 BIG = [("dc-ae-f32c32-in-1.0", 256), ("dc-ae-f32c128-1.5", 256), ("dc-ae-f64c128-1.5", 512)]

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import torch
 import pytest
 
-from dcae15.recon_eval import ReconEvalConfig, evaluate_reconstruction
+from dcae15.ae.recon_eval import ReconEvalConfig, evaluate_reconstruction
 
 
 def test_recon_eval_per_channel_table_and_figures(shapes_dataset, tiny_ae_url, tmp_path, capsys):
@@ -40,7 +40,7 @@ def test_recon_eval_refuses_bad_channels(shapes_dataset, tiny_ae_url):
 
 def test_recon_eval_as_trained_and_decoder_finetuned(shapes_dataset, tiny_ae_url, tmp_path):
     """The Figure 3 setting: each c' also scored after a decoder-only fine-tune at that c' (a cached phase run)."""
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
 
     ft = dict(steps=12, batch_size=8, lr=3e-3, perceptual="none", hflip=False, checkpoint_every=12, log_every=6)
     cfg = ReconEvalConfig(resolution=32, num_images=16, channels=(8, 32), batch_size=8, lpips_net=None, device="cpu",

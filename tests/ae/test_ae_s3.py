@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcae15.ae_train import AETrainConfig, train_autoencoder
-from dcae15.autoencoder import StructuredAutoencoder
+from dcae15.ae.train import AETrainConfig, train_autoencoder
+from dcae15.ae.model import StructuredAutoencoder
 
 
 @pytest.mark.s3

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from dcae15.ae_train import AETrainConfig, trainable_parameters, train_autoencoder
-from dcae15.autoencoder import StructuredAutoencoder
+from dcae15.ae.train import AETrainConfig, trainable_parameters, train_autoencoder
+from dcae15.ae.model import StructuredAutoencoder
 
 
 def _l1_full(model, images):

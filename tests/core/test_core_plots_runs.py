@@ -10,7 +10,7 @@ from PIL import Image
 
 
 def test_sample_grid_and_loss_curve_are_pngs():
-    from dcae15.plots_runs import loss_curve_png, sample_grid_png
+    from dcae15.diffusion.plots import loss_curve_png, sample_grid_png
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (20, 16, 16, 3), dtype=np.uint8)

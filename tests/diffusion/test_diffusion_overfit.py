@@ -45,8 +45,8 @@ def test_diffusion_trainer_overfits_a_handful_of_latents(make_store, tmp_path, n
     inside its cell: a median distance under 0.2 of the smallest spacing between the latents)."""
     from dcae15.diffusion.objectives import make_objective
     from dcae15.diffusion.samplers import sample_latents
-    from dcae15.diffusion_train import DiffusionTrainConfig, train_diffusion
-    from dcae15.sampling import load_run_model
+    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
+    from dcae15.diffusion.sample import load_run_model
     from storage.latent_store import LatentStore
 
     store = make_store(str(tmp_path / "store"), n=4, c=4, hw=2, num_classes=4, unit=4, flip=False, seed=3)
@@ -73,8 +73,8 @@ def test_diffusion_trainer_overfits_a_handful_of_latents(make_store, tmp_path, n
 
 def test_ae_trainer_overfits_a_small_batch(tmp_path):
     """Four images, 300 steps: the reconstruction PSNR of those images exceeds 30 dB (a random AE: ~10 dB)."""
-    from dcae15.ae_train import AETrainConfig, train_autoencoder
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.train import AETrainConfig, train_autoencoder
+    from dcae15.ae.model import StructuredAutoencoder
     from dcae15.metrics.image_quality import psnr
     from storage.shards import open_dataset, pack_image_folder
     from storage.synthetic import make_shapes_dataset

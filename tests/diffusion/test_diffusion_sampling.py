@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dcae15.autoencoder import StructuredAutoencoder
-from dcae15.diffusion_train import DiffusionTrainConfig, train_diffusion
-from dcae15.sampling import make_labels, sample_to_store
+from dcae15.ae.model import StructuredAutoencoder
+from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
+from dcae15.diffusion.sample import make_labels, sample_to_store
 from storage.sample_store import SampleStore
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_two_ranks_split_units_and_write_the_one_process_store(trained_run):
     one = SampleStore.open(sample_to_store(run, str(root / "one"), progress=False, **kw))
     repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dcae15.sampling", run, str(root / "two"), "--spec", json.dumps({**kw, "progress": True})]
+           "-m", "dcae15.diffusion.sample", run, str(root / "two"), "--spec", json.dumps({**kw, "progress": True})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from dcae15.diffusion.checkpoint import load_ema_state, read_latest, read_run_config
-from dcae15.diffusion_train import DiffusionTrainConfig, NonFiniteLossError, train_diffusion
+from dcae15.diffusion.train import DiffusionTrainConfig, NonFiniteLossError, train_diffusion
 from dcae15.models import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def _torchrun(cfg: DiffusionTrainConfig, store: str, run: str, tmp: Path, max_st
     conf = tmp / "run.yaml"
     conf.write_text(yaml.safe_dump({"store_url": store, "run_url": run, "train": cfg.to_dict()}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dcae15.diffusion_train", "--config", str(conf)]
+           "-m", "dcae15.diffusion.train", "--config", str(conf)]
     if max_steps:
         cmd += ["--max-steps", str(max_steps)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

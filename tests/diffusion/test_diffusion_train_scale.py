@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from dcae15.diffusion.checkpoint import load_ema_state, read_latest, read_run_config, read_train_state
 from dcae15.diffusion.data import RankBatches, layout_ranks
-from dcae15.diffusion_train import DiffusionTrainConfig, train_diffusion
+from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
 from dcae15.models import ModelConfig, build_model
 from storage.reader import LatentStreamDataset
 
@@ -200,7 +200,7 @@ def test_elastic_resume_1_to_2_and_2_to_1(latent_store, tmp_path):
 _SLOW_SAVE = """
 import json, os, sys, time
 from torch.distributed.checkpoint import FileSystemWriter
-import dcae15.diffusion_train as tr
+import dcae15.diffusion.train as tr
 flag = sys.argv[4]
 class SlowWriter(FileSystemWriter):
     def write_data(self, plan, planner):
@@ -240,7 +240,7 @@ def test_kill_during_async_save_keeps_latest_complete(latent_store, tmp_path):
 def test_nan_guard_reads_the_flag_every_log_every_steps(latent_store, tmp_path):
     """No host sync per step: a blow-up at step 2 is seen at the step-4 check, which stops the run unsaved; the
     first bad step is named."""
-    from dcae15.diffusion_train import NonFiniteLossError
+    from dcae15.diffusion.train import NonFiniteLossError
 
     cfg = _cfg(lr=1e30, steps=8, log_every=4, checkpoint_every=4, grad_clip=0)
     with pytest.raises(NonFiniteLossError, match=r"^step 2: .*stopped at step 4 without saving"):

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dcae15.diffusion_train import DiffusionTrainConfig, train_diffusion
+from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
 
 
 def _check_hsdp(shard: int) -> None:

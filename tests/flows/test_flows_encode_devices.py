@@ -28,10 +28,10 @@ def started(monkeypatch):
 
 
 def test_encode_client_pins_one_worker_per_gpu(started, monkeypatch):
-    import dcae15.encode
+    import dcae15.ae.encode
     from flows.encode import encode_client
 
-    monkeypatch.setattr(dcae15.encode, "visible_gpus", lambda: ["2", "5", "7"])
+    monkeypatch.setattr(dcae15.ae.encode, "visible_gpus", lambda: ["2", "5", "7"])
     with encode_client({**WHERE, "device": "cuda"}):
         pass
     with encode_client({**WHERE, "device": "cuda:1"}):
@@ -41,18 +41,18 @@ def test_encode_client_pins_one_worker_per_gpu(started, monkeypatch):
     assert [[e["CUDA_VISIBLE_DEVICES"] for e in c["worker_envs"]] for c in started[:2]] == [["2", "5", "7"], ["5"]]
     assert started[2] == {"scheduler": None, "workers": 3, "worker_envs": None}
 
-    monkeypatch.setattr(dcae15.encode, "visible_gpus", lambda: [])
+    monkeypatch.setattr(dcae15.ae.encode, "visible_gpus", lambda: [])
     with pytest.raises(ValueError, match="no GPU is visible"):
         with encode_client({**WHERE, "device": "cuda"}):
             pass
-    monkeypatch.setattr(dcae15.encode, "visible_gpus", lambda: ["0"])
+    monkeypatch.setattr(dcae15.ae.encode, "visible_gpus", lambda: ["0"])
     with pytest.raises(ValueError, match="only 1 GPUs"):
         with encode_client({**WHERE, "device": "cuda:3"}):
             pass
 
 
 def test_visible_gpus_follows_cuda_visible_devices(monkeypatch):
-    from dcae15.encode import visible_gpus
+    from dcae15.ae.encode import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,GPU-ab12")
     assert visible_gpus() == ["3", "GPU-ab12"]

@@ -51,7 +51,7 @@ def test_training_with_two_loader_workers_inside_a_flow_run(prefect_api, tmp_pat
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.events.filters import EventFilter, EventNameFilter
 
-    from dcae15.diffusion_train import latest_checkpoint
+    from dcae15.diffusion.train import latest_checkpoint
     from flows.artifacts import artifact_key
     from flows.diffusion import train_diffusion
     from flows.events import CHECKPOINT_SAVED

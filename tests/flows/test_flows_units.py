@@ -63,9 +63,9 @@ def test_cli_set_overrides_become_nested_yaml_values():
 
 
 def test_torchrun_command_single_and_multi_node():
-    one = torchrun_command("dcae15.diffusion_train", ["--config", "c.yaml"], nproc_per_node=8)
+    one = torchrun_command("dcae15.diffusion.train", ["--config", "c.yaml"], nproc_per_node=8)
     assert one[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=8" in one and "--standalone" in one
-    assert one[-4:] == ["-m", "dcae15.diffusion_train", "--config", "c.yaml"]
+    assert one[-4:] == ["-m", "dcae15.diffusion.train", "--config", "c.yaml"]
     multi = torchrun_command("m", [], nproc_per_node=8, nnodes=4, extra=["--rdzv-backend=c10d", "--rdzv-endpoint=h:1"])
     assert "--nnodes=4" in multi and "--standalone" not in multi and "--rdzv-endpoint=h:1" in multi
     with pytest.raises(ValueError, match="nproc_per_node"):

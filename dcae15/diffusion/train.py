@@ -650,7 +650,7 @@ def save_config(cfg: DiffusionTrainConfig, run_url: str, storage_options: dict |
 
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> dict:
-    """``python -m dcae15.diffusion_train --config run.yaml`` (also under ``torchrun --nproc_per_node N``).
+    """``python -m dcae15.diffusion.train --config run.yaml`` (also under ``torchrun --nproc_per_node N``).
 
     run.yaml is either a full run file (``store_url``, ``run_url`` or ``root_url``, optional
     ``storage_options``, and ``train:`` with DiffusionTrainConfig fields) or just the DiffusionTrainConfig fields

@@ -109,7 +109,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def _load_ae(conf: dict, ae_url: str | None, device, storage_options):
-    from dcae15.autoencoder import StructuredAutoencoder
+    from dcae15.ae.model import StructuredAutoencoder
 
     url = ae_url or conf.get("ae_url")
     if not url:
@@ -226,7 +226,7 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
 
 
 def main(argv: list[str] | None = None) -> str:
-    """``python -m dcae15.sampling RUN OUT --spec '{"num_samples": 50000, ...}'`` (also under torchrun)."""
+    """``python -m dcae15.diffusion.sample RUN OUT --spec '{"num_samples": 50000, ...}'`` (also under torchrun)."""
     ap = argparse.ArgumentParser(description="Sample a diffusion run into a resumable sample store.")
     ap.add_argument("run_url")
     ap.add_argument("out_url")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dcae15.autoencoder import StructuredAutoencoder
+from dcae15.ae.model import StructuredAutoencoder
 from dcae15.metrics.image_quality import LPIPSMetric, psnr, ssim, to_uint8
 
 __all__ = ["ReconEvalConfig", "default_eval_channels", "evaluate_reconstruction", "format_table"]
@@ -250,7 +250,7 @@ def _write_outputs(out_url, rows, grid_x, grid_z, grid_y, channels, name, storag
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dcae15.plots_ae import channel_mean_png, metric_curve_png, recon_grid_png
+    from dcae15.ae.plots import channel_mean_png, metric_curve_png, recon_grid_png
     from storage.urls import put_atomic, url_to_fs
 
     fs, root = url_to_fs(out_url, storage_options)

@@ -22,7 +22,7 @@ from torch import nn
 from dcae15.ae.channels import ChannelSampling, step_generator
 from dcae15.ae.data import ImageBatches
 from dcae15.ae.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
-from dcae15.autoencoder import AE_PRESETS, StructuredAutoencoder
+from dcae15.ae.model import AE_PRESETS, StructuredAutoencoder
 
 __all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
 
@@ -669,7 +669,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m dcae15.ae_train --config launch.yaml`` (also under ``torchrun --nproc-per-node N``).
+    """``python -m dcae15.ae.train --config launch.yaml`` (also under ``torchrun --nproc-per-node N``).
 
     launch.yaml holds ``dataset_url``, ``run_url``, ``train:`` (``AETrainConfig`` fields) and optionally
     ``storage_options``; the flow writes it into the run directory.

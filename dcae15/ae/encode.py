@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from dcae15.autoencoder import StructuredAutoencoder
+from dcae15.ae.model import StructuredAutoencoder
 
 __all__ = ["CROP", "COMPUTE_DTYPES", "prepare_store", "encode_units", "encode_images", "load_encoder",
            "encoder_loads", "encode_stats", "store_channel_choices", "resolve_dtype", "visible_gpus", "local_device_indices",
@@ -36,7 +36,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 # ------------------------------------------------------------------------------------------------ store attrs
 def _training_record(ae_url: str, storage_options: dict | None) -> dict | None:
-    """The AE training config next to a model written by ``dcae15.ae_train`` (``<run>/model`` + ``<run>/config.yaml``)."""
+    """The AE training config next to a model written by ``dcae15.ae.train`` (``<run>/model`` + ``<run>/config.yaml``)."""
     import yaml
 
     from storage.urls import url_to_fs
@@ -218,7 +218,7 @@ def encode_stats() -> dict[str, float]:
 
 
 def _recorded_fingerprint(ae_url: str, storage_options: dict | None) -> str | None:
-    from dcae15.autoencoder import CONFIG_NAME
+    from dcae15.ae.model import CONFIG_NAME
     from storage.urls import url_to_fs
 
     fs, root = url_to_fs(ae_url, storage_options)

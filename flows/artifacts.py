@@ -140,11 +140,12 @@ def publish_metrics(pointer: dict[str, Any]) -> dict[str, Any]:
 def publish_figures(urls: list[str], *, stage: str = "figure") -> list[str]:
     """One link artifact per PNG figure (local paths become ``file://`` links). Returns the keys published."""
     from flows import rerun
+    from storage.urls import is_local, local_path
 
     keys = []
     for url in urls:
         rerun.record("figure", {"url": url})
-        link = url if "://" in url else f"file://{url}"
+        link = f"file://{local_path(url)}" if is_local(url) else url
         key = artifact_key(stage, _basename(url).removesuffix(".png"))
         try:
             create_link_artifact(link=link, link_text=_basename(url), key=key, description=f"dcae15 figure {url}")

@@ -60,12 +60,11 @@ def fit_autoencoder(root: str, dataset: dict[str, Any], phase: dict[str, Any], c
 
 def _train_torchrun(cfg: Any, dataset_url: str, run_url: str, launch: dict[str, Any], log: Any) -> dict[str, Any]:
     """The same trainer under ``torchrun`` (DDP), exactly like diffusion training: one run file, streamed log."""
-    import json
-
     import yaml
 
     from flows.launch import run_streaming, torchrun_command
-    from storage.urls import join, put_atomic, read_bytes, url_to_fs
+    from storage.rundir import RunDir
+    from storage.urls import join, put_atomic, url_to_fs
 
     # one run file: torchrun's own parser would take the trainer's options for its abbreviated ones
     run_file = join(run_url, "launch.yaml")
@@ -75,7 +74,7 @@ def _train_torchrun(cfg: Any, dataset_url: str, run_url: str, launch: dict[str, 
                            nnodes=launch["nnodes"], extra=launch["torchrun_args"])
     log.info("launching %s", " ".join(cmd))
     run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))
-    return json.loads(read_bytes(join(run_url, "done.json")))
+    return RunDir(run_url).done()
 
 
 @flow(name="train_autoencoder", flow_run_name=names.autoencoder_name)

@@ -65,13 +65,15 @@ def result_storage_for(url: str | None):
     """
     if url is None:
         return None
-    if "://" in url and not url.startswith("file://"):
+    from storage.urls import is_local, local_path
+
+    if not is_local(url):
         from storage.fingerprint import short_id
 
         block = RemoteFileSystem(basepath=url.rstrip("/"))
         block.save(f"dcae15-results-{short_id(url)}", overwrite=True)
         return block
-    path = Path(url.removeprefix("file://")).expanduser().resolve()
+    path = Path(local_path(url))
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -20,10 +20,11 @@ __all__ = ["describe_run", "validate_run", "fit_backbone", "train_diffusion"]
 
 def describe_run(url: str) -> dict[str, Any]:
     """The pointer of a diffusion run: URL + the step of its latest checkpoint + that checkpoint's location."""
+    from dcae15.diffusion.checkpoint import read_run_config
     from dcae15.diffusion.train import latest_checkpoint
 
     step, ckpt_url = latest_checkpoint(url)
-    return {"kind": "diffusion_run", "url": url, "run_id": url.rstrip("/").rsplit("/", 1)[-1],
+    return {"kind": "diffusion_run", "url": url, "run_id": read_run_config(url)["run_id"],
             "step": step, "checkpoint": ckpt_url}
 
 
@@ -47,11 +48,12 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
     it either, so a run started on one GPU can be resumed on eight.
     """
     from dcae15.diffusion.train import DiffusionTrainConfig, run_id_for, train_diffusion as train_fn
-    from storage.urls import join
+    from storage.layout import Root
+    from storage.urls import join, write_atomic
 
     log = get_run_logger()
     cfg = DiffusionTrainConfig.from_dict({"model": backbone, "seed": seed, **train})
-    run_url = join(root, "runs", "diffusion", run_id_for(cfg, store["store_id"]))
+    run_url = Root(root).diffusion_run(run_id_for(cfg, store["store_id"]))
     world = launch["nproc_per_node"] * launch["nnodes"]
     if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
         log.info("training %s in-process on %s -> %s", backbone, store["url"], run_url)
@@ -59,11 +61,9 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
     else:
         import yaml
 
-        from dcae15.diffusion.checkpoint import write_text
-
         # one run file: torchrun's own parser would take the trainer's --store / --run for its abbreviated options
         run_file = join(run_url, "launch.yaml")
-        write_text(run_file, yaml.safe_dump({"store_url": store["url"], "run_url": run_url, "train": cfg.to_dict()}))
+        write_atomic(run_file, yaml.safe_dump({"store_url": store["url"], "run_url": run_url, "train": cfg.to_dict()}).encode())
         cmd = torchrun_command("dcae15.diffusion.train", ["--config", run_file],
                                nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
                                extra=launch["torchrun_args"])

@@ -27,13 +27,11 @@ __all__ = ["describe_store", "validate_store", "dask_client", "encode_client", "
 
 def describe_store(url: str) -> dict[str, Any]:
     """The pointer of a latent store: URL + the fingerprints it was written from + its size and scaling."""
-    from storage.latent_store import LatentStore, store_id
+    from storage.latent_store import LatentStore
 
     store = LatentStore.open(url, read_only=True)
     a = store.attrs
-    sid = store_id(a["dataset_fingerprint"], a["ae_fingerprint"], int(a["resolution"]), a.get("crop", "adm-center"),
-                   bool(a.get("flip", False)))
-    return {"kind": "latent_store", "url": url, "store_id": sid,
+    return {"kind": "latent_store", "url": url, "store_id": store.store_id,
             "ae_fingerprint": a["ae_fingerprint"], "dataset_fingerprint": a["dataset_fingerprint"],
             "resolution": int(a["resolution"]), "num_samples": store.num_samples, "complete": store.is_complete and not store.missing_units()}
 

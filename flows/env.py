@@ -11,14 +11,16 @@ __all__ = ["local_root", "prefect_home_for", "apply_prefect_defaults", "apply_cp
 
 def local_root(root: str) -> str:
     """A local root as an absolute path (cache keys and run ids must not depend on the working directory)."""
-    if "://" in root and not root.startswith("file://"):
-        return root.rstrip("/")
-    return str(Path(root.removeprefix("file://")).expanduser().resolve())
+    from storage.urls import is_local, local_path
+
+    return local_path(root) if is_local(root) else root.rstrip("/")
 
 
 def prefect_home_for(root: str) -> Path:
     """Where Prefect keeps its local database: inside a local root, else in the user's cache directory."""
-    if "://" in root and not root.startswith("file://"):
+    from storage.urls import is_local
+
+    if not is_local(root):
         return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dcae15" / "prefect"
     return Path(local_root(root)) / ".prefect"
 

@@ -20,9 +20,9 @@ __all__ = ["results_url", "extractor_for", "score_samples", "evaluate", "reconst
 
 
 def results_url(root: str) -> str:
-    from storage.urls import join
+    from storage.layout import Root
 
-    return join(root, "eval", "results")
+    return Root(root).results()
 
 
 def extractor_for(ev: dict[str, Any], dataset_url: str) -> Any:
@@ -77,7 +77,7 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
                                     **ev["options"].get("generation", {}))
         if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
             values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
-        context = {"backbone": samples["run_id"].rsplit("-", 1)[0], "sampler": samples["sampler"],
+        context = {"backbone": samples["backbone"], "sampler": samples["sampler"],
                    "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
                    "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"]}
         # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
@@ -119,9 +119,9 @@ def reconstruction_scores(root: str, ae: dict[str, Any], dataset: dict[str, Any]
                           resolution: int) -> dict[str, Any]:
     """Per-c' PSNR / SSIM / LPIPS / rFID of the autoencoder with its figures, under ``<root>/eval/ae/<fingerprint>``."""
     from dcae15.ae.recon_eval import ReconEvalConfig, evaluate_reconstruction
-    from storage.urls import join
+    from storage.layout import Root
 
-    out_url = join(root, "eval", "ae", ae["fingerprint"])
+    out_url = Root(root).ae_eval(ae["fingerprint"])
     cfg = ReconEvalConfig(**{"resolution": resolution, **ev["options"].get("reconstruction", {})})
     extractor = extractor_for(ev, dataset["url"])
     evaluate_reconstruction(ae["url"], dataset["url"], out_url, cfg, extractor=extractor)
@@ -175,10 +175,10 @@ def evaluate_autoencoder(ae: str, dataset: str, root: str | None = None, config:
 def _dataset_of(store_url: str, root: str) -> str:
     """The packed dataset a latent store was encoded from: ``<root>/data/<dataset_name>``, fingerprint checked."""
     from storage.latent_store import LatentStore
-    from storage.urls import join
+    from storage.layout import Root
 
     attrs = LatentStore.open(store_url, read_only=True).attrs
-    url = join(root, "data", attrs["dataset_name"])
+    url = Root(root).dataset(attrs["dataset_name"])
     if describe_dataset(url)["fingerprint"] != attrs["dataset_fingerprint"]:
         raise FileNotFoundError(f"{url} is not the dataset store {store_url} was encoded from "
                                 f"(fingerprint {attrs['dataset_fingerprint']})")
@@ -193,15 +193,12 @@ def evaluate_new_checkpoints(root: str | None = None, config: ConfigArg = "demo"
     """
     from dcae15.diffusion.checkpoint import list_checkpoints, read_run_config
     from flows.sample import sample
-    from storage.urls import url_to_fs
+    from storage.layout import Root
 
     cfg = stage_config(root, config)
     log = get_run_logger()
-    fs, base = url_to_fs(cfg.root)
-    prefix = "" if "://" not in cfg.root else cfg.root.split("://", 1)[0] + "://"
     rows = []
-    for run_path in sorted(fs.glob(f"{base}/runs/diffusion/*")):
-        run_url = prefix + run_path
+    for run_url in Root(cfg.root).diffusion_runs():
         try:
             steps = list_checkpoints(run_url)
             dataset_url = _dataset_of(read_run_config(run_url)["store_url"], cfg.root)
@@ -227,27 +224,26 @@ def checkpoints_to_score(run_url: str, which: str) -> list[int]:
 @task
 def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str) -> list[str]:
     """A run's loss curve and a grid of its samples (a row per class), under ``<root>/eval/figures``."""
-    import json
-
+    from dcae15.diffusion.checkpoint import open_run
     from dcae15.diffusion.plots import loss_curve_png, sample_grid_png
+    from storage.layout import Root
     from storage.sample_store import SampleStore
     from storage.shards import open_dataset
-    from storage.urls import join, put_atomic, read_bytes, url_to_fs
+    from storage.urls import write_atomic
 
-    run_id = run_url.rstrip("/").rsplit("/", 1)[-1]
     store = SampleStore.open(samples_url, read_only=True)
     a = store.attrs
+    run_id = a["run_id"]
     images, labels = store.read_all()
     names = list(open_dataset(dataset_url).class_names)
     grid = sample_grid_png(images, labels, names, title=f"{run_id} step {a['checkpoint_step']}: {a['sampler']} "
                                                         f"{a['steps']} steps, CFG {a['cfg_scale']}")
-    rows = [json.loads(line) for line in read_bytes(join(run_url, "metrics.jsonl")).decode().splitlines() if line]
+    rows = open_run(run_url).metrics()
     loss = loss_curve_png(rows, title=f"{run_id}: training loss (EMA weights are sampled)")
     out = []
     for name, data in ((f"{run_id}_samples.png", grid), (f"{run_id}_loss.png", loss)):
-        url = join(root, "eval", "figures", name)
-        fs, path = url_to_fs(url)
-        put_atomic(fs, path, data)
+        url = Root(root).figure(name)
+        write_atomic(url, data)
         out.append(url)
     return out
 
@@ -257,13 +253,12 @@ def reference_lines(root: str) -> dict[str, dict[str, float]]:
     reconstructions (the floor) and the proxy's class accuracy on them (what samples can reach at best)."""
     import json
 
-    from storage.urls import url_to_fs
+    from storage.layout import Root
+    from storage.urls import read_bytes
 
-    fs, base = url_to_fs(root)
     out: dict[str, dict[str, float]] = {}
-    for path in sorted(fs.glob(f"{base}/eval/ae/*/proxy_check.json")):
-        with fs.open(path, "rb") as f:
-            check = json.loads(f.read())
+    for url in Root(root).ae_evals("proxy_check.json"):
+        check = json.loads(read_bytes(url))
         out[check["feature_extractor"]] = {"proxy-fid": check["proxy-fid_recon"],
                                            "proxy-class_accuracy": check["proxy-class_accuracy_recon"]}
     return out
@@ -273,7 +268,6 @@ def reference_lines(root: str) -> dict[str, dict[str, float]]:
 def plot_results(root: str) -> list[str]:
     """Draw the results table's figures (metric vs step per backbone) under ``<root>/eval``; returns their URLs."""
     from dcae15.metrics.results import plot_results as plot
+    from storage.layout import Root
 
-    from storage.urls import join
-
-    return plot(results_url(root), join(root, "eval"), references=reference_lines(root))
+    return plot(results_url(root), Root(root).eval(), references=reference_lines(root))

@@ -107,11 +107,11 @@ def announce_checkpoints(fit: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fit)
     def watched(*args: Any, **kwargs: Any) -> Any:
         from dcae15.diffusion.train import DiffusionTrainConfig, run_id_for
-        from storage.urls import join
+        from storage.layout import Root
 
         a = sig.bind(*args, **kwargs).arguments
         cfg = DiffusionTrainConfig.from_dict({"model": a["backbone"], "seed": a["seed"], **a["train"]})
-        run_url = join(a["root"], "runs", "diffusion", run_id_for(cfg, a["store"]["store_id"]))
+        run_url = Root(a["root"]).diffusion_run(run_id_for(cfg, a["store"]["store_id"]))
         with watch_training(run_url, root=a["root"], backbone=a["backbone"], steps=cfg.steps):
             out = fit(*args, **kwargs)
         if isinstance(out, dict) and out.get("url") not in (None, run_url):

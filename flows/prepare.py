@@ -45,6 +45,7 @@ def pack_images(root: str, data: dict[str, Any], where: dict[str, Any] | None = 
     """
     where = where or {"workers": 1, "scheduler": None, "read_threads": 16}
     from storage import shards, synthetic, urls
+    from storage.layout import Root
 
     log = get_run_logger()
     src = data["source"]
@@ -52,7 +53,7 @@ def pack_images(root: str, data: dict[str, Any], where: dict[str, Any] | None = 
         src = urls.join(root, "raw", data["name"])
         log.info("generating the shapes dataset into %s (%s)", src, data["synthetic"])
         synthetic.make_shapes_dataset(src, **data["synthetic"])
-    dst = urls.join(root, "data", data["name"])
+    dst = Root(root).dataset(data["name"])
     log.info("packing %s into shards at %s", src, dst)
     shards.pack_image_folder(src, dst, shard_bytes=data["shard_bytes"], name=data["name"], workers=where["workers"],
                              scheduler=where["scheduler"], read_threads=where["read_threads"])

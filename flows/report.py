@@ -7,48 +7,41 @@ from typing import Any
 __all__ = ["outputs_summary"]
 
 
-def _glob(fs: Any, pattern: str, proto_prefix: str) -> list[str]:
-    return sorted(proto_prefix + p for p in fs.glob(pattern))
-
-
 def outputs_summary(root: str) -> dict[str, Any]:
     """List what a pipeline left under ``root`` (URLs), with the results table formatted as text."""
-    from storage.urls import is_local, url_to_fs
+    from storage.layout import Root
+    from storage.urls import exists
 
-    fs, base = url_to_fs(root)
-    prefix = "" if is_local(root) else root.split("://", 1)[0] + "://"
+    at = Root(root)
     out: dict[str, Any] = {
-        "dataset": ", ".join(_glob(fs, f"{base}/data/*", prefix)) or None,
-        "autoencoder": ", ".join(_glob(fs, f"{base}/runs/ae/*/model", prefix)) or None,
-        "store": ", ".join(_glob(fs, f"{base}/latents/*", prefix)) or None,
-        "runs": _glob(fs, f"{base}/runs/diffusion/*", prefix),
-        "samples": _glob(fs, f"{base}/samples/*", prefix),
+        "dataset": ", ".join(at.datasets()) or None,
+        "autoencoder": ", ".join(at.ae_models()) or None,
+        "store": ", ".join(at.latent_stores()) or None,
+        "runs": at.diffusion_runs(),
+        "samples": at.sample_stores(),
     }
-    results_url = f"{prefix}{base}/eval/results"
-    if fs.exists(f"{base}/eval/results"):
+    results_url = at.results()
+    if exists(results_url):
         from dcae15.metrics.results import format_table, read_results
 
         out["results"] = results_url
         table = read_results(results_url)
         out["table"] = format_table(table)
-        out["headline"] = _headline(fs, base, table)
-    figures = set()
-    for top in ("eval", "runs"):
-        for pattern in (f"{base}/{top}/*.png", f"{base}/{top}/**/*.png"):
-            figures.update(_glob(fs, pattern, prefix))
-    out["figures"] = sorted(figures)
+        out["headline"] = _headline(at, table)
+    out["figures"] = at.figures()
     return {k: v for k, v in out.items() if v}
 
 
-def _headline(fs: Any, base: str, table: Any) -> str:
+def _headline(at: Any, table: Any) -> str:
     """The numbers that say whether it learned: the proxy classifier on real vs reconstructed held-out images,
     the proxy-FID floor (the AE's own reconstructions), and each run's class accuracy / proxy-FID per checkpoint."""
     import json
 
+    from storage.urls import read_bytes
+
     lines = []
-    for path in sorted(fs.glob(f"{base}/eval/ae/*/proxy_check.json")):
-        with fs.open(path, "rb") as f:
-            c = json.loads(f.read())
+    for url in at.ae_evals("proxy_check.json"):
+        c = json.loads(read_bytes(url))
         lines.append(f"autoencoder {c['ae_fingerprint'][:12]}: proxy classifier on {c['num_images']} held-out images: "
                      f"real {c['proxy-class_accuracy_real']:.3f}, reconstructed {c['proxy-class_accuracy_recon']:.3f} "
                      f"({c['recon_over_real']:.2f}x); proxy-FID floor (reconstructions) {c['proxy-fid_recon']:.2f}, "

@@ -96,13 +96,13 @@ def _validators() -> dict[str, Callable[[dict[str, Any]], str | None]]:
 
 def save_record(root: str, key: str) -> str | None:
     """Write this process's recorded pointers for ``key``; returns the URL (None when nothing was recorded)."""
-    from dcae15.diffusion.checkpoint import write_text
+    from storage.urls import write_atomic
 
     entries = recorded()
     if not entries:
         return None
     url = _record_url(root, key)
-    write_text(url, json.dumps({"key": key, "entries": entries}, default=str))
+    write_atomic(url, json.dumps({"key": key, "entries": entries}, default=str).encode())
     return url
 
 

@@ -25,7 +25,7 @@ def describe_samples(url: str) -> dict[str, Any]:
 
     store = SampleStore.open(url, read_only=True)
     a = store.attrs
-    return {"kind": "samples", "url": url, "run_id": a["run_id"], "step": int(a["checkpoint_step"]),
+    return {"kind": "samples", "url": url, "run_id": a["run_id"], "backbone": a["backbone"], "step": int(a["checkpoint_step"]),
             "sampler": a["sampler"], "sampling_steps": int(a["steps"]), "cfg_scale": float(a["cfg_scale"]),
             "num_samples": store.num_samples, "complete": not store.missing_units()}
 
@@ -52,10 +52,10 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
 
     from dcae15.diffusion.sample import sample_to_store
     from storage.fingerprint import short_id
-    from storage.urls import join
+    from storage.layout import Root
 
     log = get_run_logger()
-    out_url = join(root, "samples", short_id(run["run_id"], checkpoint, spec))
+    out_url = Root(root).sample_store(short_id(run["run_id"], checkpoint, spec))
     launch = launch or {"launcher": "inprocess", "nproc_per_node": 1, "nnodes": 1, "torchrun_args": []}
     world = launch["nproc_per_node"] * launch["nnodes"]
     with sample_progress(out_url, run["run_id"], checkpoint):  # a progress artifact polled from the store

@@ -105,7 +105,7 @@ class LatentStore(UnitStore):
             num_samples: dataset size N (invalid images included; they get ``valid=False``).
             channels, height, width: latent shape.
             flip: also store ``latents_flip``.
-            attrs: JSON-able metadata; must hold :data:`REQUIRED_ATTRS`.
+            attrs: JSON-able metadata; must hold :data:`REQUIRED_ATTRS`; ``store_id`` is added (computed).
             chunk_size: samples per unit; default gives ~16 MB of latents per unit.
             codec: a name in :data:`storage.units.CODECS`.
             inner_chunks: >1 makes each unit a Zarr shard of that many chunks.
@@ -119,7 +119,7 @@ class LatentStore(UnitStore):
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
         if missing:
             raise ValueError(f"attrs must contain {list(REQUIRED_ATTRS)}; missing {missing}")
-        reserved = {"latent_channels", "latent_height", "latent_width", "flip", "scaling_factor",
+        reserved = {"store_id", "latent_channels", "latent_height", "latent_width", "flip", "scaling_factor",
                     "scaling_factor_measured", "channel_mean", "channel_std", "channel_rms"}
         clash = sorted(reserved & set(attrs))
         if clash:
@@ -133,7 +133,10 @@ class LatentStore(UnitStore):
             arrays["latents_flip"] = ArraySpec(tail, "float16", codec, inner_chunks)
         arrays["labels"] = ArraySpec((), "int16")
         arrays["valid"] = ArraySpec((), "bool")
-        full = {**attrs, "latent_channels": tail[0], "latent_height": tail[1], "latent_width": tail[2],
+        # the store records its own id: readers take it from attrs, never recompute it
+        sid = store_id(attrs["dataset_fingerprint"], attrs["ae_fingerprint"], int(attrs["resolution"]),
+                       **({"crop": attrs["crop"]} if "crop" in attrs else {}), flip=bool(flip))
+        full = {**attrs, "store_id": sid, "latent_channels": tail[0], "latent_height": tail[1], "latent_width": tail[2],
                 "flip": bool(flip)}
         return cls._create(url, num_samples=num_samples, unit_size=chunk_size, arrays=arrays, attrs=full,
                            storage_options=storage_options)
@@ -180,6 +183,15 @@ class LatentStore(UnitStore):
     def latent_shape(self) -> tuple[int, int, int]:
         a = self._meta["attrs"]
         return int(a["latent_channels"]), int(a["latent_height"]), int(a["latent_width"])
+
+    @property
+    def store_id(self) -> str:
+        """The id recorded at creation (:func:`store_id` of its dataset, AE, resolution, crop and flip)."""
+        sid = self._meta["attrs"].get("store_id")
+        if sid is None:
+            raise ValueError(f"latent store {self.url!r} records no store_id (written by an older dcae15, whose "
+                             "folders are not readable): encode the latents again into a new root")
+        return str(sid)
 
     @property
     def has_flip(self) -> bool:

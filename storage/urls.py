@@ -14,7 +14,11 @@ __all__ = [
     "mask_options",
     "protocol_of",
     "is_local",
+    "local_path",
+    "scheme_prefix",
+    "glob",
     "put_atomic",
+    "write_atomic",
     "read_bytes",
 ]
 
@@ -32,8 +36,36 @@ def protocol_of(url: str) -> str:
 
 
 def is_local(url: str) -> bool:
-    """True for plain paths and ``file://`` URLs."""
+    """True for plain paths, ``file://`` and ``local://`` URLs (the three spellings of one local path)."""
     return protocol_of(url) == "file"
+
+
+def local_path(url: str) -> str:
+    """The absolute local path (``~`` expanded, symlinks resolved) of a local URL.
+
+    Raises:
+        ValueError: ``url`` is not local (``s3://``, ``memory://``, ...).
+    """
+    from pathlib import Path
+
+    url = os.fspath(url)
+    if not is_local(url):
+        raise ValueError(f"{url!r} is not a local path (protocol {protocol_of(url)!r})")
+    return str(Path(url.split("://", 1)[1] if "://" in url else url).expanduser().resolve())
+
+
+def scheme_prefix(url: str) -> str:
+    """What to put before an fsspec path of ``url``'s filesystem to get a URL again: ``""`` locally, else
+    ``"<scheme>://"`` (fsspec paths of object stores carry no scheme)."""
+    url = os.fspath(url)
+    return "" if is_local(url) else url.split("://", 1)[0] + "://"
+
+
+def glob(url_pattern: str, storage_options: dict | None = None) -> list[str]:
+    """The URLs matching a glob pattern under any filesystem, sorted (``<root>/runs/diffusion/*``)."""
+    fs, pattern = url_to_fs(url_pattern, storage_options)
+    prefix = scheme_prefix(url_pattern)
+    return sorted(prefix + p for p in fs.glob(pattern))
 
 
 def _options(url: str, storage_options: dict | None) -> dict:
@@ -141,6 +173,14 @@ def put_atomic(fs: Any, path: str, data: bytes) -> None:
                 os.unlink(tmp)
     else:
         fs.pipe_file(path, data)
+
+
+def write_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """``put_atomic`` at a URL: the one atomic write of the project (run files, metrics, JSON / npz objects)."""
+    fs, path = url_to_fs(url, storage_options)
+    if not is_local(url) and "/" in path.strip("/"):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a no-op on S3; memory:// lists parents it knows
+    put_atomic(fs, path, data)
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from dcae15.ae.model import StructuredAutoencoder
+from storage.layout import AE_MODEL, Root
+from storage.rundir import RunDir
 
 __all__ = ["CROP", "COMPUTE_DTYPES", "prepare_store", "encode_units", "encode_images", "load_encoder",
            "encoder_loads", "encode_stats", "store_channel_choices", "resolve_dtype", "visible_gpus", "local_device_indices",
@@ -39,16 +41,13 @@ def _training_record(ae_url: str, storage_options: dict | None) -> dict | None:
     """The AE training config next to a model written by ``dcae15.ae.train`` (``<run>/model`` + ``<run>/config.yaml``)."""
     import yaml
 
-    from storage.urls import url_to_fs
-
-    fs, root = url_to_fs(ae_url, storage_options)
-    root = root.rstrip("/")
-    if root.rsplit("/", 1)[-1] != "model":
+    url = str(ae_url).rstrip("/")
+    run_url, _, leaf = url.rpartition("/")
+    if leaf != AE_MODEL or not run_url:
         return None
-    path = root.rsplit("/", 1)[0] + "/config.yaml"
     try:
-        doc = yaml.safe_load(fs.cat_file(path))
-    except (FileNotFoundError, OSError, yaml.YAMLError):
+        doc = RunDir(run_url, storage_options).config()
+    except (OSError, yaml.YAMLError):
         return None
     return doc.get("config") if isinstance(doc, dict) and isinstance(doc.get("config"), dict) else None
 
@@ -118,7 +117,6 @@ def prepare_store(ae_url: str, dataset_url: str, root_url: str, *, resolution: i
     """
     from storage.latent_store import LatentStore, StoreNotFoundError, store_id
     from storage.shards import open_dataset
-    from storage.urls import join
 
     resolve_dtype(dtype, device)  # validate before any loading
     ae = StructuredAutoencoder.from_pretrained(ae_url, storage_options=storage_options)
@@ -129,7 +127,7 @@ def prepare_store(ae_url: str, dataset_url: str, root_url: str, *, resolution: i
     recorded = _recorded_fingerprint(ae_url, storage_options) if ae_fingerprint else None
     ae_fp = ae_fingerprint if ae_fingerprint and recorded in (None, ae_fingerprint) else ae.fingerprint()
     sid = store_id(str(dataset.fingerprint), ae_fp, resolution, CROP, flip)
-    url = join(root_url, "latents", sid)
+    url = Root(root_url).latent_store(sid)
     try:
         store = LatentStore.open(url, expect_ae=ae_fp, expect_dataset=str(dataset.fingerprint),
                                  expect_resolution=resolution, storage_options=storage_options)

@@ -2,10 +2,13 @@
 
 A phase's run directory is ``<root>/runs/ae/<id>`` where ``id`` is a short hash of the *chain fingerprint*: the
 fingerprint of the previous phase's chain fingerprint (or of the dataset for phase 1) and this phase's identity
-(``AETrainConfig.identity()`` without ``init_from``, which the chain decides). So
+(``AETrainConfig.identity()`` without ``init_from``, which the chain decides; never the operational fields nor
+``steps``: see ``storage.rundir.identity``). So
 
 - changing phase 3 gives phase 3 a new directory while phases 1-2 keep theirs (already finished: a no-op);
 - a phase killed mid-way resumes from its own last checkpoint (same directory, same config);
+- a phase given only other operational fields (logging, checkpoint cadence, workers) or more steps continues in
+  the same directory (more steps: from its last checkpoint, even once finished);
 - the last phase's chain fingerprint covers every phase of the chain and the dataset.
 
 Usable without Prefect (:func:`train_recipe`); ``flows.autoencoder`` runs one cached task per phase.
@@ -108,9 +111,9 @@ def chain_fingerprints(cfgs: list[AETrainConfig], dataset_fingerprint: str) -> l
 def phase_run_url(root: str, chain_fingerprint: str) -> str:
     """``<root>/runs/ae/<short id of the chain fingerprint>``."""
     from storage.fingerprint import short_id
-    from storage.urls import join
+    from storage.layout import Root
 
-    return join(root, "runs", "ae", short_id(chain_fingerprint))
+    return Root(root).ae_run(short_id(chain_fingerprint))
 
 
 def train_recipe(cfgs: list[AETrainConfig], dataset_url: str, root: str, *, stop_at: tuple[int, int] | None = None,

@@ -1,8 +1,9 @@
 """Structured-latent autoencoder training (DC-AE 1.5, Eq. 1): three phases, L1 + LPIPS (+ PatchGAN), exact resume.
 
-A run directory (any fsspec URL) holds ``config.yaml``, ``checkpoints/step-XXXXXXX.pt`` + ``checkpoints/latest``
-(written last), ``metrics.jsonl``, and at the end ``model/`` (save_pretrained) and ``done.json`` (the pointer,
-written last). Everything random is a pure function of (seed, step) — the c' draws, the batch order, the flips —
+The run directory is a ``storage.rundir.RunDir`` (config.yaml with the run's identity, metrics.jsonl,
+``checkpoints/step-XXXXXXX.pt`` torch files, ``latest`` written last, ``done.json``) plus, at the end, ``model/``
+(save_pretrained) before ``done.json``. A config that differs only in operational fields or in ``steps`` continues
+the same run (more steps: from its last checkpoint, even once finished). Everything random is a pure function of (seed, step) — the c' draws, the batch order, the flips —
 so resuming from a checkpoint continues exactly as if the run had never stopped.
 """
 
@@ -13,7 +14,7 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +24,9 @@ from dcae15.ae.channels import ChannelSampling, step_generator
 from dcae15.ae.data import ImageBatches
 from dcae15.ae.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from dcae15.ae.model import AE_PRESETS, StructuredAutoencoder
+from storage.layout import AE_MODEL
+from storage.rundir import HORIZON, OPERATIONAL, RunDir, identity
+from storage.urls import put_atomic, url_to_fs
 
 __all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
 
@@ -36,9 +40,6 @@ PHASES: dict[str, dict[str, Any]] = {
 }
 PERCEPTUAL = ("lpips-vgg", "lpips-alex", "lpips-squeeze", "none")
 _SCHEDULES = ("constant", "cosine")
-# Fields that change how a run is operated but not what it computes: excluded from the run's identity.
-_OPERATIONAL = ("name", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "prefetch", "device",
-                "num_workers", "prefetch_factor", "loader_context")
 
 
 @dataclass(kw_only=True)
@@ -81,13 +82,13 @@ class AETrainConfig:
     only the floating-point reduction order differs.
     """
 
-    name: str | None = None
+    name: str | None = field(default=None, metadata=OPERATIONAL)
     preset: str = "tiny-f8c32"
     init_from: str | None = None
     phase: str = "full"
     finetune_channels: int | None = None
     resolution: int = 32
-    steps: int = 1000
+    steps: int = field(default=1000, metadata=HORIZON)  # a longer run continues a shorter one
     batch_size: int = 16
     lr: float | None = None
     betas: tuple[float, float] | None = None
@@ -113,17 +114,17 @@ class AETrainConfig:
     ema_decay: float | None = None
     hflip: bool = True
     seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    progress: bool = True
-    prefetch: bool = True
-    device: str = "auto"
+    checkpoint_every: int = field(default=500, metadata=OPERATIONAL)
+    keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
+    log_every: int = field(default=10, metadata=OPERATIONAL)
+    progress: bool = field(default=True, metadata=OPERATIONAL)
+    prefetch: bool = field(default=True, metadata=OPERATIONAL)
+    device: str = field(default="auto", metadata=OPERATIONAL)
     bf16: bool = True
     bf16_on_cpu: bool = False
-    num_workers: int = 0
-    prefetch_factor: int = 4
-    loader_context: str = "forkserver"
+    num_workers: int = field(default=0, metadata=OPERATIONAL)
+    prefetch_factor: int = field(default=4, metadata=OPERATIONAL)
+    loader_context: str = field(default="forkserver", metadata=OPERATIONAL)
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -185,8 +186,9 @@ class AETrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide what the run computes (its fingerprint)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _OPERATIONAL}
+        """The fields that decide what the run computes (``storage.rundir.identity``): not the operational ones,
+        and not ``steps`` (a longer run continues the shorter one) unless the cosine schedule depends on it."""
+        return identity(self, self.to_dict(), keep_horizon=self.schedule == "cosine")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,86 +270,33 @@ class _EMA:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _Run:
-    """Paths and atomic reads/writes inside one run directory."""
-
-    def __init__(self, run_url: str, storage_options: dict | None) -> None:
-        from storage.urls import join, url_to_fs
-
-        self.url = run_url.rstrip("/")
-        self.fs, self.root = url_to_fs(self.url, storage_options)
-        self.root = self.root.rstrip("/")
-        self.model_url = join(self.url, "model")
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def exists(self, *parts: str) -> bool:
-        return bool(self.fs.exists(self.path(*parts)))
-
-    def read(self, *parts: str) -> bytes:
-        return self.fs.cat_file(self.path(*parts))
-
-    def write(self, data: bytes, *parts: str) -> None:
-        from storage.urls import put_atomic
-
-        put_atomic(self.fs, self.path(*parts), data)
-
-    def checkpoints(self) -> list[str]:
-        if not self.exists("checkpoints"):
-            return []
-        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path("checkpoints"), detail=False)]
-        return sorted(n for n in names if n.startswith("step-") and n.endswith(".pt"))
+def _open_run(run_url: str, storage_options: dict | None) -> RunDir:
+    return RunDir(run_url, storage_options, kind="AE", checkpoint_suffix=".pt")
 
 
-def _yaml(obj: dict) -> bytes:
-    import yaml
-
-    return yaml.safe_dump(obj, sort_keys=True).encode()
-
-
-def _check_or_write_config(run: _Run, cfg: AETrainConfig, dataset_fp: str) -> str:
-    """Write config.yaml on a new run; on an existing run refuse a different config or dataset."""
-    import yaml
-
+def _claim(run: RunDir, cfg: AETrainConfig, dataset_fp: str) -> str:
+    """Write config.yaml on a new run; on an existing run refuse a different identity (config or dataset)."""
     from storage.fingerprint import fingerprint
 
     cfg_fp = fingerprint({"config": cfg.identity(), "dataset": dataset_fp})
-    doc = {"config": cfg.to_dict(), "dataset_fingerprint": dataset_fp, "config_fingerprint": cfg_fp}
-    if run.exists("config.yaml"):
-        old = yaml.safe_load(run.read("config.yaml"))
-        if old.get("config_fingerprint") != cfg_fp:
-            raise ValueError(
-                f"run {run.url} was started with a different config or dataset (fingerprint "
-                f"{old.get('config_fingerprint')} vs {cfg_fp} now); use a new run URL or the original config")
-    else:
-        run.write(_yaml(doc), "config.yaml")
+    run.claim(cfg_fp, {"config": cfg.to_dict(), "dataset_fingerprint": dataset_fp})
     return cfg_fp
 
 
-def _save_checkpoint(run: _Run, cfg: AETrainConfig, step: int, parts: dict[str, Any], metrics: list[dict]) -> None:
+def _save_checkpoint(run: RunDir, cfg: AETrainConfig, step: int, parts: dict[str, Any], metrics: list[dict]) -> None:
     buf = io.BytesIO()
     torch.save({"step": step, **parts}, buf)
-    name = f"step-{step:07d}.pt"
-    run.write(buf.getvalue(), "checkpoints", name)
-    run.write("".join(json.dumps(m) + "\n" for m in metrics).encode(), "metrics.jsonl")
-    run.write(name.encode(), "checkpoints", "latest")  # the pointer last: a checkpoint is complete once named
-    for old in run.checkpoints()[:-cfg.keep_checkpoints]:
-        run.fs.rm(run.path("checkpoints", old))
+    put_atomic(run.fs, run.checkpoint_path(step), buf.getvalue())
+    run.publish(step, metrics)  # metrics, then the pointer last: a checkpoint is complete once named
+    run.prune(cfg.keep_checkpoints, step)
 
 
-def _load_latest(run: _Run) -> dict[str, Any] | None:
-    if not run.exists("checkpoints", "latest"):
+def _load_latest(run: RunDir) -> dict[str, Any] | None:
+    ptr = run.latest()
+    if ptr is None:
         return None
-    name = run.read("checkpoints", "latest").decode().strip()
-    return torch.load(io.BytesIO(run.read("checkpoints", name)), map_location="cpu", weights_only=True)
-
-
-def _read_metrics(run: _Run, upto: int) -> list[dict]:
-    if not run.exists("metrics.jsonl"):
-        return []
-    rows = [json.loads(line) for line in run.read("metrics.jsonl").decode().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= upto]
+    fs, path = url_to_fs(ptr["checkpoint"], run.storage_options)
+    return torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -495,7 +444,7 @@ def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, sto
 
 
 def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: _Dist) -> dict[str, Any]:
-    run = _Run(run_url, storage_options)
+    run = _open_run(run_url, storage_options)
     if dataset is None:
         from storage.shards import open_dataset
 
@@ -504,12 +453,13 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
         raise ValueError(f"AETrainConfig.batch_size={cfg.batch_size} (the global batch) is not a multiple of the "
                          f"world size {dist_.world}; change the batch size or the number of processes")
     if dist_.rank == 0:
-        cfg_fp = _check_or_write_config(run, cfg, str(dataset.fingerprint))
+        cfg_fp = _claim(run, cfg, str(dataset.fingerprint))
     dist_.barrier()
     if dist_.rank != 0:
-        cfg_fp = _check_or_write_config(run, cfg, str(dataset.fingerprint))
-    if run.exists("done.json"):
-        return json.loads(run.read("done.json"))
+        cfg_fp = _claim(run, cfg, str(dataset.fingerprint))
+    finished = run.done()
+    if finished is not None and int(finished.get("steps", 0)) >= cfg.steps:
+        return finished  # a longer run (more steps, same identity) continues from the last checkpoint below
 
     device = dist_.device
     model = _build_model(cfg, storage_options).to(device).train()
@@ -550,7 +500,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         torch.set_rng_state(ckpt["rng_cpu"])
-        metrics = _read_metrics(run, start)
+        metrics = run.metrics(upto=start)
         if int(ckpt.get("world_size", 1)) != dist_.world and dist_.rank == 0:
             print(f"AE run {run.url}: resuming step {start} at world size {dist_.world} (checkpoint written at "
                   f"{ckpt.get('world_size', 1)}): same images and draws per step, different reduction order")
@@ -652,15 +602,15 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
         if ema is not None:
             model.net.load_state_dict({k: v.to(model.net.state_dict()[k].dtype) for k, v in ema.state_dict().items()})
         model.cpu().eval()
-        model.save_pretrained(run.model_url, storage_options=storage_options)
-        pointer = {"run_url": run.url, "model_url": run.model_url, "fingerprint": model.fingerprint(),
+        model.save_pretrained(run.child(AE_MODEL), storage_options=storage_options)
+        pointer = {"run_url": run.url, "model_url": run.child(AE_MODEL), "fingerprint": model.fingerprint(),
                    "name": model.config.name, "latent_channels": model.latent_channels,
                    "spatial_compression": model.spatial_compression, "steps": cfg.steps, "phase": cfg.phase,
                    "config_fingerprint": cfg_fp, "finished": True, "loss": last.get("loss"),
                    "seconds": last.get("sec"), "world_size": dist_.world}
-        run.write(json.dumps(pointer, indent=2).encode(), "done.json")  # last: the run is finished once this exists
+        run.finish(pointer)  # last: the run is finished once this exists
     dist_.barrier()
-    return json.loads(run.read("done.json"))
+    return run.done()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,45 +1,28 @@
-"""Run-directory I/O for diffusion runs: DCP checkpoints, the `latest` pointer, config.yaml, EMA loading."""
+"""Diffusion checkpoints: DCP payloads inside the shared run directory (``storage.rundir.RunDir``), EMA loading."""
 
 from __future__ import annotations
 
-import json
-import re
-
 import torch
 
-from storage.urls import join, put_atomic, url_to_fs
+from storage.rundir import RunDir
+from storage.urls import url_to_fs
 
-__all__ = ["checkpoint_url", "read_latest", "write_latest", "read_run_config", "write_text", "list_checkpoints",
-           "prune_checkpoints", "dcp_writer", "dcp_reader", "load_ema_state", "read_train_state"]
+__all__ = ["open_run", "checkpoint_url", "read_latest", "read_run_config", "list_checkpoints", "dcp_writer",
+           "dcp_reader", "load_ema_state", "read_train_state"]
 
-_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+def open_run(run_url: str, storage_options: dict | None = None) -> RunDir:
+    """A diffusion run directory: the shared ``RunDir`` protocol with one DCP directory per checkpoint."""
+    return RunDir(run_url, storage_options, kind="diffusion", checkpoint_suffix="")
 
 
 def checkpoint_url(run_url: str, step: int) -> str:
-    return join(run_url, "checkpoints", f"step-{step:07d}")
+    return open_run(run_url).checkpoint_url(step)
 
 
 def read_latest(run_url: str, storage_options: dict | None = None) -> dict | None:
     """The ``latest`` pointer ({"step", "checkpoint"} with the checkpoint URL absolute) or None."""
-    fs, path = url_to_fs(join(run_url, "latest"), storage_options)
-    try:
-        ptr = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-    ptr["checkpoint"] = join(run_url, ptr["checkpoint"])
-    return ptr
-
-
-def write_latest(run_url: str, step: int, storage_options: dict | None = None) -> None:
-    """Point ``latest`` at step ``step``'s checkpoint (relative, so a run dir can be moved). Written last."""
-    fs, path = url_to_fs(join(run_url, "latest"), storage_options)
-    body = {"step": int(step), "checkpoint": f"checkpoints/step-{step:07d}"}
-    put_atomic(fs, path, json.dumps(body).encode())
-
-
-def write_text(url: str, text: str, storage_options: dict | None = None) -> None:
-    fs, path = url_to_fs(url, storage_options)
-    put_atomic(fs, path, text.encode())
+    return open_run(run_url, storage_options).latest()
 
 
 def read_run_config(run_url: str, storage_options: dict | None = None) -> dict:
@@ -48,32 +31,15 @@ def read_run_config(run_url: str, storage_options: dict | None = None) -> dict:
     Raises:
         FileNotFoundError: not a diffusion run directory.
     """
-    import yaml
-
-    fs, path = url_to_fs(join(run_url, "config.yaml"), storage_options)
-    try:
-        return yaml.safe_load(fs.cat_file(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{run_url!r} has no config.yaml: not a diffusion run directory") from None
+    conf = open_run(run_url, storage_options).config()
+    if conf is None:
+        raise FileNotFoundError(f"{run_url!r} has no config.yaml: not a diffusion run directory")
+    return conf
 
 
 def list_checkpoints(run_url: str, storage_options: dict | None = None) -> list[int]:
     """Steps of the checkpoint directories present (complete or not)."""
-    fs, path = url_to_fs(join(run_url, "checkpoints"), storage_options)
-    try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    except FileNotFoundError:
-        return []
-    return sorted(int(m.group(1)) for n in names if (m := _STEP_DIR.match(n)))
-
-
-def prune_checkpoints(run_url: str, keep: int, latest_step: int, storage_options: dict | None = None) -> None:
-    """Delete all but the newest ``keep`` checkpoints; never the one ``latest`` points at."""
-    steps = [s for s in list_checkpoints(run_url, storage_options) if s != latest_step]
-    drop = steps[: max(0, len(steps) - (keep - 1))] if keep > 0 else []
-    for s in drop:
-        fs, path = url_to_fs(checkpoint_url(run_url, s), storage_options)
-        fs.rm(path, recursive=True)
+    return open_run(run_url, storage_options).checkpoints()
 
 
 def _is_local(url: str) -> bool:

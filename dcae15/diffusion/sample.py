@@ -187,13 +187,16 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
     ae = _load_ae(conf, ae_url, device, storage_options)
     res = int(conf.get("resolution") or mc["input_size"][0] * ae.spatial_compression)
     lo, hi = interval
-    spec = {"run_id": conf["run_id"], "checkpoint_step": step, "sampler": sampler, "steps": int(steps),
+    # the store records what it holds: run, backbone, checkpoint, latent store; nothing parses ids back apart
+    spec = {"run_id": conf["run_id"], "backbone": conf["train"]["model"], "store_id": conf["store_id"],
+            "checkpoint_step": step, "sampler": sampler, "steps": int(steps),
             "cfg_scale": float(cfg_scale), "guidance_interval": [lo, hi], "seed": int(seed), "labels": labels,
             "ema": bool(ema), "ae_fingerprint": conf["ae_fingerprint"]}
 
     def create():
         return SampleStore.create(out_url, num_samples=num_samples, height=res, width=res, chunk_size=chunk_size,
-                                  attrs={**spec, "spec_fingerprint": fingerprint(spec)},
+                                  attrs={**spec, "spec_fingerprint": fingerprint(spec),
+                                         "sample_id": out_url.rstrip("/").rsplit("/", 1)[-1]},  # its folder
                                   storage_options=storage_options)
 
     if world > 1:  # rank 0 creates the store and lists what is missing; the others follow its view

@@ -15,32 +15,17 @@ import torch
 import torch.distributed as dist
 
 from dcae15.diffusion.adt import ADTConfig, LossNorm, draw_mask, micro_loss
-from dcae15.diffusion.checkpoint import (
-    checkpoint_url,
-    dcp_reader,
-    dcp_writer,
-    list_checkpoints,
-    prune_checkpoints,
-    read_latest,
-    read_run_config,
-    write_latest,
-    write_text,
-)
+from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
 from dcae15.diffusion.objectives import make_objective
 from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
 from storage.fingerprint import fingerprint, short_id
-from storage.urls import join, url_to_fs
+from storage.layout import Root
+from storage.rundir import HORIZON, OPERATIONAL, identity
+from storage.urls import url_to_fs, write_atomic
 
 __all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
            "latest_checkpoint", "save_config", "lr_at", "ema_decay_at", "train_flops_per_image", "make_optimizer",
            "main"]
-
-# Fields that change neither the math nor the data order: left out of the run id so a resubmission with more
-# steps, other logging or more loader workers continues the same run.
-_RUNTIME_FIELDS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "compile",
-                   "activation_checkpointing", "peak_tflops", "progress", "cpu_threads", "grad_accum_steps",
-                   "hsdp_shard_size", "async_checkpoint", "prefetch_batches")
-
 
 @dataclass(kw_only=True)
 class DiffusionTrainConfig:
@@ -56,7 +41,7 @@ class DiffusionTrainConfig:
     num_classes: int | None = None
     """None = from the store (attrs 'num_classes', else max label + 1)."""
     global_batch_size: int = 32
-    steps: int = 1000
+    steps: int = field(default=1000, metadata=HORIZON)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -73,29 +58,29 @@ class DiffusionTrainConfig:
     normalize: str = "scaling_factor"
     flip: bool = True
     shuffle_chunks: int = 4
-    num_workers: int = 0
-    prefetch_batches: int = 2
+    num_workers: int = field(default=0, metadata=OPERATIONAL)
+    prefetch_batches: int = field(default=2, metadata=OPERATIONAL)
     """Batches fetched ahead by a background thread while the step runs (>= 1)."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = field(default=1, metadata=OPERATIONAL)
     """Micro-batches per optimizer step: each rank's batch is split in this many forward/backward passes (same
     update as the whole batch up to fp rounding; gradients are reduced across ranks once, on the last one)."""
-    hsdp_shard_size: int | None = None
+    hsdp_shard_size: int | None = field(default=None, metadata=OPERATIONAL)
     """Ranks that shard the model (e.g. the GPUs of one node); the world is replicated across
     ``world_size / hsdp_shard_size`` such groups (HSDP, a 2-D mesh). None = shard across all ranks (FSDP)."""
-    async_checkpoint: bool = True
+    async_checkpoint: bool = field(default=True, metadata=OPERATIONAL)
     """Save checkpoints in a background thread (DCP async_save) after staging them to CPU memory; ``latest``
     is written only once the save completed."""
     mixed_precision: str = "bf16"
     """'bf16' (bf16 params, fp32 reduce; GPU only, CPU always runs fp32) or 'fp32'."""
-    activation_checkpointing: bool = False
-    compile: bool = False
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    peak_tflops: float | None = None
+    activation_checkpointing: bool = field(default=False, metadata=OPERATIONAL)
+    compile: bool = field(default=False, metadata=OPERATIONAL)
+    checkpoint_every: int = field(default=1000, metadata=OPERATIONAL)
+    keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
+    log_every: int = field(default=10, metadata=OPERATIONAL)
+    peak_tflops: float | None = field(default=None, metadata=OPERATIONAL)
     """Accelerator peak for MFU; None = looked up for H100/H200/A100 (989/989/312 bf16 dense)."""
-    progress: bool = True
-    cpu_threads: int | None = 1
+    progress: bool = field(default=True, metadata=OPERATIONAL)
+    cpu_threads: int | None = field(default=1, metadata=OPERATIONAL)
     """torch intra-op threads when training on CPU (None = torch's default). Tiny models step 10-40x slower with
     2 threads than with 1 on a busy 2-core machine (bench/RESULTS.md, diffusion section): small ops drown in
     thread synchronisation. Ignored on GPU."""
@@ -147,6 +132,12 @@ class DiffusionTrainConfig:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, YAML-safe
 
+    def identity(self) -> dict:
+        """The fields that decide what the run computes (``storage.rundir.identity``): neither the operational
+        ones (logging, checkpoint cadence, workers, sharding, compile, ...) nor ``steps`` (the lr schedule does not
+        depend on it, so a longer run continues the shorter one)."""
+        return identity(self, self.to_dict())
+
 
 class NonFiniteLossError(FloatingPointError):
     """Loss or gradient norm became NaN/inf (seen at the next log / checkpoint step); updates with a non-finite
@@ -173,7 +164,7 @@ def _noise_seed(seed: int, rank: int, step: int) -> int:
 
 def store_info(store_url: str, storage_options: dict | None = None) -> dict:
     """What training needs from a latent store: store_id, latent shape, class count, AE pointer."""
-    from storage.latent_store import LatentStore, store_id
+    from storage.latent_store import LatentStore
 
     st = LatentStore.open(store_url, storage_options=storage_options, read_only=True)
     a = st.attrs
@@ -183,8 +174,7 @@ def store_info(store_url: str, storage_options: dict | None = None) -> dict:
     else:
         labels = st.labels()[st.valid()]
         num_classes = int(labels.max()) + 1 if labels.size else 1
-    sid = store_id(a["dataset_fingerprint"], a["ae_fingerprint"], int(a["resolution"]),
-                   a.get("crop", "adm-center"), bool(a.get("flip", False)))
+    sid = st.store_id  # recorded by the store at creation, never recomputed here
     complete = st.is_complete
     stats = st.statistics() if complete else {}
     return {"store_id": sid, "channels": c, "height": h, "width": w, "num_classes": num_classes,
@@ -196,9 +186,8 @@ def store_info(store_url: str, storage_options: dict | None = None) -> dict:
 
 
 def run_id_for(cfg: DiffusionTrainConfig, store_id: str) -> str:
-    """Deterministic run id from the config (runtime-only fields excluded) and the store."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
-    return f"{cfg.model}-{short_id('diffusion-run', d, store_id)}"
+    """Deterministic run id from the config's identity (``DiffusionTrainConfig.identity``) and the store."""
+    return f"{cfg.model}-{short_id('diffusion-run', cfg.identity(), store_id)}"
 
 
 def _flops_per_image(mcfg, tokens: int, params: int, passes: int) -> float:
@@ -338,7 +327,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, store_url: str, run_url: str, *, 
     info = store_info(store_url, storage_options)
     run_id = run_id_for(cfg, info["store_id"])
     target = cfg.steps if max_steps is None else min(cfg.steps, int(max_steps))
-    latest = read_latest(run_url, storage_options)
+    latest = open_run(run_url, storage_options).latest()
     result = {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"]}
     if latest is not None and latest["step"] >= target:
         return {**result, "step": latest["step"], "checkpoint": latest["checkpoint"],
@@ -359,33 +348,15 @@ def train_diffusion(cfg: DiffusionTrainConfig, store_url: str, run_url: str, *, 
             dist.destroy_process_group()
 
 
-def _write_config(cfg, store_url, run_url, info, run_id, mcfg, storage_options) -> None:
-    import yaml
-
+def _write_config(cfg, store_url, run, info, run_id, mcfg) -> None:
+    """config.yaml with the run id as the identity: a run dir of another run is refused (RunMismatchError)."""
     doc = {"run_id": run_id, "store_url": store_url, "store_id": info["store_id"],
            "ae_fingerprint": info["ae_fingerprint"], "ae_url": info["ae_url"], "objective": cfg.objective_name,
            "resolution": info["resolution"],
            "latent_norm": {"mode": cfg.normalize, "scaling_factor": info["scaling_factor"],
                            "channel_mean": info["channel_mean"], "channel_std": info["channel_std"]},
            "model_config": json.loads(json.dumps(dataclasses.asdict(mcfg))), "train": cfg.to_dict()}
-    try:
-        old = read_run_config(run_url, storage_options)
-    except FileNotFoundError:
-        old = None
-    if old is not None and old.get("run_id") != run_id:
-        raise ValueError(f"run dir {run_url!r} belongs to run {old.get('run_id')!r}, not {run_id!r} (config or "
-                         "store differ); use a fresh run dir")
-    write_text(join(run_url, "config.yaml"), yaml.safe_dump(doc, sort_keys=False), storage_options)
-
-
-def _read_metrics(run_url: str, upto: int, storage_options) -> list[dict]:
-    fs, path = url_to_fs(join(run_url, "metrics.jsonl"), storage_options)
-    try:
-        lines = fs.cat_file(path).decode().splitlines()
-    except FileNotFoundError:
-        return []
-    rows = [json.loads(line) for line in lines if line.strip()]
-    return [r for r in rows if r["step"] <= upto]  # rows past the checkpoint are redone after a crash
+    run.claim(run_id, doc)
 
 
 def _train_state_compat(ts: dict) -> dict:
@@ -395,14 +366,6 @@ def _train_state_compat(ts: dict) -> dict:
         ts["data_world_size"] = ts["world_size"]
         ts["gens"] = None  # the old per-step CPU seeding: reseed the device generators
     return ts
-
-
-def _drop_partial_checkpoints(run_url: str, latest_step: int, storage_options) -> None:
-    """Checkpoint dirs newer than ``latest`` are saves a kill interrupted: never complete, delete them."""
-    for s in list_checkpoints(run_url, storage_options):
-        if s > latest_step:
-            fs, path = url_to_fs(checkpoint_url(run_url, s), storage_options)
-            fs.rm(path, recursive=True)
 
 
 def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options) -> dict:
@@ -428,10 +391,11 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                         num_classes=cfg.num_classes or info["num_classes"], **cfg.model_overrides)
     chans = cfg.adt.resolve(c, info["channel_choices"]) if cfg.adt.enabled else [c]
     objective = make_objective(cfg.objective_name)
+    run = open_run(run_url, storage_options)
     if rank == 0:
-        _write_config(cfg, store_url, run_url, info, run_id, mcfg, storage_options)
+        _write_config(cfg, store_url, run, info, run_id, mcfg)
         if latest is not None:
-            _drop_partial_checkpoints(run_url, int(latest["step"]), storage_options)
+            run.drop_partial(int(latest["step"]))
 
     # Same-seed init on every rank, then shard: every rank starts from identical weights.
     torch.manual_seed(cfg.seed)
@@ -473,7 +437,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
         sources.append((q, iter(loader), lo, hi))
     batches = DevicePrefetcher(RankBatches(sources), device, depth=cfg.prefetch_batches)
 
-    metrics = _read_metrics(run_url, start, storage_options) if rank == 0 else []
+    metrics = run.metrics(upto=start) if rank == 0 else []
     tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
     passes = 2 if (cfg.adt.enabled and cfg.adt.include_full) else 1
     flops_img = train_flops_per_image(mcfg, micro, passes)
@@ -489,10 +453,8 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     def publish(step: int) -> None:
         """The checkpoint of ``step`` is complete: metrics, then the pointer last, then pruning."""
         if rank == 0:
-            body = "".join(json.dumps(r) + "\n" for r in metrics if r["step"] <= step)
-            write_text(join(run_url, "metrics.jsonl"), body, storage_options)
-            write_latest(run_url, step, storage_options)
-            prune_checkpoints(run_url, cfg.keep_checkpoints, step, storage_options)
+            run.publish(step, metrics)
+            run.prune(cfg.keep_checkpoints, step)
 
     def finish_pending(wait: bool) -> None:
         if not pending or not (wait or pending[0][1].done()):
@@ -512,7 +474,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 readers[q] = st
         train_state.update(step=step, world_size=ws, data_world_size=dws, readers=readers,
                            gens=[g["gen"] for g in gathered], ranks=None)
-        url = checkpoint_url(run_url, step)
+        url = run.checkpoint_url(step)
         if not cfg.async_checkpoint:
             dcp.save({"app": app}, storage_writer=dcp_writer(url, storage_options))
             dist.barrier()  # every rank's shard is written before the pointer moves
@@ -540,7 +502,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
             f"{where}: the loss or grad norm is not finite (checked every log_every={cfg.log_every} steps and "
             f"before each checkpoint; updates with a non-finite gradient were skipped; the run stopped at step "
             f"{step} without saving). The last good checkpoint "
-            f"is {read_latest(run_url, storage_options) or 'none'}. Lower lr or check the data.")
+            f"is {run.latest() or 'none'}. Lower lr or check the data.")
 
     step, t_log, c_log, n_log = start, time.perf_counter(), time.thread_time(), 0
     acc = torch.zeros(3, device=device)  # loss, grad norm, c' summed over the log window (local)
@@ -621,9 +583,11 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 pass
         if ckpt_group is not None:
             dist.destroy_process_group(ckpt_group)
-    ckpt = checkpoint_url(run_url, step)
-    return {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"], "step": step,
-            "checkpoint": ckpt, "done": step >= cfg.steps}
+    result = {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"], "step": step,
+              "checkpoint": run.checkpoint_url(step), "done": step >= cfg.steps}
+    if rank == 0 and result["done"]:
+        run.finish({**result, "steps": cfg.steps})  # the done marker; more steps later continue the run
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ run pointers
@@ -633,7 +597,7 @@ def latest_checkpoint(run_url: str, storage_options: dict | None = None) -> tupl
     Raises:
         FileNotFoundError: the run has no complete checkpoint yet.
     """
-    ptr = read_latest(run_url, storage_options)
+    ptr = open_run(run_url, storage_options).latest()
     if ptr is None:
         raise FileNotFoundError(f"diffusion run {run_url!r} has no 'latest' checkpoint pointer yet")
     return int(ptr["step"]), ptr["checkpoint"]
@@ -643,8 +607,8 @@ def save_config(cfg: DiffusionTrainConfig, run_url: str, storage_options: dict |
     """Write ``cfg`` as ``<run_url>/train.yaml`` (what ``--config`` reads under torchrun); returns its URL."""
     import yaml
 
-    url = join(run_url, "train.yaml")
-    write_text(url, yaml.safe_dump(cfg.to_dict(), sort_keys=False), storage_options)
+    url = open_run(run_url, storage_options).child("train.yaml")
+    write_atomic(url, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), storage_options)
     return url
 
 
@@ -678,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict:
     if run_url is None:
         if "root_url" not in doc:
             raise ValueError(f"{args.config}: give 'run_url' or 'root_url' (or --run)")
-        run_url = join(doc["root_url"], "runs", "diffusion", run_id_for(cfg, store_info(store_url, opts)["store_id"]))
+        run_url = Root(doc["root_url"]).diffusion_run(run_id_for(cfg, store_info(store_url, opts)["store_id"]))
     out = train_diffusion(cfg, store_url, run_url, max_steps=args.max_steps, storage_options=opts)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(out))

@@ -1,4 +1,5 @@
-"""Small helpers shared by the metrics modules: atomic JSON / npz / bytes objects at fsspec URLs."""
+"""Small helpers shared by the metrics modules: JSON / npz objects at fsspec URLs, written with the project's one
+atomic write (``storage.urls.write_atomic``)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from storage.urls import exists, join, put_atomic, read_bytes, url_to_fs
+from storage.urls import exists, join, read_bytes, url_to_fs, write_atomic
 
-__all__ = ["exists", "join", "url_to_fs", "write_bytes_atomic", "write_json_atomic", "read_json", "write_npz", "read_npz"]
-
-
-def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write ``data`` so that readers see the whole object or nothing (rename locally; one PUT on object stores)."""
-    fs, path = url_to_fs(url, storage_options)
-    if "/" in path.strip("/"):
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    put_atomic(fs, path, data)
+__all__ = ["exists", "join", "url_to_fs", "write_atomic", "write_json_atomic", "read_json", "write_npz", "read_npz"]
 
 
 def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -> None:
     """Atomically write ``obj`` as indented JSON."""
-    write_bytes_atomic(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
+    write_atomic(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
 
 
 def read_json(url: str, storage_options: dict | None = None) -> Any:
@@ -35,7 +28,7 @@ def write_npz(url: str, storage_options: dict | None = None, **arrays: np.ndarra
     """Atomically write arrays as an uncompressed npz."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    write_bytes_atomic(url, buf.getvalue(), storage_options)
+    write_atomic(url, buf.getvalue(), storage_options)
 
 
 def read_npz(url: str, storage_options: dict | None = None) -> dict[str, np.ndarray]:

@@ -316,7 +316,7 @@ def proxy_extractor(
         buf = io.BytesIO()
         torch.save({"config": dataclasses.asdict(cfg), "num_classes": info["num_classes"],
                     "state_dict": net.state_dict()}, buf)
-        _io.write_bytes_atomic(model_url, buf.getvalue(), storage_options)
+        _io.write_atomic(model_url, buf.getvalue(), storage_options)
         info.update(dataset_url=str(dataset_url), dataset_fingerprint=dataset_fp, config=dataclasses.asdict(cfg),
                     class_names=list(class_names), weights_sha256=_bytes_hash(buf.getvalue()))
         _io.write_json_atomic(info_url, info, storage_options)  # completion marker, last

@@ -155,7 +155,7 @@ def append_results(table_url: str, rows: Sequence[Mapping[str, Any]], *, storage
         raise ValueError(f"part_id must be letters, digits and dashes, got {part_id!r}")
     name = part_id or f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}"
     url = _io.join(table_url, f"part-{name}.parquet")
-    _io.write_bytes_atomic(url, buf.getvalue(), storage_options)
+    _io.write_atomic(url, buf.getvalue(), storage_options)
     return url
 
 
@@ -286,7 +286,7 @@ def plot_results(table_url: str, out_url: str, *, references: Mapping[str, Mappi
         plt.close(fig)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in extractor)
         url = _io.join(out_url, f"results-{safe}.png")
-        _io.write_bytes_atomic(url, buf.getvalue(), storage_options)
+        _io.write_atomic(url, buf.getvalue(), storage_options)
         urls.append(url)
     return urls
 

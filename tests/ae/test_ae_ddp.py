@@ -49,7 +49,7 @@ def test_two_gloo_ranks_equal_one_process_and_resume_exactly(shapes_dataset, tmp
     # DataLoader workers (fork: no threads in a torchrun child) on the 2-rank runs; operational, same run identity
     _torchrun(tmp_path, shapes_dataset, str(tmp_path / "two"), num_workers=1, loader_context="fork")
     _torchrun(tmp_path, shapes_dataset, str(tmp_path / "resumed"), stop_at=2)
-    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "step-0000002.pt"
+    assert json.loads((tmp_path / "resumed" / "latest").read_text()) == {"step": 2, "checkpoint": "checkpoints/step-0000002.pt"}
     assert not (tmp_path / "resumed" / "done.json").exists()
     import shutil
 

@@ -53,7 +53,7 @@ def test_resume_gives_identical_weights(shapes_dataset, tmp_path):
     straight = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "a"))
     part = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "b"), stop_at=3)
     assert part == {**part, "finished": False, "step": 3}
-    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-0000003.pt"
+    assert json.loads((tmp_path / "b" / "latest").read_text()) == {"step": 3, "checkpoint": "checkpoints/step-0000003.pt"}
     resumed = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "b"))
     assert resumed["fingerprint"] == straight["fingerprint"]
     strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "sec"}  # noqa: E731

@@ -109,21 +109,32 @@ class RunDir:
         raw = self._read_or_none(_CONFIG)
         return None if raw is None else yaml.safe_load(raw)
 
-    def claim(self, ident: str, doc: dict[str, Any]) -> None:
-        """Write ``config.yaml`` (``doc`` + ``identity``) unless the directory belongs to another run.
+    def check(self, ident: str) -> None:
+        """Refuse a directory started by a run of another identity (a new or empty directory passes).
 
         Raises:
-            RunMismatchError: the directory was started by a run of another identity.
+            RunMismatchError: naming both identities and what to do.
         """
-        import yaml
-
         old = self.config()
         if old is not None and old.get("identity") != ident:
             raise RunMismatchError(
                 f"{self.kind} run directory {self.url} belongs to another run (identity {old.get('identity')!r}, "
                 f"this run's is {ident!r}): a different config or input changes its result. Use a fresh run "
                 "directory, or the original config (only operational fields and steps may change on resume)")
-        self.write(yaml.safe_dump({"identity": ident, **doc}, sort_keys=False).encode(), _CONFIG)
+
+    def claim(self, ident: str, doc: dict[str, Any]) -> None:
+        """Write ``config.yaml`` (``doc`` + ``identity``; only when it changed) unless the directory belongs to
+        another run. The same identity may record other operational fields or steps.
+
+        Raises:
+            RunMismatchError: the directory was started by a run of another identity.
+        """
+        import yaml
+
+        self.check(ident)
+        body = yaml.safe_dump({"identity": ident, **doc}, sort_keys=False).encode()
+        if self._read_or_none(_CONFIG) != body:  # a finished run resumed with the same config is not touched
+            self.write(body, _CONFIG)
 
     # -- checkpoints and the latest pointer
     def checkpoint_name(self, step: int) -> str:

@@ -65,6 +65,8 @@ def glob(url_pattern: str, storage_options: dict | None = None) -> list[str]:
     """The URLs matching a glob pattern under any filesystem, sorted (``<root>/runs/diffusion/*``)."""
     fs, pattern = url_to_fs(url_pattern, storage_options)
     prefix = scheme_prefix(url_pattern)
+    if prefix and not os.fspath(url_pattern).split("://", 1)[1].startswith("/"):
+        return sorted(prefix + p.lstrip("/") for p in fs.glob(pattern))  # memory:// paths come back as "/x/..."
     return sorted(prefix + p for p in fs.glob(pattern))
 
 

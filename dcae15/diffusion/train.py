@@ -327,7 +327,9 @@ def train_diffusion(cfg: DiffusionTrainConfig, store_url: str, run_url: str, *, 
     info = store_info(store_url, storage_options)
     run_id = run_id_for(cfg, info["store_id"])
     target = cfg.steps if max_steps is None else min(cfg.steps, int(max_steps))
-    latest = open_run(run_url, storage_options).latest()
+    run = open_run(run_url, storage_options)
+    run.check(run_id)  # before anything else: a finished run of another config must not be returned as this one
+    latest = run.latest()
     result = {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"]}
     if latest is not None and latest["step"] >= target:
         return {**result, "step": latest["step"], "checkpoint": latest["checkpoint"],

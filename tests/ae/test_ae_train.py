@@ -147,3 +147,32 @@ def test_dataloader_workers_feed_the_same_batches(shapes_dataset, tmp_path):
     a = train_autoencoder(AETrainConfig(**kw), shapes_dataset, str(tmp_path / "a"))
     b = train_autoencoder(AETrainConfig(**kw, num_workers=2, prefetch_factor=2), shapes_dataset, str(tmp_path / "b"))
     assert a["fingerprint"] == b["fingerprint"] and a["config_fingerprint"] == b["config_fingerprint"]
+
+
+def test_operational_fields_and_more_steps_continue_the_same_run(shapes_dataset, tmp_path):
+    """One identity rule: a phase changed only in operational fields (name, logging, checkpoint cadence, loader)
+    and in steps gets the same run directory from the recipe's run id, and the trainer continues the finished
+    shorter run from its last checkpoint: the result equals one uninterrupted run of the longer config."""
+    from dcae15.ae.recipe import chain_fingerprints, phase_run_url
+    from storage.shards import open_dataset
+
+    base = dict(preset="tiny-f8c32", batch_size=4, lr=1e-3, perceptual="none", ema_decay=0.9, progress=False)
+    short = AETrainConfig(**base, name="short", steps=2, log_every=1, checkpoint_every=1, keep_checkpoints=1)
+    longer = AETrainConfig(**base, name="longer", steps=4, log_every=2, checkpoint_every=3, keep_checkpoints=3,
+                           prefetch=False, device="cpu")
+    fp = str(open_dataset(shapes_dataset).fingerprint)
+    run_of = lambda cfg: phase_run_url(str(tmp_path / "root"), chain_fingerprints([cfg], fp)[0])  # noqa: E731
+    assert run_of(short) == run_of(longer)
+    assert run_of(AETrainConfig(**{**base, "lr": 2e-3}, steps=2)) != run_of(short)  # a result field: another run
+    cosine = dict(base, schedule="cosine")  # the cosine schedule depends on steps: there steps is identity
+    assert run_of(AETrainConfig(**cosine, steps=2)) != run_of(AETrainConfig(**cosine, steps=4))
+
+    first = train_autoencoder(short, shapes_dataset, run_of(short))
+    assert first["finished"] and first["steps"] == 2
+    resumed = train_autoencoder(longer, shapes_dataset, run_of(longer))
+    straight = train_autoencoder(longer, shapes_dataset, str(tmp_path / "straight"))
+    assert resumed["finished"] and resumed["steps"] == 4 and resumed["run_url"] == first["run_url"]
+    assert resumed["fingerprint"] == straight["fingerprint"] != first["fingerprint"]
+    rows = [json.loads(line) for line in open(f"{resumed['run_url']}/metrics.jsonl").read().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 4]  # the short run's rows kept, then the longer run's cadence
+    assert train_autoencoder(short, shapes_dataset, run_of(short)) == resumed  # fewer steps: the finished run

@@ -108,3 +108,24 @@ def test_two_backbones_share_one_store(latent_store, tmp_path):
         DiffusionTrainConfig(global_batch_size=0)
     with pytest.raises(ValueError, match="unknown model preset"):
         DiffusionTrainConfig(model="DiT-huge")
+
+
+def test_operational_fields_and_more_steps_continue_the_same_run(latent_store, tmp_path):
+    """One identity rule: a config changed only in operational fields (checkpoint cadence, logging, prefetch,
+    async saves) and in steps has the flows' run id (``run_id_for``) of the shorter run, and the trainer continues
+    the finished run exactly as one uninterrupted run of the longer config."""
+    from dcae15.diffusion.train import run_id_for, store_info
+
+    sid = store_info(latent_store)["store_id"]
+    short = _cfg(steps=2, checkpoint_every=1, keep_checkpoints=1, async_checkpoint=False, prefetch_batches=1)
+    longer = _cfg(steps=4, checkpoint_every=3, keep_checkpoints=3, async_checkpoint=True, prefetch_batches=2)
+    assert run_id_for(short, sid) == run_id_for(longer, sid) != run_id_for(_cfg(steps=2, lr=2e-3), sid)
+    run, straight = str(tmp_path / run_id_for(short, sid)), str(tmp_path / "straight")
+    assert train_diffusion(short, latent_store, run)["done"]
+    out = train_diffusion(longer, latent_store, run)
+    assert out["step"] == 4 and out["done"] and out["run_id"] == run_id_for(short, sid)
+    train_diffusion(longer, latent_store, straight)
+    _assert_same_run(run, straight, 4)
+    assert json.loads(Path(run, "done.json").read_text())["steps"] == 4
+    with pytest.raises(ValueError, match="belongs to another run"):  # the identity check of the run directory
+        train_diffusion(_cfg(steps=2, lr=2e-3), latent_store, run)

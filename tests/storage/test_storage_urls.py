@@ -58,3 +58,34 @@ def test_network_guard_blocks_non_loopback():
 
     with socket.socket() as s, pytest.raises(ConnectionRefusedError, match="blocked"):
         s.connect(("93.184.216.34", 80))
+
+
+def test_local_scheme_means_a_local_path_everywhere(tmp_path, monkeypatch):
+    """``local://x``, ``file://x`` and ``x`` are one local path for every URL test (storage, flows' root and result
+    storage, figure links); ``s3://`` / ``memory://`` are remote."""
+    from flows.env import local_root, prefect_home_for
+    from storage.urls import local_path, scheme_prefix
+
+    monkeypatch.chdir(tmp_path)
+    spellings = ["rel/root", "local://rel/root", "file://rel/root", str(tmp_path / "rel" / "root")]
+    want = str(tmp_path / "rel" / "root")
+    for url in spellings:
+        assert is_local(url) and local_path(url) == want and scheme_prefix(url) == ""
+        assert url_to_fs(url)[1] == want and local_root(url) == want
+        assert prefect_home_for(url) == tmp_path / "rel" / "root" / ".prefect"
+    for url in ("s3://b/p", "memory://m/p"):
+        assert not is_local(url) and scheme_prefix(url) == url.split("//")[0] + "//" and local_root(url) == url
+        with pytest.raises(ValueError, match="not a local path"):
+            local_path(url)
+
+
+def test_write_atomic_and_glob_keep_the_scheme(tmp_path):
+    from storage.urls import glob, read_bytes, write_atomic
+
+    for base in (f"local://{tmp_path}/w", "memory://urls-test/w"):
+        write_atomic(join(base, "a", "x.json"), b"1")
+        write_atomic(join(base, "b", "x.json"), b"2")
+        found = glob(join(base, "*", "x.json"))
+        assert [read_bytes(u) for u in found] == [b"1", b"2"]
+        assert all(u.startswith("memory://") for u in found) or all(not u.startswith("memory") for u in found)
+    assert not list((tmp_path / "w").rglob("*.partial"))

@@ -158,9 +158,9 @@ def _run(args: argparse.Namespace) -> Any:
     from flows.pipeline import pipeline
     from flows.prepare import prepare_images
     from flows.sample import sample
-    from storage.urls import join
+    from storage.layout import Root
 
-    storage = result_storage_for(args.results or join(root, "prefect-results"))
+    storage = result_storage_for(args.results or Root(root).prefect_results())
     config = {**cfg.to_dict(), "root": root}
 
     def call(flow_obj: Any, **kw: Any) -> Any:

@@ -44,13 +44,13 @@ def pack_images(root: str, data: dict[str, Any], where: dict[str, Any] | None = 
     the fingerprint are the same whatever runs them.
     """
     where = where or {"workers": 1, "scheduler": None, "read_threads": 16}
-    from storage import shards, synthetic, urls
+    from storage import shards, synthetic
     from storage.layout import Root
 
     log = get_run_logger()
     src = data["source"]
     if src is None:
-        src = urls.join(root, "raw", data["name"])
+        src = Root(root).raw_images(data["name"])
         log.info("generating the shapes dataset into %s (%s)", src, data["synthetic"])
         synthetic.make_shapes_dataset(src, **data["synthetic"])
     dst = Root(root).dataset(data["name"])

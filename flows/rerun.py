@@ -75,9 +75,9 @@ def record_key(command: str, config: dict[str, Any], extra: dict[str, Any] | Non
 
 
 def _record_url(root: str, key: str) -> str:
-    from storage.urls import join
+    from storage.layout import Root
 
-    return join(root, ".dcae15", "reruns", f"{key}.json")
+    return Root(root).rerun_record(key)
 
 
 def _validators() -> dict[str, Callable[[dict[str, Any]], str | None]]:

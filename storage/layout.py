@@ -10,6 +10,9 @@
     <root>/eval/results/                   results table (parquet parts)
     <root>/eval/figures/<name>.png         per-run figures; results plots directly under eval/
     <root>/eval/ae/<ae fingerprint>/       reconstruction metrics and figures of an autoencoder
+    <root>/raw/<dataset name>/             the generated demo images before packing
+    <root>/prefect-results/                Prefect's persisted task results (default of ``--results``)
+    <root>/.dcae15/reruns/<key>.json       stage pointers of a finished command (the cached rerun without Prefect)
 
 Ids are computed by their owners (``storage.latent_store.store_id``, ``dcae15.diffusion.train.run_id_for``,
 ``dcae15.ae.recipe.chain_fingerprints``); this module only places them. Every address is a URL string under
@@ -71,6 +74,17 @@ class Root:
     def ae_eval(self, ae_fingerprint: str) -> str:
         """Reconstruction metrics and figures of one autoencoder."""
         return join(self.url, _EVAL, "ae", _name(ae_fingerprint, "AE fingerprint"))
+
+    def raw_images(self, name: str) -> str:
+        """Where the demo's generated class-folder images are written before packing."""
+        return join(self.url, "raw", _name(name, "dataset name"))
+
+    def prefect_results(self) -> str:
+        return join(self.url, "prefect-results")
+
+    def rerun_record(self, key: str) -> str:
+        """The pointers of a finished command (``flows.rerun``)."""
+        return join(self.url, ".dcae15", "reruns", f"{_name(key, 'rerun key')}.json")
 
     # -- what is there (URLs, sorted)
     def datasets(self) -> list[str]:

@@ -23,7 +23,9 @@ def test_addresses_under_any_root():
         assert at.sample_store("q") == f"{base}/samples/q"
         assert at.results() == f"{base}/eval/results" and at.eval() == f"{base}/eval"
         assert at.figure("r_loss.png") == f"{base}/eval/figures/r_loss.png"
-        assert at.ae_eval("fp") == f"{base}/eval/ae/fp"
+        assert at.ae_eval("fp") == f"{base}/eval/ae/fp" and at.raw_images("shapes") == f"{base}/raw/shapes"
+        assert at.prefect_results() == f"{base}/prefect-results"
+        assert at.rerun_record("k") == f"{base}/.dcae15/reruns/k.json"
     for bad in ("", "a/b", "..", "."):
         with pytest.raises(ValueError, match="one non-empty path component"):
             Root("/r").latent_store(bad)
@@ -48,7 +50,8 @@ def test_listings_find_what_the_addresses_name(tmp_path):
 def test_no_other_code_spells_the_root_folders():
     """flows/, dcae15/ and storage/ address the root's folders only through storage.layout (docstrings aside)."""
     pattern = re.compile(r"""join\([^)]*["'](data|latents|samples|eval|runs)["']|["']runs/(ae|diffusion)"""
-                         r"""|}/(data|latents|samples|eval|runs)\b|\(["']eval["'], ["']runs["']\)""")
+                         r"""|}/(data|latents|samples|eval|runs)\b|\(["']eval["'], ["']runs["']\)"""
+                         r"""|["'](raw|prefect-results|\.dcae15)["']""")
     offenders = []
     for pkg in ("flows", "dcae15", "storage"):
         for path in sorted((REPO / pkg).rglob("*.py")):

@@ -116,6 +116,10 @@ class RunDir:
             RunMismatchError: naming both identities and what to do.
         """
         old = self.config()
+        if old is not None and "identity" not in old:
+            raise RunMismatchError(
+                f"{self.kind} run directory {self.url} has a config.yaml without an identity: it was written by an "
+                "older dcae15, whose run folders are not readable. Use a fresh run directory (or another root)")
         if old is not None and old.get("identity") != ident:
             raise RunMismatchError(
                 f"{self.kind} run directory {self.url} belongs to another run (identity {old.get('identity')!r}, "

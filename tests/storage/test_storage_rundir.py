@@ -38,6 +38,10 @@ def test_run_directory_protocol(tmp_path, where):
     assert run.config() == {"identity": "id-1", "config": {"lr": 1, "log_every": 5}}
     with pytest.raises(RunMismatchError, match="belongs to another run .*'id-1'.*'id-2'.*fresh run directory"):
         run.claim("id-2", {})
+    legacy = RunDir(f"{url}-old")
+    legacy.write(b"config: {}\n", "config.yaml")  # a run folder of an older dcae15 (no identity recorded)
+    with pytest.raises(RunMismatchError, match="older dcae15.*fresh run directory"):
+        legacy.claim("id-1", {})
     rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)]
     for step in (2, 4, 6):
         run.write(b"payload", "checkpoints", run.checkpoint_name(step))

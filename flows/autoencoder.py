@@ -74,7 +74,10 @@ def _train_torchrun(cfg: Any, dataset_url: str, run_url: str, launch: dict[str, 
                            nnodes=launch["nnodes"], extra=launch["torchrun_args"])
     log.info("launching %s", " ".join(cmd))
     run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))
-    return RunDir(run_url).done()
+    done = RunDir(run_url).done()
+    if done is None:
+        raise RuntimeError(f"torchrun exited without finishing {run_url} (no done.json); rerun to resume it")
+    return done
 
 
 @flow(name="train_autoencoder", flow_run_name=names.autoencoder_name)

@@ -62,3 +62,13 @@ def test_no_other_code_spells_the_root_folders():
                 if pattern.search(code) and "``" not in code:
                     offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_no_other_code_parses_url_schemes():
+    """Whether a URL is local or remote is decided by storage.urls alone (``local://`` means one thing)."""
+    pattern = re.compile(r"""["']://["']|startswith\(["'](file|s3|memory|local)|removeprefix\(["']file""")
+    offenders = [f"{path.relative_to(REPO)}:{i}"
+                 for pkg in ("flows", "dcae15", "storage") for path in sorted((REPO / pkg).rglob("*.py"))
+                 if path.relative_to(REPO).as_posix() != "storage/urls.py"
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line.split("#", 1)[0])]
+    assert not offenders, offenders

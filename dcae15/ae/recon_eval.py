@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from dcae15.ae.model import StructuredAutoencoder
-from dcae15.metrics.image_quality import LPIPSMetric, psnr, ssim, to_uint8
+from dcae15.metrics.image_quality import LPIPSMetric, psnr, ssim
+from dcae15.pixels import to_uint8, to_uint8_nhwc
 
 __all__ = ["ReconEvalConfig", "default_eval_channels", "evaluate_reconstruction", "format_table"]
 
@@ -205,7 +206,7 @@ class _Scorer:
                     if feat_net is not None:
                         fake_g[c].add(_features(feat_net, to_uint8(y)))
                     if grid is not None and c not in grid["y"]:
-                        grid["y"][c] = to_uint8(y[: cfg.grid_images]).permute(0, 2, 3, 1).cpu().numpy()
+                        grid["y"][c] = to_uint8_nhwc(y[: cfg.grid_images])
                 count += len(images)
                 bar.update(len(images))
         bar.close()

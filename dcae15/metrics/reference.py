@@ -26,7 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dcae15.metrics import _io
-from dcae15.metrics.fidelity import FeatureExtractorSpec
+from dcae15.metrics.extractor import FeatureExtractorSpec
+from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint, default_cache_url
+from storage.fingerprint import short_id
 
 __all__ = [
     "FORMAT_VERSION",
@@ -105,8 +107,6 @@ class ReferenceStats:
 
 
 def _key(dataset_fp: str, extractor: FeatureExtractorSpec, cfg: ReferenceConfig) -> str:
-    from storage.fingerprint import short_id
-
     return short_id(dataset_fp, extractor.fingerprint, extractor.layers["fid"], cfg.key_fields())
 
 
@@ -115,8 +115,6 @@ def reference_url(
     dataset_fp: str | None = None, storage_options: dict | None = None,
 ) -> str:
     """The URL of the reference for these inputs (whether or not it exists yet)."""
-    from dcae15.metrics.inputs import dataset_fingerprint, default_cache_url
-
     fp = dataset_fp or dataset_fingerprint(dataset_url, storage_options)
     base = cache_url or default_cache_url(dataset_url, storage_options)
     return _io.join(base, "reference", f"{extractor.label}-{cfg.resolution}px-{_key(fp, extractor, cfg)}")
@@ -198,8 +196,6 @@ def reference_stats(
         cache_url: where references live; default next to the data (``<dataset>/eval`` or ``<folder>.eval``).
         num_workers: decoding processes; None = ``default_workers`` (one per core up to 8 for large datasets).
     """
-    from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint
-
     cfg = ReferenceConfig(resolution=resolution, max_samples=max_samples, num_features=num_features, seed=seed,
                           block_size=block_size)
     fp = dataset_fingerprint(dataset_url, storage_options)

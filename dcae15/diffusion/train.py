@@ -32,7 +32,7 @@ from storage.fingerprint import fingerprint, short_id
 from storage.urls import join, url_to_fs
 
 __all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
-           "latest_checkpoint", "save_config", "lr_at", "ema_decay_at", "train_flops_per_image", "make_optimizer",
+           "latest_checkpoint", "lr_at", "ema_decay_at", "train_flops_per_image", "make_optimizer",
            "main"]
 
 # Fields that change neither the math nor the data order: left out of the run id so a resubmission with more
@@ -639,22 +639,13 @@ def latest_checkpoint(run_url: str, storage_options: dict | None = None) -> tupl
     return int(ptr["step"]), ptr["checkpoint"]
 
 
-def save_config(cfg: DiffusionTrainConfig, run_url: str, storage_options: dict | None = None) -> str:
-    """Write ``cfg`` as ``<run_url>/train.yaml`` (what ``--config`` reads under torchrun); returns its URL."""
-    import yaml
-
-    url = join(run_url, "train.yaml")
-    write_text(url, yaml.safe_dump(cfg.to_dict(), sort_keys=False), storage_options)
-    return url
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> dict:
     """``python -m dcae15.diffusion.train --config run.yaml`` (also under ``torchrun --nproc_per_node N``).
 
     run.yaml is either a full run file (``store_url``, ``run_url`` or ``root_url``, optional
     ``storage_options``, and ``train:`` with DiffusionTrainConfig fields) or just the DiffusionTrainConfig fields
-    (as written by ``save_config``) with ``--store`` and ``--run`` given. With ``root_url`` the run dir is
+    (e.g. ``yaml.safe_dump(cfg.to_dict())``) with ``--store`` and ``--run`` given. With ``root_url`` the run dir is
     ``<root>/runs/diffusion/<run_id>``.
     """
     import yaml

@@ -27,12 +27,14 @@ from dcae15.diffusion.checkpoint import (
     write_text,
 )
 from dcae15.diffusion.objectives import make_objective
+from dcae15.ema import EMA, decay_at
+from dcae15.lr_schedule import lr_at
 from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
 from storage.fingerprint import fingerprint, short_id
 from storage.urls import join, url_to_fs
 
 __all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
-           "latest_checkpoint", "lr_at", "ema_decay_at", "train_flops_per_image", "make_optimizer",
+           "latest_checkpoint", "train_flops_per_image", "make_optimizer",
            "main"]
 
 # Fields that change neither the math nor the data order: left out of the run id so a resubmission with more
@@ -154,17 +156,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
-def lr_at(cfg: DiffusionTrainConfig, step: int) -> float:
-    """Learning rate for the update that produces ``step + 1``: linear warm-up, then constant."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
-
-
-def ema_decay_at(cfg: DiffusionTrainConfig, step: int) -> float:
-    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
-
-
 def _noise_seed(seed: int, rank: int, step: int) -> int:
     """Seed of a rank's device generator (noise, timesteps, label dropout, c') when started at ``step``: its state
     is checkpointed, so it is reseeded only at the start of a run or when the world size changed."""
@@ -411,7 +402,6 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     from tqdm.auto import tqdm
 
     from dcae15.diffusion.data import DevicePrefetcher, RankBatches, layout_ranks
-    from dcae15.diffusion.ema import ShardedEMA
     from dcae15.parallel import apply_parallelism, make_mesh
     from storage.reader import LatentStreamDataset
 
@@ -442,7 +432,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     model.train()
     optimizer = make_optimizer(model, cfg)
     # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
-    ema = ShardedEMA(model)
+    ema = EMA(model)
     train_state: dict = {"step": 0, "world_size": ws, "data_world_size": ws, "readers": None, "gens": None}
     app = _AppState(model, optimizer, ema.shadow, train_state)
     # The noise / timestep / dropout / c' generator lives on the device (no host draws, no copies); its state
@@ -573,10 +563,10 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 loss += part.detach()
             gnorm = _clip_and_guard(model, optimizer, max_norm)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(cfg, step)
+                g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            ema.update(ema_decay_at(cfg, step))
+            ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup))
             # Device-side bookkeeping, read every log_every steps (no per-step host sync).
             step_dev += 1
             stats = torch.stack([loss, gnorm.float(), cprime.float().mean()])
@@ -594,7 +584,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t_log
                 img_s = n_log * cfg.global_batch_size / dt
-                row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m, "lr": lr_at(cfg, step - 1),
+                row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m, "lr": lr_at(step - 1, cfg.lr, warmup_steps=cfg.warmup_steps),
                        "c_prime": cp_m, "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time(),
                        # CPU time of the training thread per step: its host work on a GPU (must stay below the
                        # step time), everything on CPU; unlike img_per_s, blind to other processes' load

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +32,21 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _input_grid_png(originals: np.ndarray, columns: Sequence[tuple[str, Callable]], title: str) -> bytes:
+    """One row per image: the input, then one column per ``(heading, draw)``; ``draw(ax, i)`` fills row i's cell."""
+    fig, axes = _figure(len(originals), 1 + len(columns))
+    for i, img in enumerate(originals):
+        axes[i, 0].imshow(img)
+        for j, (_, draw) in enumerate(columns, 1):
+            draw(axes[i, j], i)
+    axes[0, 0].set_title("input", fontsize=8)
+    for j, (heading, _) in enumerate(columns, 1):
+        axes[0, j].set_title(heading, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
 def recon_grid_png(originals: np.ndarray, recons: Mapping[int, np.ndarray], title: str = "") -> bytes:
     """Figure 3: one row per image — the original, then its reconstruction from the first c' channels per column.
 
@@ -39,18 +54,8 @@ def recon_grid_png(originals: np.ndarray, recons: Mapping[int, np.ndarray], titl
         originals: uint8 [n,H,W,3].
         recons: c' -> uint8 [n,H,W,3].
     """
-    cols = sorted(recons)
-    fig, axes = _figure(len(originals), 1 + len(cols))
-    for i, img in enumerate(originals):
-        axes[i, 0].imshow(img)
-        for j, c in enumerate(cols, 1):
-            axes[i, j].imshow(recons[c][i])
-    axes[0, 0].set_title("input", fontsize=8)
-    for j, c in enumerate(cols, 1):
-        axes[0, j].set_title(f"first {c} ch", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    return _input_grid_png(
+        originals, [(f"first {c} ch", lambda ax, i, c=c: ax.imshow(recons[c][i])) for c in sorted(recons)], title)
 
 
 def channel_mean_png(originals: np.ndarray, latents: np.ndarray, channels: Sequence[int], title: str = "") -> bytes:
@@ -59,17 +64,11 @@ def channel_mean_png(originals: np.ndarray, latents: np.ndarray, channels: Seque
     Args:
         originals: uint8 [n,H,W,3]; latents: float [n,c,h,w] (unscaled); channels: the c' columns.
     """
-    fig, axes = _figure(len(originals), 1 + len(channels))
-    for i, img in enumerate(originals):
-        axes[i, 0].imshow(img)
-        for j, c in enumerate(channels, 1):
-            axes[i, j].imshow(latents[i, :c].mean(axis=0), cmap="viridis", interpolation="nearest")
-    axes[0, 0].set_title("input", fontsize=8)
-    for j, c in enumerate(channels, 1):
-        axes[0, j].set_title(f"mean ch 1..{c}", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    def mean(ax, i, c):
+        ax.imshow(latents[i, :c].mean(axis=0), cmap="viridis", interpolation="nearest")
+
+    return _input_grid_png(
+        originals, [(f"mean ch 1..{c}", lambda ax, i, c=c: mean(ax, i, c)) for c in channels], title)
 
 
 def metric_curve_png(channels: Sequence[int], values: Sequence[float], *, metric: str = "PSNR (dB)",

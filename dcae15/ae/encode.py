@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dcae15.ae.model import StructuredAutoencoder
+from dcae15.pixels import from_uint8_nhwc
 
 __all__ = ["CROP", "COMPUTE_DTYPES", "prepare_store", "encode_units", "encode_images", "load_encoder",
            "encoder_loads", "encode_stats", "store_channel_choices", "resolve_dtype", "visible_gpus", "local_device_indices",
@@ -292,7 +293,7 @@ def encode_images(ae: StructuredAutoencoder | torch.nn.Module, images: np.ndarra
 
     ``ae`` is a StructuredAutoencoder or its bare encoder; ``dtype='bfloat16'`` runs it under bf16 autocast.
     """
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = from_uint8_nhwc(torch.from_numpy(np.ascontiguousarray(images)).to(device))
     if flip:
         x = x.flip(-1)
     with _autocast(device, dtype):
@@ -308,7 +309,7 @@ def _encode_batch(encoder: torch.nn.Module, images: np.ndarray, device: torch.de
     x = torch.from_numpy(images)
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    x = from_uint8_nhwc(x)
     n = x.shape[0]
     if flip:
         x = torch.cat([x, x.flip(-1)])

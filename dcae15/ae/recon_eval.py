@@ -11,7 +11,7 @@ import torch
 
 from dcae15.ae.model import StructuredAutoencoder
 from dcae15.metrics.image_quality import LPIPSMetric, psnr, ssim
-from dcae15.pixels import to_uint8, to_uint8_nhwc
+from dcae15.pixels import from_uint8_nhwc, to_uint8, to_uint8_nhwc
 
 __all__ = ["ReconEvalConfig", "default_eval_channels", "evaluate_reconstruction", "format_table"]
 
@@ -191,7 +191,7 @@ class _Scorer:
                 images = images[np.asarray(valid, bool)][: cfg.num_images - count]
                 if not len(images):
                     continue
-                x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+                x = from_uint8_nhwc(torch.from_numpy(images).to(device))
                 z = ae.encode(x)
                 if real_g is not None:
                     real_g.add(_features(feat_net, to_uint8(x)))

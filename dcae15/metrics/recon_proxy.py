@@ -13,7 +13,7 @@ from dcae15.metrics.extractor import FeatureExtractorSpec
 from dcae15.metrics.fidelity import generation_metrics
 from dcae15.metrics.inputs import load_labelled_images
 from dcae15.metrics.proxy import ProxyConfig, class_accuracy, held_out_split, load_proxy_net
-from dcae15.pixels import to_uint8_nhwc
+from dcae15.pixels import from_uint8_nhwc, to_uint8_nhwc
 
 __all__ = ["reconstruction_class_check"]
 
@@ -40,7 +40,7 @@ def reconstruction_class_check(ae_url: str, dataset_url: str, spec: FeatureExtra
     ae = StructuredAutoencoder.from_pretrained(ae_url, storage_options=storage_options).eval()
     recon = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = from_uint8_nhwc(images[i:i + batch_size])
         y = ae.decode(ae.encode(x))
         recon.append(to_uint8_nhwc(y))
     recon = np.concatenate(recon)

@@ -3,33 +3,22 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from dcae15.figures import png_bytes, pyplot
 
 __all__ = ["recon_grid_png", "channel_mean_png", "metric_curve_png"]
 
 
 def _figure(rows: int, cols: int, cell: float = 1.6):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell), squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     return fig, axes
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _input_grid_png(originals: np.ndarray, columns: Sequence[tuple[str, Callable]], title: str) -> bytes:
@@ -44,7 +33,7 @@ def _input_grid_png(originals: np.ndarray, columns: Sequence[tuple[str, Callable
         axes[0, j].set_title(heading, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    return png_bytes(fig, dpi=110, tight=True)
 
 
 def recon_grid_png(originals: np.ndarray, recons: Mapping[int, np.ndarray], title: str = "") -> bytes:
@@ -74,10 +63,7 @@ def channel_mean_png(originals: np.ndarray, latents: np.ndarray, channels: Seque
 def metric_curve_png(channels: Sequence[int], values: Sequence[float], *, metric: str = "PSNR (dB)",
                      title: str = "") -> bytes:
     """A metric (default PSNR) of the reconstruction from the first c' channels against c'."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     ax.plot(list(channels), list(values), marker="o")
@@ -86,4 +72,4 @@ def metric_curve_png(channels: Sequence[int], values: Sequence[float], *, metric
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)
-    return _png(fig)
+    return png_bytes(fig, dpi=110, tight=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dcae15.ae.model import StructuredAutoencoder
+from dcae15.parallel import default_device
 from dcae15.pixels import from_uint8_nhwc
 
 __all__ = ["CROP", "COMPUTE_DTYPES", "prepare_store", "encode_units", "encode_images", "load_encoder",
@@ -193,8 +194,7 @@ def pin_worker_device(index: int) -> str:
 
 
 def _worker_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(device).type if device == "auto" else device
     return torch.device(_PINNED.get(device, device))
 
 

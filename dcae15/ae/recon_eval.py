@@ -11,6 +11,7 @@ import torch
 
 from dcae15.ae.model import StructuredAutoencoder
 from dcae15.metrics.image_quality import LPIPSMetric, psnr, ssim
+from dcae15.parallel import default_device
 from dcae15.pixels import from_uint8_nhwc, to_uint8, to_uint8_nhwc
 
 __all__ = ["ReconEvalConfig", "default_eval_channels", "evaluate_reconstruction", "format_table"]
@@ -109,7 +110,7 @@ def evaluate_reconstruction(ae_url: str, dataset_url: str, out_url: str | None, 
     """
     from storage.shards import open_dataset
 
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(cfg.device)
     ae = StructuredAutoencoder.from_pretrained(ae_url, storage_options=storage_options)
     ae_fp = ae.fingerprint()
     if cfg.resolution % ae.spatial_compression:

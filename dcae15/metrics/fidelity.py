@@ -32,6 +32,7 @@ from dcae15.metrics.extractor import (
 from dcae15.metrics.inputs import as_image_dataset
 from dcae15.metrics.labels import NUM_SAMPLES, uniform_labels
 from dcae15.metrics.reference import ReferenceStats
+from dcae15.parallel import default_device
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -54,12 +55,6 @@ DEFAULT_METRICS = ("fid", "is", "precision", "recall")
 _LAYER_FOR = {"fid": "fid", "is": "isc", "precision": "prc", "recall": "prc", "kid": "kid"}
 
 
-def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def extract_features(
     images: Any,
     extractor: FeatureExtractorSpec,
@@ -79,7 +74,7 @@ def extract_features(
     unknown = set(families) - {"fid", "isc", "prc", "kid"}
     if unknown:
         raise ValueError(f"families must be among fid, isc, prc, kid; got {sorted(unknown)}")
-    dev = _device(device)
+    dev = default_device(device)
     layers = [extractor.layers[f] for f in families]
     net = feature_net if feature_net is not None else extractor.build(layers, dev)
     ds = as_image_dataset(images, resolution=resolution)
@@ -152,7 +147,7 @@ def generation_metrics(
     if isc_splits < 1 or prc_neighborhood < 1:
         raise ValueError(f"isc_splits and prc_neighborhood must be >= 1, got {isc_splits}, {prc_neighborhood}")
     families = list(dict.fromkeys(_LAYER_FOR[m] for m in metrics))
-    dev = _device(device)
+    dev = default_device(device)
     net = extractor.build([extractor.layers[f] for f in families], dev)
     feats = extract_features(
         samples, extractor, families=families, batch_size=batch_size, device=dev, resolution=resolution,

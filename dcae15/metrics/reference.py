@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from dcae15.metrics import _io
 from dcae15.metrics.extractor import FeatureExtractorSpec
 from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint, default_cache_url
+from dcae15.parallel import default_device
 from storage.fingerprint import short_id
 
 __all__ = [
@@ -205,7 +206,7 @@ def reference_stats(
     ds = as_image_dataset(dataset_url, resolution=resolution, storage_options=storage_options)
     used = _subset(len(ds), cfg.max_samples, seed, 0)
     keep = used[_subset(len(used), cfg.num_features, seed, 1)]  # dataset rows whose features are kept
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     net = extractor.build([extractor.layers["fid"]], dev)
     workers = default_workers(len(used)) if num_workers is None else int(num_workers)
     blocks = range(0, len(used), cfg.block_size)

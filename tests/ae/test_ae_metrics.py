@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import numpy as np
 import pytest
 import torch
@@ -12,17 +10,6 @@ from dcae15.metrics.image_quality import LPIPSMetric, psnr, ssim
 from dcae15.metrics.lpips_offline import BACKBONE_FILES, build_lpips
 from dcae15.pixels import to_uint8_nhwc
 from dcae15.weights import MissingWeightsError
-
-
-@pytest.fixture
-def no_download(monkeypatch):
-    """Any attempt to download (torch.hub, urllib) fails the test."""
-    def boom(*a, **k):
-        raise AssertionError(f"download attempted: {a[:1]}")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", boom)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", boom)
-    monkeypatch.setattr(urllib.request, "urlopen", boom)
 
 
 @pytest.fixture

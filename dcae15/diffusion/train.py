@@ -584,7 +584,8 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t_log
                 img_s = n_log * cfg.global_batch_size / dt
-                row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m, "lr": lr_at(step - 1, cfg.lr, warmup_steps=cfg.warmup_steps),
+                row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m,
+                       "lr": lr_at(step - 1, cfg.lr, warmup_steps=cfg.warmup_steps),
                        "c_prime": cp_m, "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time(),
                        # CPU time of the training thread per step: its host work on a GPU (must stay below the
                        # step time), everything on CPU; unlike img_per_s, blind to other processes' load

@@ -8,7 +8,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["BadImageError", "decode_image", "center_crop", "MAX_PIXELS"]
+__all__ = ["BadImageError", "CENTER_CROP", "decode_image", "center_crop", "MAX_PIXELS"]
+
+#: The name stores, references and store ids record for :func:`center_crop`'s preprocessing.
+CENTER_CROP = "adm-center"
 
 #: Images with more pixels than this are refused before decoding (decompression bombs); ~ 16k × 11k.
 MAX_PIXELS = 178_956_970

@@ -25,13 +25,14 @@ import torch
 from dcae15.ae.model import StructuredAutoencoder
 from dcae15.parallel import default_device
 from dcae15.pixels import from_uint8_nhwc
+from storage.images import CENTER_CROP
 
 __all__ = ["CROP", "COMPUTE_DTYPES", "prepare_store", "encode_units", "encode_images", "load_encoder",
            "encoder_loads", "encode_stats", "store_channel_choices", "resolve_dtype", "visible_gpus", "local_device_indices",
            "pin_worker_device"]
 
 #: The preprocessing every store records (storage.images.center_crop: ADM/DiT box-downsample, bicubic, crop).
-CROP = "adm-center"
+CROP = CENTER_CROP
 #: What the encoder may compute in ("auto": bfloat16 autocast on CUDA, float32 elsewhere). Stored as float16.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 

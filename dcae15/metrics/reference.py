@@ -30,6 +30,7 @@ from dcae15.metrics.extractor import FeatureExtractorSpec
 from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint, default_cache_url
 from dcae15.parallel import default_device
 from storage.fingerprint import short_id
+from storage.images import CENTER_CROP
 
 __all__ = [
     "FORMAT_VERSION",
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-CROP = "adm-center"  # ADM/DiT centre crop (storage.images.center_crop), the same preprocessing as training
+CROP = CENTER_CROP  # ADM/DiT centre crop (storage.images.center_crop), the same preprocessing as training
 
 
 class ReferenceMismatchError(ValueError):

@@ -195,7 +195,7 @@ def per_parameter_work(mcfg, device: torch.device, reps: int = 5) -> dict:
     """Median time of the trainer's per-parameter passes that a bare loop does not have (EMA update, gradient
     clipping) next to AdamW's step: memory-bound, independent of the batch, so their share shrinks as the batch
     (tokens per step) grows."""
-    from dcae15.diffusion.ema import ShardedEMA
+    from dcae15.ema import EMA
     from dcae15.parallel import make_mesh
 
     created = not dist.is_initialized()
@@ -208,7 +208,7 @@ def per_parameter_work(mcfg, device: torch.device, reps: int = 5) -> dict:
             p.grad = torch.randn_like(p)
         from dcae15.diffusion.train import DiffusionTrainConfig, make_optimizer
 
-        ema, opt = ShardedEMA(model), make_optimizer(model, DiffusionTrainConfig())
+        ema, opt = EMA(model), make_optimizer(model, DiffusionTrainConfig())
 
         clock = time.perf_counter if device.type == "cuda" else time.thread_time  # CPU: blind to other load
 

@@ -7,7 +7,14 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["apply_parallelism", "local_device", "make_mesh", "mixed_precision_policy"]
+__all__ = ["apply_parallelism", "default_device", "local_device", "make_mesh", "mixed_precision_policy"]
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device; None or "auto": the GPU when there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def local_device(rank: int) -> torch.device:

@@ -8,7 +8,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["BadImageError", "decode_image", "center_crop", "to_tensor", "MAX_PIXELS"]
+__all__ = ["BadImageError", "CENTER_CROP", "decode_image", "center_crop", "MAX_PIXELS"]
+
+#: The name stores, references and store ids record for :func:`center_crop`'s preprocessing.
+CENTER_CROP = "adm-center"
 
 #: Images with more pixels than this are refused before decoding (decompression bombs); ~ 16k × 11k.
 MAX_PIXELS = 178_956_970
@@ -103,16 +106,3 @@ def center_crop(pil: Image.Image, size: int) -> np.ndarray:
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
     return np.ascontiguousarray(arr[top:top + size, left:left + size])
-
-
-def to_tensor(arr: np.ndarray):
-    """uint8 ``[H,W,3]`` (or ``[N,H,W,3]``) → float32 torch tensor ``[3,H,W]`` (``[N,3,H,W]``) in [-1, 1]."""
-    import torch
-
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8 or arr.shape[-1] != 3:
-        raise ValueError(f"expected uint8 [..., H, W, 3], got {arr.dtype} {arr.shape}")
-    if not arr.flags.writeable:  # torch warns on read-only buffers (e.g. views of decoded PIL images)
-        arr = arr.copy()
-    t = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(127.5).sub_(1.0)
-    return t.permute(2, 0, 1).contiguous() if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()

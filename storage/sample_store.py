@@ -15,7 +15,8 @@ class SampleStore(UnitStore):
     """Generated samples at ``<root>/samples/<id>/``: ``images`` uint8 ``[N, H, W, 3]``, ``labels`` int16 ``[N]``.
 
     Same unit/marker machinery as the latent store (:class:`storage.units.UnitStore`): a killed sampling job
-    reruns only :meth:`missing_units`. Images are stored as one zstd-compressed chunk per unit.
+    reruns only :meth:`missing_units`. Images are stored as one zstd-compressed chunk per unit. There is no
+    finalize step: the store is complete when ``missing_units()`` is empty (``read_all`` refuses otherwise).
     """
 
     KIND = "sample-store"
@@ -46,14 +47,6 @@ class SampleStore(UnitStore):
     @property
     def attrs(self) -> dict:
         return dict(self._meta["attrs"])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.array_specs["images"]["tail"])  # type: ignore[return-value]
-
-    @property
-    def is_complete(self) -> bool:
-        return not self.missing_units()
 
     def write_unit(self, unit: int, images: np.ndarray, labels: np.ndarray) -> None:
         """Write unit ``unit``'s images (uint8 ``[n,H,W,3]``) and labels, then its marker. Idempotent.

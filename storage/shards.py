@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from .images import BadImageError, center_crop, decode_image, to_tensor
+from .images import BadImageError, center_crop, decode_image
 # packing lives in storage.packing (no torch import there, so Dask packing workers start light); re-exported here
 from .packing import IMAGE_EXTS, LABEL_CONVENTION, DatasetInfo, pack_image_folder, sanitize_key
 from .urls import join, url_to_fs
 
-__all__ = ["DatasetInfo", "ImageDataset", "ImageTorchDataset", "pack_image_folder", "open_dataset",
+__all__ = ["DatasetInfo", "ImageDataset", "pack_image_folder", "open_dataset",
            "sanitize_key", "IMAGE_EXTS", "LABEL_CONVENTION"]
 
 
@@ -101,39 +99,6 @@ class ImageDataset:
             except BadImageError:
                 pass  # packed as valid but unreadable now: report invalid rather than crash the encode
         return images, self.labels[start:stop], valid
-
-    def iter_ranges(self, batch: int) -> Iterator[tuple[int, int]]:
-        for a in range(0, self.num_samples, batch):
-            yield a, min(a + batch, self.num_samples)
-
-    def torch_dataset(self, size: int, *, hflip: bool = False) -> "ImageTorchDataset":
-        """A map-style torch dataset over the valid rows, yielding ``(float32 [3,size,size] in [-1,1], label)``."""
-        return ImageTorchDataset(self, size, hflip=hflip)
-
-
-class ImageTorchDataset(Dataset):
-    """Valid images of a packed dataset for AE training; item ``i`` is the i-th valid row.
-
-    With ``hflip`` each item is mirrored with probability ½ from torch's RNG (seed it per worker for
-    reproducibility, e.g. through the DataLoader's ``generator``).
-    """
-
-    def __init__(self, data: ImageDataset, size: int, *, hflip: bool = False) -> None:
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        self.data, self.size, self.hflip = data, int(size), hflip
-        self.rows = np.flatnonzero(data.valid)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        row = int(self.rows[i])
-        blob = self.data.read_bytes(row, row + 1)[0]
-        x = to_tensor(center_crop(decode_image(blob), self.size))
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, int(self.data.index["label"][row])
 
 
 def open_dataset(url: str, storage_options: dict | None = None) -> ImageDataset:

@@ -102,3 +102,20 @@ def s3_server(_moto_endpoint, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()  # instances made under another env must not be reused
     yield S3Server(_moto_endpoint)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Any weights download (torch.hub, torch-fidelity's Inception loader, urllib) fails the test loudly."""
+    import urllib.request
+
+    import torch.hub
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(fe, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dcae15.ae.channels import step_generator
+from dcae15.pixels import from_uint8_nhwc
 
 __all__ = ["ImageBatches", "StepBatches"]
 
@@ -139,7 +140,7 @@ class ImageBatches:
             first = int(np.flatnonzero(valid)[0])
             for k in np.flatnonzero(~valid):
                 imgs[k], labels[k] = imgs[first], labels[first]
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B/W,3,H,W)
+        x = from_uint8_nhwc(np.stack(imgs))  # (B/W,3,H,W)
         if self.hflip:  # drawn for the global batch, so a sample's flip does not depend on the world size
             flip = torch.rand(self.batch_size, generator=step_generator(self.seed, step, salt=7))[self._mine()] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)

@@ -25,13 +25,16 @@ import torch
 from dcae15.ae.model import StructuredAutoencoder
 from storage.layout import AE_MODEL, Root
 from storage.rundir import RunDir
+from dcae15.parallel import default_device
+from dcae15.pixels import from_uint8_nhwc
+from storage.images import CENTER_CROP
 
 __all__ = ["CROP", "COMPUTE_DTYPES", "prepare_store", "encode_units", "encode_images", "load_encoder",
            "encoder_loads", "encode_stats", "store_channel_choices", "resolve_dtype", "visible_gpus", "local_device_indices",
            "pin_worker_device"]
 
 #: The preprocessing every store records (storage.images.center_crop: ADM/DiT box-downsample, bicubic, crop).
-CROP = "adm-center"
+CROP = CENTER_CROP
 #: What the encoder may compute in ("auto": bfloat16 autocast on CUDA, float32 elsewhere). Stored as float16.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
@@ -190,8 +193,7 @@ def pin_worker_device(index: int) -> str:
 
 
 def _worker_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(device).type if device == "auto" else device
     return torch.device(_PINNED.get(device, device))
 
 
@@ -290,7 +292,7 @@ def encode_images(ae: StructuredAutoencoder | torch.nn.Module, images: np.ndarra
 
     ``ae`` is a StructuredAutoencoder or its bare encoder; ``dtype='bfloat16'`` runs it under bf16 autocast.
     """
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = from_uint8_nhwc(torch.from_numpy(np.ascontiguousarray(images)).to(device))
     if flip:
         x = x.flip(-1)
     with _autocast(device, dtype):
@@ -306,7 +308,7 @@ def _encode_batch(encoder: torch.nn.Module, images: np.ndarray, device: torch.de
     x = torch.from_numpy(images)
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    x = from_uint8_nhwc(x)
     n = x.shape[0]
     if flip:
         x = torch.cat([x, x.flip(-1)])

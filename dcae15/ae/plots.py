@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from dcae15.figures import png_bytes, pyplot
 
 __all__ = ["recon_grid_png", "channel_mean_png", "metric_curve_png"]
 
 
 def _figure(rows: int, cols: int, cell: float = 1.6):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell), squeeze=False)
     for ax in axes.flat:
@@ -23,13 +21,19 @@ def _figure(rows: int, cols: int, cell: float = 1.6):
     return fig, axes
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+def _input_grid_png(originals: np.ndarray, columns: Sequence[tuple[str, Callable]], title: str) -> bytes:
+    """One row per image: the input, then one column per ``(heading, draw)``; ``draw(ax, i)`` fills row i's cell."""
+    fig, axes = _figure(len(originals), 1 + len(columns))
+    for i, img in enumerate(originals):
+        axes[i, 0].imshow(img)
+        for j, (_, draw) in enumerate(columns, 1):
+            draw(axes[i, j], i)
+    axes[0, 0].set_title("input", fontsize=8)
+    for j, (heading, _) in enumerate(columns, 1):
+        axes[0, j].set_title(heading, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return png_bytes(fig, dpi=110, tight=True)
 
 
 def recon_grid_png(originals: np.ndarray, recons: Mapping[int, np.ndarray], title: str = "") -> bytes:
@@ -39,18 +43,8 @@ def recon_grid_png(originals: np.ndarray, recons: Mapping[int, np.ndarray], titl
         originals: uint8 [n,H,W,3].
         recons: c' -> uint8 [n,H,W,3].
     """
-    cols = sorted(recons)
-    fig, axes = _figure(len(originals), 1 + len(cols))
-    for i, img in enumerate(originals):
-        axes[i, 0].imshow(img)
-        for j, c in enumerate(cols, 1):
-            axes[i, j].imshow(recons[c][i])
-    axes[0, 0].set_title("input", fontsize=8)
-    for j, c in enumerate(cols, 1):
-        axes[0, j].set_title(f"first {c} ch", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    return _input_grid_png(
+        originals, [(f"first {c} ch", lambda ax, i, c=c: ax.imshow(recons[c][i])) for c in sorted(recons)], title)
 
 
 def channel_mean_png(originals: np.ndarray, latents: np.ndarray, channels: Sequence[int], title: str = "") -> bytes:
@@ -59,26 +53,17 @@ def channel_mean_png(originals: np.ndarray, latents: np.ndarray, channels: Seque
     Args:
         originals: uint8 [n,H,W,3]; latents: float [n,c,h,w] (unscaled); channels: the c' columns.
     """
-    fig, axes = _figure(len(originals), 1 + len(channels))
-    for i, img in enumerate(originals):
-        axes[i, 0].imshow(img)
-        for j, c in enumerate(channels, 1):
-            axes[i, j].imshow(latents[i, :c].mean(axis=0), cmap="viridis", interpolation="nearest")
-    axes[0, 0].set_title("input", fontsize=8)
-    for j, c in enumerate(channels, 1):
-        axes[0, j].set_title(f"mean ch 1..{c}", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    def mean(ax, i, c):
+        ax.imshow(latents[i, :c].mean(axis=0), cmap="viridis", interpolation="nearest")
+
+    return _input_grid_png(
+        originals, [(f"mean ch 1..{c}", lambda ax, i, c=c: mean(ax, i, c)) for c in channels], title)
 
 
 def metric_curve_png(channels: Sequence[int], values: Sequence[float], *, metric: str = "PSNR (dB)",
                      title: str = "") -> bytes:
     """A metric (default PSNR) of the reconstruction from the first c' channels against c'."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     ax.plot(list(channels), list(values), marker="o")
@@ -87,4 +72,4 @@ def metric_curve_png(channels: Sequence[int], values: Sequence[float], *, metric
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)
-    return _png(fig)
+    return png_bytes(fig, dpi=110, tight=True)

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from dcae15.ae.model import StructuredAutoencoder
-from dcae15.metrics.image_quality import LPIPSMetric, psnr, ssim, to_uint8
+from dcae15.metrics.image_quality import LPIPSMetric, psnr, ssim
+from dcae15.parallel import default_device
+from dcae15.pixels import from_uint8_nhwc, to_uint8, to_uint8_nhwc
 
 __all__ = ["ReconEvalConfig", "default_eval_channels", "evaluate_reconstruction", "format_table"]
 
@@ -108,7 +110,7 @@ def evaluate_reconstruction(ae_url: str, dataset_url: str, out_url: str | None, 
     """
     from storage.shards import open_dataset
 
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(cfg.device)
     ae = StructuredAutoencoder.from_pretrained(ae_url, storage_options=storage_options)
     ae_fp = ae.fingerprint()
     if cfg.resolution % ae.spatial_compression:
@@ -190,7 +192,7 @@ class _Scorer:
                 images = images[np.asarray(valid, bool)][: cfg.num_images - count]
                 if not len(images):
                     continue
-                x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+                x = from_uint8_nhwc(torch.from_numpy(images).to(device))
                 z = ae.encode(x)
                 if real_g is not None:
                     real_g.add(_features(feat_net, to_uint8(x)))
@@ -205,7 +207,7 @@ class _Scorer:
                     if feat_net is not None:
                         fake_g[c].add(_features(feat_net, to_uint8(y)))
                     if grid is not None and c not in grid["y"]:
-                        grid["y"][c] = to_uint8(y[: cfg.grid_images]).permute(0, 2, 3, 1).cpu().numpy()
+                        grid["y"][c] = to_uint8_nhwc(y[: cfg.grid_images])
                 count += len(images)
                 bar.update(len(images))
         bar.close()

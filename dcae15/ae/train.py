@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,8 @@ from dcae15.ae.model import AE_PRESETS, StructuredAutoencoder
 from storage.layout import AE_MODEL
 from storage.rundir import HORIZON, OPERATIONAL, RunDir, identity
 from storage.urls import put_atomic, url_to_fs
+from dcae15.ema import EMA
+from dcae15.lr_schedule import SCHEDULES, lr_at
 
 __all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
 
@@ -39,7 +40,7 @@ PHASES: dict[str, dict[str, Any]] = {
     "decoder_finetune": dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, w_gan=0.0),
 }
 PERCEPTUAL = ("lpips-vgg", "lpips-alex", "lpips-squeeze", "none")
-_SCHEDULES = ("constant", "cosine")
+_SCHEDULES = SCHEDULES  # the shared schedule's names (dcae15.lr_schedule)
 
 
 @dataclass(kw_only=True)
@@ -232,37 +233,6 @@ def ae_loss(x: torch.Tensor, y: torch.Tensor, *, w_l1: float, w_lpips: float, lp
         loss = loss + w_lpips * lp
         parts["lpips"] = lp.detach()
     return loss, parts
-
-
-def _lr_at(cfg: AETrainConfig, step: int, base: float) -> float:
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return base * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine":
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return base
-
-
-class _EMA:
-    """Exponential moving average of the trainable weights (float32 copies)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.float(), 1 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        self.shadow = {k: v.clone() for k, v in sd.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -485,7 +455,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
         torch.manual_seed(cfg.seed + 1)
         disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(device).train()
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
-    ema = _EMA(model.net, cfg.ema_decay) if cfg.ema_decay else None
+    ema = EMA(model.net, buffers=True) if cfg.ema_decay else None  # buffers: BatchNorm statistics too
     lpips_net = _build_lpips(cfg, device)
 
     start, metrics = 0, []
@@ -529,7 +499,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
             gen = step_generator(cfg.seed, step, salt=1)
             channel_list = ([_local(ch, rows) for ch in sampling.draw(gen, cfg.batch_size)] if sampling
                             else [None])
-            lr = _lr_at(cfg, step, cfg.lr)
+            lr = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, total_steps=cfg.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             use_gan = disc is not None and step >= cfg.gan_start_step
@@ -555,12 +525,13 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                 logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             if ema is not None:
-                ema.update(model.net)
+                ema.update(cfg.ema_decay)
 
             # -- discriminator step on the detached reconstructions: real and fake in one (DDP) call
             if use_gan:
                 for g in disc_opt.param_groups:
-                    g["lr"] = _lr_at(cfg, step, cfg.disc_lr)
+                    g["lr"] = lr_at(step, cfg.disc_lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                                    total_steps=cfg.steps)
                 fake = torch.cat(recons).detach()
                 with autocast:
                     logits = disc_ddp(torch.cat([x, fake.to(x.dtype)]))  # GroupNorm: per-sample, so batching is exact

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ADTConfig", "ADT_MODES", "default_channel_list", "sample_channels", "channel_mask", "masked_mse",
+from dcae15.ae.model import channel_mask  # Eq. 1's mask, one definition for the AE and ADT
+
+__all__ = ["ADTConfig", "ADT_MODES", "default_channel_list", "sample_channels", "masked_mse",
            "diffusion_loss", "draw_mask", "LossNorm", "micro_loss"]
 
 ADT_MODES = ("per_batch", "per_sample")
@@ -62,12 +64,6 @@ def sample_channels(chans: list[int] | torch.Tensor, batch: int, mode: str, gen:
     return table[idx].expand(batch).clone()
 
 
-def channel_mask(cprime: torch.Tensor, c: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """mask_{c,c'} of Eq. 1 as (B, c, 1, 1): ones on the first c' channels of each sample."""
-    ar = torch.arange(c, device=device)
-    return (ar[None, :] < cprime.to(device)[:, None]).to(dtype)[:, :, None, None]
-
-
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of (pred - target)^2 over the active (mask = 1) elements only."""
     sq = (pred.float() - target.float()).square() * mask
@@ -80,7 +76,7 @@ def draw_mask(adt: ADTConfig, chans: list[int], batch: int, c: int, gen: torch.G
     if not adt.enabled:
         return None, torch.full((batch,), c, dtype=torch.long, device=device)
     cprime = sample_channels(chans, batch, adt.mode, gen)
-    return channel_mask(cprime, c, dtype, device), cprime
+    return channel_mask(cprime, c, device=device, dtype=dtype), cprime
 
 
 class LossNorm:

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
 
+from dcae15.figures import png_bytes, pyplot
+
 __all__ = ["sample_grid_png", "loss_curve_png"]
-
-
-def _figure_png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def sample_grid_png(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *, per_class: int = 10,
                     title: str = "", scale: int = 2) -> bytes:
     """A PNG of uint8 images [N,H,W,3]: one row per class (its name on the left), up to ``per_class`` images of
     that class in the order they come; an empty cell where a class has fewer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
@@ -50,16 +39,13 @@ def sample_grid_png(images: np.ndarray, labels: np.ndarray, class_names: Sequenc
     if title:
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    return _figure_png(fig)
+    return png_bytes(fig)
 
 
 def loss_curve_png(rows: Sequence[dict], *, title: str = "", key: str = "loss") -> bytes:
     """A PNG of ``key`` vs ``step`` from a run's metrics rows (``metrics.jsonl``), log-scale y, with the learning
     rate on a second axis when the rows have ``lr``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = [(int(r["step"]), float(r[key])) for r in rows if key in r and "step" in r]
     if not pts:
@@ -79,4 +65,4 @@ def loss_curve_png(rows: Sequence[dict], *, title: str = "", key: str = "loss") 
         ax2.set_ylabel("lr", color="C1")
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    return _figure_png(fig)
+    return png_bytes(fig)

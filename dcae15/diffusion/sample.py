@@ -18,14 +18,14 @@ import torch
 from dcae15.diffusion.checkpoint import checkpoint_url, load_ema_state, read_latest, read_run_config
 from dcae15.diffusion.objectives import make_objective
 from dcae15.diffusion.samplers import SAMPLERS, sample_latents
+from dcae15.metrics.labels import make_labels  # the one label rule: samples and their evaluation agree
 from dcae15.models.registry import ModelConfig, build_model
+from dcae15.pixels import to_uint8_nhwc
 from storage.fingerprint import fingerprint
 
-__all__ = ["DEFAULT_SAMPLER", "LABEL_MODES", "PRECISIONS", "load_run_model", "make_labels", "denormalize",
-           "to_uint8", "sample_to_store", "main"]
+__all__ = ["DEFAULT_SAMPLER", "PRECISIONS", "load_run_model", "denormalize", "sample_to_store", "main"]
 
 DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "heun"}
-LABEL_MODES = ("uniform", "balanced")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -79,17 +79,6 @@ def load_run_model(run_url: str, *, checkpoint: int | str | None = None, ema: bo
     return model.to(device).eval(), conf, step
 
 
-def make_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
-    """Class labels for all samples: 'uniform' (i.i.d. uniform, official FID protocol) or 'balanced' (each class
-    num_samples / num_classes times, shuffled)."""
-    if mode not in LABEL_MODES:
-        raise ValueError(f"labels={mode!r}; allowed: {LABEL_MODES}")
-    rng = np.random.default_rng([seed, 7])
-    if mode == "uniform":
-        return rng.integers(0, num_classes, num_samples)
-    return rng.permutation(np.arange(num_samples) % num_classes)
-
-
 def denormalize(z: torch.Tensor, norm: dict) -> torch.Tensor:
     """Undo the reader's normalisation (recorded in the run's config.yaml) to get raw AE latents."""
     mode = norm["mode"]
@@ -100,12 +89,6 @@ def denormalize(z: torch.Tensor, norm: dict) -> torch.Tensor:
         std = torch.tensor(norm["channel_std"], dtype=z.dtype, device=z.device).clamp_min(1e-8).view(1, -1, 1, 1)
         return z * std + mean
     return z
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _load_ae(conf: dict, ae_url: str | None, device, storage_options):
@@ -221,7 +204,7 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
                 z = sample_latents(model, objective, shape=(len(y), *shape), labels=y, sampler=sampler,
                                    steps=steps, generator=gen, cfg_scale=cfg_scale, guidance_interval=(lo, hi),
                                    null_class=mc["num_classes"], device=device)
-                images.append(to_uint8(ae.decode(denormalize(z.float(), conf["latent_norm"]))))
+                images.append(to_uint8_nhwc(ae.decode(denormalize(z.float(), conf["latent_norm"]))))
         store.write_unit(unit, np.concatenate(images), all_labels[a:b])
     if world > 1:
         dist.barrier()  # the store is complete when every rank returns

@@ -17,14 +17,16 @@ import torch.distributed as dist
 from dcae15.diffusion.adt import ADTConfig, LossNorm, draw_mask, micro_loss
 from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
 from dcae15.diffusion.objectives import make_objective
+from dcae15.ema import EMA, decay_at
+from dcae15.lr_schedule import lr_at
 from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
 from storage.fingerprint import fingerprint, short_id
 from storage.layout import Root
 from storage.rundir import HORIZON, OPERATIONAL, identity
-from storage.urls import url_to_fs, write_atomic
+from storage.urls import url_to_fs
 
 __all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
-           "latest_checkpoint", "save_config", "lr_at", "ema_decay_at", "train_flops_per_image", "make_optimizer",
+           "latest_checkpoint", "train_flops_per_image", "make_optimizer",
            "main"]
 
 @dataclass(kw_only=True)
@@ -145,17 +147,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
-def lr_at(cfg: DiffusionTrainConfig, step: int) -> float:
-    """Learning rate for the update that produces ``step + 1``: linear warm-up, then constant."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
-
-
-def ema_decay_at(cfg: DiffusionTrainConfig, step: int) -> float:
-    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
-
-
 def _noise_seed(seed: int, rank: int, step: int) -> int:
     """Seed of a rank's device generator (noise, timesteps, label dropout, c') when started at ``step``: its state
     is checkpointed, so it is reseeded only at the start of a run or when the world size changed."""
@@ -376,7 +367,6 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     from tqdm.auto import tqdm
 
     from dcae15.diffusion.data import DevicePrefetcher, RankBatches, layout_ranks
-    from dcae15.diffusion.ema import ShardedEMA
     from dcae15.parallel import apply_parallelism, make_mesh
     from storage.reader import LatentStreamDataset
 
@@ -408,7 +398,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     model.train()
     optimizer = make_optimizer(model, cfg)
     # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
-    ema = ShardedEMA(model)
+    ema = EMA(model)
     train_state: dict = {"step": 0, "world_size": ws, "data_world_size": ws, "readers": None, "gens": None}
     app = _AppState(model, optimizer, ema.shadow, train_state)
     # The noise / timestep / dropout / c' generator lives on the device (no host draws, no copies); its state
@@ -537,10 +527,10 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 loss += part.detach()
             gnorm = _clip_and_guard(model, optimizer, max_norm)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(cfg, step)
+                g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            ema.update(ema_decay_at(cfg, step))
+            ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup))
             # Device-side bookkeeping, read every log_every steps (no per-step host sync).
             step_dev += 1
             stats = torch.stack([loss, gnorm.float(), cprime.float().mean()])
@@ -558,7 +548,8 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t_log
                 img_s = n_log * cfg.global_batch_size / dt
-                row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m, "lr": lr_at(cfg, step - 1),
+                row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m,
+                       "lr": lr_at(step - 1, cfg.lr, warmup_steps=cfg.warmup_steps),
                        "c_prime": cp_m, "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time(),
                        # CPU time of the training thread per step: its host work on a GPU (must stay below the
                        # step time), everything on CPU; unlike img_per_s, blind to other processes' load
@@ -605,22 +596,13 @@ def latest_checkpoint(run_url: str, storage_options: dict | None = None) -> tupl
     return int(ptr["step"]), ptr["checkpoint"]
 
 
-def save_config(cfg: DiffusionTrainConfig, run_url: str, storage_options: dict | None = None) -> str:
-    """Write ``cfg`` as ``<run_url>/train.yaml`` (what ``--config`` reads under torchrun); returns its URL."""
-    import yaml
-
-    url = open_run(run_url, storage_options).child("train.yaml")
-    write_atomic(url, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), storage_options)
-    return url
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> dict:
     """``python -m dcae15.diffusion.train --config run.yaml`` (also under ``torchrun --nproc_per_node N``).
 
     run.yaml is either a full run file (``store_url``, ``run_url`` or ``root_url``, optional
     ``storage_options``, and ``train:`` with DiffusionTrainConfig fields) or just the DiffusionTrainConfig fields
-    (as written by ``save_config``) with ``--store`` and ``--run`` given. With ``root_url`` the run dir is
+    (e.g. ``yaml.safe_dump(cfg.to_dict())``) with ``--store`` and ``--run`` given. With ``root_url`` the run dir is
     ``<root>/runs/diffusion/<run_id>``.
     """
     import yaml

@@ -11,18 +11,28 @@ Numbers from the demo's proxy classifier (``dcae15.metrics.proxy``) come out of 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.utils import get_featuresdict_from_dataset
 
-from dcae15.weights import MissingWeightsError, find_weights
+# the extractors live in the leaf module ``extractor``; re-exported here, the metrics' public face
+from dcae15.metrics.extractor import (
+    INCEPTION_NAME,
+    INCEPTION_WEIGHTS,
+    FeatureExtractorSpec,
+    MissingWeightsError,
+    inception_extractor,
+)
+from dcae15.metrics.inputs import as_image_dataset
+from dcae15.metrics.labels import NUM_SAMPLES, uniform_labels
+from dcae15.metrics.reference import ReferenceStats
+from dcae15.parallel import default_device
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -40,108 +50,9 @@ __all__ = [
     "uniform_labels",
 ]
 
-INCEPTION_NAME = "inception-v3-compat"
-INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
-NUM_SAMPLES = 50_000  # the field's convention for gFID / IS / precision / recall
 METRICS = ("fid", "is", "precision", "recall", "kid")
 DEFAULT_METRICS = ("fid", "is", "precision", "recall")
 _LAYER_FOR = {"fid": "fid", "is": "isc", "precision": "prc", "recall": "prc", "kid": "kid"}
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureExtractorSpec:
-    """A feature network registered with torch-fidelity, plus what every reported number must say about it.
-
-    Attributes:
-        name: torch-fidelity registry name (``inception-v3-compat`` or the proxy's registered name).
-        label: the value of the ``feature_extractor`` column in results (e.g. ``inception-v3-compat``, ``proxy-<fp>``).
-        prefix: prepended to every metric name (``""`` for Inception, ``"proxy-"`` for the proxy).
-        fingerprint: hash of the weights (+ config): part of every reference-statistics key.
-        weights_path: weight file (path or URL); loaded with ``weights_only=True`` and handed to torch-fidelity as
-            ``feature_extractor_weights_path`` (so it never downloads).
-        layers: torch-fidelity feature layer per metric family (``fid``, ``isc``, ``prc``, ``kid``).
-        info: extra facts reported next to the numbers (e.g. the proxy's held-out accuracy).
-    """
-
-    name: str
-    label: str
-    prefix: str
-    fingerprint: str
-    weights_path: str
-    layers: Mapping[str, str]
-    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        missing = {"fid", "isc", "prc", "kid"} - set(self.layers)
-        if missing:
-            raise ValueError(f"FeatureExtractorSpec.layers lacks {sorted(missing)}")
-        if self.prefix not in ("", "proxy-"):
-            raise ValueError(f"FeatureExtractorSpec.prefix must be '' or 'proxy-', got {self.prefix!r}")
-
-    def metric_name(self, metric: str) -> str:
-        """The reported name of ``metric`` (``fid`` -> ``proxy-fid`` for the proxy)."""
-        return f"{self.prefix}{metric}"
-
-    def build(self, layers: Sequence[str], device: str | torch.device = "cpu") -> torch.nn.Module:
-        """Instantiate the torch-fidelity extractor for ``layers``; weights are loaded with weights_only=True."""
-        from torch_fidelity.utils import create_feature_extractor
-
-        if self.name != INCEPTION_NAME:
-            from dcae15.metrics.proxy import register_proxy_extractor
-
-            register_proxy_extractor()
-        # torch-fidelity itself unpickles with weights_only=False; load safely here and hand it a clean buffer.
-        from storage.urls import read_bytes
-
-        state = torch.load(io.BytesIO(read_bytes(self.weights_path)), map_location="cpu", weights_only=True)
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        buf.seek(0)
-        fe = create_feature_extractor(
-            self.name, list(dict.fromkeys(layers)), cuda=False, feature_extractor_weights_path=buf, verbose=False
-        )
-        return fe.to(device)
-
-
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _file_hash(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _FILE_HASHES[key] = h.hexdigest()[:16]
-    return _FILE_HASHES[key]
-
-
-def inception_extractor(weights: str | os.PathLike | None = None) -> FeatureExtractorSpec:
-    """The standard InceptionV3 (torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``), found offline.
-
-    Args:
-        weights: explicit file (or folder holding it); else ``$DCAE15_WEIGHTS``, then ``$TORCH_HOME/hub/checkpoints``.
-
-    Raises:
-        MissingWeightsError: naming the file and the places searched (nothing is ever downloaded).
-    """
-    path = find_weights(INCEPTION_WEIGHTS, explicit=weights, what="InceptionV3 for FID/IS/precision/recall (torch-fidelity)")
-    return FeatureExtractorSpec(
-        name=INCEPTION_NAME,
-        label=INCEPTION_NAME,
-        prefix="",
-        fingerprint=_file_hash(path),
-        weights_path=str(path),
-        layers={"fid": "2048", "isc": "logits_unbiased", "prc": "2048", "kid": "2048"},
-    )
-
-
-def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def extract_features(
@@ -160,14 +71,10 @@ def extract_features(
     ``images`` is anything ``dcae15.metrics.inputs.as_image_dataset`` accepts. Extraction is torch-fidelity's
     (its DataLoader with ``save_cpu_ram=True``: no worker processes).
     """
-    from torch_fidelity.utils import get_featuresdict_from_dataset
-
-    from dcae15.metrics.inputs import as_image_dataset
-
     unknown = set(families) - {"fid", "isc", "prc", "kid"}
     if unknown:
         raise ValueError(f"families must be among fid, isc, prc, kid; got {sorted(unknown)}")
-    dev = _device(device)
+    dev = default_device(device)
     layers = [extractor.layers[f] for f in families]
     net = feature_net if feature_net is not None else extractor.build(layers, dev)
     ds = as_image_dataset(images, resolution=resolution)
@@ -199,13 +106,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     tr_covmean = np.sqrt(eig).real.sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
-
-
-def uniform_labels(num_samples: int = NUM_SAMPLES, num_classes: int = 1000, seed: int = 0) -> np.ndarray:
-    """Class labels uniform at random with a fixed seed (the official 50k-sample convention)."""
-    if num_samples < 1 or num_classes < 1:
-        raise ValueError(f"num_samples and num_classes must be >= 1, got {num_samples}, {num_classes}")
-    return np.random.default_rng(seed).integers(0, num_classes, size=num_samples, dtype=np.int64)
 
 
 def generation_metrics(
@@ -240,12 +140,6 @@ def generation_metrics(
         ``is_std``, KID ``kid_std``; a proxy extractor adds ``proxy-classifier_accuracy`` (its held-out accuracy),
         so the number that qualifies the proxy metrics travels with them into the results table.
     """
-    from torch_fidelity.metric_isc import isc_features_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
-
-    from dcae15.metrics.reference import ReferenceStats
-
     metrics = tuple(dict.fromkeys(metrics))
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
@@ -253,7 +147,7 @@ def generation_metrics(
     if isc_splits < 1 or prc_neighborhood < 1:
         raise ValueError(f"isc_splits and prc_neighborhood must be >= 1, got {isc_splits}, {prc_neighborhood}")
     families = list(dict.fromkeys(_LAYER_FOR[m] for m in metrics))
-    dev = _device(device)
+    dev = default_device(device)
     net = extractor.build([extractor.layers[f] for f in families], dev)
     feats = extract_features(
         samples, extractor, families=families, batch_size=batch_size, device=dev, resolution=resolution,

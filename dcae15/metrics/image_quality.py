@@ -8,15 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from dcae15.metrics.lpips_offline import build_lpips
+from dcae15.pixels import to_uint8
 
-__all__ = ["to_uint8", "psnr", "ssim", "LPIPSMetric"]
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (B,3,H,W) -> uint8 (B,3,H,W), rounded as when saving a PNG. uint8 input passes through."""
-    if x.dtype == torch.uint8:
-        return x
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+__all__ = ["psnr", "ssim", "LPIPSMetric"]
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, *, max_db: float = 100.0) -> torch.Tensor:

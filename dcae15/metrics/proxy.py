@@ -10,35 +10,36 @@ logits for IS. Every number it produces is named ``proxy-fid``, ``proxy-is``, ..
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch_fidelity import FeatureExtractorBase
+from tqdm import tqdm
 
 from dcae15.metrics import _io
-from dcae15.metrics.fidelity import FeatureExtractorSpec
-from dcae15.weights import MissingWeightsError
+from dcae15.metrics.extractor import (
+    PROXY_NAME,
+    FeatureExtractorSpec,
+    ProxyFeatureExtractor,
+    ProxyNet,
+    register_proxy_extractor,
+)
+from dcae15.metrics.inputs import dataset_fingerprint, default_cache_url, detect_kind, load_labelled_images
+from storage.fingerprint import fingerprint
 
 __all__ = [
-    "PROXY_NAME",
     "ProxyConfig",
     "class_accuracy",
     "gaussian_blur",
     "held_out_split",
     "load_proxy_net",
-    "ProxyFeatureExtractor",
-    "ProxyNet",
     "proxy_extractor",
-    "register_proxy_extractor",
     "train_proxy",
 ]
-
-PROXY_NAME = "dcae15-proxy"  # torch-fidelity registry name; the weights file says which trained classifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,95 +84,6 @@ class ProxyConfig:
             raise ValueError(f"ProxyConfig.blur and noise must be >= 0, got {self.blur}, {self.noise}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"ProxyConfig.lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
-
-
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class ProxyNet(nn.Module):
-    """A VGG-style CNN: 3 stages of conv blocks with max-pooling, global average pool, linear classifier."""
-
-    def __init__(self, num_classes: int, width: int = 16, resolution: int = 32):
-        super().__init__()
-        w = width
-        self.resolution = resolution
-        self.body = nn.Sequential(
-            _block(3, w), _block(w, w), nn.MaxPool2d(2),            # R/2
-            _block(w, 2 * w), _block(2 * w, 2 * w), nn.MaxPool2d(2),  # R/4
-            _block(2 * w, 4 * w), _block(4 * w, 4 * w),
-        )
-        self.head = nn.Linear(4 * w, num_classes)
-        self.feature_dim = 4 * w
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [B,3,H,W] -> float [B,3,R,R] in [-1, 1]."""
-        x = x.float() / 127.5 - 1.0
-        if x.shape[-2:] != (self.resolution, self.resolution):
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True,
-                              align_corners=False)
-        return x
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x float [B,3,R,R] in [-1,1] -> (features [B,4w], logits [B,classes])."""
-        feats = self.body(x).mean(dim=(2, 3))  # (B, 4w)
-        return feats, self.head(feats)
-
-
-class ProxyFeatureExtractor(FeatureExtractorBase):
-    """torch-fidelity wrapper: provides ``features`` (FID/PR/KID) and ``logits`` (IS) of a trained ProxyNet."""
-
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        super().__init__(name, features_list)
-        if feature_extractor_weights_path is None:
-            raise MissingWeightsError(
-                "the proxy feature extractor needs its trained weights: build it with "
-                "dcae15.metrics.proxy.proxy_extractor(dataset_url), which trains and caches the classifier"
-            )
-        src = feature_extractor_weights_path
-        if not hasattr(src, "read"):
-            from storage.urls import read_bytes
-
-            src = io.BytesIO(read_bytes(str(src)))
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
-        cfg = ckpt["config"]
-        self.net = ProxyNet(int(ckpt["num_classes"]), width=int(cfg["width"]), resolution=int(cfg["resolution"]))
-        self.net.load_state_dict(ckpt["state_dict"])
-        self.requires_grad_(False)
-        self.eval()
-
-    def forward(self, x):
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
-            raise ValueError(f"expected uint8 images [B,3,H,W], got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
-        feats, logits = self.net(self.net.prepare(x))
-        out = {"features": feats.float(), "logits": logits.float()}
-        return tuple(out[name] for name in self.features_list)
-
-    @staticmethod
-    def get_provided_features_list():
-        return "features", "logits"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
-
-
-def register_proxy_extractor() -> str:
-    """Register ``ProxyFeatureExtractor`` with torch-fidelity under ``PROXY_NAME`` (idempotent); returns the name."""
-    from torch_fidelity import register_feature_extractor
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    if PROXY_NAME not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(PROXY_NAME, ProxyFeatureExtractor)
-    return PROXY_NAME
 
 
 def _split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,8 +148,6 @@ def train_proxy(
     (``cfg.blur``, ``cfg.noise``), so that an autoencoder's softened reconstructions are still recognised. The info
     reports held-out accuracy on real images and on the same images blurred with sigma = 1 px.
     """
-    from tqdm import tqdm
-
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = int(labels.max()) + 1
     if len(images) != len(labels) or len(np.unique(labels)) < 2:
@@ -299,10 +209,6 @@ def proxy_extractor(
     Returns:
         A spec whose metric names are ``proxy-…`` and whose ``info`` holds the held-out accuracy.
     """
-    from storage.fingerprint import fingerprint
-
-    from dcae15.metrics.inputs import dataset_fingerprint, default_cache_url, load_labelled_images
-
     register_proxy_extractor()
     dataset_fp = dataset_fingerprint(dataset_url, storage_options)
     key = f"{dataset_fp[:12]}-{fingerprint(cfg, length=8)}"
@@ -362,12 +268,8 @@ def class_accuracy(spec: FeatureExtractorSpec, images: np.ndarray, labels: np.nd
 
 
 def _is_folder(url: str, storage_options: dict | None) -> bool:
-    from dcae15.metrics.inputs import detect_kind
-
     return detect_kind(url, storage_options) == "folder"
 
 
 def _bytes_hash(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()[:16]

@@ -8,8 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dcae15.metrics.fidelity import FeatureExtractorSpec, generation_metrics
+from dcae15.ae.model import StructuredAutoencoder
+from dcae15.metrics.extractor import FeatureExtractorSpec
+from dcae15.metrics.fidelity import generation_metrics
+from dcae15.metrics.inputs import load_labelled_images
 from dcae15.metrics.proxy import ProxyConfig, class_accuracy, held_out_split, load_proxy_net
+from dcae15.pixels import from_uint8_nhwc, to_uint8_nhwc
 
 __all__ = ["reconstruction_class_check"]
 
@@ -30,18 +34,15 @@ def reconstruction_class_check(ae_url: str, dataset_url: str, spec: FeatureExtra
         (the floor for samples decoded by this AE) and ``proxy-fid_real`` (real held-out images: the floor of a
         perfect model at this sample count).
     """
-    from dcae15.ae.model import StructuredAutoencoder
-    from dcae15.metrics.inputs import load_labelled_images
-
     images, labels, _ = load_labelled_images(dataset_url, resolution=resolution, storage_options=storage_options)
     idx = held_out_split(labels, proxy_cfg)
     images, labels = images[idx], labels[idx]
     ae = StructuredAutoencoder.from_pretrained(ae_url, storage_options=storage_options).eval()
     recon = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = from_uint8_nhwc(images[i:i + batch_size])
         y = ae.decode(ae.encode(x))
-        recon.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        recon.append(to_uint8_nhwc(y))
     recon = np.concatenate(recon)
     net = load_proxy_net(spec)
     real_acc = class_accuracy(spec, images, labels, net=net)

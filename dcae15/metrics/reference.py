@@ -26,7 +26,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dcae15.metrics import _io
-from dcae15.metrics.fidelity import FeatureExtractorSpec
+from dcae15.metrics.extractor import FeatureExtractorSpec
+from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint, default_cache_url
+from dcae15.parallel import default_device
+from storage.fingerprint import short_id
+from storage.images import CENTER_CROP
 
 __all__ = [
     "FORMAT_VERSION",
@@ -41,7 +45,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-CROP = "adm-center"  # ADM/DiT centre crop (storage.images.center_crop), the same preprocessing as training
+CROP = CENTER_CROP  # ADM/DiT centre crop (storage.images.center_crop), the same preprocessing as training
 
 
 class ReferenceMismatchError(ValueError):
@@ -105,8 +109,6 @@ class ReferenceStats:
 
 
 def _key(dataset_fp: str, extractor: FeatureExtractorSpec, cfg: ReferenceConfig) -> str:
-    from storage.fingerprint import short_id
-
     return short_id(dataset_fp, extractor.fingerprint, extractor.layers["fid"], cfg.key_fields())
 
 
@@ -115,8 +117,6 @@ def reference_url(
     dataset_fp: str | None = None, storage_options: dict | None = None,
 ) -> str:
     """The URL of the reference for these inputs (whether or not it exists yet)."""
-    from dcae15.metrics.inputs import dataset_fingerprint, default_cache_url
-
     fp = dataset_fp or dataset_fingerprint(dataset_url, storage_options)
     base = cache_url or default_cache_url(dataset_url, storage_options)
     return _io.join(base, "reference", f"{extractor.label}-{cfg.resolution}px-{_key(fp, extractor, cfg)}")
@@ -198,8 +198,6 @@ def reference_stats(
         cache_url: where references live; default next to the data (``<dataset>/eval`` or ``<folder>.eval``).
         num_workers: decoding processes; None = ``default_workers`` (one per core up to 8 for large datasets).
     """
-    from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint
-
     cfg = ReferenceConfig(resolution=resolution, max_samples=max_samples, num_features=num_features, seed=seed,
                           block_size=block_size)
     fp = dataset_fingerprint(dataset_url, storage_options)
@@ -209,7 +207,7 @@ def reference_stats(
     ds = as_image_dataset(dataset_url, resolution=resolution, storage_options=storage_options)
     used = _subset(len(ds), cfg.max_samples, seed, 0)
     keep = used[_subset(len(used), cfg.num_features, seed, 1)]  # dataset rows whose features are kept
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     net = extractor.build([extractor.layers["fid"]], dev)
     workers = default_workers(len(used)) if num_workers is None else int(num_workers)
     blocks = range(0, len(used), cfg.block_size)

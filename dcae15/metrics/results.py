@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dcae15.figures import png_bytes, pyplot
 from dcae15.metrics import _io
 
 __all__ = ["CONTEXT_COLUMNS", "ResultsTable", "append_results", "format_table", "has_result", "is_metric_name",
@@ -244,10 +245,7 @@ def plot_results(table_url: str, out_url: str, *, references: Mapping[str, Mappi
     Properties of the feature network (``proxy-classifier_accuracy``) are written in the title, not drawn as if
     they were sample curves. ``references`` maps an extractor label to ``{metric: value}`` drawn as a dashed
     horizontal line (e.g. the proxy-FID of the autoencoder's reconstructions: the floor for its samples)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     table = read_results(table_url, storage_options=storage_options)
     if len(table) == 0:
@@ -281,12 +279,10 @@ def plot_results(table_url: str, out_url: str, *, references: Mapping[str, Mappi
         fig.suptitle(f"feature extractor: {extractor}" + (f"  ({facts}: a property of the extractor)" if facts else ""),
                      fontsize=9)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
+        png = png_bytes(fig)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in extractor)
         url = _io.join(out_url, f"results-{safe}.png")
-        _io.write_atomic(url, buf.getvalue(), storage_options)
+        _io.write_atomic(url, png, storage_options)
         urls.append(url)
     return urls
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcae15.diffusion.adt import ADTConfig, channel_mask, diffusion_loss, masked_mse
+from dcae15.ae.model import channel_mask
+from dcae15.diffusion.adt import ADTConfig, diffusion_loss, masked_mse
 from dcae15.models import PRESETS, build_model, model_config
 
 # (preset, latent shape (C, H, W), patch, published params in M, where the figure comes from)

@@ -8,7 +8,9 @@ import torch
 
 from dcae15.ae.model import StructuredAutoencoder
 from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
-from dcae15.diffusion.sample import make_labels, sample_to_store
+from dcae15.diffusion.sample import sample_to_store
+from dcae15.metrics.fidelity import uniform_labels
+from dcae15.metrics.labels import make_labels
 from storage.sample_store import SampleStore
 
 pytestmark = pytest.mark.slow
@@ -62,6 +64,17 @@ def test_wrong_autoencoder_is_refused(trained_run):
         sample_to_store(run, str(root / "bad"), num_samples=2, ae_url=other, progress=False)
     with pytest.raises(ValueError, match="does not fit"):
         sample_to_store(run, str(root / "bad2"), num_samples=2, sampler="ddpm", progress=False)
+
+
+def test_uniform_samples_carry_the_labels_their_evaluation_draws(trained_run):
+    """One label rule: the labels a sample store holds are the ones ``uniform_labels`` gives for the same seed."""
+    root, run = trained_run
+    for seed in (0, 5):
+        url = sample_to_store(run, str(root / f"uniform-{seed}"), num_samples=7, sampler="euler", steps=1, seed=seed,
+                              batch_size=4, chunk_size=4, progress=False, labels="uniform")
+        _, labels = SampleStore.open(url).read_all()
+        assert np.array_equal(labels, uniform_labels(7, 4, seed=seed))
+    assert not np.array_equal(uniform_labels(64, 4, seed=0), uniform_labels(64, 4, seed=5))
 
 
 def test_label_modes():

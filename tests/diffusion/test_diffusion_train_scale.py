@@ -100,7 +100,7 @@ def test_prefetcher_keeps_order_reraises_and_closes():
 
 
 def test_sharded_ema_matches_a_loop():
-    from dcae15.diffusion.ema import ShardedEMA
+    from dcae15.ema import EMA
     from dcae15.parallel import apply_parallelism, make_mesh
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -110,7 +110,7 @@ def test_sharded_ema_matches_a_loop():
                                         num_classes=3))
         apply_parallelism(model, mesh=make_mesh(torch.device("cpu"), 1), device=torch.device("cpu"),
                           mixed_precision="fp32")
-        ema = ShardedEMA(model)
+        ema = EMA(model)
         ref = {n: t.full_tensor().clone() for n, t in ema.shadow.items()}
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for decay in (0.5, 0.9):

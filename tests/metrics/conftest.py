@@ -7,8 +7,7 @@ import pytest
 import torch
 
 # The root tests/conftest.py blocks every non-loopback connect(); these tests also make torch.hub's downloader
-# fail loudly (see `no_download`), so a weights download attempt cannot pass silently.
-
+# fail loudly (see `no_download` in tests/conftest.py), so a weights download attempt cannot pass silently.
 
 
 @pytest.fixture(scope="session")
@@ -36,20 +35,6 @@ def proxy_spec(shapes_url, proxy_cache):
     from dcae15.metrics.proxy import ProxyConfig, proxy_extractor
 
     return proxy_extractor(shapes_url, ProxyConfig(), cache_url=proxy_cache)
-
-
-@pytest.fixture
-def no_download(monkeypatch):
-    """Any torch.hub download raises (torch-fidelity's Inception calls load_state_dict_from_url when given no path)."""
-    import torch.hub
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a download was attempted: {args[:1]}")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(fe, "load_state_dict_from_url", refuse)
 
 
 @pytest.fixture(scope="session")

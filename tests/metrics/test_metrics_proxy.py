@@ -51,7 +51,7 @@ def test_metrics_proxy_registered_with_torch_fidelity(proxy_spec, shapes_images)
 
     from dcae15.metrics.fidelity import generation_metrics
     from dcae15.metrics.inputs import ArrayImages
-    from dcae15.metrics.proxy import PROXY_NAME, register_proxy_extractor
+    from dcae15.metrics.extractor import PROXY_NAME, register_proxy_extractor
 
     assert register_proxy_extractor() == PROXY_NAME == proxy_spec.name
     x = shapes_images[0]
@@ -69,7 +69,7 @@ def test_metrics_proxy_registered_with_torch_fidelity(proxy_spec, shapes_images)
 
 
 def test_metrics_proxy_extractor_without_weights_is_a_clear_error():
-    from dcae15.metrics.proxy import PROXY_NAME, ProxyFeatureExtractor
+    from dcae15.metrics.extractor import PROXY_NAME, ProxyFeatureExtractor
     from dcae15.weights import MissingWeightsError
 
     with pytest.raises(MissingWeightsError, match="proxy_extractor"):

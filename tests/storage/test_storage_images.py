@@ -8,10 +8,9 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from storage.images import BadImageError, center_crop, decode_image, to_tensor
+from storage.images import BadImageError, center_crop, decode_image
 
 RGB = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 
@@ -86,13 +85,3 @@ def test_center_crop_matches_adm_reference():
     top, left = (ref.shape[0] - 64) // 2, (ref.shape[1] - 64) // 2
     np.testing.assert_array_equal(center_crop(img, 64), ref[top:top + 64, left:left + 64])
     assert center_crop(Image.fromarray(RGB[:10, :30]), 16).shape == (16, 16, 3)  # upscaling small images
-
-
-def test_to_tensor_range_and_layout():
-    t = to_tensor(RGB)
-    assert t.shape == (3, 48, 64) and t.dtype == torch.float32
-    assert t.min() >= -1 and t.max() <= 1
-    assert t[0, 0, 0] == pytest.approx(RGB[0, 0, 0] / 127.5 - 1)
-    assert to_tensor(np.stack([RGB, RGB])).shape == (2, 3, 48, 64)
-    with pytest.raises(ValueError, match="uint8"):
-        to_tensor(RGB.astype(np.float32))

@@ -23,6 +23,7 @@ from dcae15.ae.channels import ChannelSampling, step_generator
 from dcae15.ae.data import ImageBatches
 from dcae15.ae.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from dcae15.ae.model import AE_PRESETS, StructuredAutoencoder
+from dcae15.typed_config import from_dict
 
 __all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
 
@@ -174,12 +175,9 @@ class AETrainConfig:
             raise ValueError("AETrainConfig: the reconstruction loss is empty (w_l1=0 and no LPIPS)")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AETrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"AETrainConfig: unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], path: str | None = None) -> "AETrainConfig":
+        """Checked construction (unknown fields, types, ranges), errors naming ``path`` (``autoencoder.train``)."""
+        return from_dict(cls, d, path)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -97,7 +97,7 @@ class AESection:
     """Fields of ``dcae15.ae.train.AETrainConfig`` (the preset, seed and resolution are filled in): the one phase of
     a single-phase config (the demo), or, with ``phases``, fields shared by every phase (a phase's own value
     wins). Checked field by field when loaded."""
-    phases: list[AETrainConfig] | list[dict[str, Any]] | str | None = None
+    phases: list[dict[str, Any]] | list[AETrainConfig] | str | None = None
     """The recipe: a list of phases (``AETrainConfig`` fields each, plus an optional ``name``), each started from
     the previous phase's model; ``"paper"`` = ``dcae15.ae.recipe.PAPER_PHASES``. None: ``train`` as one phase,
     or the paper's three phases for real data (``data.source`` set) when ``train`` is empty too.

@@ -71,6 +71,21 @@ def test_sections_are_the_library_dataclasses():
     assert load_config("tiny", {"diffusion": {"train": {"lr": "1e-4"}}}).diffusion.train.lr == 1e-4  # YAML 1.1's 1e-4
 
 
+def test_ae_phases_are_the_recipe_the_flow_trained_before():
+    """``autoencoder.phases`` resolves exactly as the flow resolved it (shared ``train`` fields, preset, seed, each
+    phase's own defaults such as its learning rate)."""
+    from dcae15.ae.recipe import phase_configs, resolve_phases
+
+    ae = {"preset": "tiny-f4c8", "train": {"steps": 5, "resolution": 32},
+          "phases": [{"phase": "full"}, {"phase": "refinement", "steps": 2}]}
+    cfg = load_config("tiny", {"seed": 4, "autoencoder": ae})
+    train = cfg.autoencoder.train  # tiny's autoencoder.train with these fields merged in
+    assert train["steps"] == 5 and train["batch_size"] == 8
+    expect = phase_configs(resolve_phases(ae["phases"], train, real_data=False), preset="tiny-f4c8", seed=4)
+    assert cfg.autoencoder.phases == expect
+    assert [p.lr for p in cfg.autoencoder.phases] == [6.4e-5, 5.4e-5] and cfg.autoencoder.phases[1].steps == 2
+
+
 def test_one_resolution_sets_every_stage():
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     assert "resolution" in raw and "resolution" not in raw["encode"] and "resolution" not in raw["autoencoder"]["train"]

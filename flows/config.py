@@ -221,6 +221,12 @@ class SampleSection:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"sample.precision must be one of auto, bf16, fp32; got {self.precision!r}")
+        from dcae15.diffusion.samplers import SAMPLERS
+
+        known = [name for names in SAMPLERS.values() for name in names]
+        if self.sampler is not None and self.sampler not in known:
+            raise ValueError(f"sample.sampler={self.sampler!r}; allowed: {', '.join(known)} or null (the model's "
+                             "default); DDPM models take ddpm/ddim, flow models euler/heun/dopri5")
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError(f"sample.num_samples, steps, batch_size, chunk_size must be >= 1, got {self.num_samples}, "
                              f"{self.steps}, {self.batch_size}, {self.chunk_size}")

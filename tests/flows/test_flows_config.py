@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[2]
                                                                          "alex"]),
     ({"evaluate": {"options": {"proxy": {"holdout": 2.0}}}}, ["evaluate.options.proxy", "holdout", "(0, 1)"]),
     ({"sample": {"precision": "fp8"}}, ["sample.precision", "bf16"]),
+    ({"sample": {"sampler": "euler-maruyama"}}, ["sample.sampler", "heun", "ddim"]),
     ({"resolution": 4}, ["resolution", ">= 8"]),
 ])
 def test_bad_values_are_refused_with_the_dotted_path_and_what_is_allowed(raw, words):

@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
     ({"data": {"synthetic": {"sizee": 3}}}, ["data.synthetic.sizee", "size"]),
     ({"evaluate": {"options": {"generation": {"kid_subsetz": 3}}}}, ["evaluate.options.generation.kid_subsetz",
                                                                      "kid_subsets"]),
+    ({"evaluate": {"options": {"reconstruction": {"finetune": {"stepz": 3}}}}},
+     ["evaluate.options.reconstruction.finetune.stepz", "steps"]),
     ({"resolutions": 64}, ["resolutions", "allowed", "resolution"]),
     # wrong types
     ({"diffusion": {"train": {"lr": "fast"}}}, ["diffusion.train.lr", "number", "'fast'"]),

@@ -73,3 +73,11 @@ def test_prefect_yaml_entrypoints_name_existing_flows():
         path, func = dep["entrypoint"].split(":")
         tree = ast.parse((FLOWS.parent / path).read_text())
         assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, dep["entrypoint"]
+
+
+def test_configs_have_one_source_the_packaged_presets():
+    """configs/ (what README points at) is the package's own folder, not a copy that could drift."""
+    from flows.config import CONFIG_DIR, preset_names
+
+    assert (FLOWS.parent / "configs").resolve() == CONFIG_DIR.resolve() == (FLOWS / "configs").resolve()
+    assert {"demo", "tiny", "imagenet"} <= set(preset_names())

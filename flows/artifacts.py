@@ -116,7 +116,7 @@ def publish_metrics(pointer: dict[str, Any]) -> dict[str, Any]:
     """
     from dcae15.metrics.results import read_results
     from flows import rerun
-    from flows.evaluate import results_url
+    from flows.pointers import results_url
 
     rerun.record("evaluate", pointer)
     root, key = pointer["root"], pointer["key"]

@@ -11,27 +11,9 @@ from flows import names
 from flows.artifacts import publish_pointer
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
-from flows.prepare import describe_dataset
+from flows.pointers import describe_ae, describe_dataset
 
-__all__ = ["describe_ae", "validate_ae", "fit_autoencoder", "train_autoencoder"]
-
-
-def describe_ae(url: str) -> dict[str, Any]:
-    """The pointer of a saved autoencoder: URL + fingerprint (hash of weights + config) + latent shape."""
-    from dcae15.ae.model import StructuredAutoencoder
-
-    ae = StructuredAutoencoder.from_pretrained(url)
-    return {"kind": "autoencoder", "url": url, "fingerprint": ae.fingerprint(),
-            "latent_channels": ae.latent_channels, "spatial_compression": ae.spatial_compression}
-
-
-def validate_ae(pointer: dict[str, Any]) -> str | None:
-    """None if the saved autoencoder loads and has the recorded fingerprint; else what is wrong."""
-    try:
-        now = describe_ae(pointer["url"])
-    except Exception as exc:  # noqa: BLE001 - unreadable or missing weights mean "recompute"
-        return f"cannot load {pointer['url']}: {exc}"
-    return None if now["fingerprint"] == pointer["fingerprint"] else f"fingerprint {now['fingerprint']} != {pointer['fingerprint']}"
+__all__ = ["fit_autoencoder", "train_autoencoder"]
 
 
 @task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json")
@@ -90,7 +72,7 @@ def train_autoencoder(dataset: str, root: str | None = None, config: ConfigArg =
     is the last phase's model with ``chain_fingerprint`` (covering every phase and the dataset) and ``phases``.
     ``nproc_per_node`` / ``nnodes`` > 1 train each phase under ``torchrun`` (DDP).
     """
-    from dcae15.ae.recipe import chain_fingerprints, phase_configs, resolve_phases
+    from dcae15.ae.recipe import chain_fingerprints
 
     over = {k: v for k, v in {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "torchrun_args": torchrun_args}.items()
             if v is not None}
@@ -99,14 +81,13 @@ def train_autoencoder(dataset: str, root: str | None = None, config: ConfigArg =
     if sec.pretrained:
         return describe_ae(sec.pretrained)
     data = describe_dataset(dataset)
-    phases = resolve_phases(sec.phases, sec.train, real_data=cfg.data.source is not None)
-    cfgs = phase_configs(phases, preset=sec.preset, seed=cfg.seed)
+    cfgs = sec.phases  # the recipe's phases, resolved and validated by load_config (flows/config.py)
     fps = chain_fingerprints(cfgs, data["fingerprint"])
     launch = {"launcher": sec.launcher, "nproc_per_node": sec.nproc_per_node, "nnodes": sec.nnodes,
               "torchrun_args": list(sec.torchrun_args)}
     done: list[dict[str, Any]] = []
     for c, fp in zip(cfgs, fps):
-        done.append(run_cached(fit_autoencoder, validate_ae, root=cfg.root, dataset=data, phase=c.to_dict(),
+        done.append(run_cached(fit_autoencoder, root=cfg.root, dataset=data, phase=c.to_dict(),
                                chain_fingerprint=fp, init=done[-1] if done else None, launch=launch))
     return publish_pointer("autoencoder", {**done[-1], "phases": [{k: p[k] for k in ("phase_name", "phase", "url", "fingerprint")}
                                                                 for p in done]})

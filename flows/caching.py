@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
@@ -78,12 +78,11 @@ def result_storage_for(url: str | None):
     return path
 
 
-def run_cached(task: Any, validate: Callable[[dict[str, Any]], str | None], **kwargs: Any) -> dict[str, Any]:
+def run_cached(task: Any, **kwargs: Any) -> dict[str, Any]:
     """Run a cached stage task; if its result came from the cache but the artifact is gone or incomplete, recompute.
 
     Args:
-        task: a Prefect task returning a pointer dict (URL + fingerprints).
-        validate: returns None when the pointer's artifact is complete, else the reason it is not.
+        task: a Prefect task returning a pointer (flows/pointers.py), checked with ``flows.pointers.validate``.
         kwargs: the task's arguments.
 
     Returns:
@@ -93,6 +92,8 @@ def run_cached(task: Any, validate: Callable[[dict[str, Any]], str | None], **kw
     pointer = state.result()
     if state.name != "Cached":
         return pointer  # fresh work: the task validated its own output before returning
+    from flows.pointers import validate
+
     problem = validate(pointer)
     if problem is None:
         return pointer

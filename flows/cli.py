@@ -1,4 +1,4 @@
-"""The ``dcae15`` command: one subcommand per pipeline stage, ``pipeline``, ``demo`` and ``results``."""
+"""The ``dcae15`` command: one subcommand per pipeline stage, ``pipeline`` (also spelled ``demo``) and ``results``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import yaml
 
-from flows.config import PRESET_CONFIGS
+from flows.config import preset_names
 
 __all__ = ["build_parser", "main"]
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--root", default=None,
                         help=f"object-storage root URL for every artifact (default: the config's root, {DEFAULT_ROOT})")
     common.add_argument("--config", default="demo",
-                        help=f"a config preset ({', '.join(PRESET_CONFIGS)}) or a YAML file (default: demo); "
+                        help=f"a config preset ({', '.join(preset_names())}) or a YAML file (default: demo); "
                              "sections: data, autoencoder, encode, diffusion, sample, evaluate")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set diffusion.train.steps=200 (repeatable)")
@@ -72,20 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     backbones = _backbone_names()
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
+    def add(name: str, help_: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], help=help_, description=help_, epilog=_EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              aliases=list(aliases), formatter_class=argparse.RawDescriptionHelpFormatter)
 
     common.add_argument("--through-prefect", action="store_true",
                         help="demo/pipeline: run through Prefect even when an identical finished run's outputs are "
                              "all still valid (by default such a rerun is answered without starting Prefect)")
-    p = add("demo", "the embedded default: generate a shapes dataset, train a tiny AE and two tiny backbones on "
-                    "CPU, sample, evaluate, and print where everything is (≈10 min first time, seconds when rerun)")
+    # one command, two names: `demo` is the pipeline with its default config (the packaged demo preset)
+    p = add("pipeline", "all stages: prepare -> train AE -> encode -> for each backbone: train, sample, evaluate, "
+                        "then print where everything is. With the default --config demo (also spelled `dcae15 demo`): "
+                        "a generated shapes dataset, a tiny AE and two tiny backbones on CPU (≈10 min first time, "
+                        "seconds when rerun)", aliases=("demo",))
     p.add_argument("--backbones", nargs="+", choices=backbones, metavar="NAME",
                    help=f"backbone presets to train on the one store (default: the config's). Choices: {', '.join(backbones)}")
-    p = add("pipeline", "all stages: prepare -> train AE -> encode -> for each backbone: train, sample, evaluate")
-    p.add_argument("--backbones", nargs="+", choices=backbones, metavar="NAME",
-                   help=f"backbone presets (default: the config's). Choices: {', '.join(backbones)}")
     add("prepare", "generate (or take --set data.source=URL) images and pack them into shards + an index")
     p = add("train-ae", "train the structured autoencoder on a packed dataset: the config's phases, each cached and "
                         "resumable (in-process, or torchrun when asked)")
@@ -154,10 +154,11 @@ def _run(args: argparse.Namespace) -> Any:
     from flows.caching import result_storage_for
     from flows.diffusion import train_diffusion
     from flows.encode import encode_latents
-    from flows.evaluate import evaluate, evaluate_new_checkpoints
-    from flows.pipeline import pipeline
+    from flows.evaluate import evaluate_samples
+    from flows.pipeline import run_pipeline
     from flows.prepare import prepare_images
-    from flows.sample import sample
+    from flows.sample import sample_run
+    from flows.score_checkpoints import evaluate_new_checkpoints
     from storage.layout import Root
 
     storage = result_storage_for(args.results or Root(root).prefect_results())
@@ -168,7 +169,7 @@ def _run(args: argparse.Namespace) -> Any:
 
     c = args.command
     if c in ("demo", "pipeline"):
-        return _pipeline_or_shortcut(args, root, config, lambda: call(pipeline, backbones=args.backbones))
+        return _pipeline_or_shortcut(args, root, config, lambda: call(run_pipeline, backbones=args.backbones))
     if c == "prepare":
         return call(prepare_images)
     if c == "train-ae":
@@ -180,9 +181,9 @@ def _run(args: argparse.Namespace) -> Any:
         return call(train_diffusion, store=args.store, backbone=args.backbone, nproc_per_node=args.nproc_per_node,
                     nnodes=args.nnodes, torchrun_args=args.torchrun_arg or None)
     if c == "sample":
-        return call(sample, run=args.run, checkpoint=args.checkpoint)
+        return call(sample_run, run=args.run, checkpoint=args.checkpoint)
     if c == "evaluate":
-        return call(evaluate, samples=args.samples, dataset=args.dataset)
+        return call(evaluate_samples, samples=args.samples, dataset=args.dataset)
     if c == "evaluate-new":
         return call(evaluate_new_checkpoints)
     raise SystemExit(f"unknown command {c!r}")

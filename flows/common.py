@@ -1,4 +1,4 @@
-"""Helpers shared by the stage flows: the resolved config of a run and pointers read back from artifacts."""
+"""Helpers shared by the stage flows: the resolved config of a run (pointers live in flows/pointers.py)."""
 
 from __future__ import annotations
 

@@ -1,32 +1,59 @@
-"""The pipeline's configuration: one YAML file with a section per stage, loaded into small validated dataclasses."""
+"""The pipeline's configuration: one YAML file with a section per stage, loaded into typed dataclasses.
+
+The sections embed the library's own config classes (``autoencoder.phases``: ``AETrainConfig``; ``diffusion.train``:
+``DiffusionTrainConfig``; ``evaluate.options``: ``ProxyConfig``, ``ReconEvalConfig``), built with
+``dcae15.typed_config.from_dict``: an unknown key, a value of the wrong type or out of range is refused by
+:func:`load_config` with its dotted path and the allowed values, before any Prefect run starts.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dcae15.ae.recon_eval import ReconEvalConfig
+from dcae15.ae.train import AETrainConfig
+from dcae15.diffusion.train import DiffusionTrainConfig
+from dcae15.metrics.proxy import ProxyConfig
+from dcae15.typed_config import check_fields, check_kwargs, from_dict
+
 __all__ = [
     "CONFIG_DIR",
-    "PRESET_CONFIGS",
+    "preset_names",
     "DataSection",
     "AESection",
     "EncodeSection",
     "DiffusionSection",
     "SampleSection",
+    "EvalOptions",
     "EvalSection",
     "PipelineConfig",
     "load_config",
     "resolve_config_path",
 ]
 
-# configs/ ships next to the package in a source checkout; the demo config is also embedded below as a fallback
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PRESET_CONFIGS = ("demo", "tiny")
+# The presets (demo, tiny, imagenet) are package data of flows (pyproject: package-data), so an installed wheel has
+# them; the repository's configs/ is a link to this folder, not a second copy.
+CONFIG_DIR = Path(str(resources.files("flows") / "configs"))
+
+
+def preset_names() -> list[str]:
+    """The config presets shipped with the package: ``demo``, ``tiny``, ``imagenet``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _synthetic_kwargs(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """``data.synthetic`` checked as keyword arguments of ``storage.synthetic.make_shapes_dataset``."""
+    from storage.synthetic import make_shapes_dataset
+
+    return check_kwargs(make_shapes_dataset, data, path, exclude=("root", "storage_options"))
 
 
 @dataclass(kw_only=True)
@@ -37,8 +64,9 @@ class DataSection:
     """Dataset name: packed to ``<root>/data/<name>/``."""
     source: str | None = None
     """URL of a class-folder tree to pack; None = generate the shapes dataset (``synthetic``)."""
-    synthetic: dict[str, Any] = field(default_factory=lambda: {"num_classes": 8, "per_class": 64, "size": 32, "seed": 0})
-    """Keyword arguments of ``storage.synthetic.make_shapes_dataset`` (used when ``source`` is None)."""
+    synthetic: dict[str, Any] = field(default_factory=lambda: {"num_classes": 8, "per_class": 64, "seed": 0})
+    """Keyword arguments of ``storage.synthetic.make_shapes_dataset`` (used when ``source`` is None); ``size``
+    defaults to the pipeline's ``resolution``."""
     shard_bytes: int = 64 * 2**20
     """Target webdataset shard size."""
     workers: int = 1
@@ -53,10 +81,8 @@ class DataSection:
             raise ValueError(f"data.workers and data.read_threads must be >= 1, got {self.workers}, {self.read_threads}")
         if not self.name or "/" in self.name:
             raise ValueError(f"data.name must be a non-empty name without '/', got {self.name!r}")
-        allowed = {"num_classes", "per_class", "size", "seed", "fmt", "texture", "noise", "scale", "background",
-                   "jitter"}
-        if self.source is None and set(self.synthetic) - allowed:
-            raise ValueError(f"data.synthetic has unknown keys {sorted(set(self.synthetic) - allowed)}; allowed: {sorted(allowed)}")
+        if self.source is None:
+            self.synthetic = _synthetic_kwargs(self.synthetic, "data.synthetic")
 
 
 @dataclass(kw_only=True)
@@ -68,12 +94,14 @@ class AESection:
     pretrained: str | None = None
     """URL of a ``save_pretrained`` directory; skips training when set."""
     train: dict[str, Any] = field(default_factory=dict)
-    """Fields of ``dcae15.ae.train.AETrainConfig`` (the preset is filled in): the one phase of a single-phase config
-    (the demo), or, with ``phases``, fields shared by every phase (a phase's own value wins)."""
-    phases: list[dict[str, Any]] | str | None = None
+    """Fields of ``dcae15.ae.train.AETrainConfig`` (the preset, seed and resolution are filled in): the one phase of
+    a single-phase config (the demo), or, with ``phases``, fields shared by every phase (a phase's own value
+    wins). Checked field by field when loaded."""
+    phases: list[dict[str, Any]] | list[AETrainConfig] | str | None = None
     """The recipe: a list of phases (``AETrainConfig`` fields each, plus an optional ``name``), each started from
     the previous phase's model; ``"paper"`` = ``dcae15.ae.recipe.PAPER_PHASES``. None: ``train`` as one phase,
-    or the paper's three phases for real data (``data.source`` set) when ``train`` is empty too."""
+    or the paper's three phases for real data (``data.source`` set) when ``train`` is empty too.
+    :func:`load_config` resolves it into the list of validated ``AETrainConfig`` phases the flow trains."""
     nproc_per_node: int = 1
     """> 1 trains each phase under ``torchrun --nproc_per_node N`` (DDP); 1 trains in the flow's own process."""
     nnodes: int = 1
@@ -83,6 +111,10 @@ class AESection:
     """``auto`` (in-process for one process), ``inprocess`` or ``torchrun``."""
 
     def __post_init__(self) -> None:
+        self.train = check_fields(AETrainConfig, self.train, "autoencoder.train")
+        if isinstance(self.phases, list):
+            self.phases = [p if isinstance(p, AETrainConfig) else check_fields(AETrainConfig, p, f"autoencoder.phases[{i}]")
+                           for i, p in enumerate(self.phases)]
         if isinstance(self.phases, str) and self.phases != "paper":
             raise ValueError(f"autoencoder.phases must be 'paper' or a list of phase configs, got {self.phases!r}")
         if self.nproc_per_node < 1 or self.nnodes < 1:
@@ -97,7 +129,6 @@ class AESection:
 class EncodeSection:
     """Encoding the dataset into a latent store with Dask."""
 
-    resolution: int = 32
     flip: bool = True
     batch_size: int = 128
     """Images per forward (x2 with flips): sized for a 256 px f32 AE on one GPU; the demo sets its own."""
@@ -123,7 +154,7 @@ class EncodeSection:
     """Batches decoded ahead of the forward pass, per worker."""
 
     def __post_init__(self) -> None:
-        for name in ("resolution", "batch_size", "workers", "units_per_task"):
+        for name in ("batch_size", "workers", "units_per_task"):
             if getattr(self, name) < 1:
                 raise ValueError(f"encode.{name} must be >= 1, got {getattr(self, name)}")
         if self.decode_threads < 0 or self.prefetch_batches < 0:
@@ -141,8 +172,9 @@ class DiffusionSection:
 
     backbones: list[str] = field(default_factory=lambda: ["DiT-tiny", "USiT-tiny"])
     """Names from ``dcae15.models`` presets; each gets its own run on the same store."""
-    train: dict[str, Any] = field(default_factory=dict)
-    """Fields of ``dcae15.diffusion.train.DiffusionTrainConfig`` shared by all backbones (model is filled in)."""
+    train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
+    """The training config shared by all backbones: ``model`` is replaced by each name of ``backbones``; ``seed``
+    defaults to the pipeline's."""
     nproc_per_node: int = 1
     """> 1 launches ``torchrun --nproc_per_node N``; 1 trains in the flow's own process."""
     nnodes: int = 1
@@ -156,6 +188,11 @@ class DiffusionSection:
     def __post_init__(self) -> None:
         if not self.backbones:
             raise ValueError("diffusion.backbones must name at least one backbone preset")
+        from dcae15.models.registry import PRESETS
+
+        unknown = [b for b in self.backbones if b not in PRESETS]
+        if unknown:
+            raise ValueError(f"diffusion.backbones: unknown presets {unknown}; allowed: {', '.join(sorted(PRESETS))}")
         if self.nproc_per_node < 1 or self.nnodes < 1:
             raise ValueError(f"diffusion.nproc_per_node and nnodes must be >= 1, got {self.nproc_per_node}, {self.nnodes}")
         if self.launcher not in ("auto", "inprocess", "torchrun"):
@@ -184,9 +221,36 @@ class SampleSection:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"sample.precision must be one of auto, bf16, fp32; got {self.precision!r}")
+        from dcae15.diffusion.samplers import SAMPLERS
+
+        known = [name for names in SAMPLERS.values() for name in names]
+        if self.sampler is not None and self.sampler not in known:
+            raise ValueError(f"sample.sampler={self.sampler!r}; allowed: {', '.join(known)} or null (the model's "
+                             "default); DDPM models take ddpm/ddim, flow models euler/heun/dopri5")
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError(f"sample.num_samples, steps, batch_size, chunk_size must be >= 1, got {self.num_samples}, "
                              f"{self.steps}, {self.batch_size}, {self.chunk_size}")
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    """Settings of the metrics (``evaluate.options``)."""
+
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    """The proxy classifier and its training (``dcae15.metrics.proxy.ProxyConfig``)."""
+    reconstruction: ReconEvalConfig | None = None
+    """The autoencoder's reconstruction scores (``dcae15.ae.recon_eval.ReconEvalConfig``); ``resolution``
+    defaults to the pipeline's. None: the defaults."""
+    generation: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``dcae15.metrics.fidelity.generation_metrics`` (metrics, batch_size, kid_subsets, ...)."""
+    inception_weights: str | None = None
+    """The InceptionV3 weights file (else ``$DCAE15_WEIGHTS`` / the torch hub cache)."""
+
+    def __post_init__(self) -> None:
+        from dcae15.metrics.fidelity import generation_metrics
+
+        self.generation = check_kwargs(generation_metrics, self.generation, "evaluate.options.generation",
+                                       exclude=("samples", "reference", "extractor", "resolution"))
 
 
 @dataclass(kw_only=True)
@@ -197,8 +261,8 @@ class EvalSection:
     """``inception`` (the standard numbers; needs its local weights), ``proxy`` (a small classifier trained on the
     demo data; numbers labelled proxy-*), or ``auto``: inception for real data (``data.source`` set), proxy for
     the generated demo dataset."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments of the metrics package (e.g. the proxy's training steps, Inception weights path)."""
+    options: EvalOptions = field(default_factory=EvalOptions)
+    """Settings of the metrics: the proxy classifier, the reconstruction scores, the generation metrics."""
     reconstruction: bool = True
     """Also score the autoencoder's reconstructions per c' (rFID / PSNR / SSIM / LPIPS) and draw its figures."""
     checkpoints: str = "all"
@@ -219,6 +283,11 @@ class PipelineConfig:
     root: str = "./demo_out"
     """Object-storage root URL (local directory, ``s3://bucket/prefix``, ``memory://``)."""
     seed: int = 0
+    """The seed of every stage that sets none itself (``diffusion.train.seed``, the AE phases' ``seed``)."""
+    resolution: int = 32
+    """The image size of the pipeline, set once: the latent store is encoded at it (centre crop), samples are
+    scored at it, and it is the default of the single-phase autoencoder's ``resolution``, of the generated
+    images' ``data.synthetic.size`` and of ``evaluate.options.reconstruction.resolution``."""
     data: DataSection = field(default_factory=DataSection)
     autoencoder: AESection = field(default_factory=AESection)
     encode: EncodeSection = field(default_factory=EncodeSection)
@@ -227,21 +296,38 @@ class PipelineConfig:
     evaluate: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
         if self.evaluate.extractor == "auto":  # real data gets the standard extractor; the demo keeps its proxy
             self.evaluate.extractor = "inception" if self.data.source is not None else "proxy"
+        if self.evaluate.options.reconstruction is None:
+            self.evaluate.options.reconstruction = ReconEvalConfig(resolution=self.resolution)
+        if self.data.source is None:
+            self.data.synthetic.setdefault("size", self.resolution)
+        self.autoencoder.phases = _resolve_phases(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON values (lists, not tuples); :func:`load_config` of it gives this config back."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-_SECTIONS = {
-    "data": DataSection,
-    "autoencoder": AESection,
-    "encode": EncodeSection,
-    "diffusion": DiffusionSection,
-    "sample": SampleSection,
-    "evaluate": EvalSection,
-}
+def _resolve_phases(cfg: PipelineConfig) -> list[AETrainConfig]:
+    """The autoencoder recipe as validated ``AETrainConfig`` phases (preset, seed and resolution filled in)."""
+    from dcae15.ae.recipe import phase_configs, resolve_phases
+
+    sec = cfg.autoencoder
+    if isinstance(sec.phases, list) and all(isinstance(p, AETrainConfig) for p in sec.phases):
+        return sec.phases
+    phases = resolve_phases(sec.phases, sec.train, real_data=cfg.data.source is not None)
+    single = sec.phases is None and len(phases) == 1  # autoencoder.train is the one phase
+    paths = ["autoencoder.train"] if single else [f"autoencoder.phases[{i}]" for i in range(len(phases))]
+    # a phase trains at the pipeline's resolution unless it says otherwise (the paper's 512 px latent adaptation)
+    phases = [{"resolution": cfg.resolution, **p} for p in phases]
+    return phase_configs(phases, preset=sec.preset, seed=cfg.seed, paths=paths)
+
+
+# Fields that moved: a config that still sets them is told where they went.
+_MOVED = {("encode", "resolution"): "the top-level 'resolution' (set once for every stage)"}
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -252,25 +338,35 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config_path(config: str | None) -> Path | None:
-    """A preset name (``demo``, ``tiny``) or a path to a YAML file; None = the built-in defaults."""
+    """A preset name (``demo``, ``tiny``, ``imagenet``) or a path to a YAML file; None = the built-in defaults."""
     if config is None:
         return None
-    if config in PRESET_CONFIGS:
-        path = CONFIG_DIR / f"{config}.yaml"
-        if not path.is_file():
-            raise ValueError(f"config preset {config!r} expects {path}, which does not exist (run from a source checkout)")
-        return path
+    if config in preset_names():
+        return CONFIG_DIR / f"{config}.yaml"
     path = Path(config).expanduser()
     if not path.is_file():
-        raise ValueError(f"config {config!r} is neither a preset ({', '.join(PRESET_CONFIGS)}) nor an existing YAML file")
+        raise ValueError(f"config {config!r} is neither a preset ({', '.join(preset_names())}) nor an existing YAML file")
     return path
+
+
+def _section(raw: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``raw[k1][k2]...`` as a mapping (created empty when absent) so that defaults can be filled in."""
+    node = raw
+    for k in keys:
+        if node.get(k) is None:
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, dict):
+            raise ValueError(f"{'.'.join(keys)}: expected a mapping of fields, got {node!r}")
+    return node
 
 
 def load_config(config: str | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Build a :class:`PipelineConfig` from a preset name / YAML path / dict, then apply nested ``overrides``.
 
     Raises:
-        ValueError: unknown sections or fields, or invalid values, naming the field.
+        ValueError: an unknown section or field, a value of the wrong type or out of range; the message names the
+            field's dotted path (``diffusion.train.lr``) and what is allowed.
     """
     if isinstance(config, dict):
         raw = copy.deepcopy(config)
@@ -278,16 +374,18 @@ def load_config(config: str | dict[str, Any] | None = None, overrides: dict[str,
         path = resolve_config_path(config)
         raw = yaml.safe_load(path.read_text()) if path else {}
         raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {config!r}: expected a mapping of sections, got {type(raw).__name__}")
     raw = _deep_merge(raw, overrides or {})
-    unknown = set(raw) - set(_SECTIONS) - {"root", "seed"}
-    if unknown:
-        raise ValueError(f"unknown config sections {sorted(unknown)}; allowed: root, seed, {', '.join(_SECTIONS)}")
-    kwargs: dict[str, Any] = {k: raw[k] for k in ("root", "seed") if k in raw}
-    for name, cls in _SECTIONS.items():
-        section = raw.get(name) or {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = set(section) - names
-        if bad:
-            raise ValueError(f"unknown fields {sorted(bad)} in config section {name!r}; allowed: {sorted(names)}")
-        kwargs[name] = cls(**section)
-    return PipelineConfig(**kwargs)
+    for (sec, key), where in _MOVED.items():
+        if isinstance(raw.get(sec), dict) and key in raw[sec]:
+            raise ValueError(f"{sec}.{key} is no longer a field: use {where}")
+    # defaults one section takes from the top level; a value given in the section wins
+    seed = raw.get("seed", 0)
+    _section(raw, "diffusion", "train").setdefault("seed", seed)
+    if isinstance(raw.get("resolution", 32), int):
+        res = raw.get("resolution", 32)
+        options = _section(raw, "evaluate", "options")
+        if options.get("reconstruction") is not None:
+            _section(raw, "evaluate", "options", "reconstruction").setdefault("resolution", res)
+    return from_dict(PipelineConfig, raw, "")

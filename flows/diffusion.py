@@ -10,31 +10,12 @@ from flows import names
 from flows.artifacts import publish_pointer
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
-from flows.encode import describe_store
 from flows.events import announce_checkpoints
 from flows.gpu import GPU_TAG, gpu_stage
 from flows.launch import run_streaming, torchrun_command
+from flows.pointers import describe_run, describe_store
 
-__all__ = ["describe_run", "validate_run", "fit_backbone", "train_diffusion"]
-
-
-def describe_run(url: str) -> dict[str, Any]:
-    """The pointer of a diffusion run: URL + the step of its latest checkpoint + that checkpoint's location."""
-    from dcae15.diffusion.checkpoint import read_run_config
-    from dcae15.diffusion.train import latest_checkpoint
-
-    step, ckpt_url = latest_checkpoint(url)
-    return {"kind": "diffusion_run", "url": url, "run_id": read_run_config(url)["run_id"],
-            "step": step, "checkpoint": ckpt_url}
-
-
-def validate_run(pointer: dict[str, Any]) -> str | None:
-    """None if the run's latest checkpoint is the one the pointer names; else what is wrong."""
-    try:
-        now = describe_run(pointer["url"])
-    except Exception as exc:  # noqa: BLE001 - a missing run / checkpoint means "recompute"
-        return f"cannot read run {pointer['url']}: {exc}"
-    return None if now == pointer else f"run changed: latest is {now['step']}, cached {pointer['step']}"
+__all__ = ["fit_backbone", "train_diffusion"]
 
 
 @task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json", tags=[GPU_TAG])
@@ -91,5 +72,6 @@ def train_diffusion(store: str, backbone: str, root: str | None = None, config: 
     if not pointer["complete"]:
         raise ValueError(f"latent store {store} is not complete: run encode_latents first")
     task_ = fit_backbone.with_options(retries=d.retries, retry_delay_seconds=5)
-    return publish_pointer("train", run_cached(task_, validate_run, root=cfg.root, store=pointer, backbone=backbone,
-                                               train=dict(d.train), seed=cfg.seed, launch=launch))
+    train = {**d.train.to_dict(), "model": backbone}  # the one training config, per backbone
+    return publish_pointer("train", run_cached(task_, root=cfg.root, store=pointer, backbone=backbone,
+                                               train=train, seed=train["seed"], launch=launch))

@@ -16,35 +16,12 @@ from prefect import flow, get_run_logger, task
 
 from flows import names
 from flows.artifacts import Progress, artifact_key, publish_pointer
-from flows.autoencoder import describe_ae
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
-from flows.prepare import describe_dataset
+from flows.pointers import describe_ae, describe_dataset, describe_store
 
-__all__ = ["describe_store", "validate_store", "dask_client", "encode_client", "resolve_device", "encode_store",
+__all__ = ["dask_client", "encode_client", "resolve_device", "encode_store",
            "encode_latents"]
-
-
-def describe_store(url: str) -> dict[str, Any]:
-    """The pointer of a latent store: URL + the fingerprints it was written from + its size and scaling."""
-    from storage.latent_store import LatentStore
-
-    store = LatentStore.open(url, read_only=True)
-    a = store.attrs
-    return {"kind": "latent_store", "url": url, "store_id": store.store_id,
-            "ae_fingerprint": a["ae_fingerprint"], "dataset_fingerprint": a["dataset_fingerprint"],
-            "resolution": int(a["resolution"]), "num_samples": store.num_samples, "complete": store.is_complete and not store.missing_units()}
-
-
-def validate_store(pointer: dict[str, Any]) -> str | None:
-    """None if the store exists, every unit has its marker and it was finalized; else what is wrong."""
-    try:
-        now = describe_store(pointer["url"])
-    except Exception as exc:  # noqa: BLE001 - missing / unreadable store means "recompute"
-        return f"cannot open {pointer['url']}: {exc}"
-    if not now["complete"]:
-        return "store is incomplete (units missing or not finalized)"
-    return None if now == pointer else f"store changed: {now} != {pointer}"
 
 
 def dask_client(scheduler: str | None, workers: int, processes: bool):
@@ -166,7 +143,7 @@ def encode_latents(ae: str, dataset: str, root: str | None = None, config: Confi
     if workers:
         over["workers"] = workers
     cfg = stage_config(root, config, **({"encode": over} if over else {}))
-    section = dataclasses.asdict(cfg.encode)
+    section = {**dataclasses.asdict(cfg.encode), "resolution": cfg.resolution}
     where = {k: section.pop(k) for k in _WHERE}
-    return publish_pointer("encode", run_cached(encode_store, validate_store, root=cfg.root, ae=describe_ae(ae), dataset=describe_dataset(dataset),
+    return publish_pointer("encode", run_cached(encode_store, root=cfg.root, ae=describe_ae(ae), dataset=describe_dataset(dataset),
                       enc=section, where=where))

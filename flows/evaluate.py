@@ -1,5 +1,5 @@
 """Stage 6: scores — generation metrics of a sample store (one row per (checkpoint, metric config) in the results
-table), reconstruction metrics of the autoencoder, and a scan that scores every new checkpoint (for a schedule)."""
+table), reconstruction metrics of the autoencoder, and the figures of the results."""
 
 from __future__ import annotations
 
@@ -12,17 +12,11 @@ from flows import names
 from flows.artifacts import publish_metrics, publish_pointer, reference_progress
 from flows.caching import STAGE_CACHE, run_cached
 from flows.common import ConfigArg, stage_config
-from flows.prepare import describe_dataset
+from flows.pointers import (describe_ae, describe_dataset, describe_recon, describe_row, describe_run, describe_samples,
+                            results_url)
 
-__all__ = ["results_url", "extractor_for", "score_samples", "evaluate", "reconstruction_scores",
-           "evaluate_autoencoder", "evaluate_new_checkpoints", "checkpoints_to_score", "draw_run_figures",
-           "plot_results"]
-
-
-def results_url(root: str) -> str:
-    from storage.layout import Root
-
-    return Root(root).results()
+__all__ = ["extractor_for", "score_samples", "evaluate_samples", "reconstruction_scores", "evaluate_autoencoder",
+           "checkpoints_to_score", "draw_run_figures", "plot_results"]
 
 
 def extractor_for(ev: dict[str, Any], dataset_url: str) -> Any:
@@ -43,21 +37,6 @@ def _row_key(samples: dict[str, Any], extractor_label: str) -> dict[str, Any]:
             "feature_extractor": extractor_label}
 
 
-def _has_row(root: str, key: dict[str, Any]) -> bool:
-    from dcae15.metrics.results import has_result
-
-    return has_result(results_url(root), **key)
-
-
-def validate_row(pointer: dict[str, Any]) -> str | None:
-    """None if the results table still holds the row this pointer names."""
-    try:
-        ok = _has_row(pointer["root"], pointer["key"])
-    except Exception as exc:  # noqa: BLE001 - an unreadable table means "recompute"
-        return f"cannot read the results table: {exc}"
-    return None if ok else "the results table has no row for it"
-
-
 @task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
 def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], ev: dict[str, Any],
                   resolution: int) -> dict[str, Any]:
@@ -70,7 +49,7 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
     log = get_run_logger()
     extractor = extractor_for(ev, dataset["url"])
     key = _row_key(samples, extractor.label)
-    if not _has_row(root, key):  # a rerun after a kill between the append and the cache write must not duplicate
+    if not describe_row(root, key)["complete"]:  # a rerun after a kill between the append and the cache write must not duplicate
         with reference_progress(dataset["url"], extractor.label):
             ref = get_reference(dataset["url"], resolution, extractor)
         values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
@@ -100,18 +79,16 @@ def _sample_class_accuracy(extractor: Any, samples_url: str, block: int = 1024) 
     return correct / store.num_samples
 
 
-@flow(name="evaluate", flow_run_name=names.evaluate_name)
-def evaluate(samples: str, dataset: str, root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
+@flow(name="evaluate_samples", flow_run_name=names.evaluate_name)
+def evaluate_samples(samples: str, dataset: str, root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
     """Score the sample store at ``samples`` against the packed dataset at ``dataset``; one row in the results table."""
-    from flows.sample import describe_samples
-
     cfg = stage_config(root, config)
     spointer = describe_samples(samples)
     if not spointer["complete"]:
         raise ValueError(f"sample store {samples} has missing units: rerun the sample flow first")
-    return publish_metrics(run_cached(score_samples, validate_row, root=cfg.root, samples=spointer,
+    return publish_metrics(run_cached(score_samples, root=cfg.root, samples=spointer,
                                       dataset=describe_dataset(dataset), ev=dataclasses.asdict(cfg.evaluate),
-                                      resolution=cfg.encode.resolution))
+                                      resolution=cfg.resolution))
 
 
 @task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
@@ -127,7 +104,7 @@ def reconstruction_scores(root: str, ae: dict[str, Any], dataset: dict[str, Any]
     evaluate_reconstruction(ae["url"], dataset["url"], out_url, cfg, extractor=extractor)
     if extractor.prefix == "proxy-":
         _proxy_check(out_url, ae, dataset, ev, extractor, resolution)
-    return {"kind": "recon_eval", "url": out_url, "ae_fingerprint": ae["fingerprint"]}
+    return describe_recon(out_url, ae["fingerprint"])
 
 
 def _proxy_check(out_url: str, ae: dict[str, Any], dataset: dict[str, Any], ev: dict[str, Any], extractor: Any,
@@ -154,68 +131,19 @@ def _proxy_check(out_url: str, ae: dict[str, Any], dataset: dict[str, Any], ev: 
                           check["recon_over_real"], check["proxy-fid_recon"], check["proxy-fid_real"])
 
 
-def validate_recon(pointer: dict[str, Any]) -> str | None:
-    from storage.urls import exists, join
-
-    return None if exists(join(pointer["url"], "recon.parquet")) else "recon.parquet is missing"
-
-
 @flow(name="evaluate_autoencoder", flow_run_name=names.evaluate_autoencoder_name)
 def evaluate_autoencoder(ae: str, dataset: str, root: str | None = None, config: ConfigArg = "demo") -> dict[str, Any]:
     """Reconstruction quality of the autoencoder at ``ae`` per c' (the structured latent space), with figures."""
-    from flows.autoencoder import describe_ae
-
     cfg = stage_config(root, config)
-    return publish_pointer("evaluate-ae", run_cached(reconstruction_scores, validate_recon, root=cfg.root,
+    return publish_pointer("evaluate-ae", run_cached(reconstruction_scores, root=cfg.root,
                                                      ae=describe_ae(ae), dataset=describe_dataset(dataset),
                                                      ev=dataclasses.asdict(cfg.evaluate),
-                                                     resolution=cfg.encode.resolution))
-
-
-def _dataset_of(store_url: str, root: str) -> str:
-    """The packed dataset a latent store was encoded from: ``<root>/data/<dataset_name>``, fingerprint checked."""
-    from storage.latent_store import LatentStore
-    from storage.layout import Root
-
-    attrs = LatentStore.open(store_url, read_only=True).attrs
-    url = Root(root).dataset(attrs["dataset_name"])
-    if describe_dataset(url)["fingerprint"] != attrs["dataset_fingerprint"]:
-        raise FileNotFoundError(f"{url} is not the dataset store {store_url} was encoded from "
-                                f"(fingerprint {attrs['dataset_fingerprint']})")
-    return url
-
-
-@flow(name="evaluate_new_checkpoints", flow_run_name=names.sweep_name)
-def evaluate_new_checkpoints(root: str | None = None, config: ConfigArg = "demo") -> list[dict[str, Any]]:
-    """Scan ``<root>/runs/diffusion/*`` and sample + score every checkpoint that has no result row yet.
-
-    Meant for a cron schedule next to long training runs: each (checkpoint, metric config) is scored once.
-    """
-    from dcae15.diffusion.checkpoint import list_checkpoints, read_run_config
-    from flows.sample import sample
-    from storage.layout import Root
-
-    cfg = stage_config(root, config)
-    log = get_run_logger()
-    rows = []
-    for run_url in Root(cfg.root).diffusion_runs():
-        try:
-            steps = list_checkpoints(run_url)
-            dataset_url = _dataset_of(read_run_config(run_url)["store_url"], cfg.root)
-        except FileNotFoundError as exc:
-            log.info("skipping %s: %s", run_url, exc)  # a run that has not written its config / checkpoint yet
-            continue
-        for step in steps:
-            samples = sample(run=run_url, root=cfg.root, config=config, checkpoint=step)
-            rows.append(evaluate(samples=samples["url"], dataset=dataset_url, root=cfg.root, config=config))
-    log.info("%d checkpoints scored or already scored", len(rows))
-    return rows
+                                                     resolution=cfg.resolution))
 
 
 def checkpoints_to_score(run_url: str, which: str) -> list[int]:
     """The checkpoint steps of a run to sample and score: ``all`` it keeps, or only the ``latest``."""
     from dcae15.diffusion.checkpoint import list_checkpoints
-    from flows.diffusion import describe_run
 
     latest = describe_run(run_url)["step"]
     return sorted({s for s in list_checkpoints(run_url) if s <= latest} | {latest}) if which == "all" else [latest]

@@ -53,7 +53,7 @@ def _named(fallback: str) -> Callable[[Callable[[dict[str, Any]], str]], Callabl
     return wrap
 
 
-@_named("pipeline")
+@_named("run_pipeline")
 def pipeline_name(p: dict[str, Any]) -> str:
     cfg = _config(p)
     backbones = p.get("backbones") or cfg.diffusion.backbones
@@ -85,13 +85,13 @@ def train_name(p: dict[str, Any]) -> str:
     return f"train {p['backbone']} on {_base(p['store'])}"
 
 
-@_named("sample")
+@_named("sample_run")
 def sample_name(p: dict[str, Any]) -> str:
     at = "latest" if p.get("checkpoint") is None else f"step {int(p['checkpoint'])}"
     return f"sample {_base(p['run'])} at {at}"
 
 
-@_named("evaluate")
+@_named("evaluate_samples")
 def evaluate_name(p: dict[str, Any]) -> str:
     return f"evaluate samples {_base(p['samples'])}"
 

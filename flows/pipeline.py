@@ -13,16 +13,17 @@ from flows.autoencoder import train_autoencoder
 from flows.common import ConfigArg, stage_config
 from flows.diffusion import train_diffusion
 from flows.encode import encode_latents
-from flows.evaluate import checkpoints_to_score, draw_run_figures, evaluate, evaluate_autoencoder, plot_results
+from flows.evaluate import (checkpoints_to_score, draw_run_figures, evaluate_autoencoder, evaluate_samples,
+                            plot_results)
 from flows.prepare import prepare_images
 from flows.report import outputs_summary
-from flows.sample import sample
+from flows.sample import sample_run
 
-__all__ = ["pipeline"]
+__all__ = ["run_pipeline"]
 
 
-@flow(name="pipeline", flow_run_name=names.pipeline_name)
-def pipeline(root: str | None = None, config: ConfigArg = "demo", backbones: list[str] | None = None) -> dict[str, Any]:
+@flow(name="run_pipeline", flow_run_name=names.pipeline_name)
+def run_pipeline(root: str | None = None, config: ConfigArg = "demo", backbones: list[str] | None = None) -> dict[str, Any]:
     """Run every stage; each is cached (a rerun with the same inputs does nothing) and resumable (a killed run
     continues). ``backbones`` (preset names) overrides the config's list; they all train on the same store."""
     cfg = stage_config(root, config, **({"diffusion": {"backbones": list(backbones)}} if backbones else {}))
@@ -37,8 +38,8 @@ def pipeline(root: str | None = None, config: ConfigArg = "demo", backbones: lis
     for backbone in cfg.diffusion.backbones:
         run = train_diffusion(store=store["url"], backbone=backbone, root=cfg.root, config=conf)
         for step in checkpoints_to_score(run["url"], cfg.evaluate.checkpoints):  # several: the plot shows curves
-            samples = sample(run=run["url"], root=cfg.root, config=conf, checkpoint=step)
-            evaluate(samples=samples["url"], dataset=dataset["url"], root=cfg.root, config=conf)
+            samples = sample_run(run=run["url"], root=cfg.root, config=conf, checkpoint=step)
+            evaluate_samples(samples=samples["url"], dataset=dataset["url"], root=cfg.root, config=conf)
         draw_run_figures(root=cfg.root, run_url=run["url"], samples_url=samples["url"], dataset_url=dataset["url"])
     plot_results(root=cfg.root)
 

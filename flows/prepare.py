@@ -11,26 +11,9 @@ from flows import names
 from flows.artifacts import publish_pointer
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
+from flows.pointers import describe_dataset
 
-__all__ = ["describe_dataset", "validate_dataset", "pack_images", "prepare_images"]
-
-
-def describe_dataset(url: str) -> dict[str, Any]:
-    """The pointer of a packed dataset: URL + fingerprint + size (read from the dataset itself)."""
-    from storage.shards import open_dataset
-
-    ds = open_dataset(url)
-    return {"kind": "dataset", "url": url, "fingerprint": ds.fingerprint,
-            "num_samples": ds.num_samples, "num_classes": ds.num_classes}
-
-
-def validate_dataset(pointer: dict[str, Any]) -> str | None:
-    """None if the packed dataset is there, complete, with the recorded fingerprint; else what is wrong."""
-    try:
-        now = describe_dataset(pointer["url"])
-    except Exception as exc:  # noqa: BLE001 - any failure to open means "recompute"
-        return f"cannot open {pointer['url']}: {exc}"
-    return None if now == pointer else f"dataset changed: {now} != {pointer}"
+__all__ = ["pack_images", "prepare_images"]
 
 
 _WHERE = ("workers", "scheduler", "read_threads")
@@ -69,4 +52,4 @@ def prepare_images(root: str | None = None, config: ConfigArg = "demo") -> dict[
     cfg = stage_config(root, config)
     data = dataclasses.asdict(cfg.data)
     where = {k: data.pop(k) for k in _WHERE}
-    return publish_pointer("prepare", run_cached(pack_images, validate_dataset, root=cfg.root, data=data, where=where))
+    return publish_pointer("prepare", run_cached(pack_images, root=cfg.root, data=data, where=where))

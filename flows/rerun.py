@@ -81,17 +81,12 @@ def _record_url(root: str, key: str) -> str:
 
 
 def _validators() -> dict[str, Callable[[dict[str, Any]], str | None]]:
-    from flows.autoencoder import validate_ae
-    from flows.diffusion import validate_run
-    from flows.encode import validate_store
-    from flows.evaluate import validate_recon, validate_row
-    from flows.prepare import validate_dataset
-    from flows.sample import validate_samples
+    """Per recorded stage, the check of its pointer: the stages' own rule (flows/pointers.py); a figure is a file."""
+    from flows.pointers import validate
     from storage.urls import exists
 
-    return {"prepare": validate_dataset, "autoencoder": validate_ae, "encode": validate_store, "train": validate_run,
-            "sample": validate_samples, "evaluate": validate_row, "evaluate-ae": validate_recon,
-            "figure": lambda p: None if exists(p["url"]) else "figure missing"}
+    stages = ("prepare", "autoencoder", "encode", "train", "sample", "evaluate", "evaluate-ae")
+    return {**{s: validate for s in stages}, "figure": lambda p: None if exists(p["url"]) else "figure missing"}
 
 
 def save_record(root: str, key: str) -> str | None:

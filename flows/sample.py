@@ -12,31 +12,11 @@ from flows import names
 from flows.artifacts import publish_pointer, sample_progress
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
-from flows.diffusion import describe_run
 from flows.gpu import GPU_TAG, gpu_stage
 from flows.launch import run_streaming, torchrun_command
+from flows.pointers import describe_run, describe_samples
 
-__all__ = ["describe_samples", "validate_samples", "draw_samples", "sample"]
-
-
-def describe_samples(url: str) -> dict[str, Any]:
-    """The pointer of a sample store: URL + size + whether every unit is written."""
-    from storage.sample_store import SampleStore
-
-    store = SampleStore.open(url, read_only=True)
-    a = store.attrs
-    return {"kind": "samples", "url": url, "run_id": a["run_id"], "backbone": a["backbone"], "step": int(a["checkpoint_step"]),
-            "sampler": a["sampler"], "sampling_steps": int(a["steps"]), "cfg_scale": float(a["cfg_scale"]),
-            "num_samples": store.num_samples, "complete": not store.missing_units()}
-
-
-def validate_samples(pointer: dict[str, Any]) -> str | None:
-    """None if the sample store is there with every unit written; else what is wrong."""
-    try:
-        now = describe_samples(pointer["url"])
-    except Exception as exc:  # noqa: BLE001 - a missing store means "recompute"
-        return f"cannot open {pointer['url']}: {exc}"
-    return None if now["complete"] else "sample store has missing units"
+__all__ = ["draw_samples", "sample_run"]
 
 
 @task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json", tags=[GPU_TAG])
@@ -72,8 +52,8 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
     return describe_samples(out_url)
 
 
-@flow(name="sample", flow_run_name=names.sample_name)
-def sample(run: str, root: str | None = None, config: ConfigArg = "demo", checkpoint: int | None = None) -> dict[str, Any]:
+@flow(name="sample_run", flow_run_name=names.sample_name)
+def sample_run(run: str, root: str | None = None, config: ConfigArg = "demo", checkpoint: int | None = None) -> dict[str, Any]:
     """Sample the diffusion run at ``run`` (checkpoint step ``checkpoint``, default the latest) per the ``sample`` section."""
     cfg = stage_config(root, config)
     latest = describe_run(run)
@@ -83,5 +63,5 @@ def sample(run: str, root: str | None = None, config: ConfigArg = "demo", checkp
     d = cfg.diffusion
     launch = {"launcher": d.launcher, "nproc_per_node": d.nproc_per_node, "nnodes": d.nnodes,
               "torchrun_args": list(d.torchrun_args)}
-    return publish_pointer("sample", run_cached(draw_samples, validate_samples, root=cfg.root, run=ref, checkpoint=step,
+    return publish_pointer("sample", run_cached(draw_samples, root=cfg.root, run=ref, checkpoint=step,
                                                 spec=dataclasses.asdict(cfg.sample), launch=launch))

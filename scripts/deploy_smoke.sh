@@ -80,7 +80,7 @@ run_deployment() {
 }
 
 say "run the pipeline deployment (tiny config, root $ROOT)"
-run_deployment 'pipeline/pipeline' --param root="$ROOT" --param config=tiny
+run_deployment 'run_pipeline/pipeline' --param root="$ROOT" --param config=tiny
 
 say "the checkpoint events start the evaluate-checkpoint deployment by themselves"
 $CHECK wait-triggered "$ROOT" --timeout 900 || fail "event-triggered evaluation did not happen"

@@ -135,12 +135,10 @@ class AEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"AEConfig: unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], path: str | None = None) -> "AEConfig":
+        from dcae15.typed_config import from_dict
+
+        return from_dict(cls, d, path)
 
     def diffusers_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of ``diffusers.AutoencoderDC`` for this architecture."""

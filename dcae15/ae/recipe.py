@@ -67,7 +67,7 @@ def resolve_phases(phases: list[dict[str, Any]] | str | None, train: dict[str, A
 
 
 def phase_configs(phases: list[dict[str, Any]], *, preset: str, seed: int,
-                  defaults: dict[str, Any] | None = None) -> list[AETrainConfig]:
+                  defaults: dict[str, Any] | None = None, paths: list[str] | None = None) -> list[AETrainConfig]:
     """Validated configs of a chain; later phases get ``init_from`` from the chain (set by :func:`train_recipe`).
 
     Args:
@@ -75,6 +75,7 @@ def phase_configs(phases: list[dict[str, Any]], *, preset: str, seed: int,
         preset: the architecture of phase 1 (unless phase 1 has ``init_from``, e.g. an official checkpoint).
         seed: the pipeline seed, used where a phase sets none.
         defaults: fields applied to every phase unless it sets them (e.g. ``progress``, ``device``).
+        paths: the config path of each phase, named in errors (default ``autoencoder.phases[i]``).
 
     Raises:
         ValueError: a later phase sets ``init_from`` (the chain decides it), duplicate names, or a bad field.
@@ -86,7 +87,7 @@ def phase_configs(phases: list[dict[str, Any]], *, preset: str, seed: int,
                              "previous phase's model; put init_from on the first phase only")
         d = {"preset": preset, "seed": seed, **(defaults or {}), **p}
         d.setdefault("name", f"{i + 1}-{d.get('phase', 'full')}")
-        cfgs.append(AETrainConfig.from_dict(d))
+        cfgs.append(AETrainConfig.from_dict(d, paths[i] if paths else f"autoencoder.phases[{i}]"))
     names = [c.name for c in cfgs]
     if len(set(names)) != len(names):
         raise ValueError(f"autoencoder.phases have duplicate names {names}; give each phase its own 'name'")

@@ -72,6 +72,11 @@ class ReconEvalConfig:
             self.finetune_channels = tuple(int(c) for c in self.finetune_channels)
         if self.finetune is not None and not isinstance(self.finetune, dict):
             raise ValueError(f"ReconEvalConfig.finetune must be a mapping of AETrainConfig fields, got {self.finetune!r}")
+        if self.finetune is not None:  # the fine-tune phase's fields, checked now rather than after the first scores
+            from dcae15.ae.train import AETrainConfig
+            from dcae15.typed_config import check_fields
+
+            self.finetune = check_fields(AETrainConfig, self.finetune, "ReconEvalConfig.finetune")
 
 
 class _Gaussian:

@@ -28,6 +28,7 @@ from storage.rundir import HORIZON, OPERATIONAL, RunDir, identity
 from storage.urls import put_atomic, url_to_fs
 from dcae15.ema import EMA
 from dcae15.lr_schedule import SCHEDULES, lr_at
+from dcae15.typed_config import from_dict
 
 __all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
 
@@ -176,12 +177,9 @@ class AETrainConfig:
             raise ValueError("AETrainConfig: the reconstruction loss is empty (w_l1=0 and no LPIPS)")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AETrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"AETrainConfig: unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], path: str | None = None) -> "AETrainConfig":
+        """Checked construction (unknown fields, types, ranges), errors naming ``path`` (``autoencoder.train``)."""
+        return from_dict(cls, d, path)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -20,6 +20,7 @@ from dcae15.diffusion.objectives import make_objective
 from dcae15.ema import EMA, decay_at
 from dcae15.lr_schedule import lr_at
 from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
+from dcae15.typed_config import from_dict
 from storage.fingerprint import fingerprint, short_id
 from storage.layout import Root
 from storage.rundir import HORIZON, OPERATIONAL, identity
@@ -124,12 +125,9 @@ class DiffusionTrainConfig:
         return self.objective or preset(self.model).objective
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DiffusionTrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = set(d) - known
-        if bad:
-            raise ValueError(f"unknown DiffusionTrainConfig fields {sorted(bad)}; allowed: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, path: str | None = None) -> "DiffusionTrainConfig":
+        """Checked construction (unknown fields, types, ranges), errors naming ``path`` (``diffusion.train``)."""
+        return from_dict(cls, d, path)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, YAML-safe

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -110,11 +109,9 @@ def model_config(name: str, *, in_channels: int, input_size: tuple[int, int], nu
                   label_embed_std=p.label_embed_std,
                   patch_size=patch_size, in_channels=in_channels, input_size=tuple(input_size),
                   num_classes=num_classes)
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    bad = set(overrides) - known
-    if bad:
-        raise ValueError(f"unknown ModelConfig fields {sorted(bad)}; allowed: {sorted(known)}")
-    fields.update(overrides)
+    from dcae15.typed_config import check_fields
+
+    fields.update(check_fields(ModelConfig, overrides, "ModelConfig"))
     return ModelConfig(**fields)
 
 

@@ -40,7 +40,7 @@ def test_bad_configs_fail_with_the_field_name():
         model_config("DiT-XXL", in_channels=4, input_size=(8, 8))
     with pytest.raises(ValueError, match="patch_size"):
         model_config("DiT-tiny", in_channels=4, input_size=(5, 5), patch_size=2)
-    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+    with pytest.raises(ValueError, match="unknown fields ModelConfig.width"):
         model_config("DiT-tiny", in_channels=4, input_size=(8, 8), width=3)
 
 

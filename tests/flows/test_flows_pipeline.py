@@ -18,7 +18,7 @@ def _now():
 
 
 def _run(results_dir, cfg):
-    from flows.pipeline import pipeline
+    from flows.pipeline import run_pipeline as pipeline
 
     return pipeline.with_options(result_storage=results_dir)(root=cfg["root"], config=cfg)
 

@@ -55,7 +55,7 @@ def _kill_when(proc: subprocess.Popen, ready, what: str, log: Path) -> None:
 
 
 def test_sigkill_during_each_stage_then_resume_matches_uninterrupted(prefect_api, tmp_path, results_dir, tiny_config):
-    from flows.pipeline import pipeline
+    from flows.pipeline import run_pipeline as pipeline
     from storage.latent_store import LatentStore
     from storage.sample_store import SampleStore
 

@@ -15,8 +15,8 @@ def test_presets_load_and_validate():
     assert demo.diffusion.backbones == ["SiT-tiny", "USiT-tiny"]  # both families, flow matching (issue 12)
     assert tiny.data.synthetic["per_class"] * tiny.data.synthetic["num_classes"] < demo.data.synthetic["per_class"] * 8
     over = load_config("tiny", {"diffusion": {"train": {"steps": 7}}, "root": "/x"})
-    assert over.diffusion.train["steps"] == 7 and over.root == "/x"
-    assert over.diffusion.train["global_batch_size"] == tiny.diffusion.train["global_batch_size"]  # merged, not replaced
+    assert over.diffusion.train.steps == 7 and over.root == "/x"
+    assert over.diffusion.train.global_batch_size == tiny.diffusion.train.global_batch_size  # merged, not replaced
 
 
 @pytest.mark.parametrize("raw, words", [

@@ -1,0 +1,128 @@
+"""Typed configs that fail fast: unknown keys, wrong types and out-of-range values are refused by ``load_config``
+(and by the CLI before Prefect starts) with the field's dotted path and what is allowed; one resolution field; a
+config written out by ``to_dict`` loads back to itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("raw, words", [
+    # unknown keys, at every depth
+    ({"diffusion": {"train": {"bogus_field": 1}}}, ["diffusion.train.bogus_field", "allowed", "lr"]),
+    ({"evaluate": {"options": {"proxyy": {"epochs": 1}}}}, ["evaluate.options.proxyy", "proxy", "reconstruction"]),
+    ({"evaluate": {"options": {"proxy": {"epochz": 1}}}}, ["evaluate.options.proxy.epochz", "epochs"]),
+    ({"autoencoder": {"train": {"lrr": 1.0}}}, ["autoencoder.train.lrr", "lr"]),
+    ({"autoencoder": {"phases": [{"phase": "full"}, {"stepz": 3}]}}, ["autoencoder.phases[1].stepz", "steps"]),
+    ({"diffusion": {"train": {"adt": {"modes": "x"}}}}, ["diffusion.train.adt.modes", "mode"]),
+    ({"data": {"synthetic": {"sizee": 3}}}, ["data.synthetic.sizee", "size"]),
+    ({"evaluate": {"options": {"generation": {"kid_subsetz": 3}}}}, ["evaluate.options.generation.kid_subsetz",
+                                                                     "kid_subsets"]),
+    ({"evaluate": {"options": {"reconstruction": {"finetune": {"stepz": 3}}}}},
+     ["evaluate.options.reconstruction.finetune.stepz", "steps"]),
+    ({"resolutions": 64}, ["resolutions", "allowed", "resolution"]),
+    # wrong types
+    ({"diffusion": {"train": {"lr": "fast"}}}, ["diffusion.train.lr", "number", "'fast'"]),
+    ({"diffusion": {"train": {"steps": 1.5}}}, ["diffusion.train.steps", "integer"]),
+    ({"autoencoder": {"train": {"batch_size": "big"}}}, ["autoencoder.train.batch_size", "integer"]),
+    ({"sample": {"cfg_scale": [1]}}, ["sample.cfg_scale", "number"]),
+    ({"diffusion": {"backbones": "DiT-tiny"}}, ["diffusion.backbones", "list"]),
+    ({"resolution": "big"}, ["resolution", "integer"]),
+    # out of range / not among the allowed values
+    ({"diffusion": {"train": {"lr": -1}}}, ["diffusion.train.lr", "> 0"]),
+    ({"diffusion": {"train": {"adt": {"mode": "x"}}}}, ["diffusion.train.adt.mode", "per_batch", "per_sample"]),
+    ({"diffusion": {"backbones": ["DiT-huge"]}}, ["diffusion.backbones", "DiT-tiny"]),
+    ({"autoencoder": {"train": {"schedule": "steep"}}}, ["autoencoder.train.schedule", "cosine"]),
+    ({"autoencoder": {"phases": [{"phase": "full"}, {"phase": "nope"}]}}, ["autoencoder.phases[1].phase", "refinement"]),
+    ({"evaluate": {"options": {"reconstruction": {"lpips_net": "x"}}}}, ["evaluate.options.reconstruction.lpips_net",
+                                                                         "alex"]),
+    ({"evaluate": {"options": {"proxy": {"holdout": 2.0}}}}, ["evaluate.options.proxy", "holdout", "(0, 1)"]),
+    ({"sample": {"precision": "fp8"}}, ["sample.precision", "bf16"]),
+    ({"sample": {"sampler": "euler-maruyama"}}, ["sample.sampler", "heun", "ddim"]),
+    ({"resolution": 4}, ["resolution", ">= 8"]),
+])
+def test_bad_values_are_refused_with_the_dotted_path_and_what_is_allowed(raw, words):
+    with pytest.raises(ValueError) as err:
+        load_config("tiny", raw)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_sections_are_the_library_dataclasses():
+    from dcae15.ae.recon_eval import ReconEvalConfig
+    from dcae15.ae.train import AETrainConfig
+    from dcae15.diffusion.train import DiffusionTrainConfig
+    from dcae15.metrics.proxy import ProxyConfig
+
+    cfg = load_config("demo", {"seed": 3})
+    assert isinstance(cfg.diffusion.train, DiffusionTrainConfig) and cfg.diffusion.train.seed == 3
+    assert cfg.diffusion.train.lr == 0.002 and cfg.diffusion.train.adt.enabled is False
+    assert all(isinstance(p, AETrainConfig) for p in cfg.autoencoder.phases)
+    assert isinstance(cfg.evaluate.options.proxy, ProxyConfig) and cfg.evaluate.options.proxy.epochs == 10
+    assert isinstance(cfg.evaluate.options.reconstruction, ReconEvalConfig)
+    assert load_config("tiny", {"diffusion": {"train": {"lr": "1e-4"}}}).diffusion.train.lr == 1e-4  # YAML 1.1's 1e-4
+
+
+def test_ae_phases_are_the_recipe_the_flow_trained_before():
+    """``autoencoder.phases`` resolves exactly as the flow resolved it (shared ``train`` fields, preset, seed, each
+    phase's own defaults such as its learning rate)."""
+    from dcae15.ae.recipe import phase_configs, resolve_phases
+
+    ae = {"preset": "tiny-f4c8", "train": {"steps": 5, "resolution": 32},
+          "phases": [{"phase": "full"}, {"phase": "refinement", "steps": 2}]}
+    cfg = load_config("tiny", {"seed": 4, "autoencoder": ae})
+    train = cfg.autoencoder.train  # tiny's autoencoder.train with these fields merged in
+    assert train["steps"] == 5 and train["batch_size"] == 8
+    expect = phase_configs(resolve_phases(ae["phases"], train, real_data=False), preset="tiny-f4c8", seed=4)
+    assert cfg.autoencoder.phases == expect
+    assert [p.lr for p in cfg.autoencoder.phases] == [6.4e-5, 5.4e-5] and cfg.autoencoder.phases[1].steps == 2
+
+
+def test_one_resolution_sets_every_stage():
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert "resolution" in raw and "resolution" not in raw["encode"] and "resolution" not in raw["autoencoder"]["train"]
+    assert "size" not in raw["data"]["synthetic"]
+    cfg = load_config("demo", {"resolution": 64})
+    assert cfg.data.synthetic["size"] == 64 and cfg.evaluate.options.reconstruction.resolution == 64
+    assert [p.resolution for p in cfg.autoencoder.phases] == [64]
+    paper = load_config("imagenet")  # the paper's phases keep their own sizes (512 px latent adaptation)
+    assert paper.resolution == 256 and [p.resolution for p in paper.autoencoder.phases] == [256, 512, 256]
+    with pytest.raises(ValueError, match="top-level 'resolution'"):
+        load_config("tiny", {"encode": {"resolution": 64}})
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny", "imagenet"])
+def test_to_dict_is_plain_yaml_and_loads_back_to_the_same_config(name):
+    d = load_config(name).to_dict()
+    assert yaml.safe_load(yaml.safe_dump(d)) == d
+    assert load_config(d).to_dict() == d
+
+
+def test_cli_refuses_a_bad_set_before_prefect_is_imported():
+    """`--set` goes through the same checks; the command exits with the field's path and never imports Prefect."""
+    cases = ((["--set", "diffusion.train.bogus_field=1"], ["diffusion.train.bogus_field"]),
+             (["--set", "diffusion.train.lr=fast"], ["diffusion.train.lr", "'fast'"]),
+             (["--set", "evaluate.options.proxyy={epochs: 1}"], ["evaluate.options.proxyy"]))
+    code = ("import json, sys\nfrom flows.cli import main\n"
+            "for argv in json.loads(sys.argv[1]):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        print('EXIT', e.code)\n"
+            "print('prefect imported:', 'prefect' in sys.modules)\n")
+    argvs = [["demo", "--config", "tiny", *bad] for bad, _ in cases]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert out.count("EXIT dcae15 demo: config error") == len(cases) and "prefect imported: False" in out, out
+    for _, words in cases:
+        for w in words:
+            assert w in out, (w, out)

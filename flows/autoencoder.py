@@ -31,35 +31,18 @@ def fit_autoencoder(root: str, dataset: dict[str, Any], phase: dict[str, Any], c
     run_url = phase_run_url(root, chain_fingerprint)
     log = get_run_logger()
     log.info("autoencoder phase %s (%s) on %s -> %s", cfg.name, cfg.phase, dataset["url"], run_url)
-    world = launch["nproc_per_node"] * launch["nnodes"]
-    if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
-        summary = train(cfg, dataset["url"], run_url)
-    else:
-        summary = _train_torchrun(cfg, dataset["url"], run_url, launch, log)
+    from flows.launch import launch_job, write_launch_file
+    from storage.rundir import RunDir
+
+    launch_job(launch, inprocess=lambda: train(cfg, dataset["url"], run_url), module="dcae15.ae.train",
+               module_args=["--config", write_launch_file(run_url, {"dataset_url": dataset["url"], "run_url": run_url,
+                                                                    "train": cfg.to_dict()})],
+               log=log.info)
+    summary = RunDir(run_url).done()  # the trainer writes done.json last, in-process or under torchrun
+    if summary is None:
+        raise RuntimeError(f"the trainer exited without finishing {run_url} (no done.json); rerun to resume it")
     return {**describe_ae(summary["model_url"]), "phase": cfg.phase, "phase_name": cfg.name,
             "run_url": run_url, "chain_fingerprint": chain_fingerprint}
-
-
-def _train_torchrun(cfg: Any, dataset_url: str, run_url: str, launch: dict[str, Any], log: Any) -> dict[str, Any]:
-    """The same trainer under ``torchrun`` (DDP), exactly like diffusion training: one run file, streamed log."""
-    import yaml
-
-    from flows.launch import run_streaming, torchrun_command
-    from storage.rundir import RunDir
-    from storage.urls import join, put_atomic, url_to_fs
-
-    # one run file: torchrun's own parser would take the trainer's options for its abbreviated ones
-    run_file = join(run_url, "launch.yaml")
-    fs, path = url_to_fs(run_file)
-    put_atomic(fs, path, yaml.safe_dump({"dataset_url": dataset_url, "run_url": run_url, "train": cfg.to_dict()}).encode())
-    cmd = torchrun_command("dcae15.ae.train", ["--config", run_file], nproc_per_node=launch["nproc_per_node"],
-                           nnodes=launch["nnodes"], extra=launch["torchrun_args"])
-    log.info("launching %s", " ".join(cmd))
-    run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))
-    done = RunDir(run_url).done()
-    if done is None:
-        raise RuntimeError(f"torchrun exited without finishing {run_url} (no done.json); rerun to resume it")
-    return done
 
 
 @flow(name="train_autoencoder", flow_run_name=names.autoencoder_name)
@@ -83,8 +66,7 @@ def train_autoencoder(dataset: str, root: str | None = None, config: ConfigArg =
     data = describe_dataset(dataset)
     cfgs = sec.phases  # the recipe's phases, resolved and validated by load_config (flows/config.py)
     fps = chain_fingerprints(cfgs, data["fingerprint"])
-    launch = {"launcher": sec.launcher, "nproc_per_node": sec.nproc_per_node, "nnodes": sec.nnodes,
-              "torchrun_args": list(sec.torchrun_args)}
+    launch = sec.launch()
     done: list[dict[str, Any]] = []
     for c, fp in zip(cfgs, fps):
         done.append(run_cached(fit_autoencoder, root=cfg.root, dataset=data, phase=c.to_dict(),

@@ -86,7 +86,33 @@ class DataSection:
 
 
 @dataclass(kw_only=True)
-class AESection:
+class LaunchFields:
+    """How a stage's job runs: in the flow's own process, or under ``torchrun`` on several processes / nodes."""
+
+    nproc_per_node: int = 1
+    """> 1 launches ``torchrun --nproc_per_node N`` (DDP / FSDP); 1 runs in the flow's own process."""
+    nnodes: int = 1
+    torchrun_args: list[str] = field(default_factory=list)
+    """Extra torchrun arguments passed through (``--rdzv-endpoint``, ``--node-rank``, ...)."""
+    launcher: str = "auto"
+    """``auto`` (in-process for one process), ``inprocess`` or ``torchrun``."""
+
+    def check_launch(self, section: str) -> None:
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ValueError(f"{section}.nproc_per_node and nnodes must be >= 1, got {self.nproc_per_node}, {self.nnodes}")
+        if self.launcher not in ("auto", "inprocess", "torchrun"):
+            raise ValueError(f"{section}.launcher must be one of auto, inprocess, torchrun; got {self.launcher!r}")
+        if self.launcher == "inprocess" and self.nproc_per_node * self.nnodes > 1:
+            raise ValueError(f"{section}.launcher 'inprocess' needs nproc_per_node = nnodes = 1; use 'torchrun'")
+
+    def launch(self) -> dict[str, Any]:
+        """The plain dict a stage task takes (not part of its cache key): see :func:`flows.launch.launch_job`."""
+        return {"launcher": self.launcher, "nproc_per_node": self.nproc_per_node, "nnodes": self.nnodes,
+                "torchrun_args": list(self.torchrun_args)}
+
+
+@dataclass(kw_only=True)
+class AESection(LaunchFields):
     """The autoencoder: a preset trained on the data, or a pretrained one."""
 
     preset: str = "tiny-f8c32"
@@ -102,13 +128,6 @@ class AESection:
     the previous phase's model; ``"paper"`` = ``dcae15.ae.recipe.PAPER_PHASES``. None: ``train`` as one phase,
     or the paper's three phases for real data (``data.source`` set) when ``train`` is empty too.
     :func:`load_config` resolves it into the list of validated ``AETrainConfig`` phases the flow trains."""
-    nproc_per_node: int = 1
-    """> 1 trains each phase under ``torchrun --nproc_per_node N`` (DDP); 1 trains in the flow's own process."""
-    nnodes: int = 1
-    torchrun_args: list[str] = field(default_factory=list)
-    """Extra torchrun arguments passed through (``--rdzv-endpoint``, ``--node-rank``, ...)."""
-    launcher: str = "auto"
-    """``auto`` (in-process for one process), ``inprocess`` or ``torchrun``."""
 
     def __post_init__(self) -> None:
         self.train = check_fields(AETrainConfig, self.train, "autoencoder.train")
@@ -117,12 +136,7 @@ class AESection:
                            for i, p in enumerate(self.phases)]
         if isinstance(self.phases, str) and self.phases != "paper":
             raise ValueError(f"autoencoder.phases must be 'paper' or a list of phase configs, got {self.phases!r}")
-        if self.nproc_per_node < 1 or self.nnodes < 1:
-            raise ValueError(f"autoencoder.nproc_per_node and nnodes must be >= 1, got {self.nproc_per_node}, {self.nnodes}")
-        if self.launcher not in ("auto", "inprocess", "torchrun"):
-            raise ValueError(f"autoencoder.launcher must be one of auto, inprocess, torchrun; got {self.launcher!r}")
-        if self.launcher == "inprocess" and self.nproc_per_node * self.nnodes > 1:
-            raise ValueError("autoencoder.launcher 'inprocess' needs nproc_per_node = nnodes = 1; use 'torchrun'")
+        self.check_launch("autoencoder")
 
 
 @dataclass(kw_only=True)
@@ -167,7 +181,7 @@ class EncodeSection:
 
 
 @dataclass(kw_only=True)
-class DiffusionSection:
+class DiffusionSection(LaunchFields):
     """Diffusion backbones trained on the one latent store."""
 
     backbones: list[str] = field(default_factory=lambda: ["DiT-tiny", "USiT-tiny"])
@@ -175,13 +189,6 @@ class DiffusionSection:
     train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
     """The training config shared by all backbones: ``model`` is replaced by each name of ``backbones``; ``seed``
     defaults to the pipeline's."""
-    nproc_per_node: int = 1
-    """> 1 launches ``torchrun --nproc_per_node N``; 1 trains in the flow's own process."""
-    nnodes: int = 1
-    torchrun_args: list[str] = field(default_factory=list)
-    """Extra torchrun arguments passed through (``--rdzv-endpoint``, ``--node-rank``, ...)."""
-    launcher: str = "auto"
-    """``auto`` (in-process for one process), ``inprocess`` or ``torchrun``."""
     retries: int = 0
     """Task retries for training; a retry resumes from the last checkpoint."""
 
@@ -193,12 +200,7 @@ class DiffusionSection:
         unknown = [b for b in self.backbones if b not in PRESETS]
         if unknown:
             raise ValueError(f"diffusion.backbones: unknown presets {unknown}; allowed: {', '.join(sorted(PRESETS))}")
-        if self.nproc_per_node < 1 or self.nnodes < 1:
-            raise ValueError(f"diffusion.nproc_per_node and nnodes must be >= 1, got {self.nproc_per_node}, {self.nnodes}")
-        if self.launcher not in ("auto", "inprocess", "torchrun"):
-            raise ValueError(f"diffusion.launcher must be one of auto, inprocess, torchrun; got {self.launcher!r}")
-        if self.launcher == "inprocess" and self.nproc_per_node * self.nnodes > 1:
-            raise ValueError("diffusion.launcher 'inprocess' needs nproc_per_node = nnodes = 1; use 'torchrun'")
+        self.check_launch("diffusion")
 
 
 @dataclass(kw_only=True)

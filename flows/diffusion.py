@@ -12,7 +12,7 @@ from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.events import announce_checkpoints
 from flows.gpu import GPU_TAG, gpu_stage
-from flows.launch import run_streaming, torchrun_command
+from flows.launch import launch_job, write_launch_file
 from flows.pointers import describe_run, describe_store
 
 __all__ = ["fit_backbone", "train_diffusion"]
@@ -30,26 +30,15 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
     """
     from dcae15.diffusion.train import DiffusionTrainConfig, run_id_for, train_diffusion as train_fn
     from storage.layout import Root
-    from storage.urls import join, write_atomic
 
     log = get_run_logger()
     cfg = DiffusionTrainConfig.from_dict({"model": backbone, "seed": seed, **train})
     run_url = Root(root).diffusion_run(run_id_for(cfg, store["store_id"]))
-    world = launch["nproc_per_node"] * launch["nnodes"]
-    if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
-        log.info("training %s in-process on %s -> %s", backbone, store["url"], run_url)
-        train_fn(cfg, store["url"], run_url)
-    else:
-        import yaml
-
-        # one run file: torchrun's own parser would take the trainer's --store / --run for its abbreviated options
-        run_file = join(run_url, "launch.yaml")
-        write_atomic(run_file, yaml.safe_dump({"store_url": store["url"], "run_url": run_url, "train": cfg.to_dict()}).encode())
-        cmd = torchrun_command("dcae15.diffusion.train", ["--config", run_file],
-                               nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
-                               extra=launch["torchrun_args"])
-        log.info("launching %s", " ".join(cmd))
-        run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))
+    log.info("training %s on %s -> %s", backbone, store["url"], run_url)
+    launch_job(launch, inprocess=lambda: train_fn(cfg, store["url"], run_url), module="dcae15.diffusion.train",
+               module_args=["--config", write_launch_file(run_url, {"store_url": store["url"], "run_url": run_url,
+                                                                    "train": cfg.to_dict()})],
+               log=log.info)
     return describe_run(run_url)
 
 
@@ -66,8 +55,7 @@ def train_diffusion(store: str, backbone: str, root: str | None = None, config: 
             if v is not None}
     cfg = stage_config(root, config, **({"diffusion": over} if over else {}))
     d = cfg.diffusion
-    launch = {"launcher": d.launcher, "nproc_per_node": d.nproc_per_node, "nnodes": d.nnodes,
-              "torchrun_args": list(d.torchrun_args)}
+    launch = d.launch()
     pointer = describe_store(store)
     if not pointer["complete"]:
         raise ValueError(f"latent store {store} is not complete: run encode_latents first")

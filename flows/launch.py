@@ -8,7 +8,7 @@ import subprocess
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["LaunchError", "torchrun_command", "run_streaming"]
+__all__ = ["LaunchError", "torchrun_command", "run_streaming", "write_launch_file", "launch_job"]
 
 
 class LaunchError(RuntimeError):
@@ -71,3 +71,37 @@ def run_streaming(
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         lines = "\n".join(last)
         raise LaunchError(f"{cmd[0]} ... {' '.join(cmd[-3:])} failed with {how}. Last output lines:\n{lines}")
+
+
+def write_launch_file(run_url: str, payload: dict) -> str:
+    """Write ``<run_url>/launch.yaml`` (what ``--config`` reads under torchrun) and return its URL.
+
+    One run file instead of options: torchrun's own parser would take a trainer's ``--store`` / ``--run`` for its
+    abbreviated options.
+    """
+    import yaml
+
+    from storage.urls import join, write_atomic
+
+    url = join(run_url, "launch.yaml")
+    write_atomic(url, yaml.safe_dump(payload, sort_keys=False).encode())
+    return url
+
+
+def launch_job(launch: dict, *, inprocess: Callable[[], object], module: str, module_args: Sequence[str],
+               log: Callable[[str], None]) -> bool:
+    """Run a stage's job per ``launch`` (``launcher``, ``nproc_per_node``, ``nnodes``, ``torchrun_args``).
+
+    In the flow's own process (``inprocess()``) for ``launcher: inprocess``, or ``auto`` with one process in all;
+    else ``python -m module module_args`` under torchrun, its output streamed to ``log``. Returns True when it ran
+    in-process.
+    """
+    world = launch["nproc_per_node"] * launch["nnodes"]
+    if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
+        inprocess()
+        return True
+    cmd = torchrun_command(module, module_args, nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
+                           extra=launch["torchrun_args"])
+    log("launching " + " ".join(cmd))
+    run_streaming(cmd, log=lambda line: log(f"[torchrun] {line}"))
+    return False

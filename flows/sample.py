@@ -13,7 +13,7 @@ from flows.artifacts import publish_pointer, sample_progress
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.gpu import GPU_TAG, gpu_stage
-from flows.launch import run_streaming, torchrun_command
+from flows.launch import launch_job
 from flows.pointers import describe_run, describe_samples
 
 __all__ = ["draw_samples", "sample_run"]
@@ -37,18 +37,13 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
     log = get_run_logger()
     out_url = Root(root).sample_store(short_id(run["run_id"], checkpoint, spec))
     launch = launch or {"launcher": "inprocess", "nproc_per_node": 1, "nnodes": 1, "torchrun_args": []}
-    world = launch["nproc_per_node"] * launch["nnodes"]
+    log.info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
     with sample_progress(out_url, run["run_id"], checkpoint):  # a progress artifact polled from the store
-        if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
-            log.info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
-            sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
-        else:
-            cmd = torchrun_command("dcae15.diffusion.sample", [run["url"], out_url, "--checkpoint", str(checkpoint),
-                                                       "--spec", json.dumps(spec)],
-                                   nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
-                                   extra=launch["torchrun_args"])
-            log.info("launching %s", " ".join(cmd))
-            run_streaming(cmd, log=lambda line: log.info("[torchrun] %s", line))
+        launch_job(launch, inprocess=lambda: sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True,
+                                                             **spec),
+                   module="dcae15.diffusion.sample",
+                   module_args=[run["url"], out_url, "--checkpoint", str(checkpoint), "--spec", json.dumps(spec)],
+                   log=log.info)
     return describe_samples(out_url)
 
 
@@ -61,7 +56,6 @@ def sample_run(run: str, root: str | None = None, config: ConfigArg = "demo", ch
     # the run's identity, not its latest step: sampling step 100 stays cached while training goes on
     ref = {"url": latest["url"], "run_id": latest["run_id"]}
     d = cfg.diffusion
-    launch = {"launcher": d.launcher, "nproc_per_node": d.nproc_per_node, "nnodes": d.nnodes,
-              "torchrun_args": list(d.torchrun_args)}
+    launch = d.launch()
     return publish_pointer("sample", run_cached(draw_samples, root=cfg.root, run=ref, checkpoint=step,
                                                 spec=dataclasses.asdict(cfg.sample), launch=launch))

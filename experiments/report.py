@@ -47,8 +47,8 @@ def _mean_curve(per_seed: dict[int, list[tuple[int, float]]]) -> tuple[np.ndarra
     return np.array(common), vals.mean(0), vals.std(0)
 
 
-def _first_reach(steps: np.ndarray, values: np.ndarray, level: float) -> int | None:
-    hit = np.flatnonzero(values <= level)
+def _first_reach(steps: np.ndarray, values: np.ndarray, level: float, higher: bool = False) -> int | None:
+    hit = np.flatnonzero(values >= level if higher else values <= level)
     return int(steps[hit[0]]) if hit.size else None
 
 
@@ -66,8 +66,9 @@ def _structure_curves(stages: dict, key: str) -> dict[tuple[str, bool], dict[int
     return out
 
 
-def _speed_verdicts(curves: dict) -> dict[str, Any]:
-    """Table 5 verdicts from {(kind, adt): {seed: [(step, fid)]}}: steps to the baseline's final value."""
+def _speed_verdicts(curves: dict, metric: str = "proxy-FID", higher: bool = False) -> dict[str, Any]:
+    """Table 5 verdicts from {(kind, adt): {seed: [(step, value)]}}: steps to the baseline's final value (mean
+    over seeds; per seed against that seed's baseline), and each variant's final value (mean, std, min, max)."""
     out: dict[str, Any] = {}
     base = curves.get(("plain", False))
     if not (base and ("structured", True) in curves):
@@ -79,31 +80,41 @@ def _speed_verdicts(curves: dict) -> dict[str, Any]:
         if (kind, adt) not in curves:
             continue
         st, mu, _ = _mean_curve(curves[(kind, adt)])
-        r = _first_reach(st, mu, level)
+        r = _first_reach(st, mu, level, higher)
         per_seed = {}
         for seed, pts in curves[(kind, adt)].items():
             if seed in base:
                 lvl = base[seed][-1][1]
                 s_arr, v_arr = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-                per_seed[seed] = _first_reach(s_arr, v_arr, lvl)
-        reach[label] = {"steps_to_baseline_final": r, "final_proxy_fid_mean": float(mu[-1]),
-                        "speedup": (final_step / r) if r else None, "per_seed_steps": per_seed}
+                per_seed[seed] = _first_reach(s_arr, v_arr, lvl, higher)
+        finals = np.array([pts[-1][1] for pts in curves[(kind, adt)].values()])
+        reach[label] = {"steps_to_baseline_final": r, "final_mean": float(mu[-1]),
+                        "final_std": float(finals.std()), "final_min": float(finals.min()),
+                        "final_max": float(finals.max()), "speedup": (final_step / r) if r else None,
+                        "per_seed_steps": per_seed}
     r = reach["SLS + ADT"]["steps_to_baseline_final"]
     # The target presumes the baseline improves with training, so that its final value is its best. If the
     # baseline already had that value (or better) earlier, "reaching it sooner" does not measure speed.
     own = reach["plain AE, no ADT (baseline)"]["steps_to_baseline_final"]
+    first = float(mean_b[0])
+    improves = (level > first) if higher else (level < first)
     why = None
     if own is not None and own < final_step:
-        why = (f"inconclusive: the baseline's own curve is not improving (it was already at or below its final "
-               f"value {level:.3f} at step {own}), so reaching that value early says nothing about speed")
+        why = (f"inconclusive: the baseline's own {metric} curve is not improving (it was already at or "
+               f"{'above' if higher else 'below'} its final value {level:.3f} at step {own}), so reaching that value "
+               "early says nothing about speed")
+    baseline_curve = {"steps": [int(x) for x in steps_b], "mean": [float(x) for x in mean_b], "improves": improves,
+                      "monotone": bool(np.all(np.diff(mean_b) > 0) if higher else np.all(np.diff(mean_b) < 0))}
     out["table5_speed"] = {
-        "claim": f"SLS + ADT reaches the baseline's final proxy-FID ({level:.3f} at step {final_step}, mean "
+        "claim": f"SLS + ADT reaches the baseline's final {metric} ({level:.3f} at step {final_step}, mean "
                  f"over seeds) in <= half the steps ({final_step // 2})",
-        "baseline_final_proxy_fid": level, "baseline_final_step": final_step, "reach": reach,
+        "metric": metric, "baseline_final": level, "baseline_final_step": final_step, "reach": reach,
+        "baseline_curve": baseline_curve,
         "held": None if why else bool(r is not None and r <= final_step / TARGETS["speedup"]), "reason": why}
     alone = [lab for lab in ("plain AE + ADT", "structured AE (SLS), no ADT") if lab in reach]
     out["table5_alone"] = {
-        "claim": "either SLS or ADT alone does NOT reach the baseline's final proxy-FID in <= half the steps",
+        "claim": f"either SLS or ADT alone does NOT reach the baseline's final {metric} in <= half the steps",
+        "metric": metric,
         "held": None if (why or not alone) else bool(all(
             not (reach[lab]["steps_to_baseline_final"] is not None
                  and reach[lab]["steps_to_baseline_final"] <= final_step / TARGETS["speedup"]) for lab in alone)),
@@ -128,6 +139,13 @@ def verdicts(stages: dict[str, dict]) -> dict[str, Any]:
                 "channels": q, "plain_psnr": fp[q]["psnr"], "structured_psnr": fs[q]["psnr"], "gain_db": gain,
                 "gain_db_without_finetune": as_[q]["psnr"] - ap[q]["psnr"],
                 "held": bool(gain >= TARGETS["partial_psnr_gain_db"])}
+        if q in ap and q in as_:
+            gain0 = as_[q]["psnr"] - ap[q]["psnr"]
+            out["fig3_partial_no_ft"] = {
+                "claim": f"structured AE's PSNR from the first {q}/{c} channels (decoder as trained, no fine-tune) "
+                         f">= {TARGETS['partial_psnr_gain_db']} dB above the plain AE's",
+                "channels": q, "plain_psnr": ap[q]["psnr"], "structured_psnr": as_[q]["psnr"], "gain_db": gain0,
+                "held": bool(gain0 >= TARGETS["partial_psnr_gain_db"])}
         gap = as_[c]["psnr"] - ap[c]["psnr"]
         out["table1_full"] = {
             "claim": f"full-channel PSNR of the two AEs within {TARGETS['full_psnr_gap_db']} dB",
@@ -136,6 +154,9 @@ def verdicts(stages: dict[str, dict]) -> dict[str, Any]:
             "held": bool(abs(gap) <= TARGETS["full_psnr_gap_db"])}
     t5 = _speed_verdicts(_curves(stages))
     out.update(t5)
+    acc = _curves(stages, "proxy-acc")
+    if acc:
+        out.update({f"{k}_acc": x for k, x in _speed_verdicts(acc, "class accuracy", higher=True).items()})
     st = _structure_curves(stages, "fid")
     if st:
         out.update({f"{k}_structure_proxy": v for k, v in _speed_verdicts(st).items()})
@@ -211,12 +232,15 @@ _VARIANT_COLORS = {("plain", False): "tab:gray", ("plain", True): "tab:blue", ("
                    ("structured", True): "tab:red"}
 
 
-def _curve_panels(panels: list[tuple[dict, str]], title: str, path: Path, *, detailed: bool) -> None:
+def _curve_panels(panels: list[tuple[dict, str]], title: str, path: Path, *, detailed: bool,
+                  floors: list[dict[str, float]] | None = None) -> None:
     """Two panels of mean ± std curves per variant. ``detailed`` adds seed counts, the baseline's final value
     and a log scale on the first panel (the primary scorer's figure)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, (curves, ylabel) in zip(axes, panels):
+    for i, (ax, (curves, ylabel)) in enumerate(zip(axes, panels)):
+        for j, (fl_label, fl) in enumerate((floors[i] if floors else {}).items()):
+            ax.axhline(fl, color="black", ls=("--", "-.", ":")[j % 3], lw=0.8, label=fl_label)
         for kind, adt, label in _VARIANTS:
             if (kind, adt) not in curves:
                 continue
@@ -238,9 +262,17 @@ def _curve_panels(panels: list[tuple[dict, str]], title: str, path: Path, *, det
 
 
 def _convergence_figure(stages: dict, path: Path) -> None:
+    floors = [{}, {}]
+    for k in ("plain", "structured"):
+        f = stages.get(f"floor-{k}")
+        if f:
+            floors[0][f"{k} AE reconstructions"] = f["result"]["reconstruction_proxy_fid"]
+            if "reconstruction_proxy_acc" in f["result"]:
+                floors[1][f"{k} AE reconstructions"] = f["result"]["reconstruction_proxy_acc"]
     _curve_panels([(_curves(stages, "proxy-fid"), "proxy-FID (lower is better)"),
                    (_curves(stages, "proxy-acc"), "proxy class accuracy of samples (higher is better)")],
-                  "Convergence (Table 5 ablation, toy scale): mean ± std over seeds", path, detailed=True)
+                  "Convergence (Table 5 ablation, toy scale): mean ± std over seeds; black: the AEs' own "
+                  "reconstructions (what a perfect diffusion model would reach)", path, detailed=True, floors=floors)
 
 
 def _structure_figure(stages: dict, path: Path) -> None:
@@ -250,22 +282,44 @@ def _structure_figure(stages: dict, path: Path) -> None:
                   detailed=False)
 
 
-def _samples_figure(root: Path, seed: int, path: Path, n: int = 8) -> bool:
-    rows = []
+def _class_names(stages: dict, num_classes: int) -> list[str]:
+    src = Path(stages["data"]["result"]["source"])
+    names = sorted(p.name for p in src.iterdir() if p.is_dir()) if src.is_dir() else []
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def _samples_figure(root: Path, stages: dict, sc: dict, seed: int, path: Path, per_class: int = 6) -> bool:
+    """Final-checkpoint samples of the four variants (one seed, same noise and labels): a row per class."""
+    panels = []
     for kind, adt, label in _VARIANTS:
-        f = root / "eval" / "gen" / f"{kind}-{'adt' if adt else 'noadt'}-s{seed}" / "final_samples.npy"
-        if f.exists():
-            rows.append((label, np.load(f)[:n]))
-    if not rows:
+        d = root / "eval" / "gen" / f"{kind}-{'adt' if adt else 'noadt'}-s{seed}"
+        f = d / f"samples-{sc['dit_steps']:07d}.npz"
+        if not f.exists():
+            continue
+        z = np.load(f)
+        images, labels = z["images"], z["labels"]
+        rows = []
+        for c in range(sc["num_classes"]):
+            pick = images[labels == c][:per_class]
+            if len(pick) < per_class:  # too few samples of a class: pad with white tiles
+                pad = np.full((per_class - len(pick), *images.shape[1:]), 255, np.uint8)
+                pick = np.concatenate([pick, pad])
+            rows.append(np.concatenate(list(pick), axis=1))
+        panels.append((label, np.concatenate(rows, axis=0)))
+    if not panels:
         return False
+    names = _class_names(stages, sc["num_classes"])
     plt = _plt()
-    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * n, 1.2 * len(rows)))
-    for ax, (label, imgs) in zip(np.atleast_1d(axes), rows):
-        ax.imshow(np.concatenate(list(imgs), axis=1))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 3.6))
+    h = panels[0][1].shape[0] / sc["num_classes"]
+    for i, (ax, (label, grid)) in enumerate(zip(np.atleast_1d(axes), panels)):
+        ax.imshow(grid)
         ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"Final samples (seed {seed}, same noise and labels in every row)", fontsize=9)
+        ax.set_yticks([(k + 0.5) * h for k in range(sc["num_classes"])])
+        ax.set_yticklabels(names if i == 0 else [], fontsize=7)
+        ax.set_title(label, fontsize=8)
+    fig.suptitle(f"Samples at step {sc['dit_steps']} (seed {seed}; {sc['sampler']} {sc['sample_steps']} steps, CFG "
+                 f"{sc.get('cfg_scale', 1.0)}; a row per class; the same noise and labels in every panel)", fontsize=8)
     _save(fig, path)
     return True
 
@@ -295,6 +349,13 @@ def _metric_table(rows_by_kind: dict[str, dict[int, dict]], chans: list[int]) ->
     return lines
 
 
+def _objective(model: str) -> str:
+    from dcae15.models.registry import preset
+
+    obj = preset(model).objective
+    return "flow matching, velocity prediction" if obj == "flow" else f"DDPM ε-prediction, {obj[5:]} betas"
+
+
 def _held(v: dict | None) -> str:
     if v and v.get("held") is None and v.get("reason"):
         return "**INCONCLUSIVE**"
@@ -314,7 +375,8 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
     ds = stages["data"]["result"]
     proxy = stages["proxy"]["result"]
     md: list[str] = []
-    name = "RESULTS.md" if scale == "small" else f"RESULTS-{scale}.md"
+    # the default scale's report is THE results file; any other scale or tag gets its own
+    name = "RESULTS.md" if scale == session.get("default_scale", "learns") else f"RESULTS-{scale}.md"
     total = sum(s["seconds"] for s in stages.values())
     md += [f"# DC-AE 1.5 at toy scale: Figure 3 / Table 1 and Table 5 (`--scale {session['scale']}`, report `{scale}`)", "",
            f"Generated by `experiments/replicate.py` on {_dt.date.today().isoformat()}. Machine: "
@@ -336,47 +398,64 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
            f"- Decoder-only fine-tune per c' ({sc['ft_steps']} steps, encoder frozen, same budget for both AEs), as "
            "the paper does for Figure 3 (\"the decoder is fine-tuned for all settings\"); the frozen encoder keeps "
            "the latent the diffusion model sees unchanged.",
-           f"- Diffusion: `{sc['dit_model']}` {sc['dit_overrides'] or ''} (DDPM ε-prediction, linear betas), "
-           f"{sc['dit_steps']} steps, batch {sc['dit_batch']}, lr {sc['dit_lr']} (warm-up {sc['dit_warmup']}), EMA "
-           f"{sc['dit_ema']}, latents × the store's measured 1/RMS; ADT = Eq. 2 with c' per batch from the same c' "
-           f"list as the AE; seeds {sc['seeds']}. Identical budgets, seeds and data order in all four variants.",
-           f"- proxy-FID: {sc['eval_samples']} samples ({sc['sampler']}, {sc['sample_steps']} steps, no guidance, "
-           "uniform labels; the same noise and labels for every run) from the EMA weights at every checkpoint, "
-           f"against the training images' statistics, in the features of a small classifier trained on this data "
-           f"(`{proxy['extractor_label']}`, held-out accuracy {proxy.get('held_out_accuracy', float('nan')):.3f}). "
+           f"- Diffusion: `{sc['dit_model']}` {sc['dit_overrides'] or ''} ({_objective(sc['dit_model'])}), "
+           f"{sc.get('dit_patch', 1)}×{sc.get('dit_patch', 1)} latent patches, "
+           f"{sc['dit_steps']} steps, batch {sc['dit_batch']}, lr {sc['dit_lr']} (warm-up {sc['dit_warmup']}, then "
+           f"constant), EMA {sc['dit_ema']}, latents × the store's measured 1/RMS; ADT = Eq. 2 with c' per batch from "
+           f"the same c' list as the AE; seeds {sc['seeds']} (the spread over seeds is the diffusion runs' seeds; both "
+           "AEs are one run each, seed " + str(session['ae_seed']) + "). Identical budgets, seeds and data order in "
+           "all four variants.",
+           f"- Evaluation at every checkpoint ({sc['eval_every']} steps): {sc['eval_samples']} class-conditional "
+           f"samples ({sc['sampler']}, {sc['sample_steps']} steps, CFG {sc.get('cfg_scale', 1.0)}, uniform labels; "
+           "the same noise and labels for every run) from the EMA weights. proxy-FID against the training images' "
+           "statistics, and class accuracy (the fraction the classifier assigns to the requested class; chance "
+           f"{1 / sc['num_classes']:.3f}), both with one small classifier trained on this data "
+           f"(`{proxy['extractor_label']}`, trained with blur and noise augmentation so that it recognises "
+           f"shape, not sharpness; held-out accuracy {proxy.get('held_out_accuracy', float('nan')):.3f}). "
            "proxy-LPIPS = LPIPS's un-learned form (unit-normalised activations, squared distance, averaged) on the "
            "same classifier's conv blocks. Proxy numbers are comparable only with each other, never with "
            "Inception FID / real LPIPS.", ""]
 
     md += ["## Verdicts against the issue's targets", ""]
-    for key, title in (("fig3_partial", "Figure 3 (first quarter of the channels)"),
+    for key, title in (("fig3_partial", "Figure 3 (first quarter of the channels, decoder fine-tuned)"),
+                       ("fig3_partial_no_ft", "Figure 3 (first quarter of the channels, no decoder fine-tune)"),
                        ("table1_full", "Table 1 (full channels cost nothing)"),
-                       ("table5_speed", "Table 5 (SLS + ADT converge faster)"),
-                       ("table5_alone", "Table 5 (either alone does not)"),
+                       ("table5_speed", "Table 5 on proxy-FID (SLS + ADT converge faster)"),
+                       ("table5_alone", "Table 5 on proxy-FID (either alone does not)"),
+                       ("table5_speed_acc", "Table 5 on class accuracy (SLS + ADT converge faster)"),
+                       ("table5_alone_acc", "Table 5 on class accuracy (either alone does not)"),
                        ("table5_speed_structure_proxy", "Table 5 on the 16 px structure proxy (secondary, added "
                                                         "after the fact)"),
                        ("table5_alone_structure_proxy", "Table 5 alone, 16 px structure proxy (secondary)")):
         x = v.get(key)
         if not x:
-            md.append(f"- {title}: not measured yet.")
+            if not key.endswith("structure_proxy"):
+                md.append(f"- {title}: not measured yet.")
             continue
         md.append(f"- {title} — {_held(x)}: {x['claim']}.")
         if x.get("reason"):
             md.append(f"  {x['reason'][0].upper() + x['reason'][1:]}.")
-        if key == "fig3_partial":
+        if key.startswith("fig3_partial"):
             md.append(f"  Plain {x['plain_psnr']:.2f} dB vs structured {x['structured_psnr']:.2f} dB at "
-                      f"c'={x['channels']}: gain **{x['gain_db']:+.2f} dB** (without the decoder fine-tune: "
-                      f"{x['gain_db_without_finetune']:+.2f} dB).")
+                      f"c'={x['channels']}: gain **{x['gain_db']:+.2f} dB**.")
         if key == "table1_full":
             md.append(f"  Plain {x['plain_psnr']:.2f} dB vs structured {x['structured_psnr']:.2f} dB: gap "
                       f"**{x['gap_db']:+.2f} dB** (proxy-rFID {_f(x['plain_proxy_rfid'], 3)} vs "
                       f"{_f(x['structured_proxy_rfid'], 3)}).")
         if key.startswith("table5_speed"):
+            metric = x.get("metric", "proxy-FID")
+            bc = x.get("baseline_curve")
+            if bc:
+                md.append(f"  Baseline's {metric} curve (mean over seeds) at steps {bc['steps']}: "
+                          + " → ".join(f"{m:.3f}" for m in bc["mean"])
+                          + f" — {'improves' if bc['improves'] else 'DOES NOT improve'} over training"
+                          + (" (monotonically)." if bc["monotone"] else " (not monotonically)."))
             for label, r in x["reach"].items():
                 sp = f"{r['speedup']:.2f}×" if r["speedup"] else "not reached"
-                md.append(f"  - {label}: reaches {x['baseline_final_proxy_fid']:.3f} at step "
+                md.append(f"  - {label}: reaches {x['baseline_final']:.3f} at step "
                           f"{_f(r['steps_to_baseline_final'])} ({sp} of the baseline's {x['baseline_final_step']} "
-                          f"steps); final proxy-FID {r['final_proxy_fid_mean']:.3f}; per seed (vs that seed's "
+                          f"steps); final {metric} **{r['final_mean']:.3f} ± {r['final_std']:.3f}** (min–max "
+                          f"{r['final_min']:.3f}–{r['final_max']:.3f}); steps to reach per seed (vs that seed's "
                           f"baseline): {r['per_seed_steps']}.")
     md.append("")
 
@@ -409,7 +488,7 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
     curves = _curves(stages)
     if curves:
         _convergence_figure(stages, figs / f"{scale}_convergence.png")
-        has_samples = _samples_figure(root, sc["seeds"][0], figs / f"{scale}_samples.png")
+        has_samples = _samples_figure(root, stages, sc, sc["seeds"][0], figs / f"{scale}_samples.png")
         steps_all = sorted({s for per in curves.values() for pts in per.values() for s, _ in pts})
         md += ["## Table 5 ablation: proxy-FID during diffusion training (mean ± std over seeds)", "",
                "| variant | SLS | ADT | " + " | ".join(f"step {s}" for s in steps_all) + " |",
@@ -426,8 +505,8 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
                       + " | ".join(cells) + " |")
         acc = _curves(stages, "proxy-acc")
         if acc:
-            md += ["", "Proxy class accuracy of the samples (the fraction the proxy classifier assigns to the class "
-                   "they were generated for; added because proxy-FID turned out non-monotonic, see the notes):", "",
+            md += ["", "Class accuracy of the samples (mean ± std over seeds; the fraction the proxy classifier "
+                   f"assigns to the class they were generated for; chance {1 / sc['num_classes']:.3f}):", "",
                    "| variant | " + " | ".join(f"step {s}" for s in steps_all) + " |", "|---|" + "---|" * len(steps_all)]
             for kind, adt, label in _VARIANTS:
                 per = acc.get((kind, adt))
@@ -444,6 +523,14 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
             per = curves.get((kind, adt), {})
             md.append(f"| {label} | " + " | ".join(_f(per[s][-1][1], 3) if s in per else "—" for s in sc["seeds"])
                       + " |")
+        if acc:
+            md += ["", "Per seed, final class accuracy:", "",
+                   "| variant | " + " | ".join(f"seed {s}" for s in sc["seeds"]) + " |",
+                   "|---|" + "---|" * len(sc["seeds"])]
+            for kind, adt, label in _VARIANTS:
+                per = acc.get((kind, adt), {})
+                md.append(f"| {label} | " + " | ".join(_f(per[s][-1][1], 3) if s in per else "—"
+                                                       for s in sc["seeds"]) + " |")
         floors = {k: stages[f"floor-{k}"]["result"] for k in ("plain", "structured") if f"floor-{k}" in stages}
         if floors:
             md += ["", "Reference points on the same scale (same reference statistics, "

@@ -60,6 +60,9 @@ class Scale:
     """AE learning-rate schedule after the linear warm-up: "constant" or "cosine" (to 0 at ``ae_steps``)."""
     ft_channels: tuple[int, ...] = ()
     """c' values that get a decoder-only fine-tune; () = a quarter and a half of c."""
+    ae_seeds: tuple[int, ...] = ()
+    """Extra autoencoder seeds (both kinds, same budgets) trained and evaluated only for Figure 3 / Table 1, so
+    their verdicts have a spread over AE seeds; the diffusion runs use the ``--ae-seed`` AEs."""
     ft_steps: int = 400
     ft_lr: float | None = None
     """lr of the decoder-only fine-tunes (constant); None = ``ae_lr``."""
@@ -108,9 +111,10 @@ SCALES: dict[str, Scale] = {
     # (flow matching, 2x2 patches = 16 tokens, label embedding std 1, lr 2e-3, EMA 0.99) x 4 variants x 3 seeds,
     # scored at 4 checkpoints with Heun + CFG as the demo samples. Cost: see RESULTS.md (stage times).
     "learns": Scale(per_class=384, look=LEARNABLE_LOOK, ae_preset="tiny-f4c8", ae_steps=1600, ae_batch=32, ae_lr=2e-3,
-                    ae_warmup=100, ae_schedule="cosine", ft_steps=400, ft_lr=5e-4, proxy_epochs=10,
-                    dit_model="SiT-tiny", dit_patch=2, dit_steps=1200, dit_batch=64, dit_lr=2e-3, dit_warmup=50,
-                    dit_ema=0.99, eval_every=300, eval_samples=256, sampler="heun", sample_steps=16, cfg_scale=2.5,
+                    ae_warmup=100, ae_schedule="cosine", ae_seeds=(1, 2), ft_channels=(2, 4, 6), ft_steps=400,
+                    ft_lr=5e-4, proxy_epochs=10,
+                    dit_model="SiT-tiny", dit_patch=2, dit_steps=2400, dit_batch=64, dit_lr=2e-3, dit_warmup=50,
+                    dit_ema=0.99, eval_every=300, eval_samples=384, sampler="heun", sample_steps=16, cfg_scale=2.5,
                     structure_eval=False, seeds=(0, 1, 2)),
     # The original setting (full-detail look, f8c32, DDPM DiT): its baseline never improved (experiments/RESULTS.md
     # before issue 12 in git history). ~30 min on this shared 2-core CPU (measured: AE ~20 steps/s, DiT ~7 steps/s, ~5 s per proxy-FID point).
@@ -123,7 +127,7 @@ SCALES: dict[str, Scale] = {
     # The default's code paths (learnable look, f4c8 + cosine, SiT flow + patch 2, Heun + CFG) plus the secondary
     # structure scorer, on minimal budgets.
     "smoke": Scale(num_classes=4, per_class=16, look=LEARNABLE_LOOK, ae_preset="tiny-f4c8", ae_steps=4, ae_batch=8,
-                   ae_warmup=1, ae_schedule="cosine", ft_steps=2, ft_lr=5e-4, recon_images=16, proxy_epochs=1,
+                   ae_warmup=1, ae_schedule="cosine", ae_seeds=(1,), ft_steps=2, ft_lr=5e-4, recon_images=16, proxy_epochs=1,
                    proxy_width=4, dit_model="SiT-tiny", dit_overrides={"hidden": 32, "depth": 2, "heads": 2},
                    dit_patch=2, dit_steps=4, dit_batch=16, dit_warmup=0, eval_every=2, eval_samples=16,
                    sampler="heun", sample_steps=2, cfg_scale=2.5, seeds=(0, 1)),
@@ -207,14 +211,14 @@ def _extractor(root: Path, sc: Scale, ds_url: str):
                            cache_url=str(root / "eval"))
 
 
-def _ae(root: Path, sc: Scale, ds_url: str, kind: str, seed: int) -> dict:
+def _ae(root: Path, sc: Scale, ds_url: str, kind: str, seed: int, name: str | None = None) -> dict:
     from dcae15.ae_train import AETrainConfig, train_autoencoder
 
     cfg = AETrainConfig(preset=sc.ae_preset, resolution=sc.resolution, steps=sc.ae_steps, batch_size=sc.ae_batch,
                         lr=sc.ae_lr, warmup_steps=sc.ae_warmup, schedule=sc.ae_schedule, perceptual="none", structured=kind == "structured", seed=seed,
                         checkpoint_every=max(1, sc.ae_steps // 4), log_every=max(1, min(50, sc.ae_steps)),
                         device="cpu")
-    out = train_autoencoder(cfg, ds_url, str(root / "runs" / "ae" / kind))
+    out = train_autoencoder(cfg, ds_url, str(root / "runs" / "ae" / (name or kind)))
     return {**out, "config": cfg.to_dict()}
 
 
@@ -222,7 +226,7 @@ def _ft_channels(sc: Scale, c: int) -> tuple[int, ...]:
     return sc.ft_channels or (c // 4, c // 2)
 
 
-def _recon(root: Path, sc: Scale, ds_url: str, kind: str, ae: dict, seed: int) -> dict:
+def _recon(root: Path, sc: Scale, ds_url: str, kind: str, ae: dict, seed: int, name: str | None = None) -> dict:
     """Per-c' reconstruction quality as trained (every c' of the list) and after a decoder fine-tune per c'."""
     from dcae15.autoencoder import StructuredAutoencoder
     from dcae15.recon_eval import ReconEvalConfig, evaluate_reconstruction
@@ -245,10 +249,11 @@ def _recon(root: Path, sc: Scale, ds_url: str, kind: str, ae: dict, seed: int) -
                                            num_images=sc.recon_images, resolution=sc.resolution)
         return rows
 
-    as_trained = score(ae["model_url"], choices, str(root / "recon" / kind / "as_trained"))
+    out_dir = root / "recon" / (name or kind)
+    as_trained = score(ae["model_url"], choices, str(out_dir / "as_trained"))
     finetuned = []
     for cp in _ft_channels(sc, c):
-        ft = finetune_decoder(ae["model_url"], dataset, str(root / "recon" / kind / f"ft-c{cp}"), channels=cp,
+        ft = finetune_decoder(ae["model_url"], dataset, str(out_dir / f"ft-c{cp}"), channels=cp,
                               steps=sc.ft_steps, batch_size=sc.ae_batch,
                               lr=sc.ft_lr if sc.ft_lr is not None else sc.ae_lr, resolution=sc.resolution,
                               seed=seed)
@@ -442,8 +447,12 @@ def run(root: Path, sc: Scale, *, scale_name: str, data: str | None = None, ae_s
     ds = stages.run("data", lambda: _data(root, sc, data))
     stages.run("proxy", lambda: _proxy(root, sc, ds["url"]))
     aes = {k: stages.run(f"ae-{k}", lambda k=k: _ae(root, sc, ds["url"], k, ae_seed)) for k in AE_KINDS}
+
+    def recon_ok(r: dict) -> bool:  # made with this scale's fine-tune list
+        return sorted(x["channels"] for x in r["finetuned"]) == sorted(_ft_channels(sc, r["latent_channels"]))
+
     for k in AE_KINDS:
-        stages.run(f"recon-{k}", lambda k=k: _recon(root, sc, ds["url"], k, aes[k], ae_seed))
+        stages.run(f"recon-{k}", lambda k=k: _recon(root, sc, ds["url"], k, aes[k], ae_seed), valid=recon_ok)
     stores = {k: stages.run(f"encode-{k}", lambda k=k: _encode(root, sc, ds["url"], aes[k])) for k in AE_KINDS}
     for k in AE_KINDS:
         stages.run(f"floor-{k}", lambda k=k: _floor(root, sc, ds["url"], aes[k]))
@@ -453,6 +462,14 @@ def run(root: Path, sc: Scale, *, scale_name: str, data: str | None = None, ae_s
                    lambda kind=kind, adt=adt, seed=seed: _dit(root, sc, stores[kind], kind, adt, seed, channels,
                                                               threads),
                    valid=lambda r: r["config"]["steps"] == sc.dit_steps)
+    # extra AE seeds (Figure 3 / Table 1 spread) after the diffusion runs: the Table 5 part comes first
+    for a in sc.ae_seeds:
+        if a == ae_seed:
+            continue
+        for k in AE_KINDS:
+            ae_a = stages.run(f"ae-{k}-a{a}", lambda k=k, a=a: _ae(root, sc, ds["url"], k, a, f"{k}-a{a}"))
+            stages.run(f"recon-{k}-a{a}", lambda k=k, a=a, ae_a=ae_a: _recon(root, sc, ds["url"], k, ae_a, a,
+                                                                              f"{k}-a{a}"), valid=recon_ok)
     if sc.structure_eval:
         stages.run("structure-eval", lambda: _structure_eval(root, sc, ds["url"], aes),
                    valid=lambda r: r.get("dit_steps") == sc.dit_steps and r.get("seeds") == list(sc.seeds))

@@ -52,6 +52,18 @@ def _first_reach(steps: np.ndarray, values: np.ndarray, level: float, higher: bo
     return int(steps[hit[0]]) if hit.size else None
 
 
+def _recon_pairs(stages: dict) -> list[tuple[dict, dict]]:
+    """(plain, structured) recon results per AE seed: the primary pair first, then ``recon-<kind>-a<seed>``."""
+    pairs = []
+    if "recon-plain" in stages and "recon-structured" in stages:
+        pairs.append((stages["recon-plain"]["result"], stages["recon-structured"]["result"]))
+    extra = sorted({k.rsplit("-a", 1)[1] for k in stages if k.startswith("recon-plain-a")}, key=int)
+    for a in extra:
+        if f"recon-structured-a{a}" in stages:
+            pairs.append((stages[f"recon-plain-a{a}"]["result"], stages[f"recon-structured-a{a}"]["result"]))
+    return pairs
+
+
 def _structure_curves(stages: dict, key: str) -> dict[tuple[str, bool], dict[int, list[tuple[int, float]]]]:
     """The structure-eval stage's curves in ``_curves``' shape (key "fid" or "acc")."""
     se = stages.get("structure-eval")
@@ -125,33 +137,42 @@ def _speed_verdicts(curves: dict, metric: str = "proxy-FID", higher: bool = Fals
 def verdicts(stages: dict[str, dict]) -> dict[str, Any]:
     """The three claims, each with its numbers and ``held``: True / False / None (not measured)."""
     out: dict[str, Any] = {}
-    rp, rs = stages.get("recon-plain"), stages.get("recon-structured")
-    if rp and rs:
-        c = rs["result"]["latent_channels"]
+    pairs = _recon_pairs(stages)
+    if pairs:
+        c = pairs[0][1]["latent_channels"]
         q = c // 4
-        fp, fs = _rows_by_c(rp["result"]["finetuned"]), _rows_by_c(rs["result"]["finetuned"])
-        ap, as_ = _rows_by_c(rp["result"]["as_trained"]), _rows_by_c(rs["result"]["as_trained"])
-        if q in fp and q in fs:
-            gain = fs[q]["psnr"] - fp[q]["psnr"]
-            out["fig3_partial"] = {
-                "claim": f"structured AE's PSNR from the first {q}/{c} channels (decoder fine-tuned) >= "
-                         f"{TARGETS['partial_psnr_gain_db']} dB above the plain AE's",
-                "channels": q, "plain_psnr": fp[q]["psnr"], "structured_psnr": fs[q]["psnr"], "gain_db": gain,
-                "gain_db_without_finetune": as_[q]["psnr"] - ap[q]["psnr"],
-                "held": bool(gain >= TARGETS["partial_psnr_gain_db"])}
-        if q in ap and q in as_:
-            gain0 = as_[q]["psnr"] - ap[q]["psnr"]
-            out["fig3_partial_no_ft"] = {
-                "claim": f"structured AE's PSNR from the first {q}/{c} channels (decoder as trained, no fine-tune) "
-                         f">= {TARGETS['partial_psnr_gain_db']} dB above the plain AE's",
-                "channels": q, "plain_psnr": ap[q]["psnr"], "structured_psnr": as_[q]["psnr"], "gain_db": gain0,
-                "held": bool(gain0 >= TARGETS["partial_psnr_gain_db"])}
-        gap = as_[c]["psnr"] - ap[c]["psnr"]
+
+        def spread(vals: list[float]) -> dict:
+            v = np.asarray(vals, float)
+            return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
+                    "per_seed": [float(x) for x in v]}
+
+        def psnr(rows: list[dict], ch: int) -> float | None:
+            r = _rows_by_c(rows).get(ch)
+            return None if r is None else float(r["psnr"])
+
+        for key, part, label in (("fig3_partial", "finetuned", "decoder fine-tuned"),
+                                 ("fig3_partial_no_ft", "as_trained", "decoder as trained, no fine-tune")):
+            got = [(psnr(p[part], q), psnr(s_[part], q)) for p, s_ in pairs]
+            got = [g for g in got if None not in g]
+            if not got:
+                continue
+            gain = spread([b_ - a_ for a_, b_ in got])
+            out[key] = {
+                "claim": f"structured AE's PSNR from the first {q}/{c} channels ({label}) >= "
+                         f"{TARGETS['partial_psnr_gain_db']} dB above the plain AE's (mean over AE seeds)",
+                "channels": q, "plain_psnr": float(np.mean([g[0] for g in got])),
+                "structured_psnr": float(np.mean([g[1] for g in got])), "gain_db": gain["mean"], "gain": gain,
+                "ae_seeds": len(got), "held": bool(gain["mean"] >= TARGETS["partial_psnr_gain_db"])}
+        full = [(_rows_by_c(p["as_trained"])[c], _rows_by_c(s_["as_trained"])[c]) for p, s_ in pairs]
+        gap = spread([s_["psnr"] - p["psnr"] for p, s_ in full])
         out["table1_full"] = {
-            "claim": f"full-channel PSNR of the two AEs within {TARGETS['full_psnr_gap_db']} dB",
-            "plain_psnr": ap[c]["psnr"], "structured_psnr": as_[c]["psnr"], "gap_db": gap,
-            "plain_proxy_rfid": ap[c].get("proxy-rfid"), "structured_proxy_rfid": as_[c].get("proxy-rfid"),
-            "held": bool(abs(gap) <= TARGETS["full_psnr_gap_db"])}
+            "claim": f"full-channel PSNR of the two AEs within {TARGETS['full_psnr_gap_db']} dB (mean over AE seeds)",
+            "plain_psnr": float(np.mean([p["psnr"] for p, _ in full])),
+            "structured_psnr": float(np.mean([s_["psnr"] for _, s_ in full])), "gap_db": gap["mean"], "gap": gap,
+            "plain_proxy_rfid": float(np.mean([p.get("proxy-rfid", np.nan) for p, _ in full])),
+            "structured_proxy_rfid": float(np.mean([s_.get("proxy-rfid", np.nan) for _, s_ in full])),
+            "ae_seeds": len(full), "held": bool(abs(gap["mean"]) <= TARGETS["full_psnr_gap_db"])}
     t5 = _speed_verdicts(_curves(stages))
     out.update(t5)
     acc = _curves(stages, "proxy-acc")
@@ -195,6 +216,8 @@ def _fig3_grid(stages: dict, ds_url: str, resolution: int, path: Path, n: int = 
     rows = [("original", images)]
     for kind in ("plain", "structured"):
         rec = stages[f"recon-{kind}"]["result"]
+        q = rec["latent_channels"] // 4
+        rows.append((f"{kind} c'={q} (no ft)", reconstruct_grid(stages[f"ae-{kind}"]["result"]["model_url"], images, q)))
         for r in rec["finetuned"]:
             rows.append((f"{kind} c'={r['channels']} (dec. ft)", reconstruct_grid(r["model_url"], images, r["channels"])))
         c = rec["latent_channels"]
@@ -210,19 +233,38 @@ def _fig3_grid(stages: dict, ds_url: str, resolution: int, path: Path, n: int = 
     _save(fig, path)
 
 
+def _psnr_by_seed(stages: dict) -> dict[tuple[str, str], dict[int, list[float]]]:
+    """{(kind, "as_trained"|"finetuned"): {c': [PSNR per AE seed]}}; the full c joins the fine-tuned line (its
+    decoder is the one trained for c)."""
+    out: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for pair in _recon_pairs(stages):
+        for kind, rec in zip(("plain", "structured"), pair):
+            c = rec["latent_channels"]
+            for part in ("as_trained", "finetuned"):
+                rows = _rows_by_c(rec[part])
+                if part == "finetuned":
+                    rows[c] = _rows_by_c(rec["as_trained"])[c]
+                for ch, r in rows.items():
+                    out.setdefault((kind, part), {}).setdefault(ch, []).append(float(r["psnr"]))
+    return out
+
+
 def _psnr_figure(stages: dict, path: Path) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    data = _psnr_by_seed(stages)
+    n = len(_recon_pairs(stages))
     for kind, color in (("plain", "tab:blue"), ("structured", "tab:red")):
-        rec = stages[f"recon-{kind}"]["result"]
-        at = sorted(rec["as_trained"], key=lambda r: r["channels"])
-        ax.plot([r["channels"] for r in at], [r["psnr"] for r in at], "--", color=color, alpha=0.7,
-                label=f"{kind}, as trained")
-        ft = sorted(rec["finetuned"], key=lambda r: r["channels"])
-        ax.plot([r["channels"] for r in ft] + [at[-1]["channels"]], [r["psnr"] for r in ft] + [at[-1]["psnr"]],
-                "o-", color=color, label=f"{kind}, decoder fine-tuned per c'")
+        for part, style, label in (("as_trained", "--", "as trained"), ("finetuned", "o-", "decoder fine-tuned per c'")):
+            d = data.get((kind, part), {})
+            ch = sorted(d)
+            mu = np.array([np.mean(d[c]) for c in ch])
+            sd = np.array([np.std(d[c]) for c in ch])
+            ax.errorbar(ch, mu, yerr=sd, fmt=style, color=color, alpha=0.7 if part == "as_trained" else 1.0,
+                        capsize=2, ms=4, label=f"{kind}, {label}")
     ax.set_xlabel("latent channels used (c')")
     ax.set_ylabel("PSNR (dB)")
+    ax.set_title(f"mean ± std over {n} AE seed{'s' if n > 1 else ''}", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, path)
@@ -391,20 +433,25 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
            f"- Data: {ds['source']} → {sc['num_classes'] if 'shapes' in ds['source'] else 'given'} classes, "
            f"{ds.get('num_samples') or sc['num_classes'] * sc['per_class']} images, {sc['resolution']} px.",
            f"- Autoencoders: `{sc['ae_preset']}` (latent {stages['encode-plain']['result']['latent_shape'] if 'encode-plain' in stages else '?'}"
-           f" = c×h×w), {sc['ae_steps']} steps, batch {sc['ae_batch']}, lr {sc['ae_lr']}, L1 loss only (LPIPS needs "
+           f" = c×h×w), {sc['ae_steps']} steps, batch {sc['ae_batch']}, lr {sc['ae_lr']} (warm-up "
+           f"{sc.get('ae_warmup', 0)}, then {sc.get('ae_schedule', 'constant')}), L1 loss only (LPIPS needs "
            "torchvision weights that cannot be downloaded here; no GAN phase), seed "
            f"{session['ae_seed']}; *plain* = no channel masking, *structured* = Eq. 1 with c' drawn uniformly per "
            "batch from the AE's c' list. Everything else identical.",
-           f"- Decoder-only fine-tune per c' ({sc['ft_steps']} steps, encoder frozen, same budget for both AEs), as "
+           f"- Decoder-only fine-tune per c' ({sc['ft_steps']} steps, lr {sc.get('ft_lr') or sc['ae_lr']}, encoder frozen, "
+           "same budget for both AEs), as "
            "the paper does for Figure 3 (\"the decoder is fine-tuned for all settings\"); the frozen encoder keeps "
            "the latent the diffusion model sees unchanged.",
            f"- Diffusion: `{sc['dit_model']}` {sc['dit_overrides'] or ''} ({_objective(sc['dit_model'])}), "
            f"{sc.get('dit_patch', 1)}×{sc.get('dit_patch', 1)} latent patches, "
            f"{sc['dit_steps']} steps, batch {sc['dit_batch']}, lr {sc['dit_lr']} (warm-up {sc['dit_warmup']}, then "
            f"constant), EMA {sc['dit_ema']}, latents × the store's measured 1/RMS; ADT = Eq. 2 with c' per batch from "
-           f"the same c' list as the AE; seeds {sc['seeds']} (the spread over seeds is the diffusion runs' seeds; both "
-           "AEs are one run each, seed " + str(session['ae_seed']) + "). Identical budgets, seeds and data order in "
+           f"the same c' list as the AE; seeds {sc['seeds']} (the spread in Table 5 is over these diffusion seeds; "
+           "all runs use the seed-" + str(session['ae_seed']) + " AEs). Identical budgets, seeds and data order in "
            "all four variants.",
+           f"- Figure 3 / Table 1 spread: {1 + len([a for a in sc.get('ae_seeds', []) if a != session['ae_seed']])} "
+           f"AE seeds per kind ({session['ae_seed']} and extra seeds {list(sc.get('ae_seeds', []))}), each with the "
+           "same budget and its own fine-tunes.",
            f"- Evaluation at every checkpoint ({sc['eval_every']} steps): {sc['eval_samples']} class-conditional "
            f"samples ({sc['sampler']}, {sc['sample_steps']} steps, CFG {sc.get('cfg_scale', 1.0)}, uniform labels; "
            "the same noise and labels for every run) from the EMA weights. proxy-FID against the training images' "
@@ -436,12 +483,17 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
         if x.get("reason"):
             md.append(f"  {x['reason'][0].upper() + x['reason'][1:]}.")
         if key.startswith("fig3_partial"):
+            g = x["gain"]
             md.append(f"  Plain {x['plain_psnr']:.2f} dB vs structured {x['structured_psnr']:.2f} dB at "
-                      f"c'={x['channels']}: gain **{x['gain_db']:+.2f} dB**.")
+                      f"c'={x['channels']} (mean of {x['ae_seeds']} AE seeds): gain **{g['mean']:+.2f} ± "
+                      f"{g['std']:.2f} dB** (min–max {g['min']:+.2f}–{g['max']:+.2f}; per seed "
+                      + ", ".join(f"{v:+.2f}" for v in g["per_seed"]) + ").")
         if key == "table1_full":
-            md.append(f"  Plain {x['plain_psnr']:.2f} dB vs structured {x['structured_psnr']:.2f} dB: gap "
-                      f"**{x['gap_db']:+.2f} dB** (proxy-rFID {_f(x['plain_proxy_rfid'], 3)} vs "
-                      f"{_f(x['structured_proxy_rfid'], 3)}).")
+            g = x["gap"]
+            md.append(f"  Plain {x['plain_psnr']:.2f} dB vs structured {x['structured_psnr']:.2f} dB (mean of "
+                      f"{x['ae_seeds']} AE seeds): gap **{g['mean']:+.2f} ± {g['std']:.2f} dB** (min–max "
+                      f"{g['min']:+.2f}–{g['max']:+.2f}; per seed " + ", ".join(f"{v:+.2f}" for v in g["per_seed"])
+                      + f"); proxy-rFID {_f(x['plain_proxy_rfid'], 3)} vs {_f(x['structured_proxy_rfid'], 3)}.")
         if key.startswith("table5_speed"):
             metric = x.get("metric", "proxy-FID")
             bc = x.get("baseline_curve")
@@ -474,6 +526,20 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
         md += _metric_table(ft, sorted(ft["plain"]))
         md += ["", "Without any fine-tune (the decoder as trained, channels ≥ c' zeroed):", ""]
         md += _metric_table(at, sorted(at["plain"]))
+        pairs = _recon_pairs(stages)
+        if len(pairs) > 1:
+            data = _psnr_by_seed(stages)
+            md += ["", f"PSNR over {len(pairs)} AE seeds per kind (mean ± std; every AE with the same budget; the "
+                   "first table above is the seed the diffusion runs use):", "",
+                   "| c' | plain, fine-tuned | structured, fine-tuned | plain, as trained | structured, as trained |",
+                   "|---|---|---|---|---|"]
+            for ch in sorted(data.get(("plain", "as_trained"), {})):
+                cells = []
+                for kind, part in (("plain", "finetuned"), ("structured", "finetuned"), ("plain", "as_trained"),
+                                   ("structured", "as_trained")):
+                    got = data.get((kind, part), {}).get(ch)
+                    cells.append(f"{np.mean(got):.2f} ± {np.std(got):.2f}" if got else "—")
+                md.append(f"| {ch} | " + " | ".join(cells) + " |")
         md += ["", f"![Figure 3 grid](figures/{scale}_fig3_grid.png)", "",
                f"![PSNR vs c'](figures/{scale}_psnr_vs_channels.png)", "",
                "## Table 1: full-channel reconstruction", "",

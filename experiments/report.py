@@ -104,32 +104,36 @@ def _speed_verdicts(curves: dict, metric: str = "proxy-FID", higher: bool = Fals
                         "final_std": float(finals.std()), "final_min": float(finals.min()),
                         "final_max": float(finals.max()), "speedup": (final_step / r) if r else None,
                         "per_seed_steps": per_seed}
+    # The baseline's own first step at its final value: on a curve that has flattened out this is earlier than the
+    # last step, and "half the steps" is measured against it (the baseline did not need the steps after it).
+    own = reach["plain AE, no ADT (baseline)"]["steps_to_baseline_final"] or final_step
+    for r_ in reach.values():
+        r_["speedup"] = (own / r_["steps_to_baseline_final"]) if r_["steps_to_baseline_final"] else None
     r = reach["SLS + ADT"]["steps_to_baseline_final"]
-    # The target presumes the baseline improves with training, so that its final value is its best. If the
-    # baseline already had that value (or better) earlier, "reaching it sooner" does not measure speed.
-    own = reach["plain AE, no ADT (baseline)"]["steps_to_baseline_final"]
     first = float(mean_b[0])
     improves = (level > first) if higher else (level < first)
     why = None
-    if own is not None and own < final_step:
-        why = (f"inconclusive: the baseline's own {metric} curve is not improving (it was already at or "
-               f"{'above' if higher else 'below'} its final value {level:.3f} at step {own}), so reaching that value "
-               "early says nothing about speed")
+    if not improves:  # the target presumes a baseline that gets better with training
+        why = (f"inconclusive: the baseline's own {metric} curve does not improve (first checkpoint {first:.3f}, "
+               f"final {level:.3f}), so reaching its final value says nothing about speed")
     baseline_curve = {"steps": [int(x) for x in steps_b], "mean": [float(x) for x in mean_b], "improves": improves,
-                      "monotone": bool(np.all(np.diff(mean_b) > 0) if higher else np.all(np.diff(mean_b) < 0))}
+                      "monotone": bool(np.all(np.diff(mean_b) > 0) if higher else np.all(np.diff(mean_b) < 0)),
+                      "first_reach_of_final": int(own)}
+    half = own / TARGETS["speedup"]
     out["table5_speed"] = {
         "claim": f"SLS + ADT reaches the baseline's final {metric} ({level:.3f} at step {final_step}, mean "
-                 f"over seeds) in <= half the steps ({final_step // 2})",
-        "metric": metric, "baseline_final": level, "baseline_final_step": final_step, "reach": reach,
-        "baseline_curve": baseline_curve,
-        "held": None if why else bool(r is not None and r <= final_step / TARGETS["speedup"]), "reason": why}
+                 f"over seeds) in <= half the steps the baseline needs to first reach it ({own} → <= {half:.0f})",
+        "metric": metric, "baseline_final": level, "baseline_final_step": final_step, "baseline_steps": own,
+        "reach": reach, "baseline_curve": baseline_curve,
+        "held": None if why else bool(r is not None and r <= half), "reason": why}
     alone = [lab for lab in ("plain AE + ADT", "structured AE (SLS), no ADT") if lab in reach]
     out["table5_alone"] = {
-        "claim": f"either SLS or ADT alone does NOT reach the baseline's final {metric} in <= half the steps",
+        "claim": f"either SLS or ADT alone does NOT reach the baseline's final {metric} in <= half the baseline's "
+                 "steps",
         "metric": metric,
         "held": None if (why or not alone) else bool(all(
             not (reach[lab]["steps_to_baseline_final"] is not None
-                 and reach[lab]["steps_to_baseline_final"] <= final_step / TARGETS["speedup"]) for lab in alone)),
+                 and reach[lab]["steps_to_baseline_final"] <= half) for lab in alone)),
         "reason": why}
     return out
 
@@ -501,12 +505,13 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
                 md.append(f"  Baseline's {metric} curve (mean over seeds) at steps {bc['steps']}: "
                           + " → ".join(f"{m:.3f}" for m in bc["mean"])
                           + f" — {'improves' if bc['improves'] else 'DOES NOT improve'} over training"
-                          + (" (monotonically)." if bc["monotone"] else " (not monotonically)."))
+                          + (" (monotonically)" if bc["monotone"] else " (not monotonically)")
+                          + f"; it first reaches its final value at step {bc['first_reach_of_final']}.")
             for label, r in x["reach"].items():
-                sp = f"{r['speedup']:.2f}×" if r["speedup"] else "not reached"
+                sp = f"speed-up {r['speedup']:.2f}× vs the baseline's {x['baseline_steps']}" if r["speedup"] \
+                    else "not reached"
                 md.append(f"  - {label}: reaches {x['baseline_final']:.3f} at step "
-                          f"{_f(r['steps_to_baseline_final'])} ({sp} of the baseline's {x['baseline_final_step']} "
-                          f"steps); final {metric} **{r['final_mean']:.3f} ± {r['final_std']:.3f}** (min–max "
+                          f"{_f(r['steps_to_baseline_final'])} ({sp}); final {metric} **{r['final_mean']:.3f} ± {r['final_std']:.3f}** (min–max "
                           f"{r['final_min']:.3f}–{r['final_max']:.3f}); steps to reach per seed (vs that seed's "
                           f"baseline): {r['per_seed_steps']}.")
     md.append("")

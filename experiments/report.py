@@ -134,7 +134,10 @@ def _speed_verdicts(curves: dict, metric: str = "proxy-FID", higher: bool = Fals
         "held": None if (why or not alone) else bool(all(
             not (reach[lab]["steps_to_baseline_final"] is not None
                  and reach[lab]["steps_to_baseline_final"] <= half) for lab in alone)),
-        "reason": why}
+        "reason": why,
+        # "either alone does not" only means something next to a combination that does
+        "note": None if (why or (r is not None and r <= half)) else
+        "vacuous: SLS + ADT does not reach it in half the steps either, so this says nothing about the combination"}
     return out
 
 
@@ -486,6 +489,8 @@ def write_report(root: Path, stages: dict[str, dict], session: dict, results_dir
         md.append(f"- {title} — {_held(x)}: {x['claim']}.")
         if x.get("reason"):
             md.append(f"  {x['reason'][0].upper() + x['reason'][1:]}.")
+        if x.get("note"):
+            md.append(f"  Note — {x['note']}.")
         if key.startswith("fig3_partial"):
             g = x["gain"]
             md.append(f"  Plain {x['plain_psnr']:.2f} dB vs structured {x['structured_psnr']:.2f} dB at "

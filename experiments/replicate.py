@@ -13,8 +13,9 @@ resume inside a stage, so killing the process and rerunning continues):
 4. recon-*    Figure 3 / Table 1: PSNR, SSIM, proxy-LPIPS, proxy-rFID from the first c' channels, as trained
               and after a decoder-only fine-tune per c' (same budget for both AEs)
 5. encode-*   both AEs' latent stores
-6. dit-*      the same tiny DiT trained 4 ways (plain/structured AE x without/with ADT) per seed, then proxy-FID
-              of its EMA weights at every checkpoint
+6. dit-*      the same tiny backbone (the scale's: SiT-tiny by default) trained 4 ways (plain/structured AE x
+              without/with ADT) per seed, then proxy-FID and class accuracy of its EMA weights at every checkpoint
+   ae-*-a<s>, recon-*-a<s>   extra AE seeds (Scale.ae_seeds): the Figure 3 / Table 1 spread
 7. report     tables, PNG figures and RESULTS.md with the verdicts against the issue's targets
 """
 

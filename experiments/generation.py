@@ -12,8 +12,8 @@ __all__ = ["sample_images", "checkpoint_proxy_fid", "proxy_class_accuracy"]
 
 @torch.no_grad()
 def sample_images(run_url: str, step: int, *, ae: Any, scaling_factor: float, num_samples: int, seed: int,
-                  sampler: str, sample_steps: int, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images [N,H,W,3], their class labels [N]) from the EMA weights of checkpoint ``step`` (labels uniform, no guidance).
+                  sampler: str, sample_steps: int, cfg_scale: float = 1.0, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N,H,W,3], their class labels [N]) from the EMA weights of checkpoint ``step`` (labels uniform; classifier-free guidance ``cfg_scale``, 1 = none).
 
     The noise and the labels depend only on ``seed``, so every run is scored on the same noise (common random
     numbers: differences between runs are not sampling noise of the starting points).
@@ -38,7 +38,8 @@ def sample_images(run_url: str, step: int, *, ae: Any, scaling_factor: float, nu
     for a in range(0, num_samples, batch_size):
         y = labels[a:a + batch_size]
         lat = sample_latents(model, objective, shape=(len(y), c, h, w), labels=y, sampler=sampler,
-                             steps=sample_steps, generator=gen, null_class=mcfg.num_classes)
+                             steps=sample_steps, generator=gen, null_class=mcfg.num_classes,
+                             cfg_scale=cfg_scale)
         img = ae.decode(lat.float() / scaling_factor)  # the store fed the model s·z
         out.append(to_uint8(img).permute(0, 2, 3, 1).numpy())
     return np.concatenate(out), labels.numpy()

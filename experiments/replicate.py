@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python -m experiments.replicate --root out/replicate-small --scale small --results-dir experiments
+    .venv/bin/python -m experiments.replicate --root out/replicate-learns --results-dir experiments
 
 Stages (each writes ``<root>/stages/<name>.json`` last; a rerun skips finished stages and the library's trainers
 resume inside a stage, so killing the process and rerunning continues):
@@ -13,8 +13,9 @@ resume inside a stage, so killing the process and rerunning continues):
 4. recon-*    Figure 3 / Table 1: PSNR, SSIM, proxy-LPIPS, proxy-rFID from the first c' channels, as trained
               and after a decoder-only fine-tune per c' (same budget for both AEs)
 5. encode-*   both AEs' latent stores
-6. dit-*      the same tiny DiT trained 4 ways (plain/structured AE x without/with ADT) per seed, then proxy-FID
-              of its EMA weights at every checkpoint
+6. dit-*      the same tiny backbone (the scale's: SiT-tiny by default) trained 4 ways (plain/structured AE x
+              without/with ADT) per seed, then proxy-FID and class accuracy of its EMA weights at every checkpoint
+   ae-*-a<s>, recon-*-a<s>   extra AE seeds (Scale.ae_seeds): the Figure 3 / Table 1 spread
 7. report     tables, PNG figures and RESULTS.md with the verdicts against the issue's targets
 """
 
@@ -55,14 +56,24 @@ class Scale:
     ae_steps: int = 3000
     ae_batch: int = 16
     ae_lr: float = 3e-4
+    ae_warmup: int = 0
+    ae_schedule: str = "constant"
+    """AE learning-rate schedule after the linear warm-up: "constant" or "cosine" (to 0 at ``ae_steps``)."""
     ft_channels: tuple[int, ...] = ()
     """c' values that get a decoder-only fine-tune; () = a quarter and a half of c."""
+    ae_seeds: tuple[int, ...] = ()
+    """Extra autoencoder seeds (both kinds, same budgets) trained and evaluated only for Figure 3 / Table 1, so
+    their verdicts have a spread over AE seeds; the diffusion runs use the ``--ae-seed`` AEs."""
     ft_steps: int = 400
+    ft_lr: float | None = None
+    """lr of the decoder-only fine-tunes (constant); None = ``ae_lr``."""
     recon_images: int = 512
     proxy_epochs: int = 8
     proxy_width: int = 16
     dit_model: str = "DiT-tiny"
     dit_overrides: dict = field(default_factory=dict)
+    dit_patch: int = 1
+    """Latent patch size of the backbone (2 on 8x8 latents: 16 tokens)."""
     dit_steps: int = 600
     dit_batch: int = 64
     dit_lr: float = 5e-4
@@ -72,6 +83,11 @@ class Scale:
     eval_samples: int = 500
     sampler: str = "ddim"
     sample_steps: int = 20
+    cfg_scale: float = 1.0
+    """Classifier-free guidance of the evaluation samples (1 = none)."""
+    structure_eval: bool = True
+    """Re-score the samples with a second proxy trained at half the resolution (added when the main proxy was not
+    blur-robust; the main proxy is now trained with blur/noise augmentation, so newer scales turn this off)."""
     seeds: tuple[int, ...] = (0, 1)
 
     def __post_init__(self) -> None:
@@ -85,17 +101,37 @@ class Scale:
             raise ValueError("Scale.seeds must name at least one seed")
 
 
+#: The demo's learnable look (configs/demo.yaml): large centred shapes, faint texture, flat background.
+LEARNABLE_LOOK = {"texture": 0.1, "noise": 2.0, "scale": (0.36, 0.48), "background": "flat", "jitter": 0.3}
+
+DEFAULT_SCALE = "learns"
+
 SCALES: dict[str, Scale] = {
-    # ~30 min on this shared 2-core CPU (measured: AE ~20 steps/s, DiT ~7 steps/s, ~5 s per proxy-FID point).
+    # The default (issue 12): the demo's setting that learns. 3072 images at 32 px in the demo's look; two f4c8
+    # AEs (8x8x8 latents, c' list 2..8) trained as the demo's (1600 steps, lr 2e-3, warm-up + cosine); SiT-tiny
+    # (flow matching, 2x2 patches = 16 tokens, label embedding std 1, lr 2e-3, EMA 0.99) x 4 variants x 3 seeds,
+    # scored at 4 checkpoints with Heun + CFG as the demo samples. Cost: see RESULTS.md (stage times).
+    "learns": Scale(per_class=384, look=LEARNABLE_LOOK, ae_preset="tiny-f4c8", ae_steps=1600, ae_batch=32, ae_lr=2e-3,
+                    ae_warmup=100, ae_schedule="cosine", ae_seeds=(1, 2), ft_channels=(2, 4, 6), ft_steps=400,
+                    ft_lr=5e-4, proxy_epochs=10,
+                    dit_model="SiT-tiny", dit_patch=2, dit_steps=2400, dit_batch=64, dit_lr=2e-3, dit_warmup=50,
+                    dit_ema=0.99, eval_every=300, eval_samples=384, sampler="heun", sample_steps=16, cfg_scale=2.5,
+                    structure_eval=False, seeds=(0, 1, 2)),
+    # The original setting (full-detail look, f8c32, DDPM DiT): its baseline never improved (experiments/RESULTS.md
+    # before issue 12 in git history). ~30 min on this shared 2-core CPU (measured: AE ~20 steps/s, DiT ~7 steps/s, ~5 s per proxy-FID point).
     # 2048 images at 32 px; two 3000-step AEs; 8 DiT runs of 600 steps, proxy-FID every 100.
     "small": Scale(),
     # ~1 h on a quiet 2-core CPU: 2x the images, 2x the AE steps, a fine-tune for every c', 3 seeds x 1600 steps.
     "full": Scale(per_class=512, ae_steps=6000, ft_channels=(8, 12, 16, 20, 24, 28), recon_images=1024,
                   dit_steps=1600, eval_every=200, eval_samples=1000, sample_steps=25, seeds=(0, 1, 2)),
     # seconds: the smoke test's setting (numbers are meaningless).
-    "smoke": Scale(num_classes=4, per_class=16, ae_steps=4, ae_batch=8, ft_steps=2, recon_images=16, proxy_epochs=1,
-                   proxy_width=4, dit_overrides={"hidden": 32, "depth": 2, "heads": 2}, dit_steps=4, dit_batch=16,
-                   dit_warmup=0, eval_every=2, eval_samples=16, sample_steps=2, seeds=(0, 1)),
+    # The default's code paths (learnable look, f4c8 + cosine, SiT flow + patch 2, Heun + CFG) plus the secondary
+    # structure scorer, on minimal budgets.
+    "smoke": Scale(num_classes=4, per_class=16, look=LEARNABLE_LOOK, ae_preset="tiny-f4c8", ae_steps=4, ae_batch=8,
+                   ae_warmup=1, ae_schedule="cosine", ae_seeds=(1,), ft_steps=2, ft_lr=5e-4, recon_images=16, proxy_epochs=1,
+                   proxy_width=4, dit_model="SiT-tiny", dit_overrides={"hidden": 32, "depth": 2, "heads": 2},
+                   dit_patch=2, dit_steps=4, dit_batch=16, dit_warmup=0, eval_every=2, eval_samples=16,
+                   sampler="heun", sample_steps=2, cfg_scale=2.5, seeds=(0, 1)),
 }
 
 
@@ -176,14 +212,14 @@ def _extractor(root: Path, sc: Scale, ds_url: str):
                            cache_url=str(root / "eval"))
 
 
-def _ae(root: Path, sc: Scale, ds_url: str, kind: str, seed: int) -> dict:
+def _ae(root: Path, sc: Scale, ds_url: str, kind: str, seed: int, name: str | None = None) -> dict:
     from dcae15.ae.train import AETrainConfig, train_autoencoder
 
     cfg = AETrainConfig(preset=sc.ae_preset, resolution=sc.resolution, steps=sc.ae_steps, batch_size=sc.ae_batch,
-                        lr=sc.ae_lr, perceptual="none", structured=kind == "structured", seed=seed,
+                        lr=sc.ae_lr, warmup_steps=sc.ae_warmup, schedule=sc.ae_schedule, perceptual="none", structured=kind == "structured", seed=seed,
                         checkpoint_every=max(1, sc.ae_steps // 4), log_every=max(1, min(50, sc.ae_steps)),
                         device="cpu")
-    out = train_autoencoder(cfg, ds_url, str(root / "runs" / "ae" / kind))
+    out = train_autoencoder(cfg, ds_url, str(root / "runs" / "ae" / (name or kind)))
     return {**out, "config": cfg.to_dict()}
 
 
@@ -191,7 +227,7 @@ def _ft_channels(sc: Scale, c: int) -> tuple[int, ...]:
     return sc.ft_channels or (c // 4, c // 2)
 
 
-def _recon(root: Path, sc: Scale, ds_url: str, kind: str, ae: dict, seed: int) -> dict:
+def _recon(root: Path, sc: Scale, ds_url: str, kind: str, ae: dict, seed: int, name: str | None = None) -> dict:
     """Per-c' reconstruction quality as trained (every c' of the list) and after a decoder fine-tune per c'."""
     from dcae15.ae.model import StructuredAutoencoder
     from dcae15.ae.recon_eval import ReconEvalConfig, evaluate_reconstruction
@@ -214,11 +250,13 @@ def _recon(root: Path, sc: Scale, ds_url: str, kind: str, ae: dict, seed: int) -
                                            num_images=sc.recon_images, resolution=sc.resolution)
         return rows
 
-    as_trained = score(ae["model_url"], choices, str(root / "recon" / kind / "as_trained"))
+    out_dir = root / "recon" / (name or kind)
+    as_trained = score(ae["model_url"], choices, str(out_dir / "as_trained"))
     finetuned = []
     for cp in _ft_channels(sc, c):
-        ft = finetune_decoder(ae["model_url"], dataset, str(root / "recon" / kind / f"ft-c{cp}"), channels=cp,
-                              steps=sc.ft_steps, batch_size=sc.ae_batch, lr=sc.ae_lr, resolution=sc.resolution,
+        ft = finetune_decoder(ae["model_url"], dataset, str(out_dir / f"ft-c{cp}"), channels=cp,
+                              steps=sc.ft_steps, batch_size=sc.ae_batch,
+                              lr=sc.ft_lr if sc.ft_lr is not None else sc.ae_lr, resolution=sc.resolution,
                               seed=seed)
         for r in score(ft["model_url"], (cp,), None):
             finetuned.append({**r, "finetune_steps": ft["steps"], "finetune_seconds": ft["seconds"],
@@ -298,7 +336,7 @@ def _dit(root: Path, sc: Scale, store: dict, kind: str, adt: bool, seed: int, ch
 
     name = variant_name(kind, adt, seed)
     run_url = str(root / "runs" / "diffusion" / name)
-    cfg = DiffusionTrainConfig(model=sc.dit_model, model_overrides=dict(sc.dit_overrides),
+    cfg = DiffusionTrainConfig(model=sc.dit_model, model_overrides=dict(sc.dit_overrides), patch_size=sc.dit_patch,
                                global_batch_size=sc.dit_batch, steps=sc.dit_steps, lr=sc.dit_lr,
                                warmup_steps=sc.dit_warmup, ema_decay=sc.dit_ema,
                                adt=ADTConfig(enabled=adt, channels=list(channels)), seed=seed,
@@ -323,7 +361,7 @@ def _dit(root: Path, sc: Scale, store: dict, kind: str, adt: bool, seed: int, ch
         if not marker.exists() or not saved.exists():
             images, labels = sample_images(run_url, step, ae=ae, scaling_factor=float(st.scaling_factor),
                                            num_samples=sc.eval_samples, seed=10_000, sampler=sc.sampler,
-                                           sample_steps=sc.sample_steps)
+                                           sample_steps=sc.sample_steps, cfg_scale=sc.cfg_scale)
             fid = checkpoint_proxy_fid(images, ref, spec)
             acc = proxy_class_accuracy(images, labels, classifier)
             if step == sc.dit_steps:
@@ -398,7 +436,7 @@ def _ds_url(root: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run(root: Path, sc: Scale, *, scale_name: str, data: str | None = None, ae_seed: int = 0, threads: int = 2,
+def run(root: Path, sc: Scale, *, scale_name: str, data: str | None = None, ae_seed: int = 0, threads: int = 1,
         results_dir: Path | None = None, command: str = "", tag: str | None = None) -> dict:
     """Run (or continue) every stage under ``root``; write the report; return the report's summary."""
     import torch
@@ -410,8 +448,12 @@ def run(root: Path, sc: Scale, *, scale_name: str, data: str | None = None, ae_s
     ds = stages.run("data", lambda: _data(root, sc, data))
     stages.run("proxy", lambda: _proxy(root, sc, ds["url"]))
     aes = {k: stages.run(f"ae-{k}", lambda k=k: _ae(root, sc, ds["url"], k, ae_seed)) for k in AE_KINDS}
+
+    def recon_ok(r: dict) -> bool:  # made with this scale's fine-tune list
+        return sorted(x["channels"] for x in r["finetuned"]) == sorted(_ft_channels(sc, r["latent_channels"]))
+
     for k in AE_KINDS:
-        stages.run(f"recon-{k}", lambda k=k: _recon(root, sc, ds["url"], k, aes[k], ae_seed))
+        stages.run(f"recon-{k}", lambda k=k: _recon(root, sc, ds["url"], k, aes[k], ae_seed), valid=recon_ok)
     stores = {k: stages.run(f"encode-{k}", lambda k=k: _encode(root, sc, ds["url"], aes[k])) for k in AE_KINDS}
     for k in AE_KINDS:
         stages.run(f"floor-{k}", lambda k=k: _floor(root, sc, ds["url"], aes[k]))
@@ -421,15 +463,26 @@ def run(root: Path, sc: Scale, *, scale_name: str, data: str | None = None, ae_s
                    lambda kind=kind, adt=adt, seed=seed: _dit(root, sc, stores[kind], kind, adt, seed, channels,
                                                               threads),
                    valid=lambda r: r["config"]["steps"] == sc.dit_steps)
-    stages.run("structure-eval", lambda: _structure_eval(root, sc, ds["url"], aes),
-               valid=lambda r: r.get("dit_steps") == sc.dit_steps and r.get("seeds") == list(sc.seeds))
+    # extra AE seeds (Figure 3 / Table 1 spread) after the diffusion runs: the Table 5 part comes first
+    for a in sc.ae_seeds:
+        if a == ae_seed:
+            continue
+        for k in AE_KINDS:
+            ae_a = stages.run(f"ae-{k}-a{a}", lambda k=k, a=a: _ae(root, sc, ds["url"], k, a, f"{k}-a{a}"))
+            stages.run(f"recon-{k}-a{a}", lambda k=k, a=a, ae_a=ae_a: _recon(root, sc, ds["url"], k, ae_a, a,
+                                                                              f"{k}-a{a}"), valid=recon_ok)
+    if sc.structure_eval:
+        stages.run("structure-eval", lambda: _structure_eval(root, sc, ds["url"], aes),
+                   valid=lambda r: r.get("dit_steps") == sc.dit_steps and r.get("seeds") == list(sc.seeds))
     from experiments.report import write_report
 
     mine = {f"dit-{variant_name(k, a, s)}" for k, a, s in _variants(sc.seeds)}
-    shown = {k: v for k, v in stages.all().items() if not k.startswith("dit-") or k in mine}
+    shown = {k: v for k, v in stages.all().items() if (not k.startswith("dit-") or k in mine)
+             and (k != "structure-eval" or sc.structure_eval)}
     session = {"command": command, "scale": scale_name, "tag": tag or scale_name, "scale_config": _jsonable(dataclasses.asdict(sc)),
                "this_invocation_seconds": round(time.perf_counter() - t_start, 1), "ae_seed": ae_seed,
-               "threads": threads, "machine": machine_description()}
+               "threads": threads, "machine": machine_description(),
+               "default_scale": DEFAULT_SCALE}
     return write_report(root, shown, session, results_dir or (root / "report"))
 
 
@@ -450,14 +503,15 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", required=True, type=Path, help="output folder (rerun with the same root to continue)")
     ap.add_argument("--data", default=None, help="image folder <class>/<img> (default: generated shapes dataset)")
-    ap.add_argument("--scale", default="small", choices=sorted(SCALES), help="budget preset (see SCALES)")
+    ap.add_argument("--scale", default=DEFAULT_SCALE, choices=sorted(SCALES), help="budget preset (see SCALES)")
     ap.add_argument("--seeds", default=None, type=lambda s: tuple(int(v) for v in s.split(",")),
-                    help="diffusion seeds, comma separated (default: the scale's, >= 2)")
+                    help="diffusion seeds, comma separated (default: the scale's)")
     ap.add_argument("--dit-steps", type=int, default=None,
                     help="diffusion steps (default: the scale's); more steps on an existing root continue the runs")
     ap.add_argument("--tag", default=None, help="names the report RESULTS-<tag>.md (default: the scale)")
     ap.add_argument("--ae-seed", type=int, default=0, help="seed of both autoencoders")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: tiny models run 10-50x slower with 2 on a busy 2-core machine)")
     ap.add_argument("--results-dir", type=Path, default=None,
                     help="where RESULTS(.md) and figures/ go (default <root>/report)")
     args = ap.parse_args(argv)

@@ -47,12 +47,16 @@ def _headline(at: Any, table: Any) -> str:
                      f"({c['recon_over_real']:.2f}x); proxy-FID floor (reconstructions) {c['proxy-fid_recon']:.2f}, "
                      f"real images {c['proxy-fid_real']:.2f}")
     rows = [r for r in table.rows() if r.get("metric") in ("proxy-class_accuracy", "proxy-fid")]
-    for run in sorted({r["run_id"] for r in rows}):
-        per_step: dict[int, dict[str, float]] = {}
-        for r in rows:
-            if r["run_id"] == run:
-                per_step.setdefault(int(r.get("step") or 0), {})[r["metric"]] = r["value"]
+    # One line per (run, sampling setting): a rerun with another CFG or sampler adds rows for the same steps, and
+    # its numbers must not overwrite (or mix with) the first setting's.
+    setting = ("sampler", "sampling_steps", "cfg_scale", "num_samples")
+    groups: dict[tuple, dict[int, dict[str, float]]] = {}
+    for r in rows:
+        key = (r["run_id"], *(r.get(k) for k in setting))
+        groups.setdefault(key, {}).setdefault(int(r.get("step") or 0), {})[r["metric"]] = r["value"]
+    for (run, sampler, steps, cfg, n), per_step in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         cells = ", ".join(f"{step}: {v.get('proxy-class_accuracy', float('nan')):.2f} / {v.get('proxy-fid', float('nan')):.1f}"
                           for step, v in sorted(per_step.items()))
-        lines.append(f"{run}: class accuracy / proxy-FID by step: {cells}")
+        how = f"{sampler} {steps} steps, CFG {cfg}, {n} samples"
+        lines.append(f"{run} ({how}): class accuracy / proxy-FID by step: {cells}")
     return "\n".join(lines)

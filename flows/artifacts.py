@@ -3,8 +3,8 @@
 Every stage flow calls one function of this module after its work (one line at the call site):
 
 - ``publish_pointer(stage, pointer)``: a markdown artifact naming the URLs the stage wrote (key ``<stage>-<object>``);
-- ``publish_metrics(root, key)``: a table artifact of one evaluation's metrics, with the feature extractor (and, for
-  proxy metrics, the proxy classifier's held-out accuracy, which is a metric row itself);
+- ``publish_metrics(pointer)``: a table artifact of the metrics of one evaluation (its pointer ``{"root", "key"}``),
+  with the feature extractor (and, for proxy metrics, the proxy classifier's held-out accuracy, a metric row itself);
 - ``publish_figures(urls)``: one link artifact per PNG figure;
 - ``Progress`` / ``progress_while``: a progress artifact (0-100 %) updated as units / steps complete, either pushed by
   the caller or polled from storage by a background thread while a blocking library call runs.

@@ -10,7 +10,7 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``results`` (the only subcommand; the ``dcae15 results`` CLI calls ``results_cli`` directly)."""
+    """Dispatch ``results`` (the only subcommand; ``dcae15 results`` is another command: it prints a root's outputs)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "results":
         print("usage: python -m dcae15.metrics results TABLE_URL [--plot OUT_URL] [--metric M] [--run RUN]",

@@ -288,7 +288,8 @@ def plot_results(table_url: str, out_url: str, *, references: Mapping[str, Mappi
 
 
 def results_cli(argv: Sequence[str] | None = None) -> int:
-    """``dcae15 results TABLE_URL [--plot OUT_DIR] [--metric M] [--run RUN]``: print the table, draw the plots."""
+    """``python -m dcae15.metrics results TABLE_URL [--plot OUT_DIR] [--metric M] [--run RUN]``: print the table, draw
+    the plots."""
     import argparse
 
     p = argparse.ArgumentParser(prog="dcae15 results", description="Print the results table and plot metric vs step.")

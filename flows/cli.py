@@ -20,7 +20,7 @@ _EPILOG = """\
 Every location is a URL: a local directory, s3://bucket/prefix (endpoint and keys from AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or memory://. Layout under --root: data/<name>/ (shards + index),
 latents/<store_id>/ (Zarr latent store), runs/ae|diffusion/<run_id>/ (checkpoints, metrics), samples/<id>/,
-eval/ (results.parquet, plots), prefect-results/ (Prefect's cached task results).
+eval/ (results/: the Parquet results table; plots), prefect-results/ (Prefect's cached task results).
 
 Without PREFECT_API_URL each command starts Prefect's temporary local API (~15 s); with PREFECT_API_URL
 pointing at `prefect server start`, runs appear in that server's UI. Rerunning a command with the same inputs
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", "sample a trained run into a sample store (resumes per unit)")
     p.add_argument("--run", required=True, help="URL of a diffusion run directory (<root>/runs/diffusion/<run_id>)")
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
-    p = add("evaluate", "score a sample store against the real data and append a row to <root>/eval/results.parquet")
+    p = add("evaluate", "score a sample store against the real data and append rows to the results table <root>/eval/results/")
     p.add_argument("--samples", required=True, help="URL of a sample store")
     p.add_argument("--dataset", required=True, help="URL of the packed dataset the run was trained on")
     add("evaluate-new", "scan <root>/runs/diffusion and score every checkpoint without a result row")

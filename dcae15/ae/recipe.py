@@ -23,7 +23,7 @@ from dcae15.ae.train import AETrainConfig
 __all__ = ["PAPER_PHASES", "resolve_phases", "phase_configs", "chain_fingerprints", "phase_run_url", "train_recipe",
            "finetune_decoder"]
 
-# The DC-AE / DC-AE 1.5 recipe (DESIGN.md §4; DC-AE §3.2 "decoupled high-resolution adaptation"): low-resolution
+# The DC-AE / DC-AE 1.5 recipe (DC-AE §3.2 "decoupled high-resolution adaptation"): low-resolution
 # full training, high-resolution latent adaptation, low-resolution local refinement with the PatchGAN.
 # Learning rates, betas and weight decays are the papers'; resolutions are DC-AE's (256 / 512 / 256).
 # The papers publish no step counts, batch sizes or loss weights: those below are this project's choice (about

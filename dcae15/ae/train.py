@@ -32,7 +32,7 @@ from dcae15.typed_config import from_dict
 
 __all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
 
-# Phase defaults from DC-AE / DC-AE 1.5 (DESIGN.md §4): (lr, betas, weight decay, GAN weight).
+# Phase defaults from DC-AE / DC-AE 1.5 (papers, training details): (lr, betas, weight decay, GAN weight).
 PHASES: dict[str, dict[str, Any]] = {
     "full": dict(lr=6.4e-5, betas=(0.9, 0.999), weight_decay=0.1, w_gan=0.0),
     "latent_adaptation": dict(lr=1.6e-5, betas=(0.9, 0.999), weight_decay=0.001, w_gan=0.0),

@@ -293,7 +293,7 @@ def results_cli(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="dcae15 results", description="Print the results table and plot metric vs step.")
-    p.add_argument("table", help="results table URL (a folder of part-*.parquet), e.g. <root>/eval/results.parquet")
+    p.add_argument("table", help="results table URL (a folder of part-*.parquet), e.g. <root>/eval/results")
     p.add_argument("--plot", metavar="OUT_URL", help="write results-<extractor>.png per feature extractor here")
     p.add_argument("--metric", action="append", help="only these metrics (repeatable)")
     p.add_argument("--run", action="append", help="only these run ids (repeatable)")

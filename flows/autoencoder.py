@@ -26,21 +26,21 @@ def fit_autoencoder(root: str, dataset: dict[str, Any], phase: dict[str, Any], c
     """
     from dcae15.ae.recipe import phase_run_url
     from dcae15.ae.train import AETrainConfig, train_autoencoder as train
+    from flows.launch import in_process, run_torchrun, write_launch_file
+    from storage.rundir import RunDir
 
     cfg = AETrainConfig.from_dict({**phase, "init_from": init["url"] if init else phase.get("init_from")})
     run_url = phase_run_url(root, chain_fingerprint)
     log = get_run_logger()
     log.info("autoencoder phase %s (%s) on %s -> %s", cfg.name, cfg.phase, dataset["url"], run_url)
-    from flows.launch import launch_job, write_launch_file
-    from storage.rundir import RunDir
-
-    launch_job(launch, inprocess=lambda: train(cfg, dataset["url"], run_url), module="dcae15.ae.train",
-               module_args=["--config", write_launch_file(run_url, {"dataset_url": dataset["url"], "run_url": run_url,
-                                                                    "train": cfg.to_dict()})],
-               log=log.info)
-    summary = RunDir(run_url).done()  # the trainer writes done.json last, in-process or under torchrun
-    if summary is None:
-        raise RuntimeError(f"the trainer exited without finishing {run_url} (no done.json); rerun to resume it")
+    if in_process(launch):
+        summary = train(cfg, dataset["url"], run_url)
+    else:  # one run file: torchrun's own parser would take the trainer's options for its abbreviated ones
+        run_file = write_launch_file(run_url, {"dataset_url": dataset["url"], "run_url": run_url, "train": cfg.to_dict()})
+        run_torchrun(launch, "dcae15.ae.train", ["--config", run_file], log=log.info)
+        summary = RunDir(run_url).done()  # written last by rank 0
+        if summary is None:
+            raise RuntimeError(f"torchrun exited without finishing {run_url} (no done.json); rerun to resume it")
     return {**describe_ae(summary["model_url"]), "phase": cfg.phase, "phase_name": cfg.name,
             "run_url": run_url, "chain_fingerprint": chain_fingerprint}
 

@@ -106,7 +106,7 @@ class LaunchFields:
             raise ValueError(f"{section}.launcher 'inprocess' needs nproc_per_node = nnodes = 1; use 'torchrun'")
 
     def launch(self) -> dict[str, Any]:
-        """The plain dict a stage task takes (not part of its cache key): see :func:`flows.launch.launch_job`."""
+        """The plain dict a stage task takes (not part of its cache key): see :func:`flows.launch.in_process`."""
         return {"launcher": self.launcher, "nproc_per_node": self.nproc_per_node, "nnodes": self.nnodes,
                 "torchrun_args": list(self.torchrun_args)}
 

@@ -12,7 +12,7 @@ from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.events import announce_checkpoints
 from flows.gpu import GPU_TAG, gpu_stage
-from flows.launch import launch_job, write_launch_file
+from flows.launch import in_process, run_torchrun, write_launch_file
 from flows.pointers import describe_run, describe_store
 
 __all__ = ["fit_backbone", "train_diffusion"]
@@ -35,10 +35,11 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
     cfg = DiffusionTrainConfig.from_dict({"model": backbone, "seed": seed, **train})
     run_url = Root(root).diffusion_run(run_id_for(cfg, store["store_id"]))
     log.info("training %s on %s -> %s", backbone, store["url"], run_url)
-    launch_job(launch, inprocess=lambda: train_fn(cfg, store["url"], run_url), module="dcae15.diffusion.train",
-               module_args=["--config", write_launch_file(run_url, {"store_url": store["url"], "run_url": run_url,
-                                                                    "train": cfg.to_dict()})],
-               log=log.info)
+    if in_process(launch):
+        train_fn(cfg, store["url"], run_url)
+    else:  # one run file: torchrun's own parser would take the trainer's --store / --run for its abbreviated options
+        run_file = write_launch_file(run_url, {"store_url": store["url"], "run_url": run_url, "train": cfg.to_dict()})
+        run_torchrun(launch, "dcae15.diffusion.train", ["--config", run_file], log=log.info)
     return describe_run(run_url)
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["LaunchError", "torchrun_command", "run_streaming", "write_launch_file", "launch_job"]
+__all__ = ["LaunchError", "torchrun_command", "run_streaming", "write_launch_file", "in_process", "run_torchrun"]
 
 
 class LaunchError(RuntimeError):
@@ -88,20 +88,16 @@ def write_launch_file(run_url: str, payload: dict) -> str:
     return url
 
 
-def launch_job(launch: dict, *, inprocess: Callable[[], object], module: str, module_args: Sequence[str],
-               log: Callable[[str], None]) -> bool:
-    """Run a stage's job per ``launch`` (``launcher``, ``nproc_per_node``, ``nnodes``, ``torchrun_args``).
+def in_process(launch: dict) -> bool:
+    """Whether a stage's job runs in the flow's own process: ``launcher: inprocess``, or ``auto`` with one process
+    in all (``launch``: ``launcher``, ``nproc_per_node``, ``nnodes``, ``torchrun_args``); else under torchrun."""
+    return launch["launcher"] == "inprocess" or (
+        launch["launcher"] == "auto" and launch["nproc_per_node"] * launch["nnodes"] == 1)
 
-    In the flow's own process (``inprocess()``) for ``launcher: inprocess``, or ``auto`` with one process in all;
-    else ``python -m module module_args`` under torchrun, its output streamed to ``log``. Returns True when it ran
-    in-process.
-    """
-    world = launch["nproc_per_node"] * launch["nnodes"]
-    if launch["launcher"] == "inprocess" or (launch["launcher"] == "auto" and world == 1):
-        inprocess()
-        return True
+
+def run_torchrun(launch: dict, module: str, module_args: Sequence[str], *, log: Callable[[str], None]) -> None:
+    """``python -m module module_args`` under torchrun as ``launch`` says, its output streamed to ``log``."""
     cmd = torchrun_command(module, module_args, nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
                            extra=launch["torchrun_args"])
     log("launching " + " ".join(cmd))
     run_streaming(cmd, log=lambda line: log(f"[torchrun] {line}"))
-    return False

@@ -13,7 +13,7 @@ from flows.artifacts import publish_pointer, sample_progress
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.gpu import GPU_TAG, gpu_stage
-from flows.launch import launch_job
+from flows.launch import in_process, run_torchrun
 from flows.pointers import describe_run, describe_samples
 
 __all__ = ["draw_samples", "sample_run"]
@@ -39,11 +39,11 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
     launch = launch or {"launcher": "inprocess", "nproc_per_node": 1, "nnodes": 1, "torchrun_args": []}
     log.info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
     with sample_progress(out_url, run["run_id"], checkpoint):  # a progress artifact polled from the store
-        launch_job(launch, inprocess=lambda: sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True,
-                                                             **spec),
-                   module="dcae15.diffusion.sample",
-                   module_args=[run["url"], out_url, "--checkpoint", str(checkpoint), "--spec", json.dumps(spec)],
-                   log=log.info)
+        if in_process(launch):
+            sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
+        else:
+            run_torchrun(launch, "dcae15.diffusion.sample",
+                         [run["url"], out_url, "--checkpoint", str(checkpoint), "--spec", json.dumps(spec)], log=log.info)
     return describe_samples(out_url)
 
 

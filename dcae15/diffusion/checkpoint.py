@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from storage.rundir import RunDir
-from storage.urls import url_to_fs
+from storage.urls import is_local, url_to_fs
 
 __all__ = ["open_run", "checkpoint_url", "read_latest", "read_run_config", "list_checkpoints", "dcp_writer",
            "dcp_reader", "load_ema_state", "read_train_state"]
@@ -42,17 +42,11 @@ def list_checkpoints(run_url: str, storage_options: dict | None = None) -> list[
     return open_run(run_url, storage_options).checkpoints()
 
 
-def _is_local(url: str) -> bool:
-    from storage.urls import is_local
-
-    return is_local(url)
-
-
 def dcp_writer(url: str, storage_options: dict | None = None):
     """A DCP storage writer for a local path or any fsspec URL."""
     from torch.distributed.checkpoint import FileSystemWriter
 
-    if _is_local(url):
+    if is_local(url):
         return FileSystemWriter(url_to_fs(url)[1])
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
@@ -62,7 +56,7 @@ def dcp_writer(url: str, storage_options: dict | None = None):
 def dcp_reader(url: str, storage_options: dict | None = None):
     from torch.distributed.checkpoint import FileSystemReader
 
-    if _is_local(url):
+    if is_local(url):
         return FileSystemReader(url_to_fs(url)[1])
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 

@@ -320,8 +320,10 @@ def variant_name(kind: str, adt: bool, seed: int) -> str:
 
 
 def _dit(root: Path, sc: Scale, store: dict, kind: str, adt: bool, seed: int, channels: list[int],
-         threads: int) -> dict:
-    """Train one DiT variant (resumes), then proxy-FID of every checkpoint (each cached in its own file)."""
+         threads: int, name: str | None = None) -> dict:
+    """Train one DiT variant (resumes), then proxy-FID of every checkpoint (each cached in its own file).
+
+    ``name`` names the run and its evaluation folder (default: the variant's name)."""
     import numpy as np
     import torch
 
@@ -334,7 +336,7 @@ def _dit(root: Path, sc: Scale, store: dict, kind: str, adt: bool, seed: int, ch
     from experiments.recon import ProxyPerceptual
     from storage.latent_store import LatentStore
 
-    name = variant_name(kind, adt, seed)
+    name = name or variant_name(kind, adt, seed)
     run_url = str(root / "runs" / "diffusion" / name)
     cfg = DiffusionTrainConfig(model=sc.dit_model, model_overrides=dict(sc.dit_overrides), patch_size=sc.dit_patch,
                                global_batch_size=sc.dit_batch, steps=sc.dit_steps, lr=sc.dit_lr,

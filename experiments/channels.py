@@ -92,7 +92,7 @@ TARGETS = {"recon_gain_db": 1.0, "full_psnr_gap_db": 0.5, "speedup": 2.0}
 
 _SWEEP_SCALE = R.Scale(
     resolution=32, ae_preset="sweep-f4c8", ae_steps=500, ae_batch=32, ae_lr=2e-3, ae_warmup=100,
-    ae_schedule="cosine", proxy_epochs=6, proxy_width=16, dit_model="SiT-tiny", dit_patch=2, dit_steps=800,
+    ae_schedule="cosine", proxy_epochs=6, proxy_width=16, dit_model="SiT-tiny", dit_patch=2, dit_steps=600,
     dit_batch=64, dit_lr=2e-3, dit_warmup=50, dit_ema=0.99, eval_every=200, eval_samples=256, sampler="heun",
     sample_steps=16, cfg_scale=2.5, structure_eval=False, seeds=(0, 1, 2))
 

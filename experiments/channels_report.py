@@ -310,9 +310,9 @@ def _load_summary(root: Path) -> str:
            f"{max(vals):.1f} ({len(vals)} samples)" if vals else "not recorded"
 
 
-def _learns_verdicts(results_dir: Path) -> list[str]:
+def _learns_verdicts() -> list[str]:
     """The verdict lines of the committed f4c8 report (the Table 6 control), quoted as they stand."""
-    f = results_dir / "RESULTS-learns.md"
+    f = Path(__file__).resolve().parent / "RESULTS-learns.md"
     if not f.exists():
         return ["(RESULTS-learns.md not found)"]
     return [line for line in f.read_text().splitlines()
@@ -360,7 +360,7 @@ def write_report(root: Path, sw: Any, sweep_name: str, results_dir: Path, *, com
            f"{sc.sample_steps} steps, CFG {sc.cfg_scale}, the same noise and labels for every run) from the EMA "
            "weights; proxy-FID against the training images and class accuracy (chance 0.1), both with the "
            f"project's proxy classifier trained on this data (`{proxy.get('extractor_label', '?')}`, held-out "
-           f"accuracy {proxy.get('heldout_acc', proxy.get('val_acc', '?'))}). Proxy numbers compare only with each "
+           f"accuracy {RP._f(proxy.get('held_out_accuracy'), 3)}). Proxy numbers compare only with each "
            "other.", ""]
     md += ["## Verdicts (declared in `experiments/channels.py` before the runs)", ""]
     for key, x in v.items():
@@ -447,7 +447,7 @@ def write_report(root: Path, sw: Any, sweep_name: str, results_dir: Path, *, com
            "The paper's Table 6 finds DC-AE 1.5 slightly worse than DC-AE at f32c32 (no sparsity problem at few "
            "channels). The toy-scale control is issue 12's f4c8 result, measured earlier on the shapes dataset "
            "(`experiments/RESULTS-learns.md`); its verdicts as they stand:", ""]
-    md += _learns_verdicts(results_dir) + [""]
+    md += _learns_verdicts() + [""]
     # cost and what is missing
     by_stage: dict[str, float] = {}
     for k, s in stages.items():

@@ -88,6 +88,8 @@ def verdicts(stages: dict, sw: Any) -> dict[str, dict]:
         gain = rh[hi]["psnr"] - rl[lo]["psnr"]
         out["fig1b_recon"].update(psnr={c: col[c]["recon_plain"][c]["psnr"] for c in sw.channels
                                         if col[c]["recon_plain"]}, gain_db=gain,
+                                  rfid={c: col[c]["recon_plain"][c]["proxy-rfid"] for c in sw.channels
+                                        if col[c]["recon_plain"]},
                                   held=bool(gain >= TARGETS["recon_gain_db"]
                                             and rh[hi]["proxy-rfid"] < rl[lo]["proxy-rfid"]))
     fl, fh = col[lo]["final_fid"], col[hi]["final_fid"]
@@ -372,7 +374,8 @@ def write_report(root: Path, sw: Any, sweep_name: str, results_dir: Path, *, com
             md.append(f"  Why not judged: {x['reason']}.")
         if key == "fig1b_recon" and "psnr" in x:
             md.append("  Plain-AE full-channel PSNR per c: " + ", ".join(f"c={c}: {p:.2f} dB" for c, p in x["psnr"].items())
-                      + f"; gain {x['gain_db']:+.2f} dB.")
+                      + f"; gain {x['gain_db']:+.2f} dB. proxy-rFID per c: "
+                      + ", ".join(f"c={c}: {r:.3f}" for c, r in x["rfid"].items()) + ".")
         if key == "fig1b_generation" and "final_fid" in x:
             md.append("  Final proxy-FID per c: " + "; ".join(f"c={c}: {_pm(d)}" for c, d in x["final_fid"].items())
                       + ".")
@@ -493,4 +496,11 @@ def _missing(stages: dict, sw: Any, jobs) -> list[str]:
                for a in sw.t5_ae_seeds for k in ("plain", "structured") for adt in (False, True)]}
     if [s for s, _ in jobs(sw)] != list(want):  # the same plan as the workers'
         raise RuntimeError(f"the report's stages {list(want)} differ from experiments.channels.jobs")
-    return [f"{st}: {n}" for st, names in want.items() for n in names if n not in stages]
+    seen: set[str] = set()  # a run two stages need (the structured AE at the largest c) is listed once
+    out = []
+    for st, names in want.items():
+        for n in names:
+            if n not in stages and n not in seen:
+                out.append(f"{st}: {n}")
+            seen.add(n)
+    return out

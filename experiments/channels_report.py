@@ -143,7 +143,7 @@ def _fig1b(col: dict, sw: Any, path: Path) -> None:
     """Reconstruction vs c next to generation vs c (the paper's Figure 1b at toy scale)."""
     plt = RP._plt()
     cs = [c for c in sw.channels if col[c]["recon_plain"]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), gridspec_kw={"wspace": 0.45})
     ax = axes[0]
     ax.plot(cs, [col[c]["recon_plain"][c]["psnr"] for c in cs], "o-", color="tab:blue", label="PSNR (dB)")
     ax.set_xscale("log", base=2)
@@ -163,7 +163,7 @@ def _fig1b(col: dict, sw: Any, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("latent channels c")
         ax.set_ylabel(label)
-        ax.set_title(f"generation after {sw.scale.dit_steps} steps (same backbone, mean ± std over seeds)", fontsize=8)
+        ax.set_title(f"generation after {sw.scale.dit_steps} steps (mean ± std over seeds)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].grid(alpha=0.3)
     fig.suptitle("Figure 1b at toy scale (Fashion-MNIST): reconstruction vs generation as the channel count grows",

@@ -74,9 +74,12 @@ class DiffusionTrainConfig:
     """Save checkpoints in a background thread (DCP async_save) after staging them to CPU memory; ``latest``
     is written only once the save completed."""
     mixed_precision: str = "bf16"
-    """'bf16' (bf16 params, fp32 reduce; GPU only, CPU always runs fp32) or 'fp32'."""
+    """'bf16' (bf16 params, fp32 reduce, fp32 timesteps; on GPU, or on CPU under DCAE15_GPU_BRANCHES=1; else the CPU
+    runs fp32) or 'fp32'."""
     activation_checkpointing: bool = field(default=False, metadata=OPERATIONAL)
+    """Recompute each block's activations in backward (forced on by DCAE15_GPU_BRANCHES=1)."""
     compile: bool = field(default=False, metadata=OPERATIONAL)
+    """torch.compile each block, fullgraph (forced on by DCAE15_GPU_BRANCHES=1)."""
     checkpoint_every: int = field(default=1000, metadata=OPERATIONAL)
     keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
     log_every: int = field(default=10, metadata=OPERATIONAL)
@@ -250,19 +253,11 @@ def _clip_and_guard(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ma
 
 # ------------------------------------------------------------------------------------------------ distributed
 def _init_distributed() -> tuple[int, int, torch.device, bool]:
-    """(rank, world_size, device, created): reuse a live process group, else torchrun env, else a 1-rank gloo."""
-    created = False
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-        else:  # one process: still a process group, so the code path is the same as under torchrun
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        created = True
-    from dcae15.parallel import local_device
+    """(rank, world_size, device, created): reuse a live process group, else torchrun env, else a 1-rank group
+    (``dcae15.distributed.init_distributed``: set_device, then the group with device_id and a long timeout)."""
+    from dcae15.distributed import init_distributed
 
-    rank, ws = dist.get_rank(), dist.get_world_size()
-    return rank, ws, local_device(rank), created
+    return init_distributed()
 
 
 class _AppState:
@@ -364,7 +359,9 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from dcae15.accel import enable_speed_switches, forced_gpu_branches
     from dcae15.diffusion.data import DevicePrefetcher, RankBatches, layout_ranks
+    from dcae15.distributed import new_io_group
     from dcae15.parallel import apply_parallelism, make_mesh
     from storage.reader import LatentStreamDataset
 
@@ -391,8 +388,10 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     mesh = make_mesh(device, ws, cfg.hsdp_shard_size)
+    enable_speed_switches(device)  # TF32 for what stays fp32 (mixed_precision 'fp32', the loss, EMA, AdamW)
+    forced = forced_gpu_branches()  # DCAE15_GPU_BRANCHES=1: the CPU takes the GPU run's checkpointing + compile
     apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
-                      activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+                      activation_checkpointing=cfg.activation_checkpointing or forced, compile=cfg.compile or forced)
     model.train()
     optimizer = make_optimizer(model, cfg)
     # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
@@ -436,8 +435,9 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     chans_dev = torch.tensor(chans, dtype=torch.long, device=device)
     bar = tqdm(total=target, initial=start, disable=rank != 0 or not cfg.progress, desc=f"train {cfg.model}",
                dynamic_ncols=True)
-    # Async saves run their collectives on a group of their own, so they never interleave with training's.
-    ckpt_group = dist.new_group(backend="gloo") if cfg.async_checkpoint else None
+    # Saves run their collectives on a gloo group of their own with a long timeout: async ones never interleave
+    # with training's, and the ranks that wait for the slowest writer wait there, not in NCCL.
+    ckpt_group = new_io_group()
     pending: list = []  # [(step, future)] of the one save in flight
 
     def publish(step: int) -> None:
@@ -466,10 +466,10 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                            gens=[g["gen"] for g in gathered], ranks=None)
         url = run.checkpoint_url(step)
         if not cfg.async_checkpoint:
-            dcp.save({"app": app}, storage_writer=dcp_writer(url, storage_options))
-            dist.barrier()  # every rank's shard is written before the pointer moves
+            dcp.save({"app": app}, storage_writer=dcp_writer(url, storage_options), process_group=ckpt_group)
+            dist.barrier(group=ckpt_group)  # every rank's shard is written before the pointer moves
             publish(step)
-            dist.barrier()
+            dist.barrier(group=ckpt_group)
             return
         finish_pending(wait=True)  # one save in flight at a time
         fut = dcp.async_save({"app": app}, storage_writer=dcp_writer(url, storage_options),
@@ -572,8 +572,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 finish_pending(wait=True)
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
-        if ckpt_group is not None:
-            dist.destroy_process_group(ckpt_group)
+        dist.destroy_process_group(ckpt_group)
     result = {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"], "step": step,
               "checkpoint": run.checkpoint_url(step), "done": step >= cfg.steps}
     if rank == 0 and result["done"]:

@@ -16,7 +16,7 @@ import os
 import torch
 
 __all__ = ["GPU_BRANCHES_ENV", "COMPILE_BACKEND_ENV", "gpu_branches", "forced_gpu_branches", "compile_backend",
-           "bf16_autocast", "enable_speed_switches"]
+           "bf16_autocast", "enable_speed_switches", "BF16_DENSE_PEAK", "dense_bf16_peak_flops"]
 
 GPU_BRANCHES_ENV = "DCAE15_GPU_BRANCHES"
 COMPILE_BACKEND_ENV = "DCAE15_COMPILE_BACKEND"
@@ -72,3 +72,16 @@ def enable_speed_switches(device: torch.device | str, *, conv: bool = False) -> 
         torch.backends.cudnn.allow_tf32 = True
     if conv:
         torch.backends.cudnn.benchmark = True
+
+
+#: Dense bf16 tensor-core peaks (datasheet, no sparsity), FLOP/s, by a substring of the device name.
+BF16_DENSE_PEAK = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def dense_bf16_peak_flops(device: torch.device | str) -> float | None:
+    """The datasheet dense bf16 peak of ``device`` (MFU's denominator), None when unknown (CPU, other GPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_DENSE_PEAK if key in name), None)

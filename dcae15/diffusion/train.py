@@ -27,7 +27,7 @@ from storage.rundir import HORIZON, OPERATIONAL, identity
 from storage.urls import url_to_fs
 
 __all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
-           "latest_checkpoint", "train_flops_per_image", "make_optimizer",
+           "latest_checkpoint", "train_flops_per_image", "make_optimizer", "TrainStep",
            "main"]
 
 @dataclass(kw_only=True)
@@ -208,15 +208,9 @@ def train_flops_per_image(mcfg, batch: int, passes: int = 1) -> float:
 
 
 def _peak_flops(cfg: DiffusionTrainConfig, device: torch.device) -> float | None:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tf in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
-        if key in name:
-            return tf * 1e12
-    return None
+    from dcae15.accel import dense_bf16_peak_flops
+
+    return cfg.peak_tflops * 1e12 if cfg.peak_tflops else dense_bf16_peak_flops(device)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: DiffusionTrainConfig) -> torch.optim.Optimizer:
@@ -432,7 +426,6 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     flops_img = train_flops_per_image(mcfg, micro, passes)
     peak = _peak_flops(cfg, device)
     null_class = mcfg.num_classes
-    chans_dev = torch.tensor(chans, dtype=torch.long, device=device)
     bar = tqdm(total=target, initial=start, disable=rank != 0 or not cfg.progress, desc=f"train {cfg.model}",
                dynamic_ncols=True)
     # Saves run their collectives on a gloo group of their own with a long timeout: async ones never interleave
@@ -498,37 +491,14 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     acc = torch.zeros(3, device=device)  # loss, grad norm, c' summed over the log window (local)
     first_bad = torch.zeros((), dtype=torch.long, device=device)
     step_dev = torch.full((), start, dtype=torch.long, device=device)
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    stepper = TrainStep(model, optimizer, ema, objective, gen, cfg, chans, null_class, c, accum, device)
     try:
         while step < target:
             batch = next(batches)  # prefetched in the background; non-blocking host-to-device copy
             reader_states.update(batch["states"])
             x0 = batch["latents"].float()  # no-op for fp32 batches
             y = batch["labels"]
-            # All random draws for the whole local batch at once, on the device: micro-batching then changes
-            # nothing but the fp summation order.
-            noise = torch.randn(x0.shape, generator=gen, device=device)
-            u = torch.rand(x0.shape[0], generator=gen, device=device)
-            drop = torch.rand(x0.shape[0], generator=gen, device=device) < cfg.label_dropout
-            y = torch.where(drop, null_class, y)
-            mask, cprime = draw_mask(cfg.adt, chans_dev, x0.shape[0], c, gen, device)
-            x_t, t, tgt = objective.prepare(x0, noise, u)
-            norm = LossNorm(x0.shape, mask)
-            loss = torch.zeros((), device=device)
-            for i in range(accum):
-                sl = slice(i * micro, (i + 1) * micro)
-                if accum > 1:  # reduce gradients across ranks only once, after the last micro-batch
-                    model.set_requires_gradient_sync(i == accum - 1)
-                part = micro_loss(model, x_t[sl], t[sl], y[sl], tgt[sl], None if mask is None else mask[sl],
-                                  cfg.adt, norm)
-                part.backward()
-                loss += part.detach()
-            gnorm = _clip_and_guard(model, optimizer, max_norm)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup))
+            loss, gnorm, cprime = stepper(x0, y, step)
             # Device-side bookkeeping, read every log_every steps (no per-step host sync).
             step_dev += 1
             stats = torch.stack([loss, gnorm.float(), cprime.float().mean()])
@@ -578,6 +548,49 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     if rank == 0 and result["done"]:
         run.finish({**result, "steps": cfg.steps})  # the done marker; more steps later continue the run
     return result
+
+
+class TrainStep:
+    """One optimizer step of the trainer on a local batch already on the device (also what bench/ times):
+    device-generator draws, the (ADT) loss over ``accum`` micro-batches, fused clip + NaN guard, AdamW, EMA.
+    No host sync: loss, grad norm and c' come back as device tensors."""
+
+    def __init__(self, model, optimizer, ema: EMA, objective, gen: torch.Generator, cfg: DiffusionTrainConfig,
+                 chans: list[int], null_class: int, channels: int, accum: int, device: torch.device):
+        self.model, self.optimizer, self.ema, self.objective, self.gen, self.cfg = (model, optimizer, ema,
+                                                                                    objective, gen, cfg)
+        self.chans = torch.tensor(chans, dtype=torch.long, device=device)
+        self.null_class, self.c, self.accum, self.device = null_class, channels, accum, device
+        self.max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+
+    def __call__(self, x0: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+        cfg, gen, device, model, accum = self.cfg, self.gen, self.device, self.model, self.accum
+        # All random draws for the whole local batch at once, on the device: micro-batching then changes
+        # nothing but the fp summation order.
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        u = torch.rand(x0.shape[0], generator=gen, device=device)
+        drop = torch.rand(x0.shape[0], generator=gen, device=device) < cfg.label_dropout
+        y = torch.where(drop, self.null_class, y)
+        mask, cprime = draw_mask(cfg.adt, self.chans, x0.shape[0], self.c, gen, device)
+        x_t, t, tgt = self.objective.prepare(x0, noise, u)
+        norm = LossNorm(x0.shape, mask)
+        micro = x0.shape[0] // accum
+        loss = torch.zeros((), device=device)
+        for i in range(accum):
+            sl = slice(i * micro, (i + 1) * micro)
+            if accum > 1:  # reduce gradients across ranks only once, after the last micro-batch
+                model.set_requires_gradient_sync(i == accum - 1)
+            part = micro_loss(model, x_t[sl], t[sl], y[sl], tgt[sl], None if mask is None else mask[sl],
+                              cfg.adt, norm)
+            part.backward()
+            loss += part.detach()
+        gnorm = _clip_and_guard(model, self.optimizer, self.max_norm)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup))
+        return loss, gnorm, cprime
 
 
 # ------------------------------------------------------------------------------------------------ run pointers

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import json
 import os
 import socket
@@ -38,7 +40,8 @@ from typing import Any, Callable, Iterator
 
 from .urls import join, protocol_of, url_to_fs
 
-__all__ = ["LeaseConfig", "Lease", "ClaimHeldError", "LeaseLostError", "claim", "lease_url", "describe_holder",
+__all__ = ["LeaseConfig", "Lease", "ClaimHeldError", "LeaseLostError", "claim", "claimed", "lease_url",
+           "describe_holder",
            "LEASE_SECONDS_ENV", "CLAIM_WAIT_ENV"]
 
 #: environment: seconds a lease lives without renewal (default 60)
@@ -464,3 +467,21 @@ def claim(artifact_url: str, *, what: str = "artifact", storage_options: dict | 
         except Exception as exc:  # noqa: BLE001 - the body's own error matters more; the lease expires anyway
             log(f"could not release the lease of {lease.name} ({type(exc).__name__}: {exc}); it expires in "
                 f"{cfg.ttl:.0f} s")
+
+
+def claimed(what: str, url_arg: str, options_arg: str = "storage_options") -> Callable[[Callable], Callable]:
+    """Decorate a writer so that its whole call runs under :func:`claim` of the artifact named by its argument
+    ``url_arg`` (storage options from ``options_arg``): ``@claimed("packed dataset", "dst_url")``."""
+
+    def wrap(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            with claim(bound.arguments[url_arg], what=what, storage_options=bound.arguments.get(options_arg)):
+                return fn(*args, **kwargs)
+
+        return guarded
+
+    return wrap

@@ -8,7 +8,11 @@ excludes writers outside Prefect or under another API (two `dcae15` commands eac
 API). Stages whose library call takes that lease itself, possibly in a torchrun child (trainers, sampling), ask
 for the slot only (``lease=False``): a lease held by the parent would make the child wait for its own parent.
 
-The slot is a Prefect lease renewed while the task lives (``SLOT_LEASE_SECONDS``): a SIGKILLed flow run frees it.
+The slot is a Prefect lease renewed while the task lives; a SIGKILLed flow run's slot is freed by the server only
+when that lease runs out (``SLOT_LEASE_SECONDS``, Prefect's minimum of 60 s, plus its repossessor's 15 s loop). So a
+stage waits for the slot at most ``$DCAE15_SLOT_WAIT_SECONDS`` (default 5 s) and then goes on under the storage
+lease alone, which waits for a live writer and takes over a dead one's at once: the rerun of a crashed run is not
+held back by the dead run's slot, and two live writers are still never both writing.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import re
+import sys
 from typing import Any, Callable, Iterator, NamedTuple
 
-__all__ = ["ArtifactKey", "SLOT_LEASE_SECONDS", "artifact_limit_name", "artifact_slot", "artifact_claim", "artifact_stage",
+__all__ = ["ArtifactKey", "SLOT_LEASE_SECONDS", "SLOT_WAIT_ENV", "artifact_limit_name", "artifact_slot", "artifact_claim", "artifact_stage",
            "dataset_key",
            "ae_run_key", "latent_store_key", "diffusion_run_key", "sample_store_key"]
 
-SLOT_LEASE_SECONDS = 300.0
+SLOT_LEASE_SECONDS = 60.0
+SLOT_WAIT_ENV = "DCAE15_SLOT_WAIT_SECONDS"
 
 
 class ArtifactKey(NamedTuple):
@@ -57,15 +64,30 @@ def _ensure_limit(name: str) -> int:
 
 @contextlib.contextmanager
 def artifact_slot(what: str, artifact_id: str, *, log: Callable[[str], None] = print) -> Iterator[None]:
-    """Hold the artifact's Prefect concurrency slot for the body (waits while another flow run holds it)."""
+    """Hold the artifact's Prefect concurrency slot for the body, waiting at most ``$DCAE15_SLOT_WAIT_SECONDS``
+    for another flow run's slot (then the body runs without it: see the module docstring)."""
     from prefect.concurrency.sync import concurrency
 
     name = artifact_limit_name(what, artifact_id)
+    wait = float(os.environ.get(SLOT_WAIT_ENV) or 5.0)
     if _ensure_limit(name):
-        log(f"waiting: another flow run is writing {what} {artifact_id} (concurrency limit {name}); this one "
-            "continues when it is done")
-    with concurrency(name, occupy=1, lease_duration=SLOT_LEASE_SECONDS, strict=True):
+        log(f"waiting: another flow run holds the Prefect slot of {what} {artifact_id} (concurrency limit {name})")
+    try:
+        slot = concurrency(name, occupy=1, timeout_seconds=wait, lease_duration=SLOT_LEASE_SECONDS, strict=True)
+        slot.__enter__()
+    except TimeoutError:
+        log(f"the Prefect slot of {what} {artifact_id} is still held after {wait:.0f} s (a live run, whose storage "
+            "lease this one now waits for, or a killed one, whose slot Prefect frees later): going on under the "
+            "storage lease")
         yield
+        return
+    try:
+        yield
+    except BaseException:
+        if not slot.__exit__(*sys.exc_info()):
+            raise
+    else:
+        slot.__exit__(None, None, None)
 
 
 @contextlib.contextmanager

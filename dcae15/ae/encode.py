@@ -122,6 +122,7 @@ def prepare_store(ae_url: str, dataset_url: str, root_url: str, *, resolution: i
             from the dtype an existing store was computed in.
     """
     from storage.latent_store import LatentStore, StoreNotFoundError, store_id
+    from storage.lease import claim
     from storage.shards import open_dataset
 
     resolve_dtype(dtype, device)  # validate before any loading
@@ -134,21 +135,24 @@ def prepare_store(ae_url: str, dataset_url: str, root_url: str, *, resolution: i
     ae_fp = ae_fingerprint if ae_fingerprint and recorded in (None, ae_fingerprint) else ae.fingerprint()
     sid = store_id(str(dataset.fingerprint), ae_fp, resolution, CROP, flip)
     url = Root(root_url).latent_store(sid)
-    try:
-        store = LatentStore.open(url, expect_ae=ae_fp, expect_dataset=str(dataset.fingerprint),
-                                 expect_resolution=resolution, storage_options=storage_options)
-        have = store.attrs.get("compute_dtype", "float32")
-        if dtype != "auto" and dtype != have:
-            raise ValueError(f"latent store {url} was computed in {have}; encode.dtype={dtype!r} would mix dtypes "
-                             f"within one store. Use dtype='{have}' (or 'auto'), or another root.")
-        return url
-    except StoreNotFoundError:
-        pass
-    LatentStore.create(url, num_samples=int(dataset.num_samples), channels=ae.latent_channels,
-                       height=resolution // f, width=resolution // f, flip=flip,
-                       attrs=_store_attrs(ae, ae_fp, dataset, ae_url, resolution, resolve_dtype(dtype, device),
-                                          storage_options),
-                       chunk_size=chunk_size, storage_options=storage_options)
+    # one creator per store (a no-op when the encode flow holds the store's claim already): Zarr's create of a
+    # group two processes create at once fails in one of them (ContainsArrayError)
+    with claim(url, what="latent store", storage_options=storage_options):
+        try:
+            store = LatentStore.open(url, expect_ae=ae_fp, expect_dataset=str(dataset.fingerprint),
+                                     expect_resolution=resolution, storage_options=storage_options)
+            have = store.attrs.get("compute_dtype", "float32")
+            if dtype != "auto" and dtype != have:
+                raise ValueError(f"latent store {url} was computed in {have}; encode.dtype={dtype!r} would mix "
+                                 f"dtypes within one store. Use dtype='{have}' (or 'auto'), or another root.")
+            return url
+        except StoreNotFoundError:
+            pass
+        LatentStore.create(url, num_samples=int(dataset.num_samples), channels=ae.latent_channels,
+                           height=resolution // f, width=resolution // f, flip=flip,
+                           attrs=_store_attrs(ae, ae_fp, dataset, ae_url, resolution, resolve_dtype(dtype, device),
+                                              storage_options),
+                           chunk_size=chunk_size, storage_options=storage_options)
     return url
 
 

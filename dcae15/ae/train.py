@@ -22,6 +22,7 @@ from torch import nn
 
 from dcae15.accel import enable_speed_switches, gpu_branches
 from dcae15.ae.channels import ChannelSampling, step_generator
+from dcae15.claims import rank_zero_claim
 from dcae15.ae.data import ImageBatches
 from dcae15.ae.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from dcae15.ae.model import AE_PRESETS, StructuredAutoencoder
@@ -416,7 +417,8 @@ def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, sto
     """
     dist_ = _Dist(cfg)
     try:
-        return _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_)
+        with rank_zero_claim(run_url, what="AE run", storage_options=storage_options):  # one writer per run
+            return _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_)
     finally:
         dist_.close()
 

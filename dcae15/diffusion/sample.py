@@ -14,6 +14,7 @@ import os
 import numpy as np
 import torch
 
+from dcae15.claims import rank_zero_claim
 from dcae15.diffusion.checkpoint import checkpoint_url, load_ema_state, read_latest, read_run_config
 from dcae15.diffusion.objectives import make_objective
 from dcae15.diffusion.samplers import SAMPLERS, sample_latents
@@ -137,8 +138,10 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
         raise ValueError(f"precision={precision!r}; allowed: {PRECISIONS}")
     rank, world, device, created = _distributed(None if device is None else torch.device(device))
     try:
-        return _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, checkpoint, (lo, hi), labels,
-                       batch_size, chunk_size, ema, ae_url, device, precision, progress, storage_options, rank, world)
+        with rank_zero_claim(out_url, what="sample store", storage_options=storage_options):  # one writer per store
+            return _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, checkpoint, (lo, hi),
+                           labels, batch_size, chunk_size, ema, ae_url, device, precision, progress, storage_options,
+                           rank, world)
     finally:
         if created:
             import torch.distributed as dist

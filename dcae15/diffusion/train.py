@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dcae15.claims import rank_zero_claim
 from dcae15.diffusion.adt import ADTConfig, LossNorm, draw_mask, micro_loss
 from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
 from dcae15.diffusion.objectives import make_objective
@@ -321,7 +322,12 @@ def train_diffusion(cfg: DiffusionTrainConfig, store_url: str, run_url: str, *, 
     if device.type == "cpu" and cfg.cpu_threads is not None:
         torch.set_num_threads(int(cfg.cpu_threads))
     try:
-        return _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options)
+        with rank_zero_claim(run_url, what="diffusion run", storage_options=storage_options):  # one writer per run
+            latest = run.latest()  # again, claimed: a writer we waited for may have finished the run
+            if latest is not None and latest["step"] >= target:
+                return {**result, "step": latest["step"], "checkpoint": latest["checkpoint"],
+                        "done": latest["step"] >= cfg.steps}
+            return _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options)
     finally:
         torch.set_num_threads(threads_before)  # the caller (a flow worker, a notebook) keeps its own setting
         if created:

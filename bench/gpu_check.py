@@ -135,7 +135,7 @@ def env_section(rec: dict, S: Sizes, device: torch.device, ctx: dict) -> None:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         rec.update(name=props.name, capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory
-                   / 2**30, 1), bf16=torch.cuda.is_bf16_supported(), nccl=".".join(map(str, torch.cuda.nccl.version())),
+                   / 2**30, 1), bf16=torch.cuda.is_bf16_supported(), nccl=str(torch.cuda.nccl.version()),
                    bf16_dense_peak_tflops=(dense_bf16_peak_flops(device) or 0) / 1e12)
     enable_speed_switches(device, conv=True)
     rec.update(matmul_fp32_precision=torch.backends.cuda.matmul.fp32_precision,

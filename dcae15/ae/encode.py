@@ -35,7 +35,8 @@ __all__ = ["CROP", "COMPUTE_DTYPES", "prepare_store", "encode_units", "encode_im
 
 #: The preprocessing every store records (storage.images.center_crop: ADM/DiT box-downsample, bicubic, crop).
 CROP = CENTER_CROP
-#: What the encoder may compute in ("auto": bfloat16 autocast on CUDA, float32 elsewhere). Stored as float16.
+#: What the encoder may compute in ("auto": bfloat16 autocast on CUDA or under DCAE15_GPU_BRANCHES=1, else
+#: float32). Stored as float16.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -78,7 +79,9 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> str:
         raise ValueError(f"dtype={dtype!r}; allowed: {COMPUTE_DTYPES}")
     if dtype != "auto":
         return dtype
-    return "bfloat16" if str(device).startswith("cuda") else "float32"
+    from dcae15.accel import forced_gpu_branches
+
+    return "bfloat16" if str(device).startswith("cuda") or forced_gpu_branches() else "float32"
 
 
 def _store_attrs(ae: StructuredAutoencoder, ae_fp: str, dataset: Any, ae_url: str, resolution: int, dtype: str,
@@ -257,6 +260,9 @@ def load_encoder(ae_url: str, device: torch.device, *, ae_fingerprint: str | Non
             if recorded is not None and recorded != ae_fingerprint:
                 raise StoreMismatchError(f"autoencoder at {ae_url} has fingerprint {recorded!r}, the encode was "
                                          f"planned with {ae_fingerprint!r}: the weights changed; rerun the encode")
+        from dcae15.accel import enable_speed_switches
+
+        enable_speed_switches(device, conv=True)  # TF32 for fp32 encodes; cuDNN autotuning of the conv encoder
         ae = StructuredAutoencoder.from_pretrained(ae_url, storage_options=storage_options)
         fp = ae_fingerprint or ae.fingerprint()
         encoder = ae.net.encoder.to(device).eval().requires_grad_(False)  # only the encoder goes to the device

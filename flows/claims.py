@@ -25,8 +25,8 @@ import re
 import sys
 from typing import Any, Callable, Iterator, NamedTuple
 
-__all__ = ["ArtifactKey", "SLOT_LEASE_SECONDS", "SLOT_WAIT_ENV", "artifact_limit_name", "artifact_slot", "artifact_claim", "artifact_stage",
-           "dataset_key",
+__all__ = ["ArtifactKey", "SLOT_LEASE_SECONDS", "SLOT_WAIT_ENV", "artifact_limit_name", "artifact_slot",
+           "artifact_claim", "artifact_stage", "dataset_key",
            "ae_run_key", "latent_store_key", "diffusion_run_key", "sample_store_key"]
 
 SLOT_LEASE_SECONDS = 60.0

@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, help="URL of a sample store")
     p.add_argument("--dataset", required=True, help="URL of the packed dataset the run was trained on")
     add("evaluate-new", "scan <root>/runs/diffusion and score every checkpoint without a result row")
+    p = add("export-npz", "write a complete sample store as an ADM-layout .npz (arr_0 uint8 N×H×W×3, arr_1 labels) "
+                          "for openai/guided-diffusion's evaluator; starts no Prefect API")
+    p.add_argument("--samples", required=True, help="URL of a complete sample store (<root>/samples/<id>)")
+    p.add_argument("--out", required=True, help="the .npz file to write (local path or URL)")
+    p = add("score-npz", "FID / sFID / IS / precision / recall of an ADM sample batch (.npz) against an ADM reference "
+                         "batch, with the Inception network from local weights; starts no Prefect API")
+    p.add_argument("samples", help="ADM sample batch (.npz with arr_0), e.g. from export-npz or another project")
+    p.add_argument("--reference", required=True, help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument("--inception-weights", default=None,
+                   help="weights-inception-2015-12-05-6726825d.pth (default: $DCAE15_WEIGHTS, the torch hub cache)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=64)
     add("results", "print the results table (and list the plots) under <root>/eval; starts no Prefect API")
     return parser
 
@@ -218,11 +230,37 @@ def _results(args: argparse.Namespace) -> None:
     _print_outputs(outputs_summary(root))
 
 
+def _export_npz(args: argparse.Namespace) -> dict[str, Any]:
+    from dcae15.metrics.adm import export_npz
+
+    return export_npz(args.samples, args.out)
+
+
+def _score_npz(args: argparse.Namespace) -> dict[str, Any]:
+    from dcae15.metrics.adm import adm_reference
+    from dcae15.metrics.fidelity import generation_metrics, inception_extractor
+
+    extractor = inception_extractor(args.inception_weights)
+    ref = adm_reference(args.reference, extractor, batch_size=args.batch_size, device=args.device)
+    values = generation_metrics(args.samples, ref, extractor=extractor, batch_size=args.batch_size,
+                                device=args.device)
+    return {"samples": args.samples, "reference": ref.describe(), "feature_extractor": extractor.label,
+            "extractor_fingerprint": extractor.fingerprint, **values}
+
+
+_LIBRARY_COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "export-npz": _export_npz, "score-npz": _score_npz,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dcae15`` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "results":
         _results(args)
+        return 0
+    if args.command in _LIBRARY_COMMANDS:  # plain library calls: no config, no Prefect
+        print(json.dumps(_LIBRARY_COMMANDS[args.command](args), indent=2, default=str))
         return 0
     t0 = time.perf_counter()
     out = _run(args)

@@ -267,6 +267,11 @@ class EvalSection:
     """Settings of the metrics: the proxy classifier, the reconstruction scores, the generation metrics."""
     reconstruction: bool = True
     """Also score the autoencoder's reconstructions per c' (rFID / PSNR / SSIM / LPIPS) and draw its figures."""
+    reference: str = "train"
+    """What samples are compared with: ``train`` (statistics of the dataset's train split, computed once and
+    cached), or the path/URL of an ADM reference batch ``.npz`` (``VIRTUAL_imagenet256_labeled.npz``: its own
+    mu/sigma/mu_s/sigma_s, its images for precision/recall; needs ``extractor: inception``) — the numbers the
+    literature reports. Recorded in every result row's ``reference`` column."""
     checkpoints: str = "all"
     """Which checkpoints of each run the pipeline samples and scores: ``all`` it keeps (``diffusion.train.
     keep_checkpoints``), so the results plot shows curves, or only the ``latest``."""
@@ -276,6 +281,12 @@ class EvalSection:
             raise ValueError(f"evaluate.extractor must be 'auto', 'proxy' or 'inception', got {self.extractor!r}")
         if self.checkpoints not in ("all", "latest"):
             raise ValueError(f"evaluate.checkpoints must be 'all' or 'latest', got {self.checkpoints!r}")
+        if self.reference != "train" and not str(self.reference).endswith(".npz"):
+            raise ValueError(f"evaluate.reference must be 'train' or an ADM reference batch (.npz), got "
+                             f"{self.reference!r}")
+        if self.reference != "train" and self.extractor == "proxy":
+            raise ValueError("evaluate.reference: an ADM reference batch holds Inception statistics; set "
+                             "evaluate.extractor: inception (or auto with real data)")
 
 
 @dataclass(kw_only=True)

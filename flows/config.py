@@ -219,8 +219,43 @@ class SampleSection:
     precision: str = "auto"
     """Backbone + decoder autocast: ``auto`` (bf16 on a GPU, fp32 on CPU), ``bf16`` or ``fp32``. Sampling runs
     on as many processes as training (``diffusion.nproc_per_node`` / ``nnodes`` / ``launcher``)."""
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """CFG applies only for normalised times in [lo, hi] (1 = noise; Kynkäänniemi et al. 2024); [0, 1] = always."""
+    labels: str = "uniform"
+    """``uniform`` (i.i.d., the FID protocol), ``balanced`` (equal counts) — over ``classes`` when given — or
+    ``given``: exactly ``classes`` in order, each over a contiguous block."""
+    classes: list[int] | None = None
+    """Class ids to sample (e.g. [207, 360, 387]); None = all classes."""
+    grid: str | None = None
+    """Also write a PNG grid of the samples here (a row per class, up to 16 classes × 8); output only, not part of
+    the sample store's identity."""
+    png_dir: str | None = None
+    """Also write every sample as ``<png_dir>/<index:06d>.png`` + ``labels.txt``; output only."""
+
+    OUTPUT_FIELDS = ("grid", "png_dir")  # written from a finished store; never change which images are drawn
+
+    def spec(self) -> dict[str, Any]:
+        """The keyword arguments of ``sample_to_store`` (what decides the images; the outputs left out)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.OUTPUT_FIELDS}
+        # fields at sample_to_store's defaults are left out: the sample id of an unchanged config stays the same
+        for k, default in (("classes", None), ("labels", "uniform"), ("guidance_interval", [0.0, 1.0])):
+            if out[k] == default:
+                del out[k]
+        return out
 
     def __post_init__(self) -> None:
+        from dcae15.metrics.labels import LABEL_MODES, check_classes
+
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"sample.labels must be one of {', '.join(LABEL_MODES)}; got {self.labels!r}")
+        self.classes = check_classes(self.classes)
+        if self.labels == "given" and self.classes is None:
+            raise ValueError("sample.labels=given needs sample.classes (e.g. [207, 360, 387])")
+        gi = [float(v) for v in self.guidance_interval]
+        if len(gi) != 2 or not 0.0 <= gi[0] <= gi[1] <= 1.0:
+            raise ValueError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got "
+                             f"{self.guidance_interval!r}")
+        self.guidance_interval = gi
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"sample.precision must be one of auto, bf16, fp32; got {self.precision!r}")
         from dcae15.diffusion.samplers import SAMPLERS

@@ -163,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--ema", dest="ema", action="store_true", default=True, help="the EMA weights (default)")
     weights.add_argument("--raw", dest="ema", action="store_false", help="the raw (non-EMA) weights")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p = add("convert-ae", "convert an official efficientvit / DC-Gen DC-AE checkpoint (DC-AE 1.0 or 1.5) into a "
+                          "diffusers-format directory dcae15 (and diffusers) loads; starts no Prefect API")
+    p.add_argument("--checkpoint", required=True, help="model.safetensors / .pt, or the folder holding model.safetensors")
+    p.add_argument("--preset", required=True,
+                   help="architecture: dc-ae-1.5-f32c128, dc-ae-1.5-f64c128, dc-ae-f32c32-in-1.0 or one of our presets")
+    p.add_argument("--out", required=True, help="the directory to write (config.json + diffusion_pytorch_model.safetensors)")
+    p.add_argument("--scaling-factor", type=float, default=None, help="record this scaling factor (default: the preset's)")
+    p = add("export-ae", "save an autoencoder with the scaling factor its latent store measured (diffusers' "
+                         "config.json then carries it); starts no Prefect API")
+    p.add_argument("--ae", required=True, help="URL of the autoencoder (save_pretrained directory)")
+    p.add_argument("--store", required=True, help="URL of a latent store encoded with it")
+    p.add_argument("--out", required=True, help="the directory to write")
     p = add("score-npz", "FID / sFID / IS / precision / recall of an ADM sample batch (.npz) against an ADM reference "
                          "batch, with the Inception network from local weights; starts no Prefect API")
     p.add_argument("samples", help="ADM sample batch (.npz with arr_0), e.g. from export-npz or another project")
@@ -291,6 +303,21 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out, **export_weights(args.run, args.out, checkpoint=args.checkpoint, ema=args.ema)}
 
 
+def _convert_ae(args: argparse.Namespace) -> dict[str, Any]:
+    from dcae15.ae.convert import from_efficientvit
+
+    ae = from_efficientvit(args.checkpoint, args.preset)
+    ae.save_pretrained(args.out, scaling_factor=args.scaling_factor)
+    return {"out": args.out, "preset": ae.config.name, "fingerprint": ae.fingerprint(),
+            "scaling_factor": args.scaling_factor or ae.scaling_factor}
+
+
+def _export_ae(args: argparse.Namespace) -> dict[str, Any]:
+    from dcae15.ae.convert import save_with_store_scaling
+
+    return {"out": args.out, "scaling_factor": save_with_store_scaling(args.ae, args.store, args.out)}
+
+
 def _score_npz(args: argparse.Namespace) -> dict[str, Any]:
     from dcae15.metrics.adm import adm_reference
     from dcae15.metrics.fidelity import generation_metrics, inception_extractor
@@ -304,7 +331,8 @@ def _score_npz(args: argparse.Namespace) -> dict[str, Any]:
 
 
 _LIBRARY_COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "export-npz": _export_npz, "export": _export, "score-npz": _score_npz,
+    "export-npz": _export_npz, "export": _export, "score-npz": _score_npz, "convert-ae": _convert_ae,
+    "export-ae": _export_ae,
 }
 
 

@@ -22,6 +22,7 @@ from dcae15.ae.recon_eval import ReconEvalConfig
 from dcae15.ae.train import AETrainConfig
 from dcae15.diffusion.train import DiffusionTrainConfig
 from dcae15.metrics.proxy import ProxyConfig
+from dcae15.tracking import TrackingConfig
 from dcae15.typed_config import check_fields, check_kwargs, from_dict
 
 __all__ = [
@@ -342,6 +343,10 @@ class PipelineConfig:
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     sample: SampleSection = field(default_factory=SampleSection)
     evaluate: EvalSection = field(default_factory=EvalSection)
+    logging: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking of every training run and its evaluations (``dcae15.tracking.TrackingConfig``: backend
+    ``none | tensorboard | wandb | mlflow``, project, run_name, offline, dir, uri); the default of
+    ``diffusion.train.logging`` and of each autoencoder phase's ``logging``. Operational: no run id changes."""
 
     def __post_init__(self) -> None:
         if self.resolution < 8:
@@ -353,6 +358,10 @@ class PipelineConfig:
         if self.data.source is None:
             self.data.synthetic.setdefault("size", self.resolution)
         self.autoencoder.phases = _resolve_phases(self)
+        if self.logging.backend != "none":  # the section's own settings win where a stage set a backend
+            for train in (self.diffusion.train, *self.autoencoder.phases):
+                if train.logging.backend == "none":
+                    train.logging = dataclasses.replace(self.logging)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON values (lists, not tuples); :func:`load_config` of it gives this config back."""

@@ -81,7 +81,19 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
         # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
         append_results(results_url(root), [{**key, **context, **values}], part_id=short_id(key))
         log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
+        _track(root, samples["run_id"], samples["step"], values=values)
     return {"kind": "result_row", "root": root, "key": key}
+
+
+def _track(root: str, run_id: str, step: int, **logged: Any) -> None:
+    """Mirror an evaluation to the run's tracker (``diffusion.train.logging``; nothing when it is ``none``)."""
+    from dcae15.tracking import log_evaluation
+    from storage.layout import Root
+
+    try:
+        log_evaluation(Root(root).diffusion_run(run_id), int(step), **logged)
+    except FileNotFoundError:  # samples of a run kept outside this root: its tracker is not known here
+        get_run_logger().info("run %s is not under %s: evaluation not mirrored to a tracker", run_id, root)
 
 
 def _sample_class_accuracy(extractor: Any, samples_url: str, block: int = 1024) -> float:
@@ -187,6 +199,7 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
                                                         f"{a['steps']} steps, CFG {a['cfg_scale']}")
     rows = open_run(run_url).metrics()
     loss = loss_curve_png(rows, title=f"{run_id}: training loss (EMA weights are sampled)")
+    _track(root, run_id, int(a["checkpoint_step"]), images={"samples": grid})
     out = []
     for name, data in ((f"{run_id}_samples.png", grid), (f"{run_id}_loss.png", loss)):
         url = Root(root).figure(name)

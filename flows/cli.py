@@ -346,7 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_LIBRARY_COMMANDS[args.command](args), indent=2, default=str))
         return 0
     t0 = time.perf_counter()
-    out = _run(args)
+    from storage.lease import ClaimHeldError
+
+    try:
+        out = _run(args)
+    except ClaimHeldError as exc:  # another live job writes the same artifact: one line, no traceback
+        print(f"dcae15 {args.command}: {exc}", file=sys.stderr)
+        return 3
     if args.command in ("demo", "pipeline"):
         _print_outputs(out)
     else:

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import names
 from flows.artifacts import Progress, artifact_key, publish_pointer
+from flows.claims import artifact_stage, latent_store_key
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.pointers import describe_ae, describe_dataset, describe_store
@@ -85,6 +86,7 @@ _WHERE = ("scheduler", "workers", "processes", "units_per_task", "device", "deco
 
 
 @task(cache_policy=stage_cache("where"), persist_result=True, result_serializer="json")
+@artifact_stage(latent_store_key)  # one writer per store: the driver holds it, its Dask tasks write units
 def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: dict[str, Any],
                  where: dict[str, Any]) -> dict[str, Any]:
     """Create (or reopen) the store for (dataset, AE, resolution, flip), encode its missing units, finalize.

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import names
 from flows.artifacts import publish_metrics, publish_pointer, reference_progress
+from flows.claims import ArtifactKey, artifact_claim
 from flows.caching import STAGE_CACHE, run_cached
 from flows.common import ConfigArg, stage_config
 from flows.pointers import (describe_ae, describe_dataset, describe_recon, describe_row, describe_run, describe_samples,
@@ -60,28 +61,30 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
                   resolution: int) -> dict[str, Any]:
     """Generation metrics of a sample store against the dataset's reference statistics; appends one result row."""
     from dcae15.metrics.fidelity import generation_metrics
-    from dcae15.metrics.results import append_results
+    from dcae15.metrics.results import append_results, part_url
     from storage.fingerprint import short_id
 
     log = get_run_logger()
     extractor = extractor_for(ev, dataset["url"])
     key = _row_key(samples, extractor.label, reference_label(ev))
-    if not describe_row(root, key)["complete"]:  # a rerun after a kill between the append and the cache write must not duplicate
-        with reference_progress(dataset["url"], extractor.label):
-            ref = load_reference_for(ev, dataset["url"], resolution, extractor)
-        values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
-                                    **ev["options"].get("generation", {}))
-        if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
-            values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
-        context = {"backbone": samples["backbone"], "sampler": samples["sampler"],
-                   "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
-                   "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"],
-                   "extractor_fingerprint": extractor.fingerprint, "reference_url": ref.url or "",
-                   **samples.get("sampling", {})}
-        # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
-        append_results(results_url(root), [{**key, **context, **values}], part_id=short_id(key))
-        log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
-        _track(root, samples["run_id"], samples["step"], values=values)
+    # one evaluator per row: a second one (the sweep racing an event) waits, then finds the row (flows/claims.py)
+    with artifact_claim(ArtifactKey("evaluation row", part_url(results_url(root), short_id(key)), short_id(key))):
+        if not describe_row(root, key)["complete"]:  # a rerun after a kill between append and cache write: no copy
+            with reference_progress(dataset["url"], extractor.label):
+                ref = load_reference_for(ev, dataset["url"], resolution, extractor)
+            values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
+                                        **ev["options"].get("generation", {}))
+            if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
+                values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
+            context = {"backbone": samples["backbone"], "sampler": samples["sampler"],
+                       "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
+                       "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"],
+                       "extractor_fingerprint": extractor.fingerprint, "reference_url": ref.url or "",
+                       **samples.get("sampling", {})}
+            # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
+            append_results(results_url(root), [{**key, **context, **values}], part_id=short_id(key))
+            log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
+            _track(root, samples["run_id"], samples["step"], values=values)
     return {"kind": "result_row", "root": root, "key": key}
 
 

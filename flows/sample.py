@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import names
 from flows.artifacts import publish_pointer, sample_progress
+from flows.claims import artifact_stage, sample_store_key
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.gpu import GPU_TAG, gpu_stage
@@ -19,6 +20,7 @@ __all__ = ["draw_samples", "sample_outputs", "sample_run"]
 
 
 @task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json", tags=[GPU_TAG])
+@artifact_stage(sample_store_key)  # one writer per sample store, before the GPU slot (flows/claims.py)
 @gpu_stage  # one GPU job per machine unless asked (flows/gpu.py)
 def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str, Any],
                  launch: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from dcae15.metrics.extractor import FeatureExtractorSpec
 from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint, default_cache_url
 from dcae15.parallel import default_device
 from storage.fingerprint import short_id
+from storage.forksafe import in_worker
 from storage.images import CENTER_CROP
 
 __all__ = [
@@ -171,6 +172,7 @@ def _load_batches(ds: Dataset, rows: np.ndarray, batch_size: int) -> list[list[i
 
 
 def _worker_init(_: int) -> None:
+    in_worker()  # forked workers of a process with Prefect loaded must not die at exit (storage/forksafe.py)
     torch.set_num_threads(1)  # each worker decodes on its own core
 
 

@@ -28,7 +28,7 @@ from dcae15.figures import png_bytes, pyplot
 from dcae15.metrics import _io
 
 __all__ = ["CONTEXT_COLUMNS", "ResultsTable", "append_results", "format_table", "has_result", "is_metric_name",
-           "plot_results", "read_results", "results_cli"]
+           "part_url", "plot_results", "read_results", "results_cli"]
 
 # context column -> arrow type name (fixed so part files concatenate cleanly)
 CONTEXT_COLUMNS = {
@@ -156,12 +156,20 @@ def append_results(table_url: str, rows: Sequence[Mapping[str, Any]], *, storage
         raise ValueError("append_results needs at least one row")
     buf = io.BytesIO()
     pq.write_table(_arrow_table(long_rows), buf)
-    if part_id is not None and not part_id.replace("-", "").isalnum():
-        raise ValueError(f"part_id must be letters, digits and dashes, got {part_id!r}")
-    name = part_id or f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}"
-    url = _io.join(table_url, f"part-{name}.parquet")
+    url = part_url(table_url, part_id or f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}")
     _io.write_atomic(url, buf.getvalue(), storage_options)
     return url
+
+
+def part_url(table_url: str, part_id: str) -> str:
+    """The part file ``part-<part_id>.parquet`` of the table (what an evaluation writes, and claims first).
+
+    Raises:
+        ValueError: ``part_id`` is not letters, digits and dashes.
+    """
+    if not part_id.replace("-", "").isalnum():
+        raise ValueError(f"part_id must be letters, digits and dashes, got {part_id!r}")
+    return _io.join(table_url, f"part-{part_id}.parquet")
 
 
 def read_results(table_url: str, *, storage_options: dict | None = None) -> ResultsTable:

@@ -21,6 +21,7 @@ from dcae15.diffusion.objectives import make_objective
 from dcae15.ema import EMA, decay_at
 from dcae15.lr_schedule import lr_at
 from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
+from dcae15.tracking import TrackingConfig, config_of, open_tracker
 from dcae15.typed_config import from_dict
 from storage.fingerprint import fingerprint, short_id
 from storage.layout import Root
@@ -84,6 +85,9 @@ class DiffusionTrainConfig:
     checkpoint_every: int = field(default=1000, metadata=OPERATIONAL)
     keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
     log_every: int = field(default=10, metadata=OPERATIONAL)
+    logging: TrackingConfig = field(default_factory=TrackingConfig, metadata=OPERATIONAL)
+    """Mirror each logged row (loss, grad norm, lr, c', throughput) to TensorBoard / W&B / MLflow on rank 0
+    (``dcae15.tracking``); ``metrics.jsonl`` is written either way."""
     peak_tflops: float | None = field(default=None, metadata=OPERATIONAL)
     """Accelerator peak for MFU; None = looked up for H100/H200/A100 (989/989/312 bf16 dense)."""
     progress: bool = field(default=True, metadata=OPERATIONAL)
@@ -95,6 +99,8 @@ class DiffusionTrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adt, dict):
             self.adt = ADTConfig(**self.adt)
+        if isinstance(self.logging, dict):
+            self.logging = TrackingConfig(**self.logging)
         self.betas = tuple(float(b) for b in self.betas)
         preset(self.model)  # unknown names fail here with the allowed set
         if self.objective is not None and self.objective not in OBJECTIVES:
@@ -427,6 +433,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     batches = DevicePrefetcher(RankBatches(sources), device, depth=cfg.prefetch_batches)
 
     metrics = run.metrics(upto=start) if rank == 0 else []
+    tracker = open_tracker(cfg.logging, run_url=run_url, run_id=run_id, config=config_of(cfg), rank=rank)
     tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
     passes = 2 if (cfg.adt.enabled and cfg.adt.include_full) else 1
     flops_img = train_flops_per_image(mcfg, micro, passes)
@@ -534,6 +541,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if rank == 0:
                     metrics.append(row)
+                    tracker.log_metrics(row, step, prefix="train/")
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}")
                 t_log, c_log, n_log = time.perf_counter(), time.thread_time(), 0
                 acc.zero_()
@@ -542,6 +550,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
         finish_pending(wait=True)
     finally:
         bar.close()
+        tracker.close()
         batches.close()
         if pending:  # an error stopped training: let the save in flight finish (its step was checked)
             try:

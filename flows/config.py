@@ -270,12 +270,22 @@ class EvalSection:
     checkpoints: str = "all"
     """Which checkpoints of each run the pipeline samples and scores: ``all`` it keeps (``diffusion.train.
     keep_checkpoints``), so the results plot shows curves, or only the ``latest``."""
+    grid_classes: list[int] | None = None
+    """Class indices the sample grid of each run shows (a row each, at most 100); None = all of up to 16 classes,
+    else 16 spread over the class list, so a 1000-class figure stays small."""
 
     def __post_init__(self) -> None:
         if self.extractor not in ("auto", "proxy", "inception"):
             raise ValueError(f"evaluate.extractor must be 'auto', 'proxy' or 'inception', got {self.extractor!r}")
         if self.checkpoints not in ("all", "latest"):
             raise ValueError(f"evaluate.checkpoints must be 'all' or 'latest', got {self.checkpoints!r}")
+        if self.grid_classes is not None:
+            from dcae15.diffusion.plots import MAX_GRID_CLASSES
+
+            g = self.grid_classes
+            if not g or len(g) > MAX_GRID_CLASSES or len(set(g)) != len(g) or min(g) < 0:
+                raise ValueError(f"evaluate.grid_classes must be null or 1..{MAX_GRID_CLASSES} distinct class indices "
+                                 f">= 0, got {g}")
 
 
 @dataclass(kw_only=True)

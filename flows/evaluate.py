@@ -51,7 +51,7 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
     key = _row_key(samples, extractor.label)
     if not describe_row(root, key)["complete"]:  # a rerun after a kill between the append and the cache write must not duplicate
         with reference_progress(dataset["url"], extractor.label):
-            ref = get_reference(dataset["url"], resolution, extractor)
+            ref = get_reference(dataset["url"], resolution, extractor, **ev["options"].get("reference", {}))
         values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
                                     **ev["options"].get("generation", {}))
         if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
@@ -118,7 +118,7 @@ def _proxy_check(out_url: str, ae: dict[str, Any], dataset: dict[str, Any], ev: 
     from dcae15.metrics.reference import get_reference
     from storage.urls import join, put_atomic, url_to_fs
 
-    ref = get_reference(dataset["url"], resolution, extractor)
+    ref = get_reference(dataset["url"], resolution, extractor, **ev["options"].get("reference", {}))
     check = reconstruction_class_check(ae["url"], dataset["url"], extractor, ref, resolution=resolution,
                                        proxy_cfg=ProxyConfig(**ev["options"].get("proxy", {})))
     check.update(feature_extractor=extractor.label, ae_fingerprint=ae["fingerprint"],

@@ -44,12 +44,13 @@ def collect_grid_images(batches: Iterable[tuple[np.ndarray, np.ndarray]], classe
                         per_class: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """The first ``per_class`` images of each of ``classes`` from a stream of (uint8 images [n,H,W,3], labels [n])
     batches, e.g. a sample store unit by unit; stops reading once every class is full. Memory: the kept images
-    plus one batch, whatever the stream's length."""
+    plus one batch, whatever the stream's length. A class with no sample gets an empty row in the grid."""
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     want = {int(c): [] for c in classes}
-    full = 0
+    full, shape = 0, None
     for images, labels in batches:
+        shape = images.shape[1:]
         for i, c in enumerate(np.asarray(labels).tolist()):
             kept = want.get(int(c))
             if kept is not None and len(kept) < per_class:
@@ -58,9 +59,10 @@ def collect_grid_images(batches: Iterable[tuple[np.ndarray, np.ndarray]], classe
         if full == len(want):
             break
     picked = [(c, im) for c, ims in want.items() for im in ims]
-    if not picked:
-        raise ValueError(f"none of the grid classes {list(want)[:20]} occurs in the samples")
-    return np.stack([im for _, im in picked]), np.asarray([c for c, _ in picked], dtype=np.int64)
+    if shape is None:
+        raise ValueError("no samples to draw: the stream of batches is empty")
+    images = np.stack([im for _, im in picked]) if picked else np.zeros((0, *shape), np.uint8)  # empty rows
+    return images, np.asarray([c for c, _ in picked], dtype=np.int64)
 
 
 def sample_grid_png(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *,

@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace) -> Any:
     from flows.pipeline import run_pipeline
     from flows.prepare import prepare_images
     from flows.sample import sample_run
-    from flows.score_checkpoints import evaluate_new_checkpoints
+    from flows.score_checkpoints import evaluate_checkpoint, evaluate_new_checkpoints
     from storage.layout import Root
 
     storage = result_storage_for(args.results or Root(root).prefect_results())
@@ -185,7 +185,8 @@ def _run(args: argparse.Namespace) -> Any:
     if c == "rehearse":
         from flows.rehearsal import run_rehearsal
 
-        out, _, table = run_rehearsal(lambda: call(run_pipeline))
+        out, _, table = run_rehearsal(lambda: call(run_pipeline), root, lambda **kw: evaluate_checkpoint.with_options(
+            result_storage=storage)(**kw))
         return {**out, "stages": table}
     if c in ("demo", "pipeline"):
         return _pipeline_or_shortcut(args, root, config, lambda: call(run_pipeline, backbones=args.backbones))

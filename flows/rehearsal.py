@@ -10,7 +10,8 @@ import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["prepare_rehearsal", "MemoryMonitor", "stage_report", "format_report", "run_rehearsal"]
+__all__ = ["prepare_rehearsal", "MemoryMonitor", "stage_report", "format_report", "evaluate_checkpoint_events",
+           "run_rehearsal"]
 
 
 def prepare_rehearsal(root: str, *, num_classes: int = 1000, per_class: int = 1, size: int = 64) -> dict[str, str]:
@@ -93,7 +94,7 @@ def stage_report(since: float, monitor: MemoryMonitor) -> list[dict[str, Any]]:
             name=TaskRunFilterName(like_="draw_run_figures")))  # the figures are a task of the pipeline itself
     for kind, name, run in [*((flows.get(r.flow_id, "?"), r.name, r) for r in runs),
                             *(("draw_run_figures", t.name, t) for t in tasks)]:
-        if run.start_time is None or kind == "run_pipeline":
+        if run.start_time is None or kind in ("run_pipeline", "evaluate_checkpoint"):
             continue
         start = run.start_time.timestamp()
         end = run.end_time.timestamp() if run.end_time else time.time()
@@ -112,11 +113,45 @@ def format_report(rows: list[dict[str, Any]], total: float, monitor: MemoryMonit
     return "\n".join(lines)
 
 
-def run_rehearsal(run: Callable[[], Any]) -> tuple[Any, list[dict[str, Any]], str]:
-    """Run ``run`` (the pipeline flow call) under a :class:`MemoryMonitor`; returns (its result, the stage rows,
-    the printed table)."""
+def evaluate_checkpoint_events(root: str, since: float, evaluate: Callable[..., Any], *,
+                               wait_s: float = 30.0) -> list[dict[str, Any]]:
+    """Feed each ``dcae15.checkpoint.saved`` event under ``root`` since ``since`` to ``evaluate`` (the
+    ``evaluate_checkpoint`` flow) with the parameters the deployment's trigger templates from its payload (run, step,
+    root, config): the event-triggered evaluation without a deployment. Returns what each call returned."""
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    from flows.events import CHECKPOINT_SAVED
+
+    after = dt.datetime.fromtimestamp(since, dt.timezone.utc)
+    deadline, events = time.monotonic() + wait_s, []
+    with get_client(sync_client=True) as client:
+        while not events and time.monotonic() < deadline:  # events are recorded asynchronously
+            page = client.read_events(EventFilter(event=EventNameFilter(name=[CHECKPOINT_SAVED]),
+                                                  occurred=EventOccurredFilter(since=after)), limit=200)
+            events = [e for e in page.events if e.payload.get("root") == root]
+            time.sleep(0.5)
+    return [evaluate(run=e.payload["run_url"], step=int(e.payload["step"]), root=e.payload["root"],
+                     config=e.payload.get("config") or "demo") for e in events]
+
+
+def run_rehearsal(run: Callable[[], Any], root: str, evaluate: Callable[..., Any]) -> tuple[Any, list[dict], str]:
+    """Run ``run`` (the pipeline flow call), then the event-triggered evaluation of each checkpoint event
+    (``evaluate``: the ``evaluate_checkpoint`` flow; every row exists already, so it adds none), under a
+    :class:`MemoryMonitor`; returns (the pipeline's result, the stage rows, the printed table)."""
+    from dcae15.metrics.results import read_results
+    from flows.pointers import results_url
+
     t0 = time.time()
     with MemoryMonitor() as mon:
         out = run()
+        t1, before = time.time(), len(read_results(results_url(root)))
+        scored = evaluate_checkpoint_events(root, t0, evaluate)
     rows = stage_report(t0, mon)
-    return out, rows, format_report(rows, time.time() - t0, mon)
+    added = len(read_results(results_url(root))) - before
+    table = format_report(rows, t1 - t0, mon)
+    table += (f"\ncheckpoint events: {len(scored)}, each evaluated by evaluate_checkpoint (the deployment trigger's "
+              f"flow) in {time.time() - t1:.1f} s: {added} new result rows (the pipeline scored them already)")
+    return out, rows, table

@@ -72,6 +72,9 @@ def test_two_loopback_nodes_train_resume_after_a_node_is_killed_and_sample(prefe
             lines.append(record.getMessage())
 
     handler = Keep()
+    task_log = logging.getLogger("prefect.task_runs")  # the tests' PREFECT_LOGGING_LEVEL is WARNING
+    old_level = task_log.level
+    task_log.setLevel(logging.INFO)
     logging.getLogger("prefect").addHandler(handler)
     result: dict = {}
     try:
@@ -102,3 +105,4 @@ def test_two_loopback_nodes_train_resume_after_a_node_is_killed_and_sample(prefe
         assert not SampleStore.open(samples["url"]).missing_units()
     finally:
         logging.getLogger("prefect").removeHandler(handler)
+        task_log.setLevel(old_level)

@@ -27,6 +27,7 @@ SIZE_FIELDS = {
     "evaluate.options.reference.max_samples", "evaluate.options.reference.num_features",
     "evaluate.options.reference.num_workers",
     "evaluate.options.reconstruction.num_images", "evaluate.options.reconstruction.batch_size",
+    "evaluate.options.reconstruction.channels",  # how many of the c' list are scored (a count)
 }
 # what a size-only change may replace a name with: the tiny presets of the same architecture
 SAME_ARCHITECTURE = {"autoencoder.preset": ("dc-ae-f32c128-1.5", "tiny-f32c128-1.5"),
@@ -122,8 +123,10 @@ def test_rehearsal_smaller_variant_runs_every_stage(tmp_path, prefect_api, capsy
     for stage in ("prepare_images", "train_autoencoder", "encode_latents", "train_diffusion", "sample_run",
                   "evaluate_samples", "draw_run_figures"):
         assert stage in out.split("=== stages")[1], stage
-    rows = read_results(Root(str(root)).results())
-    assert sorted(rows["step"]) == [2, 4] and set(rows["feature_extractor"]) == {"inception-v3-compat"}
-    assert all(math.isfinite(v) for m in ("fid", "is", "precision", "recall") for v in rows[m])
+    rows = read_results(Root(str(root)).results()).rows()
+    assert {r["feature_extractor"] for r in rows} == {"inception-v3-compat"}
+    got = {(r["step"], r["metric"]) for r in rows if math.isfinite(r["value"])}
+    assert {(s, m) for s in (2, 4) for m in ("fid", "is", "precision", "recall")} <= got  # every kept checkpoint
+    assert "checkpoint events: 2" in out and "0 new result rows" in out  # the event-triggered evaluation's path
     grid = [f for f in Root(str(root)).figures() if f.endswith("_samples.png")]
     assert grid and Image.open(io.BytesIO(open(grid[0], "rb").read())).size[1] < 9 * 70 + 60  # 8 rows

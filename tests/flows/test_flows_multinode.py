@@ -13,7 +13,7 @@ import time
 import pytest
 
 pytestmark = pytest.mark.slow
-STEPS = 8
+STEPS = 20
 
 
 def test_launch_commands_per_node_launcher():
@@ -96,7 +96,7 @@ def test_two_loopback_nodes_train_resume_after_a_node_is_killed_and_sample(prefe
         text = "\n".join(lines)
         assert "node 1 of 2 failed" in text or "node 0 of 2 failed" in text  # the first attempt died ...
         assert text.count("on 2 local nodes") >= 2  # ... and the retry relaunched both nodes, resuming the run
-        assert "[node 0]" in text and "[node 1]" in text
+        assert "[node 0]" in text  # rank 0's output, streamed through the flow's log (node 1's rank prints nothing)
 
         lines.clear()
         samples = sample_run(run=run["url"], root=str(tmp_path / "root"), config=cfg)

@@ -22,6 +22,7 @@ from dcae15.ae.recon_eval import ReconEvalConfig
 from dcae15.ae.train import AETrainConfig
 from dcae15.diffusion.train import DiffusionTrainConfig
 from dcae15.metrics.proxy import ProxyConfig
+from dcae15.tracking import TrackingConfig
 from dcae15.typed_config import check_fields, check_kwargs, from_dict
 
 __all__ = [
@@ -225,8 +226,6 @@ class SampleSection:
     """None = the backbone's default (DDPM for epsilon models, Euler/Heun for flow models)."""
     steps: int = 50
     cfg_scale: float = 1.5
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
-    """CFG only inside this window of normalised time (1 = noise), Kynkäänniemi et al. 2024; (0, 1) = everywhere."""
     seed: int = 0
     batch_size: int = 64
     chunk_size: int = 256
@@ -234,8 +233,43 @@ class SampleSection:
     precision: str = "auto"
     """Backbone + decoder autocast: ``auto`` (bf16 on a GPU, fp32 on CPU), ``bf16`` or ``fp32``. Sampling runs
     on as many processes as training (``diffusion.nproc_per_node`` / ``nnodes`` / ``launcher``)."""
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """CFG applies only for normalised times in [lo, hi] (1 = noise; Kynkäänniemi et al. 2024); [0, 1] = always."""
+    labels: str = "uniform"
+    """``uniform`` (i.i.d., the FID protocol), ``balanced`` (equal counts) — over ``classes`` when given — or
+    ``given``: exactly ``classes`` in order, each over a contiguous block."""
+    classes: list[int] | None = None
+    """Class ids to sample (e.g. [207, 360, 387]); None = all classes."""
+    grid: str | None = None
+    """Also write a PNG grid of the samples here (a row per class, up to 16 classes × 8); output only, not part of
+    the sample store's identity."""
+    png_dir: str | None = None
+    """Also write every sample as ``<png_dir>/<index:06d>.png`` + ``labels.txt``; output only."""
+
+    OUTPUT_FIELDS = ("grid", "png_dir")  # written from a finished store; never change which images are drawn
+
+    def spec(self) -> dict[str, Any]:
+        """The keyword arguments of ``sample_to_store`` (what decides the images; the outputs left out)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.OUTPUT_FIELDS}
+        # fields at sample_to_store's defaults are left out: the sample id of an unchanged config stays the same
+        for k, default in (("classes", None), ("labels", "uniform"), ("guidance_interval", [0.0, 1.0])):
+            if out[k] == default:
+                del out[k]
+        return out
 
     def __post_init__(self) -> None:
+        from dcae15.metrics.labels import LABEL_MODES, check_classes
+
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"sample.labels must be one of {', '.join(LABEL_MODES)}; got {self.labels!r}")
+        self.classes = check_classes(self.classes)
+        if self.labels == "given" and self.classes is None:
+            raise ValueError("sample.labels=given needs sample.classes (e.g. [207, 360, 387])")
+        gi = [float(v) for v in self.guidance_interval]
+        if len(gi) != 2 or not 0.0 <= gi[0] <= gi[1] <= 1.0:
+            raise ValueError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got "
+                             f"{self.guidance_interval!r}")
+        self.guidance_interval = gi
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"sample.precision must be one of auto, bf16, fp32; got {self.precision!r}")
         from dcae15.diffusion.samplers import SAMPLERS
@@ -244,10 +278,6 @@ class SampleSection:
         if self.sampler is not None and self.sampler not in known:
             raise ValueError(f"sample.sampler={self.sampler!r}; allowed: {', '.join(known)} or null (the model's "
                              "default); DDPM models take ddpm/ddim, flow models euler/heun/dopri5")
-        lo, hi = (float(v) for v in self.guidance_interval)
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"sample.guidance_interval={list(self.guidance_interval)} must be [lo, hi] with 0 <= lo <= hi <= 1")
-        self.guidance_interval = (lo, hi)
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError(f"sample.num_samples, steps, batch_size, chunk_size must be >= 1, got {self.num_samples}, "
                              f"{self.steps}, {self.batch_size}, {self.chunk_size}")
@@ -266,8 +296,9 @@ class EvalOptions:
     """Keyword arguments of ``dcae15.metrics.fidelity.generation_metrics`` (metrics, batch_size, kid_subsets, ...)."""
     inception_weights: str | None = None
     """The InceptionV3 weights file (else ``$DCAE15_WEIGHTS`` / the torch hub cache)."""
-    reference: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of ``dcae15.metrics.reference.reference_stats`` (``max_samples``: None = the whole train
+    reference_stats: dict[str, Any] = field(default_factory=dict)
+    """How the train split's reference (``evaluate.reference: train``) is computed: keyword arguments of
+    ``dcae15.metrics.reference.reference_stats`` (``max_samples``: None = the whole train
     split, the official protocol; ``num_features``, ``batch_size``, ``num_workers``, ...)."""
 
     def __post_init__(self) -> None:
@@ -276,7 +307,7 @@ class EvalOptions:
 
         self.generation = check_kwargs(generation_metrics, self.generation, "evaluate.options.generation",
                                        exclude=("samples", "reference", "extractor", "resolution"))
-        self.reference = check_kwargs(reference_stats, self.reference, "evaluate.options.reference",
+        self.reference_stats = check_kwargs(reference_stats, self.reference_stats, "evaluate.options.reference_stats",
                                       exclude=("dataset_url", "resolution", "extractor", "storage_options"))
 
 
@@ -292,6 +323,11 @@ class EvalSection:
     """Settings of the metrics: the proxy classifier, the reconstruction scores, the generation metrics."""
     reconstruction: bool = True
     """Also score the autoencoder's reconstructions per c' (rFID / PSNR / SSIM / LPIPS) and draw its figures."""
+    reference: str = "train"
+    """What samples are compared with: ``train`` (statistics of the dataset's train split, computed once and
+    cached), or the path/URL of an ADM reference batch ``.npz`` (``VIRTUAL_imagenet256_labeled.npz``: its own
+    mu/sigma/mu_s/sigma_s, its images for precision/recall; needs ``extractor: inception``) — the numbers the
+    literature reports. Recorded in every result row's ``reference`` column."""
     checkpoints: str = "all"
     """Which checkpoints of each run the pipeline samples and scores: ``all`` it keeps (``diffusion.train.
     keep_checkpoints``), so the results plot shows curves, or only the ``latest``."""
@@ -311,6 +347,12 @@ class EvalSection:
             if not g or len(g) > MAX_GRID_CLASSES or len(set(g)) != len(g) or min(g) < 0:
                 raise ValueError(f"evaluate.grid_classes must be null or 1..{MAX_GRID_CLASSES} distinct class indices "
                                  f">= 0, got {g}")
+        if self.reference != "train" and not str(self.reference).endswith(".npz"):
+            raise ValueError(f"evaluate.reference must be 'train' or an ADM reference batch (.npz), got "
+                             f"{self.reference!r}")
+        if self.reference != "train" and self.extractor == "proxy":
+            raise ValueError("evaluate.reference: an ADM reference batch holds Inception statistics; set "
+                             "evaluate.extractor: inception (or auto with real data)")
 
 
 @dataclass(kw_only=True)
@@ -331,6 +373,10 @@ class PipelineConfig:
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     sample: SampleSection = field(default_factory=SampleSection)
     evaluate: EvalSection = field(default_factory=EvalSection)
+    logging: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking of every training run and its evaluations (``dcae15.tracking.TrackingConfig``: backend
+    ``none | tensorboard | wandb | mlflow``, project, run_name, offline, dir, uri); the default of
+    ``diffusion.train.logging`` and of each autoencoder phase's ``logging``. Operational: no run id changes."""
 
     def __post_init__(self) -> None:
         if self.resolution < 8:
@@ -342,6 +388,10 @@ class PipelineConfig:
         if self.data.source is None:
             self.data.synthetic.setdefault("size", self.resolution)
         self.autoencoder.phases = _resolve_phases(self)
+        if self.logging.backend != "none":  # the section's own settings win where a stage set a backend
+            for train in (self.diffusion.train, *self.autoencoder.phases):
+                if train.logging.backend == "none":
+                    train.logging = dataclasses.replace(self.logging)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON values (lists, not tuples); :func:`load_config` of it gives this config back."""

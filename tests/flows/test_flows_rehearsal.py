@@ -24,8 +24,8 @@ SIZE_FIELDS = {
     "diffusion.train.num_workers", "diffusion.train.checkpoint_every", "diffusion.train.keep_checkpoints",
     "diffusion.train.log_every",
     "sample.num_samples", "sample.steps", "sample.batch_size", "sample.chunk_size",
-    "evaluate.options.reference.max_samples", "evaluate.options.reference.num_features",
-    "evaluate.options.reference.num_workers",
+    "evaluate.options.reference_stats.max_samples", "evaluate.options.reference_stats.num_features",
+    "evaluate.options.reference_stats.num_workers",
     "evaluate.options.reconstruction.num_images", "evaluate.options.reconstruction.batch_size",
     "evaluate.options.reconstruction.channels",  # how many of the c' list are scored (a count)
 }
@@ -83,10 +83,10 @@ def test_imagenet_config_covers_every_stage_as_the_paper_runs_it():
     t = cfg.diffusion.train
     assert t.adt.enabled and t.adt.channels == list(range(16, 129, 4)) and t.global_batch_size == 1024
     s = cfg.sample
-    assert s.num_samples == 50_000 and s.cfg_scale > 1 and s.guidance_interval != (0.0, 1.0)
+    assert s.num_samples == 50_000 and s.cfg_scale > 1 and s.guidance_interval == [0.0, 0.7]
     assert cfg.evaluate.extractor == "inception" and cfg.evaluate.checkpoints == "all"
     assert set(cfg.evaluate.options.generation["metrics"]) == {"fid", "is", "precision", "recall"}
-    assert cfg.evaluate.options.reference == {}  # the whole train split (official protocol)
+    assert cfg.evaluate.options.reference_stats == {} and cfg.evaluate.reference == "train"  # the whole train split (official protocol)
 
 
 def test_imagenet_shaped_tree_packs_with_its_odd_files(tmp_path):
@@ -115,8 +115,8 @@ def test_rehearsal_smaller_variant_runs_every_stage(tmp_path, prefect_api, capsy
 
     root = tmp_path / "rehearsal"
     sets = ["sample.num_samples=16", "sample.batch_size=16", "sample.chunk_size=8", "diffusion.train.steps=4",
-            "diffusion.train.checkpoint_every=2", "evaluate.options.reference.max_samples=16",
-            "evaluate.options.reference.num_features=16", "evaluate.options.reconstruction.num_images=8",
+            "diffusion.train.checkpoint_every=2", "evaluate.options.reference_stats.max_samples=16",
+            "evaluate.options.reference_stats.num_features=16", "evaluate.options.reconstruction.num_images=8",
             "evaluate.options.reconstruction.batch_size=8"]
     assert main(["rehearse", "--root", str(root), *[f"--set={s}" for s in sets]]) == 0
     out = capsys.readouterr().out

@@ -25,8 +25,8 @@ import re
 import sys
 from typing import Any, Callable, Iterator, NamedTuple
 
-__all__ = ["ArtifactKey", "SLOT_LEASE_SECONDS", "SLOT_WAIT_ENV", "artifact_limit_name", "artifact_slot", "artifact_claim", "artifact_stage",
-           "dataset_key",
+__all__ = ["ArtifactKey", "SLOT_LEASE_SECONDS", "SLOT_WAIT_ENV", "artifact_limit_name", "artifact_slot",
+           "artifact_claim", "artifact_stage", "dataset_key",
            "ae_run_key", "latent_store_key", "diffusion_run_key", "sample_store_key"]
 
 SLOT_LEASE_SECONDS = 60.0
@@ -95,12 +95,18 @@ def artifact_claim(key: ArtifactKey) -> Iterator[None]:
     """The Prefect slot of the artifact, then (``key.lease``) its storage lease, for the body."""
     from prefect import get_run_logger
 
+    from flows.artifacts import publish_requests
+    from storage import retries
     from storage.lease import claim
 
-    log = get_run_logger().info
-    with artifact_slot(key.what, key.id, log=log):
-        with claim(key.url, what=key.what, log=log) if key.lease else contextlib.nullcontext():
-            yield
+    log, before, failed = get_run_logger().info, retries.snapshot(), True
+    try:
+        with artifact_slot(key.what, key.id, log=log):
+            with claim(key.url, what=key.what, log=log) if key.lease else contextlib.nullcontext():
+                yield
+        failed = False
+    finally:  # retried requests are shown, also (especially) when the stage failed after the client's retries
+        publish_requests(key.what, key.id, retries.since(before), failed=failed)
 
 
 def artifact_stage(key: Callable[..., ArtifactKey]) -> Callable[[Callable], Callable]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,21 @@ class SampleStore(UnitStore):
     def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Images and labels of rows ``[start, stop)`` (rows of unwritten units are zeros)."""
         return self.group["images"][start:stop], self.group["labels"][start:stop].astype(np.int64)
+
+    def iter_units(self, units: Sequence[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(images, labels) of one unit at a time (one GET each), in unit order: what a reader of a 50 000-image store
+        holds is one unit, never the store (``read_all`` holds it all: small stores only).
+
+        Raises:
+            IncompleteStoreError: a unit to read is not written yet.
+        """
+        todo = range(self.num_units) if units is None else [int(u) for u in units]
+        missing = sorted(set(todo) & set(self.missing_units()))
+        if missing:
+            raise IncompleteStoreError(f"sample store {self.url!r}: units {missing[:10]} of {self.num_units} are not "
+                                       "written; rerun sampling to finish it")
+        for unit in todo:
+            yield self.read_range(*self.unit_bounds(unit))
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         """All images and labels.

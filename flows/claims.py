@@ -81,7 +81,7 @@ def artifact_slot(what: str, artifact_id: str, *, log: Callable[[str], None] = p
 
     try:
         try:
-            slot = take(min(1.0, wait))
+            slot = take(min(2.0, wait))
         except TimeoutError:  # held: say so once, then wait in Prefect's queue
             log(f"waiting: another flow run holds the Prefect slot of {what} {artifact_id} (concurrency limit "
                 f"{name})")

@@ -47,7 +47,8 @@ def test_two_flow_runs_of_one_artifact_write_one_after_the_other(prefect_api, tm
     assert all(p.returncode == 0 for p in procs), logs
     (a0, a1), (b0, b1) = sorted(json.loads(log.strip().splitlines()[-1].removeprefix("RESULT ")) for log in logs)
     assert a1 <= b0, logs  # never both inside the body
-    assert sum("waiting: another flow run holds the Prefect slot of test artifact abc123" in log for log in logs) == 1
+    # the second said why it waited (on a loaded machine the first may say so too: its first 2 s try can time out)
+    assert any("waiting: another flow run holds the Prefect slot of test artifact abc123" in log for log in logs)
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(artifact_limit_name("test artifact", "abc123"))
     assert limit.limit == 1 and limit.active_slots == 0
@@ -80,10 +81,11 @@ def test_two_encode_commands_at_once_one_encodes_the_other_finds_the_store(prefe
     assert all(p.returncode == 0 for p in procs), logs
     assert not any("Traceback" in log or "ContainsArrayError" in log for log in logs), logs
     # the second waited: in Prefect's queue (the slot) or, past DCAE15_SLOT_WAIT_SECONDS, on the store's lease
-    waited = [log for log in logs if "waiting: another flow run holds the Prefect slot of latent store" in log
-              or "waiting: latent store" in log]
-    assert len(waited) == 1, logs
-    assert "0 of 2 units to encode" in waited[0], waited[0]  # and then found every unit done
+    assert any("waiting: another flow run holds the Prefect slot of latent store" in log
+               or "waiting: latent store" in log for log in logs), logs
+    # one encoded both units, the other (after its wait) found them done
+    assert sorted(("2 of 2 units to encode" in log, "0 of 2 units to encode" in log) for log in logs) == \
+        [(False, True), (True, False)], logs
     (store_url,) = root.latent_stores()
     store = LatentStore.open(store_url, read_only=True)
     assert store.is_complete and store.verify()["ok"]

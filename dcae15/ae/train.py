@@ -31,6 +31,7 @@ from storage.rundir import HORIZON, OPERATIONAL, RunDir, identity
 from storage.urls import put_atomic, url_to_fs
 from dcae15.ema import EMA
 from dcae15.lr_schedule import SCHEDULES, lr_at
+from dcae15.tracking import TrackingConfig, config_of, open_tracker
 from dcae15.typed_config import from_dict
 
 __all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
@@ -124,6 +125,7 @@ class AETrainConfig:
     checkpoint_every: int = field(default=500, metadata=OPERATIONAL)
     keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
     log_every: int = field(default=10, metadata=OPERATIONAL)
+    logging: TrackingConfig = field(default_factory=TrackingConfig, metadata=OPERATIONAL)
     progress: bool = field(default=True, metadata=OPERATIONAL)
     prefetch: bool = field(default=True, metadata=OPERATIONAL)
     device: str = field(default="auto", metadata=OPERATIONAL)
@@ -134,6 +136,8 @@ class AETrainConfig:
     loader_context: str = field(default="forkserver", metadata=OPERATIONAL)
 
     def __post_init__(self) -> None:
+        if isinstance(self.logging, dict):
+            self.logging = TrackingConfig(**self.logging)
         if self.phase not in PHASES:
             raise ValueError(f"AETrainConfig.phase={self.phase!r}; allowed: {sorted(PHASES)}")
         d = PHASES[self.phase]
@@ -469,6 +473,8 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
     lpips_net = _build_lpips(cfg, device)
 
     start, metrics = 0, []
+    tracker = open_tracker(cfg.logging, run_url=run.url, run_id=run.url.rstrip("/").rsplit("/", 1)[-1],
+                           config=config_of(cfg), rank=dist_.rank)
     ckpt = _load_latest(run)
     if ckpt is not None:
         start = int(ckpt["step"])
@@ -562,6 +568,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                        "channels": [c if isinstance(c, int) or c is None else "per-sample" for c in channel_list],
                        "sec": round(time.perf_counter() - t0, 3)}
                 metrics.append(row)
+                tracker.log_metrics(row, done_steps, prefix="ae/")
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if done_steps % cfg.checkpoint_every == 0 or done_steps == end:
                 if dist_.rank == 0:
@@ -575,6 +582,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                 dist_.barrier()  # every rank leaves (stop_at) or goes on only once the checkpoint is named
     finally:
         bar.close()
+        tracker.close()
         batches.close()
         del loader  # stops DataLoader workers
 

@@ -103,7 +103,7 @@ def _load_ae(conf: dict, ae_url: str | None, device, storage_options):
 def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: str | None = None, steps: int = 50,
                     cfg_scale: float = 1.0, seed: int = 0, checkpoint: int | str | None = None,
                     guidance_interval: tuple[float, float] = (0.0, 1.0), labels: str = "uniform",
-                    batch_size: int = 64, chunk_size: int = 256, ema: bool = True, ae_url: str | None = None,
+                    classes: list[int] | None = None, batch_size: int = 64, chunk_size: int = 256, ema: bool = True, ae_url: str | None = None,
                     device: str | torch.device | None = None, precision: str = "auto", progress: bool = True,
                     storage_options: dict | None = None) -> str:
     """Generate ``num_samples`` images into the sample store at ``out_url``; a rerun writes only missing units.
@@ -119,7 +119,9 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
         steps: sampler steps (respaced DDPM steps, ODE steps); ignored by dopri5.
         cfg_scale, guidance_interval: classifier-free guidance and its normalised-time window (1 = noise).
         checkpoint: step number, checkpoint URL, or None for ``latest``.
-        labels: 'uniform' or 'balanced' class labels.
+        labels: 'uniform' or 'balanced' class labels (over ``classes`` when given), or 'given': ``classes`` in
+            order, each over a contiguous block (``dcae15.metrics.labels.make_labels``).
+        classes: class ids to sample (None: all).
         ae_url: override the autoencoder location recorded in the store (its fingerprint is still checked).
         device: None = this rank's GPU (LOCAL_RANK) if there is one, else the CPU.
         precision: 'auto' (bf16 autocast on a GPU or under DCAE15_GPU_BRANCHES=1, else fp32), 'bf16' or 'fp32',
@@ -140,8 +142,8 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
     try:
         with rank_zero_claim(out_url, what="sample store", storage_options=storage_options):  # one writer per store
             return _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, checkpoint, (lo, hi),
-                           labels, batch_size, chunk_size, ema, ae_url, device, precision, progress, storage_options,
-                           rank, world)
+                           (labels, None if classes is None else [int(c) for c in classes]), batch_size, chunk_size,
+                           ema, ae_url, device, precision, progress, storage_options, rank, world)
     finally:
         if created:
             import torch.distributed as dist
@@ -171,11 +173,12 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
     ae = _load_ae(conf, ae_url, device, storage_options)
     res = int(conf.get("resolution") or mc["input_size"][0] * ae.spatial_compression)
     lo, hi = interval
+    labels, classes = labels
     # the store records what it holds: run, backbone, checkpoint, latent store; nothing parses ids back apart
     spec = {"run_id": conf["run_id"], "backbone": conf["train"]["model"], "store_id": conf["store_id"],
             "checkpoint_step": step, "sampler": sampler, "steps": int(steps),
             "cfg_scale": float(cfg_scale), "guidance_interval": [lo, hi], "seed": int(seed), "labels": labels,
-            "ema": bool(ema), "ae_fingerprint": conf["ae_fingerprint"]}
+            **({"classes": classes} if classes is not None else {}), "ema": bool(ema), "ae_fingerprint": conf["ae_fingerprint"]}
 
     def create():
         return SampleStore.create(out_url, num_samples=num_samples, height=res, width=res, chunk_size=chunk_size,
@@ -196,7 +199,7 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
     else:
         store = create()
         missing = store.missing_units()
-    all_labels = make_labels(num_samples, mc["num_classes"], labels, seed)
+    all_labels = make_labels(num_samples, mc["num_classes"], labels, seed, classes)
     shape = (mc["in_channels"], *mc["input_size"])
     for unit in tqdm(missing, desc=f"sample units (rank {rank}/{world})", disable=not progress):
         a, b = store.unit_bounds(unit)
@@ -209,7 +212,9 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
                                    steps=steps, generator=gen, cfg_scale=cfg_scale, guidance_interval=(lo, hi),
                                    null_class=mc["num_classes"], device=device)
                 images.append(to_uint8_nhwc(ae.decode(denormalize(z.float(), conf["latent_norm"]))))
-        store.write_unit(unit, np.concatenate(images), all_labels[a:b])
+        # the marker says who drew the unit: rank, and torchrun's node rank (GROUP_RANK) across nodes
+        store.write_unit(unit, np.concatenate(images), all_labels[a:b],
+                         writer={"rank": rank, "world": world, "node": int(os.environ.get("GROUP_RANK", 0))})
     if io is not None:
         io_barrier(io)  # the store is complete when every rank returns
         dist.destroy_process_group(io)

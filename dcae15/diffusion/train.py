@@ -21,13 +21,14 @@ from dcae15.diffusion.objectives import make_objective
 from dcae15.ema import EMA, decay_at
 from dcae15.lr_schedule import lr_at
 from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
+from dcae15.tracking import TrackingConfig, config_of, open_tracker
 from dcae15.typed_config import from_dict
 from storage.fingerprint import fingerprint, short_id
 from storage.layout import Root
 from storage.rundir import HORIZON, OPERATIONAL, identity
 from storage.urls import url_to_fs
 
-__all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
+__all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "node_shard_size", "store_info",
            "latest_checkpoint", "train_flops_per_image", "make_optimizer", "TrainStep",
            "main"]
 
@@ -70,7 +71,9 @@ class DiffusionTrainConfig:
     update as the whole batch up to fp rounding; gradients are reduced across ranks once, on the last one)."""
     hsdp_shard_size: int | None = field(default=None, metadata=OPERATIONAL)
     """Ranks that shard the model (e.g. the GPUs of one node); the world is replicated across
-    ``world_size / hsdp_shard_size`` such groups (HSDP, a 2-D mesh). None = shard across all ranks (FSDP)."""
+    ``world_size / hsdp_shard_size`` such groups (HSDP, a 2-D mesh). None = HSDP across nodes when the job spans
+    several (shard within a node: torchrun's LOCAL_WORLD_SIZE, replicate across nodes, so only one all-reduce of
+    the shards per step crosses the inter-node network), else FSDP over all ranks."""
     async_checkpoint: bool = field(default=True, metadata=OPERATIONAL)
     """Save checkpoints in a background thread (DCP async_save) after staging them to CPU memory; ``latest``
     is written only once the save completed."""
@@ -84,6 +87,9 @@ class DiffusionTrainConfig:
     checkpoint_every: int = field(default=1000, metadata=OPERATIONAL)
     keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
     log_every: int = field(default=10, metadata=OPERATIONAL)
+    logging: TrackingConfig = field(default_factory=TrackingConfig, metadata=OPERATIONAL)
+    """Mirror each logged row (loss, grad norm, lr, c', throughput) to TensorBoard / W&B / MLflow on rank 0
+    (``dcae15.tracking``); ``metrics.jsonl`` is written either way."""
     peak_tflops: float | None = field(default=None, metadata=OPERATIONAL)
     """Accelerator peak for MFU; None = looked up for H100/H200/A100 (989/989/312 bf16 dense)."""
     progress: bool = field(default=True, metadata=OPERATIONAL)
@@ -95,6 +101,8 @@ class DiffusionTrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adt, dict):
             self.adt = ADTConfig(**self.adt)
+        if isinstance(self.logging, dict):
+            self.logging = TrackingConfig(**self.logging)
         self.betas = tuple(float(b) for b in self.betas)
         preset(self.model)  # unknown names fail here with the allowed set
         if self.objective is not None and self.objective not in OBJECTIVES:
@@ -176,6 +184,13 @@ def store_info(store_url: str, storage_options: dict | None = None) -> dict:
             # what the reader's normalisation did, so sampling can undo it before decoding
             "scaling_factor": st.scaling_factor if complete else None,
             "channel_mean": stats.get("channel_mean"), "channel_std": stats.get("channel_std")}
+
+
+def node_shard_size(world_size: int) -> int | None:
+    """The default HSDP shard group: one node's processes (torchrun's ``LOCAL_WORLD_SIZE``) when the world spans
+    several nodes; None (FSDP over all ranks) on one node or outside torchrun."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return local if 0 < local < world_size and world_size % local == 0 else None
 
 
 def run_id_for(cfg: DiffusionTrainConfig, store_id: str) -> str:
@@ -387,7 +402,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     # Same-seed init on every rank, then shard: every rank starts from identical weights.
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
-    mesh = make_mesh(device, ws, cfg.hsdp_shard_size)
+    mesh = make_mesh(device, ws, cfg.hsdp_shard_size or node_shard_size(ws))
     enable_speed_switches(device)  # TF32 for what stays fp32 (mixed_precision 'fp32', the loss, EMA, AdamW)
     forced = forced_gpu_branches()  # DCAE15_GPU_BRANCHES=1: the CPU takes the GPU run's checkpointing + compile
     apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
@@ -427,6 +442,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     batches = DevicePrefetcher(RankBatches(sources), device, depth=cfg.prefetch_batches)
 
     metrics = run.metrics(upto=start) if rank == 0 else []
+    tracker = open_tracker(cfg.logging, run_url=run_url, run_id=run_id, config=config_of(cfg), rank=rank)
     tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
     passes = 2 if (cfg.adt.enabled and cfg.adt.include_full) else 1
     flops_img = train_flops_per_image(mcfg, micro, passes)
@@ -534,6 +550,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if rank == 0:
                     metrics.append(row)
+                    tracker.log_metrics(row, step, prefix="train/")
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}")
                 t_log, c_log, n_log = time.perf_counter(), time.thread_time(), 0
                 acc.zero_()
@@ -542,6 +559,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
         finish_pending(wait=True)
     finally:
         bar.close()
+        tracker.close()
         batches.close()
         if pending:  # an error stopped training: let the save in flight finish (its step was checked)
             try:

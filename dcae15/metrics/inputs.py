@@ -1,7 +1,7 @@
 """Image inputs for the metrics: every source becomes a torch Dataset of uint8 [3,H,W] tensors.
 
-Sources: a uint8 array/tensor ``[N,H,W,3]`` (or ``[N,3,H,W]``), a sample store (``storage.sample_store``), a
-packed dataset (``storage.shards``: ``dataset.json`` + ``index.parquet``), or any image folder / class-folder tree
+Sources: a uint8 array/tensor ``[N,H,W,3]`` (or ``[N,3,H,W]``), a sample store (``storage.sample_store``), an ADM
+``.npz`` batch (``arr_0``, ``dcae15.metrics.adm``), a packed dataset (``storage.shards``: ``dataset.json`` + ``index.parquet``), or any image folder / class-folder tree
 at an fsspec URL. Folder and packed-dataset images are centre-cropped (ADM/DiT crop) to ``resolution`` when given.
 """
 
@@ -158,9 +158,11 @@ class SampleStoreImages(Dataset):
 
 
 def detect_kind(url: str, storage_options: dict | None = None) -> str:
-    """'sample_store' (a Zarr group), 'packed' (dataset.json + index.parquet) or 'folder'."""
+    """'sample_store' (a Zarr group), 'packed' (dataset.json + index.parquet), 'npz' (an ADM batch) or 'folder'."""
     fs, root = url_to_fs(url, storage_options)
     root = root.rstrip("/")
+    if root.endswith(".npz") and fs.isfile(root):
+        return "npz"
     if fs.exists(f"{root}/dataset.json") and fs.exists(f"{root}/index.parquet"):
         return "packed"
     if fs.exists(f"{root}/zarr.json"):
@@ -185,6 +187,10 @@ def as_image_dataset(
             return PackedImages(url, resolution=resolution, storage_options=storage_options)
         if kind == "sample_store":
             return SampleStoreImages(url, storage_options=storage_options)
+        if kind == "npz":
+            from dcae15.metrics.adm import NpzImages
+
+            return NpzImages(url, storage_options=storage_options)
         return FolderImages(url, resolution=resolution, storage_options=storage_options)
     raise ValueError(
         f"unsupported image source {type(source).__name__}: pass a uint8 array/tensor, a torch Dataset, "

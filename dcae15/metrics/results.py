@@ -2,7 +2,9 @@
 
 Rows are long: one (context, ``metric``, ``value``) row per number. Context columns: ``checkpoint`` (fingerprint),
 ``run_id``, ``backbone``, ``autoencoder``, ``store``, ``samples_url``, ``sampler``, ``sampling_steps``,
-``cfg_scale``, ``num_samples``, ``feature_extractor``, ``step`` (training step), ``dataset_fingerprint``, ``time``;
+``cfg_scale``, ``num_samples``, ``feature_extractor`` (+ ``extractor_fingerprint``), ``reference`` (``train-split`` or
+``adm:<npz>``, + ``reference_url``), ``step`` (training step), ``dataset_fingerprint``, the sampling fields ``labels``,
+``classes``, ``guidance_interval``, ``seed``, ``time``;
 any other scalar a caller adds becomes a column too. Appending writes a new ``part-<time>-<uuid>.parquet`` object,
 so concurrent evaluators never read-modify-write a shared object; reading concatenates the parts.
 
@@ -33,10 +35,12 @@ CONTEXT_COLUMNS = {
     "checkpoint": "string", "run_id": "string", "backbone": "string", "autoencoder": "string", "store": "string",
     "samples_url": "string", "sampler": "string", "sampling_steps": "int64", "cfg_scale": "float64",
     "num_samples": "int64", "feature_extractor": "string", "step": "int64", "dataset_fingerprint": "string",
+    "reference": "string", "reference_url": "string", "extractor_fingerprint": "string",
+    "labels": "string", "classes": "string", "guidance_interval": "string", "seed": "int64",
 }
-_BASE_METRICS = ("fid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "psnr", "ssim", "lpips",
+_BASE_METRICS = ("fid", "sfid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "psnr", "ssim", "lpips",
                  "classifier_accuracy", "class_accuracy")
-_FEATURE_METRICS = ("fid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "classifier_accuracy",
+_FEATURE_METRICS = ("fid", "sfid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "classifier_accuracy",
                     "class_accuracy")
 # Properties of the feature network itself (the proxy's held-out accuracy), not of the samples: plotted as text.
 _EXTRACTOR_PROPERTIES = ("classifier_accuracy",)

@@ -103,7 +103,8 @@ def init_distributed(*, use_cuda: bool = True, single_process_group: bool = True
     cuda = torch.cuda.device_count() if use_cuda and torch.cuda.is_available() else 0
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        plan = plan_process_group({**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world)}, cuda)
+        plan = plan_process_group({**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world)}, cuda,
+                                  use_cuda=use_cuda)
         if plan.device_id is not None:
             torch.cuda.set_device(plan.device_id)
         return rank, world, torch.device(plan.device), False

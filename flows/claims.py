@@ -25,8 +25,8 @@ import re
 import sys
 from typing import Any, Callable, Iterator, NamedTuple
 
-__all__ = ["ArtifactKey", "SLOT_LEASE_SECONDS", "SLOT_WAIT_ENV", "artifact_limit_name", "artifact_slot", "artifact_claim", "artifact_stage",
-           "dataset_key",
+__all__ = ["ArtifactKey", "SLOT_LEASE_SECONDS", "SLOT_WAIT_ENV", "artifact_limit_name", "artifact_slot",
+           "artifact_claim", "artifact_stage", "dataset_key",
            "ae_run_key", "latent_store_key", "diffusion_run_key", "sample_store_key"]
 
 SLOT_LEASE_SECONDS = 60.0
@@ -49,7 +49,7 @@ def artifact_limit_name(what: str, artifact_id: str) -> str:
 
 
 def _ensure_limit(name: str) -> int:
-    """Create the limit (1 slot) unless it exists; returns how many slots are taken now."""
+    """Create the limit (1 slot) unless it exists; returns how many slots are taken now (0 when a run holds none)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -58,6 +58,8 @@ def _ensure_limit(name: str) -> int:
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:
+            pass
+        except Exception:  # noqa: BLE001 - two creators at once can get a 500 from a SQLite server: read it back
             pass
         return int(client.read_global_concurrency_limit_by_name(name).active_slots)
 
@@ -70,11 +72,20 @@ def artifact_slot(what: str, artifact_id: str, *, log: Callable[[str], None] = p
 
     name = artifact_limit_name(what, artifact_id)
     wait = float(os.environ.get(SLOT_WAIT_ENV) or 5.0)
-    if _ensure_limit(name):
-        log(f"waiting: another flow run holds the Prefect slot of {what} {artifact_id} (concurrency limit {name})")
-    try:
-        slot = concurrency(name, occupy=1, timeout_seconds=wait, lease_duration=SLOT_LEASE_SECONDS, strict=True)
+    _ensure_limit(name)
+
+    def take(seconds: float):
+        slot = concurrency(name, occupy=1, timeout_seconds=seconds, lease_duration=SLOT_LEASE_SECONDS, strict=True)
         slot.__enter__()
+        return slot
+
+    try:
+        try:
+            slot = take(min(1.0, wait))
+        except TimeoutError:  # held: say so once, then wait in Prefect's queue
+            log(f"waiting: another flow run holds the Prefect slot of {what} {artifact_id} (concurrency limit "
+                f"{name})")
+            slot = take(wait)
     except TimeoutError:
         log(f"the Prefect slot of {what} {artifact_id} is still held after {wait:.0f} s (a live run, whose storage "
             "lease this one now waits for, or a killed one, whose slot Prefect frees later): going on under the "
@@ -95,12 +106,18 @@ def artifact_claim(key: ArtifactKey) -> Iterator[None]:
     """The Prefect slot of the artifact, then (``key.lease``) its storage lease, for the body."""
     from prefect import get_run_logger
 
+    from flows.artifacts import publish_requests
+    from storage import retries
     from storage.lease import claim
 
-    log = get_run_logger().info
-    with artifact_slot(key.what, key.id, log=log):
-        with claim(key.url, what=key.what, log=log) if key.lease else contextlib.nullcontext():
-            yield
+    log, before, failed = get_run_logger().info, retries.snapshot(), True
+    try:
+        with artifact_slot(key.what, key.id, log=log):
+            with claim(key.url, what=key.what, log=log) if key.lease else contextlib.nullcontext():
+                yield
+        failed = False
+    finally:  # retried requests are shown, also (especially) when the stage failed after the client's retries
+        publish_requests(key.what, key.id, retries.since(before), failed=failed)
 
 
 def artifact_stage(key: Callable[..., ArtifactKey]) -> Callable[[Callable], Callable]:

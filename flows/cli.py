@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "seconds when rerun)", aliases=("demo",))
     p.add_argument("--backbones", nargs="+", choices=backbones, metavar="NAME",
                    help=f"backbone presets to train on the one store (default: the config's). Choices: {', '.join(backbones)}")
+    p = add("rehearse", "the ImageNet job rehearsed on this machine: --config rehearsal (configs/imagenet.yaml with "
+                        "sizes reduced) on a generated ImageNet-shaped tree (1000 wnid folders of JPEGs, a few odd "
+                        "files) with stand-in weight files; prints each stage's time and peak RSS")
+    p.set_defaults(config="rehearsal")
+    p.add_argument("--per-class", type=int, default=1, help="JPEGs per wnid folder (default 1: 1000 images + 5 odd)")
     add("prepare", "generate (or take --set data.source=URL) images and pack them into shards + an index")
     p = add("train-ae", "train the structured autoencoder on a packed dataset: the config's phases, each cached and "
                         "resumable (in-process, or torchrun when asked)")
@@ -220,6 +225,15 @@ def _run(args: argparse.Namespace) -> Any:
     except ValueError as exc:
         raise SystemExit(f"dcae15 {args.command}: config error: {exc}") from None
     root = local_root(cfg.root)
+    if args.command == "rehearse":  # the tree and the weight files, then the same config pointed at them
+        import os
+
+        from flows.rehearsal import prepare_rehearsal
+
+        made = prepare_rehearsal(root, per_class=args.per_class, size=cfg.resolution)
+        os.environ["DCAE15_WEIGHTS"] = made["weights"]
+        overrides.setdefault("data", {})["source"] = made["source"]
+        cfg = load_config(args.config, overrides)
     apply_prefect_defaults(root)
     apply_cpu_defaults()
 
@@ -231,7 +245,7 @@ def _run(args: argparse.Namespace) -> Any:
     from flows.pipeline import run_pipeline
     from flows.prepare import prepare_images
     from flows.sample import sample_run
-    from flows.score_checkpoints import evaluate_new_checkpoints
+    from flows.score_checkpoints import evaluate_checkpoint, evaluate_new_checkpoints
     from storage.layout import Root
 
     storage = result_storage_for(args.results or Root(root).prefect_results())
@@ -241,6 +255,12 @@ def _run(args: argparse.Namespace) -> Any:
         return flow_obj.with_options(result_storage=storage)(root=root, config=config, **kw)
 
     c = args.command
+    if c == "rehearse":
+        from flows.rehearsal import run_rehearsal
+
+        out, _, table = run_rehearsal(lambda: call(run_pipeline), root, lambda **kw: evaluate_checkpoint.with_options(
+            result_storage=storage)(**kw))
+        return {**out, "stages": table}
     if c in ("demo", "pipeline"):
         return _pipeline_or_shortcut(args, root, config, lambda: call(run_pipeline, backbones=args.backbones))
     if c == "prepare":
@@ -353,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     except ClaimHeldError as exc:  # another live job writes the same artifact: one line, no traceback
         print(f"dcae15 {args.command}: {exc}", file=sys.stderr)
         return 3
-    if args.command in ("demo", "pipeline"):
+    if args.command in ("demo", "pipeline", "rehearse"):
         _print_outputs(out)
+        if "stages" in out:
+            print("\n=== stages: wall time and peak RSS (this process and its children) ===\n" + out["stages"])
     else:
         print(json.dumps(out, indent=2, default=str))
     print(f"\ndcae15 {args.command}: done in {time.perf_counter() - t0:.1f} s")

@@ -47,7 +47,7 @@ def load_reference_for(ev: dict[str, Any], dataset_url: str, resolution: int, ex
         return adm_reference(ev["reference"], extractor)
     from dcae15.metrics.reference import get_reference
 
-    return get_reference(dataset_url, resolution, extractor)
+    return get_reference(dataset_url, resolution, extractor, **ev["options"].get("reference_stats", {}))
 
 
 def _row_key(samples: dict[str, Any], extractor_label: str, reference: str = "train-split") -> dict[str, Any]:
@@ -152,7 +152,7 @@ def _proxy_check(out_url: str, ae: dict[str, Any], dataset: dict[str, Any], ev: 
     from dcae15.metrics.reference import get_reference
     from storage.urls import join, put_atomic, url_to_fs
 
-    ref = get_reference(dataset["url"], resolution, extractor)
+    ref = get_reference(dataset["url"], resolution, extractor, **ev["options"].get("reference_stats", {}))
     check = reconstruction_class_check(ae["url"], dataset["url"], extractor, ref, resolution=resolution,
                                        proxy_cfg=ProxyConfig(**ev["options"].get("proxy", {})))
     check.update(feature_extractor=extractor.label, ae_fingerprint=ae["fingerprint"],
@@ -184,10 +184,13 @@ def checkpoints_to_score(run_url: str, which: str) -> list[int]:
 
 
 @task
-def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str) -> list[str]:
-    """A run's loss curve and a grid of its samples (a row per class), under ``<root>/eval/figures``."""
+def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str,
+                     classes: list[int] | None = None) -> list[str]:
+    """A run's loss curve and a grid of its samples (a row per shown class: ``classes``, default a bounded spread of
+    them, see ``dcae15.diffusion.plots.grid_classes``), under ``<root>/eval/figures``. The store is read unit by
+    unit and only the grid's images are kept."""
     from dcae15.diffusion.checkpoint import open_run
-    from dcae15.diffusion.plots import loss_curve_png, sample_grid_png
+    from dcae15.diffusion.plots import collect_grid_images, grid_classes, loss_curve_png, sample_grid_png
     from storage.layout import Root
     from storage.sample_store import SampleStore
     from storage.shards import open_dataset
@@ -196,10 +199,12 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
     store = SampleStore.open(samples_url, read_only=True)
     a = store.attrs
     run_id = a["run_id"]
-    images, labels = store.read_all()
     names = list(open_dataset(dataset_url).class_names)
-    grid = sample_grid_png(images, labels, names, title=f"{run_id} step {a['checkpoint_step']}: {a['sampler']} "
-                                                        f"{a['steps']} steps, CFG {a['cfg_scale']}")
+    rows = grid_classes(len(names), classes)
+    images, labels = collect_grid_images(store.iter_units(), rows)
+    grid = sample_grid_png(images, labels, names, classes=rows,
+                           title=f"{run_id} step {a['checkpoint_step']}: {a['sampler']} {a['steps']} steps, "
+                                 f"CFG {a['cfg_scale']}")
     rows = open_run(run_url).metrics()
     loss = loss_curve_png(rows, title=f"{run_id}: training loss (EMA weights are sampled)")
     _track(root, run_id, int(a["checkpoint_step"]), images={"samples": grid})

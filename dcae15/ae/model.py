@@ -269,6 +269,10 @@ AE_PRESETS: dict[str, AEConfig] = {
     # f4c8: 32 px -> 8x8x8, the same 512 numbers as f8c32's 4x4x32 but a shape stays 4-6 latent pixels wide,
     # which a tiny AE can reconstruct and a tiny backbone can learn in CPU minutes (the demo's default).
     "tiny-f4c8": _dc_ae_15("tiny-f4c8", (16, 32, 64), (0, 1, 1), 8, None, official=False),
+    # f32c128-1.5's structure (six stages, f32, c = 128, the paper's c' list 16..128) at a CPU width: the rehearsal's
+    # autoencoder (64 px -> 2x2x128 latents).
+    "tiny-f32c128-1.5": _dc_ae_15("tiny-f32c128-1.5", (8, 16, 16, 32, 32, 32), (0, 1, 1, 1, 1, 1), 128, None,
+                                  official=False),
     "tiny-f16c64": _dc_ae_15("tiny-f16c64", (16, 32, 64, 64, 128), (0, 1, 1, 1, 1), 64, None, official=False),
 }
 

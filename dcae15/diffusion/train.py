@@ -28,7 +28,7 @@ from storage.layout import Root
 from storage.rundir import HORIZON, OPERATIONAL, identity
 from storage.urls import url_to_fs
 
-__all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
+__all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "node_shard_size", "store_info",
            "latest_checkpoint", "train_flops_per_image", "make_optimizer", "TrainStep",
            "main"]
 
@@ -71,7 +71,9 @@ class DiffusionTrainConfig:
     update as the whole batch up to fp rounding; gradients are reduced across ranks once, on the last one)."""
     hsdp_shard_size: int | None = field(default=None, metadata=OPERATIONAL)
     """Ranks that shard the model (e.g. the GPUs of one node); the world is replicated across
-    ``world_size / hsdp_shard_size`` such groups (HSDP, a 2-D mesh). None = shard across all ranks (FSDP)."""
+    ``world_size / hsdp_shard_size`` such groups (HSDP, a 2-D mesh). None = HSDP across nodes when the job spans
+    several (shard within a node: torchrun's LOCAL_WORLD_SIZE, replicate across nodes, so only one all-reduce of
+    the shards per step crosses the inter-node network), else FSDP over all ranks."""
     async_checkpoint: bool = field(default=True, metadata=OPERATIONAL)
     """Save checkpoints in a background thread (DCP async_save) after staging them to CPU memory; ``latest``
     is written only once the save completed."""
@@ -182,6 +184,13 @@ def store_info(store_url: str, storage_options: dict | None = None) -> dict:
             # what the reader's normalisation did, so sampling can undo it before decoding
             "scaling_factor": st.scaling_factor if complete else None,
             "channel_mean": stats.get("channel_mean"), "channel_std": stats.get("channel_std")}
+
+
+def node_shard_size(world_size: int) -> int | None:
+    """The default HSDP shard group: one node's processes (torchrun's ``LOCAL_WORLD_SIZE``) when the world spans
+    several nodes; None (FSDP over all ranks) on one node or outside torchrun."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return local if 0 < local < world_size and world_size % local == 0 else None
 
 
 def run_id_for(cfg: DiffusionTrainConfig, store_id: str) -> str:
@@ -393,7 +402,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     # Same-seed init on every rank, then shard: every rank starts from identical weights.
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
-    mesh = make_mesh(device, ws, cfg.hsdp_shard_size)
+    mesh = make_mesh(device, ws, cfg.hsdp_shard_size or node_shard_size(ws))
     enable_speed_switches(device)  # TF32 for what stays fp32 (mixed_precision 'fp32', the loss, EMA, AdamW)
     forced = forced_gpu_branches()  # DCAE15_GPU_BRANCHES=1: the CPU takes the GPU run's checkpointing + compile
     apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,

@@ -123,6 +123,7 @@ def generation_metrics(
     prc_neighborhood: int = 3,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
+    prc_batch_size: int = 1000,
     seed: int = 2020,
     verbose: bool = False,
 ) -> dict[str, float]:
@@ -137,6 +138,9 @@ def generation_metrics(
         metrics: subset of ``fid``, ``sfid``, ``is``, ``precision``, ``recall``, ``kid``. ``sfid`` (ADM's spatial
             FID) is computed only by extractors that provide it (Inception) and skipped for the proxy.
         resolution: centre-crop size for folder / packed-dataset inputs.
+        prc_batch_size: rows of each block of pairwise feature distances for precision/recall (the same numbers
+            for any size; memory ~ 3 x 4 B x ``prc_batch_size`` x N: torch-fidelity's 10 000 took ~3 GB at N =
+            20 000, bench/RESULTS.md).
 
     Returns:
         ``{name: value}`` with names prefixed by ``extractor.prefix`` (``fid`` or ``proxy-fid``); IS also reports
@@ -149,8 +153,9 @@ def generation_metrics(
         raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {list(metrics)}")
     if not extractor.has_sfid:
         metrics = tuple(m for m in metrics if m != "sfid") or ("fid",)
-    if isc_splits < 1 or prc_neighborhood < 1:
-        raise ValueError(f"isc_splits and prc_neighborhood must be >= 1, got {isc_splits}, {prc_neighborhood}")
+    if isc_splits < 1 or prc_neighborhood < 1 or prc_batch_size < 1:
+        raise ValueError(f"isc_splits, prc_neighborhood and prc_batch_size must be >= 1, got {isc_splits}, "
+                         f"{prc_neighborhood}, {prc_batch_size}")
     families = list(dict.fromkeys(_LAYER_FOR[m] for m in metrics))
     dev = default_device(device)
     net = extractor.build([extractor.layers[f] for f in families], dev)
@@ -178,7 +183,8 @@ def generation_metrics(
         ref_s = feature_stats(ref["sfid"]) if "sfid" in ref else None
     tf_kwargs = dict(
         isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, kid_subsets=kid_subsets,
-        kid_subset_size=kid_subset_size, rng_seed=seed, save_cpu_ram=True, verbose=verbose,
+        kid_subset_size=kid_subset_size, rng_seed=seed, save_cpu_ram=True, prc_batch_size=prc_batch_size,
+        verbose=verbose,
     )
     out: dict[str, float] = {}
     name = extractor.metric_name

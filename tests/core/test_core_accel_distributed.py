@@ -89,3 +89,40 @@ def test_ae_loader_workers_default(monkeypatch):
     assert loader_workers(AETrainConfig(perceptual="none", num_workers=0), torch.device("cuda", 0)) == 0
     monkeypatch.setenv(GPU_BRANCHES_ENV, "1")
     assert loader_workers(cfg, torch.device("cpu")) == 8
+
+
+def test_init_distributed_sets_the_device_before_the_group(monkeypatch):
+    """The CUDA lines of init_distributed, run on CPU with CUDA's answers faked: set_device first, then the
+    two-backend group bound to that GPU with the long timeout."""
+    import torch.distributed as dist
+
+    import dcae15.distributed as d
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(**kw):
+        calls.append(("init", kw))
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(("set_device", torch.device(dev))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    for k, v in {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", PG_TIMEOUT_ENV: "3600"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(Stop):
+        d.init_distributed()
+    assert [c[0] for c in calls] == ["set_device", "init"] and calls[0][1] == torch.device("cuda", 3)
+    kw = calls[1][1]
+    assert kw == {"backend": "cpu:gloo,cuda:nccl", "timeout": timedelta(hours=1), "device_id": torch.device("cuda", 3)}
+    calls.clear()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k)
+    with pytest.raises(Stop):  # one in-process GPU run: the same two backends, an in-memory store
+        d.init_distributed()
+    kw = calls[1][1]
+    assert kw["backend"] == "cpu:gloo,cuda:nccl" and (kw["rank"], kw["world_size"]) == (0, 1) and "store" in kw

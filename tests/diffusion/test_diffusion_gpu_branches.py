@@ -189,6 +189,18 @@ def test_bf16_compiled_checkpointed_training_is_close_to_fp32_and_resumes(ae_sto
     assert bf16 != fp32  # bf16 really ran
     for a, b in zip(fp32, bf16):
         assert abs(a - b) <= 0.03 * abs(a), (fp32, bf16)
+    # sampling in one process: precision 'auto' is bf16 autocast under the switch
+    import numpy as np
+
+    from dcae15.diffusion.sample import sample_to_store
+    from storage.sample_store import SampleStore
+
+    kw = dict(num_samples=2, sampler="heun", steps=2, cfg_scale=2.0, guidance_interval=(0.2, 0.9), batch_size=2,
+              chunk_size=2, progress=False)
+    auto, _ = SampleStore.open(sample_to_store(full, str(tmp_path / "s-auto"), **kw)).read_all()
+    ref, _ = SampleStore.open(sample_to_store(full, str(tmp_path / "s-fp32"), precision="fp32", **kw)).read_all()
+    diff = np.abs(auto.astype(int) - ref.astype(int))
+    assert 0 < diff.mean() < 8
 
 
 @pytest.mark.slow

@@ -49,8 +49,10 @@ class SampleStore(UnitStore):
     def attrs(self) -> dict:
         return dict(self._meta["attrs"])
 
-    def write_unit(self, unit: int, images: np.ndarray, labels: np.ndarray) -> None:
+    def write_unit(self, unit: int, images: np.ndarray, labels: np.ndarray, *, writer: dict | None = None) -> None:
         """Write unit ``unit``'s images (uint8 ``[n,H,W,3]``) and labels, then its marker. Idempotent.
+
+        ``writer`` (JSON-able, e.g. rank, node, host) is recorded in the unit's marker: which process drew it.
 
         Raises:
             ValueError: wrong shape or a dtype other than uint8.
@@ -61,7 +63,7 @@ class SampleStore(UnitStore):
         labels = np.asarray(labels)
         if labels.size and (labels.min() < -32768 or labels.max() > 32767):
             raise ValueError(f"labels must fit int16, got range [{labels.min()}, {labels.max()}]")
-        self._write_unit_arrays(unit, {"images": images, "labels": labels})
+        self._write_unit_arrays(unit, {"images": images, "labels": labels}, {"writer": writer} if writer else None)
 
     def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Images and labels of rows ``[start, stop)`` (rows of unwritten units are zeros)."""

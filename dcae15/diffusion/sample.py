@@ -212,7 +212,9 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
                                    steps=steps, generator=gen, cfg_scale=cfg_scale, guidance_interval=(lo, hi),
                                    null_class=mc["num_classes"], device=device)
                 images.append(to_uint8_nhwc(ae.decode(denormalize(z.float(), conf["latent_norm"]))))
-        store.write_unit(unit, np.concatenate(images), all_labels[a:b])
+        # the marker says who drew the unit: rank, and torchrun's node rank (GROUP_RANK) across nodes
+        store.write_unit(unit, np.concatenate(images), all_labels[a:b],
+                         writer={"rank": rank, "world": world, "node": int(os.environ.get("GROUP_RANK", 0))})
     if io is not None:
         io_barrier(io)  # the store is complete when every rank returns
         dist.destroy_process_group(io)

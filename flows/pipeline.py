@@ -40,7 +40,8 @@ def run_pipeline(root: str | None = None, config: ConfigArg = "demo", backbones:
         for step in checkpoints_to_score(run["url"], cfg.evaluate.checkpoints):  # several: the plot shows curves
             samples = sample_run(run=run["url"], root=cfg.root, config=conf, checkpoint=step)
             evaluate_samples(samples=samples["url"], dataset=dataset["url"], root=cfg.root, config=conf)
-        draw_run_figures(root=cfg.root, run_url=run["url"], samples_url=samples["url"], dataset_url=dataset["url"])
+        draw_run_figures(root=cfg.root, run_url=run["url"], samples_url=samples["url"], dataset_url=dataset["url"],
+                         classes=cfg.evaluate.grid_classes)
     plot_results(root=cfg.root)
 
     summary = outputs_summary(cfg.root)

@@ -99,6 +99,9 @@ def verdicts(stages: dict, sw: Any) -> dict[str, dict]:
         out["fig1b_generation"].update(
             final_fid={c: col[c]["final_fid"] for c in sw.channels}, final_acc={c: col[c]["final_acc"] for c in sw.channels},
             fid_worse=bool(worse_fid), acc_worse=bool(worse_acc),
+            # context for Table 5 (run at the largest c, fixed before the runs): where the slowdown shows
+            slowdown_cs=[c for c in sw.channels if col[c]["final_fid"] and c != lo and col[c]["final_fid"]["mean"]
+                         - fl["mean"] > col[c]["final_fid"]["std"] + fl["std"]],
             held=bool(worse_fid and worse_acc) if complete else None,
             reason=None if complete else f"only {min(fl['n'], fh['n'])} of {len(sw.dit_seeds)} seeds finished")
     pairs = []
@@ -375,6 +378,8 @@ def write_report(root: Path, sw: Any, sweep_name: str, results_dir: Path, *, com
                       + ".")
             md.append("  Final class accuracy per c: " + "; ".join(f"c={c}: {_pm(d)}" for c, d in x["final_acc"].items())
                       + ".")
+            md.append(f"  Channel counts whose final proxy-FID is worse than c={lo}'s beyond the seed spread: "
+                      f"{x['slowdown_cs'] or 'none'}.")
         if key == "table1" and "gap" in x:
             md.append(f"  Structured − plain full-channel PSNR at c={hi}: {_pm(x['gap'], 2)} dB (per AE seed "
                       + ", ".join(f"{g:+.2f}" for g in x["gap"]["values"]) + ").")

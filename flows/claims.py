@@ -49,7 +49,7 @@ def artifact_limit_name(what: str, artifact_id: str) -> str:
 
 
 def _ensure_limit(name: str) -> int:
-    """Create the limit (1 slot) unless it exists; returns how many slots are taken now."""
+    """Create the limit (1 slot) unless it exists; returns how many slots are taken now (0 when a run holds none)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -58,6 +58,8 @@ def _ensure_limit(name: str) -> int:
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:
+            pass
+        except Exception:  # noqa: BLE001 - two creators at once can get a 500 from a SQLite server: read it back
             pass
         return int(client.read_global_concurrency_limit_by_name(name).active_slots)
 
@@ -70,11 +72,20 @@ def artifact_slot(what: str, artifact_id: str, *, log: Callable[[str], None] = p
 
     name = artifact_limit_name(what, artifact_id)
     wait = float(os.environ.get(SLOT_WAIT_ENV) or 5.0)
-    if _ensure_limit(name):
-        log(f"waiting: another flow run holds the Prefect slot of {what} {artifact_id} (concurrency limit {name})")
-    try:
-        slot = concurrency(name, occupy=1, timeout_seconds=wait, lease_duration=SLOT_LEASE_SECONDS, strict=True)
+    _ensure_limit(name)
+
+    def take(seconds: float):
+        slot = concurrency(name, occupy=1, timeout_seconds=seconds, lease_duration=SLOT_LEASE_SECONDS, strict=True)
         slot.__enter__()
+        return slot
+
+    try:
+        try:
+            slot = take(min(2.0, wait))
+        except TimeoutError:  # held: say so once, then wait in Prefect's queue
+            log(f"waiting: another flow run holds the Prefect slot of {what} {artifact_id} (concurrency limit "
+                f"{name})")
+            slot = take(wait)
     except TimeoutError:
         log(f"the Prefect slot of {what} {artifact_id} is still held after {wait:.0f} s (a live run, whose storage "
             "lease this one now waits for, or a killed one, whose slot Prefect frees later): going on under the "

@@ -96,9 +96,11 @@ class LeaseConfig:
 def lease_url(artifact_url: str) -> str:
     """Where the lease of the artifact at ``artifact_url`` lives: its hidden sibling ``.<name>.lease``."""
     url = str(artifact_url).rstrip("/")
-    if "/" not in url_to_fs(url)[1].strip("/"):
-        raise ValueError(f"cannot claim {artifact_url!r}: an artifact needs a parent folder for its lease")
-    parent, name = url.rsplit("/", 1)
+    if not url_to_fs(url)[1].strip("/"):
+        raise ValueError(f"cannot claim {artifact_url!r}: it names no artifact (an empty path)")
+    parent, name = url.rsplit("/", 1) if "/" in url else (".", url)
+    if parent.endswith(":/"):  # an artifact at the top of a filesystem (memory://packed): keep the scheme's "//"
+        return f"{parent}/.{name}.lease"
     return join(parent, f".{name}.lease")
 
 

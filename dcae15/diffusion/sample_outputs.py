@@ -27,38 +27,35 @@ def _open(samples_url: str, storage_options: dict | None):
 
 def write_grid(samples_url: str, out_url: str, *, class_names: Sequence[str] | None = None, max_classes: int = 16,
                per_class: int = 8, storage_options: dict | None = None) -> str:
-    """A PNG with one row per class (the first ``max_classes`` classes in sampling order), ``per_class`` images each.
+    """A PNG with one row per class — the store's ``classes`` when it was sampled with a class list, else the first
+    ``max_classes`` classes in sampling order — and ``per_class`` images each (``dcae15.diffusion.plots``).
 
     Args:
         class_names: names indexed by class id (e.g. the dataset's wnids); default the ids.
     """
-    from dcae15.diffusion.plots import sample_grid_png
+    from dcae15.diffusion.plots import MAX_GRID_CLASSES, collect_grid_images, sample_grid_png
     from storage.urls import write_atomic
 
-    if max_classes < 1 or per_class < 1:
-        raise ValueError(f"max_classes and per_class must be >= 1, got {max_classes}, {per_class}")
+    if not 1 <= max_classes <= MAX_GRID_CLASSES or per_class < 1:
+        raise ValueError(f"max_classes must be in 1..{MAX_GRID_CLASSES} and per_class >= 1, got {max_classes}, "
+                         f"{per_class}")
     store = _open(samples_url, storage_options)
-    order: list[int] = []  # classes in the order they first appear, bounded
-    picked: dict[int, list[np.ndarray]] = {}
-    for unit in range(store.num_units):
-        a, b = store.unit_bounds(unit)
-        images, labels = store.read_range(a, b)
-        for img, lab in zip(images, labels.tolist()):
-            if lab not in picked and len(order) < max_classes:
-                order.append(lab)
-                picked[lab] = []
-            if lab in picked and len(picked[lab]) < per_class:
-                picked[lab].append(img)
-        if len(order) == max_classes and all(len(v) == per_class for v in picked.values()):
-            break  # enough: do not read the rest of a 50k store
-    rows = [(i, img) for i, c in enumerate(order) for img in picked[c]]
-    names = [str(class_names[c]) if class_names is not None and c < len(class_names) else str(c) for c in order]
     a = store.attrs
+    rows = list(dict.fromkeys(int(c) for c in a["classes"]))[:max_classes] if a.get("classes") else []
+    if not rows:  # classes in the order they were drawn (labels only: one small read per unit)
+        for unit in range(store.num_units):
+            for c in store.read_unit(unit, ["labels"])["labels"].tolist():
+                if int(c) not in rows and len(rows) < max_classes:
+                    rows.append(int(c))
+            if len(rows) == max_classes:
+                break
+    images, labels = collect_grid_images(store.iter_units(), rows, per_class=per_class)
+    n = max(rows) + 1
+    names = [str(class_names[c]) if class_names is not None and c < len(class_names) else str(c) for c in range(n)]
     title = (f"{a.get('run_id', '')} step {a.get('checkpoint_step', '?')}: {a.get('sampler')} {a.get('steps')} steps, "
              f"CFG {a.get('cfg_scale')} in {a.get('guidance_interval')}")
-    png = sample_grid_png(np.stack([img for _, img in rows]), np.array([i for i, _ in rows]), names,
-                          per_class=per_class, title=title)
-    write_atomic(out_url, png, storage_options)
+    write_atomic(out_url, sample_grid_png(images, labels, names, classes=rows, per_class=per_class, title=title),
+                 storage_options)
     return out_url
 
 

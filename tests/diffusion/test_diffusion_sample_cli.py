@@ -48,18 +48,9 @@ def test_sample_flags_are_sample_section_fields():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, make_store):
-    from dcae15.ae.model import StructuredAutoencoder
-    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
-
+def tiny_run(tmp_path_factory, tiny_run_factory):
     root = tmp_path_factory.mktemp("sample-cli")
-    torch.manual_seed(0)
-    ae = StructuredAutoencoder.from_preset("tiny-f8c32")
-    ae_url = ae.save_pretrained(str(root / "ae"))
-    store = make_store(str(root / "store"), n=64, c=32, hw=4, attrs={"ae_fingerprint": ae.fingerprint(),
-                                                                     "ae_url": ae_url})
-    cfg = DiffusionTrainConfig(model="USiT-tiny", global_batch_size=16, steps=2, progress=False)
-    return root, train_diffusion(cfg, store, str(root / "run"))["run_url"]
+    return root, tiny_run_factory(root)
 
 
 def test_given_classes_grid_png_dir_and_export(tiny_run):

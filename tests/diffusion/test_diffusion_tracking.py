@@ -9,7 +9,6 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 
 
 def _tb_scalars(folder):
@@ -29,18 +28,11 @@ def test_config_is_checked():
     assert open_tracker({"backend": "tensorboard"}, run_url="/x", run_id="r", rank=1).backend == "none"
 
 
-def test_training_and_evaluation_land_in_tensorboard(tmp_path, make_store):
-    from dcae15.ae.model import StructuredAutoencoder
-    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
+def test_training_and_evaluation_land_in_tensorboard(tmp_path, tiny_run_factory):
     from dcae15.tracking import log_evaluation
 
-    torch.manual_seed(0)
-    ae = StructuredAutoencoder.from_preset("tiny-f8c32")
-    store = make_store(str(tmp_path / "store"), n=32, c=32, hw=4,
-                       attrs={"ae_fingerprint": ae.fingerprint(), "ae_url": str(tmp_path / "ae")})
-    cfg = DiffusionTrainConfig(model="SiT-tiny", global_batch_size=8, steps=4, log_every=2, progress=False,
+    run_url = tiny_run_factory(tmp_path, model="SiT-tiny", n=32, global_batch_size=8, steps=4, log_every=2,
                                logging={"backend": "tensorboard"})
-    run_url = train_diffusion(cfg, store, str(tmp_path / "run"))["run_url"]
     grid = np.full((12, 20, 3), 200, np.uint8)
     assert log_evaluation(run_url, 4, values={"fid": 12.5, "run_id": "x"}, images={"samples": grid}) == "tensorboard"
     scalars, images = _tb_scalars(str(tmp_path / "run" / "tracking" / "tensorboard"))

@@ -94,7 +94,7 @@ def test_metrics_adm_reference_equals_statistics_of_its_images(tmp_path, stand_i
 
     spec = inception_extractor(stand_in_inception)
     assert spec.has_sfid
-    images = shapes_images[0][:4]  # CPU Inception at 299 px is slow: a few images carry the plumbing
+    images = shapes_images[0][:4]  # CPU Inception at 299 px is slow; precision (k=3) needs 4 images
     folder = tmp_path / "train" / "c0"
     folder.mkdir(parents=True)
     for i, im in enumerate(images):

@@ -75,7 +75,7 @@ def test_expired_lease_of_another_host_taken_over_after_expiry(backend_url):
     art = join(backend_url, "runs", "diffusion", "r1")
     now = time.time()
     stale = {"holder": "pid 1 on elsewhere", "token": "t-old", "host": "elsewhere", "pid": 1, "acquired": now,
-             "renewed": now, "expires": now + 1.5}
+             "renewed": now, "expires": now + 4}  # long enough to be seen held on a loaded machine
     write_atomic(lease_url(art), json.dumps(stale).encode())
     notes = []
     with claim(art, what="diffusion run", config=LeaseConfig(ttl=30, poll=0.2), log=notes.append) as lease:

@@ -130,7 +130,7 @@ def evaluate_checkpoint_events(root: str, since: float, evaluate: Callable[..., 
     with get_client(sync_client=True) as client:
         while not events and time.monotonic() < deadline:  # events are recorded asynchronously
             page = client.read_events(EventFilter(event=EventNameFilter(name=[CHECKPOINT_SAVED]),
-                                                  occurred=EventOccurredFilter(since=after)), limit=200)
+                                                  occurred=EventOccurredFilter(since=after)), limit=50)  # the API max
             events = [e for e in page.events if e.payload.get("root") == root]
             time.sleep(0.5)
     return [evaluate(run=e.payload["run_url"], step=int(e.payload["step"]), root=e.payload["root"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 
 import pytest
 import yaml
@@ -120,6 +121,7 @@ def test_rehearsal_smaller_variant_runs_every_stage(tmp_path, prefect_api, capsy
             "evaluate.options.reconstruction.batch_size=8"]
     assert main(["rehearse", "--root", str(root), *[f"--set={s}" for s in sets]]) == 0
     out = capsys.readouterr().out
+    print(out.split("=== stages")[-1], file=sys.__stderr__)  # the per-stage table in the CI log
     for stage in ("prepare_images", "train_autoencoder", "encode_latents", "train_diffusion", "sample_run",
                   "evaluate_samples", "draw_run_figures"):
         assert stage in out.split("=== stages")[1], stage

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["apply_parallelism", "default_device", "local_device", "make_mesh", "mixed_precision_policy"]
+__all__ = ["apply_parallelism", "autocast", "default_device", "local_device", "make_mesh", "mixed_precision_policy"]
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -58,8 +58,8 @@ def mixed_precision_policy(device: torch.device, mixed_precision: str):
 
 
 def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_precision: str = "bf16",
-                      activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
-    """Shard ``model`` with FSDP2 in place and return it.
+                      activation_checkpointing: bool = False, compile: bool = False, shard: bool = True) -> nn.Module:
+    """Shard ``model`` with FSDP2 in place and return it (``shard=False``: checkpointing and compile only).
 
     Order (torchtitan): activation checkpointing -> compile -> ``fully_shard`` each block -> ``fully_shard`` root.
     All three keep parameter names unchanged (composable checkpoint, in-place ``Module.compile``), so checkpoints
@@ -73,10 +73,12 @@ def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_pre
         mixed_precision: 'bf16' (bf16 params, fp32 reduce; GPU only) or 'fp32'.
         activation_checkpointing: recompute each block's activations in the backward pass.
         compile: ``torch.compile`` each block.
+        shard: wrap with FSDP2. False leaves plain parameters (one rank: FSDP2's per-block hooks cost more than
+            a small model's compute, bench/RESULTS.md); ``mesh`` and ``mixed_precision`` are then unused and a
+            bf16 run autocasts instead (``autocast``).
     """
     from torch.distributed.fsdp import fully_shard
 
-    mp = mixed_precision_policy(device, mixed_precision)
     blocks = list(model.blocks_to_shard)
     if activation_checkpointing:
         from torch.distributed._composable import checkpoint
@@ -86,8 +88,21 @@ def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_pre
     if compile:
         for blk in blocks:
             blk.compile()
+    if not shard:
+        return model
+    mp = mixed_precision_policy(device, mixed_precision)
     for i, blk in enumerate(blocks):
         # The last block's params are needed right away in backward: keep them gathered after forward.
         fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def autocast(device: torch.device, mixed_precision: str, sharded: bool):
+    """The forward's autocast context: bf16 on GPU for an unsharded bf16 run (what FSDP2's policy does for a
+    sharded one, whose forward then needs none); a no-op otherwise (CPU always runs fp32)."""
+    import contextlib
+
+    if not sharded and mixed_precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -75,6 +75,10 @@ class DiffusionTrainConfig:
     is written only once the save completed."""
     mixed_precision: str = "bf16"
     """'bf16' (bf16 params, fp32 reduce; GPU only, CPU always runs fp32) or 'fp32'."""
+    fsdp_one_rank: bool = field(default=False, metadata=OPERATIONAL)
+    """Wrap the model in FSDP2 at world size 1 too. Default False: one rank trains the plain module (FSDP2's
+    per-block hooks cost about as much as a small model's compute there, bench/RESULTS.md); the checkpoints are
+    the same DCP format either way and resume across the two paths and across world sizes."""
     activation_checkpointing: bool = field(default=False, metadata=OPERATIONAL)
     compile: bool = field(default=False, metadata=OPERATIONAL)
     checkpoint_every: int = field(default=1000, metadata=OPERATIONAL)
@@ -365,7 +369,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     from tqdm.auto import tqdm
 
     from dcae15.diffusion.data import DevicePrefetcher, RankBatches, layout_ranks
-    from dcae15.parallel import apply_parallelism, make_mesh
+    from dcae15.parallel import apply_parallelism, autocast, make_mesh
     from storage.reader import LatentStreamDataset
 
     if cfg.global_batch_size % ws:
@@ -390,9 +394,11 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     # Same-seed init on every rank, then shard: every rank starts from identical weights.
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
-    mesh = make_mesh(device, ws, cfg.hsdp_shard_size)
+    sharded = ws > 1 or cfg.fsdp_one_rank  # one rank: the plain module, same checkpoint format (fsdp_one_rank)
+    mesh = make_mesh(device, ws, cfg.hsdp_shard_size) if sharded else None
     apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
-                      activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+                      activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile, shard=sharded)
+    amp = autocast(device, cfg.mixed_precision, sharded)
     model.train()
     optimizer = make_optimizer(model, cfg)
     # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
@@ -517,10 +523,11 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
             loss = torch.zeros((), device=device)
             for i in range(accum):
                 sl = slice(i * micro, (i + 1) * micro)
-                if accum > 1:  # reduce gradients across ranks only once, after the last micro-batch
+                if accum > 1 and sharded:  # reduce gradients across ranks only once, after the last micro-batch
                     model.set_requires_gradient_sync(i == accum - 1)
-                part = micro_loss(model, x_t[sl], t[sl], y[sl], tgt[sl], None if mask is None else mask[sl],
-                                  cfg.adt, norm)
+                with amp:
+                    part = micro_loss(model, x_t[sl], t[sl], y[sl], tgt[sl], None if mask is None else mask[sl],
+                                      cfg.adt, norm)
                 part.backward()
                 loss += part.detach()
             gnorm = _clip_and_guard(model, optimizer, max_norm)

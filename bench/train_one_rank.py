@@ -14,7 +14,8 @@ alternately in one process (the order rotates every repeat, so the machine's loa
   from a resident batch (the reference's loader and VAE encoding are left out: a best case for it). Its ε-loss
   has no learned-σ / VB term: the network is the project's, so that only the loop differs.
 
-Ratios are the median over repeats of same-repeat ratios (``*_pairwise_median``); img/s medians are printed too.
+Wall-clock ratios are the median over repeats of same-repeat ratios (``*_pairwise_median``); ``cpu_time_*`` are
+ratios of the training thread's CPU time per step (load-independent on a shared machine).
 
 Examples:
     python bench/train_one_rank.py --model SiT-tiny --patch 2 --latent 8 8 8 --batch 64           # the demo's shape
@@ -37,8 +38,9 @@ from bench.train_step import SIZES, bare_loop, synthetic_store, trainer_run
 from dcae15.models import build_model, model_config
 
 
-def reference_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -> float:
-    """img/s of the reference DiT ``train.py`` loop (see the module docstring) on a resident batch."""
+def reference_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(img/s, thread CPU s per step) of the reference DiT ``train.py`` loop (see the module docstring) on a
+    resident batch."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
@@ -58,7 +60,7 @@ def reference_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.devi
         if i == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
         t = torch.randint(0, 1000, (batch,), device=device)
         noise = torch.randn_like(x)
         a = abar[t].view(-1, 1, 1, 1)
@@ -73,7 +75,7 @@ def reference_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.devi
         loss.item()  # the reference's running-loss sync, every step
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+    return steps * batch / (time.perf_counter() - t0), (time.thread_time() - c0) / steps
 
 
 def _median(v: list[float]) -> float:
@@ -104,23 +106,26 @@ def main() -> None:
     store = synthetic_store(os.path.join(tmp, "store"), max(2048, 4 * args.batch), latent)
     run = os.path.join(tmp, "run")
 
-    def trainer(**kw) -> float:
+    def trainer(**kw) -> tuple[float, float]:
         return trainer_run(store, run, args.model, overrides, args.batch, args.steps, args.warmup,
-                           patch_size=args.patch, cpu_threads=args.threads, **kw)[0]
+                           patch_size=args.patch, cpu_threads=args.threads, **kw)[:2]
 
-    loops = {"bare": lambda: bare_loop(mcfg, args.batch, args.steps, args.warmup, device)[0],
+    loops = {"bare": lambda: bare_loop(mcfg, args.batch, args.steps, args.warmup, device),
              "trainer": trainer,
              "reference": lambda: reference_loop(mcfg, args.batch, args.steps, args.warmup, device)}
     if args.fsdp:
         loops["trainer_fsdp"] = lambda: trainer(fsdp_one_rank=True)
     names = list(loops)
-    res: dict[str, list[float]] = {k: [] for k in names}
+    res: dict[str, list[float]] = {k: [] for k in names}  # img/s
+    cpu: dict[str, list[float]] = {k: [] for k in names}  # training-thread CPU s per step
     for k in names:  # one untimed round: first-call costs (allocator, lazy inits, the store's page cache)
         loops[k]()
     load0 = os.getloadavg()
     for i in range(args.repeats):
         for k in names[i % len(names):] + names[:i % len(names)]:  # rotate the order
-            res[k].append(loops[k]())
+            img_s, cpu_s = loops[k]()
+            res[k].append(img_s)
+            cpu[k].append(cpu_s)
     shutil.rmtree(tmp, ignore_errors=True)
 
     def ratio(a: str, b: str) -> float:
@@ -135,6 +140,13 @@ def main() -> None:
            "trainer_over_reference_pairwise_median": ratio("trainer", "reference"),
            "bare_over_reference_pairwise_median": ratio("bare", "reference"),
            **({"trainer_fsdp_over_trainer_pairwise_median": ratio("trainer_fsdp", "trainer")} if args.fsdp else {}),
+           # speed ratios from the training thread's CPU time per step: blind to other processes' load (the
+           # trainer's reader / prefetch thread is not counted: on a free core it overlaps the step)
+           **{f"{k}_thread_cpu_ms_per_step": round(1e3 * _median(v), 2) for k, v in cpu.items()},
+           "cpu_time_trainer_over_bare": round(_median(cpu["bare"]) / _median(cpu["trainer"]), 3),
+           "cpu_time_trainer_over_reference": round(_median(cpu["reference"]) / _median(cpu["trainer"]), 3),
+           **({"cpu_time_trainer_fsdp_over_trainer": round(_median(cpu["trainer"]) / _median(cpu["trainer_fsdp"]), 3)}
+              if args.fsdp else {}),
            "all": {k: [round(x, 1) for x in v] for k, v in res.items()},
            "load_start": load0, "load_end": os.getloadavg()}
     print(json.dumps(out))

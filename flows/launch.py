@@ -47,8 +47,12 @@ def run_streaming(
     log: Callable[[str], None],
     tail: int = 40,
     env: dict[str, str] | None = None,
+    cpus: Sequence[int] | None = None,
 ) -> None:
     """Run ``cmd``, passing every output line to ``log`` as it arrives; raise with the last ``tail`` lines on failure.
+
+    ``cpus``: pin the child to these cores (Linux; set right after it starts, before torchrun spawns its workers,
+    which inherit it). Elsewhere the child's ``OMP_NUM_THREADS`` (in ``env``) is the only bound.
 
     Raises:
         LaunchError: the child exited with a non-zero status (or was killed by a signal).
@@ -58,6 +62,8 @@ def run_streaming(
     with subprocess.Popen(
         list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=child_env
     ) as proc:
+        if cpus and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(proc.pid, set(cpus))
         try:
             for line in proc.stdout or ():
                 line = line.rstrip("\n")
@@ -96,8 +102,10 @@ def in_process(launch: dict) -> bool:
 
 
 def run_torchrun(launch: dict, module: str, module_args: Sequence[str], *, log: Callable[[str], None]) -> None:
-    """``python -m module module_args`` under torchrun as ``launch`` says, its output streamed to ``log``."""
+    """``python -m module module_args`` under torchrun as ``launch`` says, its output streamed to ``log``; a job
+    slot's ``launch`` (flows/slots.py) adds ``env`` (its GPUs, threads) and ``cpus`` (its cores)."""
     cmd = torchrun_command(module, module_args, nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
                            extra=launch["torchrun_args"])
-    log("launching " + " ".join(cmd))
-    run_streaming(cmd, log=lambda line: log(f"[torchrun] {line}"))
+    where = f" on cores {launch['cpus']}" if launch.get("cpus") else ""
+    log("launching " + " ".join(cmd) + where + "".join(f" {k}={v}" for k, v in launch.get("env", {}).items()))
+    run_streaming(cmd, log=lambda line: log(f"[torchrun] {line}"), env=launch.get("env"), cpus=launch.get("cpus"))

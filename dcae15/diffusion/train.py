@@ -18,7 +18,7 @@ from dcae15.diffusion.adt import ADTConfig, LossNorm, draw_mask, micro_loss
 from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
 from dcae15.diffusion.objectives import make_objective
 from dcae15.ema import EMA, decay_at
-from dcae15.lr_schedule import lr_at
+from dcae15.lr_schedule import SCHEDULES, lr_at
 from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
 from dcae15.typed_config import from_dict
 from storage.fingerprint import fingerprint, short_id
@@ -49,7 +49,10 @@ class DiffusionTrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    """Linear lr warm-up from 0; constant afterwards (DiT / U-ViT recipes)."""
+    """Linear lr warm-up from 0; then ``schedule``."""
+    schedule: str = "constant"
+    """After the warm-up: "constant" (the DiT / U-ViT recipes) or "cosine" (to 0 at ``steps``; ``steps`` is then
+    part of the run's identity: a longer run is another run)."""
     grad_clip: float = 1.0
     """Max global grad norm; 0 = no clipping (the norm is still logged)."""
     ema_decay: float = 0.9999
@@ -121,6 +124,8 @@ class DiffusionTrainConfig:
         if self.normalize not in ("scaling_factor", "channel_stats", "none"):
             raise ValueError(f"DiffusionTrainConfig.normalize={self.normalize!r}; allowed: "
                              "('scaling_factor', 'channel_stats', 'none')")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"DiffusionTrainConfig.schedule={self.schedule!r}; allowed: {SCHEDULES}")
         if self.mixed_precision not in ("bf16", "fp32"):
             raise ValueError(f"DiffusionTrainConfig.mixed_precision={self.mixed_precision!r}; allowed: ('bf16', 'fp32')")
 
@@ -139,8 +144,11 @@ class DiffusionTrainConfig:
     def identity(self) -> dict:
         """The fields that decide what the run computes (``storage.rundir.identity``): neither the operational
         ones (logging, checkpoint cadence, workers, sharding, compile, ...) nor ``steps`` (the lr schedule does not
-        depend on it, so a longer run continues the shorter one)."""
-        return identity(self, self.to_dict())
+        depend on it, so a longer run continues the shorter one) unless the cosine schedule depends on it."""
+        out = identity(self, self.to_dict(), keep_horizon=self.schedule == "cosine")
+        if out["schedule"] == "constant":
+            del out["schedule"]  # constant-lr runs keep the run ids they had before the field existed
+        return out
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -532,7 +540,8 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 loss += part.detach()
             gnorm = _clip_and_guard(model, optimizer, max_norm)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps)
+                g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                                total_steps=cfg.steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup))
@@ -554,7 +563,8 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 dt = time.perf_counter() - t_log
                 img_s = n_log * cfg.global_batch_size / dt
                 row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m,
-                       "lr": lr_at(step - 1, cfg.lr, warmup_steps=cfg.warmup_steps),
+                       "lr": lr_at(step - 1, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                                   total_steps=cfg.steps),
                        "c_prime": cp_m, "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time(),
                        # CPU time of the training thread per step: its host work on a GPU (must stay below the
                        # step time), everything on CPU; unlike img_per_s, blind to other processes' load

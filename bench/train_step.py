@@ -1,10 +1,15 @@
-"""Benchmark one diffusion training step (FSDP2, any preset): step time, img/s, tokens/s, MFU on GPU; ADT ratio.
+"""Benchmark the trainer's own diffusion step (FSDP2, any preset): median / p90 ms, img/s, MFU on GPU; ADT ratio.
+
+The timed step is ``dcae15.diffusion.train.TrainStep`` (device-generator noise, fused AdamW, fused clip + NaN
+guard, EMA); MFU = analytic FLOPs (``dcae15.models.flops``) x img/s / the dense bf16 datasheet peak (H100 / H200
+989 TFLOP/s) or ``--peak-tflops``; none on CPU.
 
 ``--overhead``: the trainer's img/s (``train_diffusion`` on a store: reader, prefetch, device noise, clipping,
 EMA, bookkeeping, async checkpoint) against a bare loop of the same model's forward + backward + AdamW step on the
-same device and batch, measured alternately in one process; the FLOPs formula checked against
-``torch.utils.flop_counter``; MFU (on CPU against this machine's measured fp32 GEMM rate); and a cProfile of the
-trainer's thread: the share of its time spent waiting for the next batch.
+same device and batch, measured alternately in one process; the analytic FLOPs checked against
+``torch.utils.flop_counter`` on a meta-device model; MFU on GPU (on CPU a labelled fraction of this machine's
+measured fp32 GEMM rate instead); and a cProfile of the trainer's thread: the share of its time spent waiting for
+the next batch.
 
 Examples:
     python bench/train_step.py --model DiT-tiny --batch 32 --latent 32 4 4            # CPU, ADT vs baseline
@@ -23,58 +28,100 @@ import time
 import torch
 import torch.distributed as dist
 
-from dcae15.diffusion.adt import ADTConfig, diffusion_loss
+from dcae15.accel import dense_bf16_peak_flops
 from dcae15.diffusion.objectives import make_objective
-from dcae15.diffusion.train import _flops_per_image, _init_distributed, train_flops_per_image
+from dcae15.diffusion.train import DiffusionTrainConfig, _flops_per_image, _init_distributed, train_flops_per_image
 from dcae15.models import build_model, model_config, preset
+from dcae15.models.flops import train_flops_per_image_analytic
 from dcae15.parallel import apply_parallelism
 
 
-def bench(model_name: str, batch: int, latent: tuple[int, int, int], adt: ADTConfig, *, steps: int, warmup: int,
-          compile: bool, ac: bool, device: torch.device, ws: int, peak: float | None) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
+def time_trainer_step(cfg, latent: tuple[int, int, int], device: torch.device, *, steps: int, warmup: int,
+                      peak: float | None, world_size: int = 1, deadline: float | None = None) -> dict:
+    """Time the trainer's own optimizer step (``TrainStep``: device-generator noise / t / dropout / c' draws, the
+    ADT loss, fused clip + NaN guard, fused AdamW, EMA) on a batch resident on the device, FSDP2-wrapped with the
+    trainer's policy (``cfg.compile`` / ``cfg.activation_checkpointing``).
+
+    Per step: device time from CUDA events (no host sync inside the timed loop; on CPU wall time), and the
+    training thread's CPU time (host work per step: what must stay below the device time). The first ``warmup``
+    steps are not timed; their extra time over the median is reported as ``compile_s`` (compile, autotuning).
+    MFU uses the analytic FLOPs (``dcae15.models.flops``) against ``peak`` (the dense bf16 datasheet peak).
+    ``deadline`` (``time.monotonic()``) stops the timed loop early (at least 2 steps).
+    """
+    from dcae15.diffusion.objectives import make_objective
+    from dcae15.diffusion.train import TrainStep, make_optimizer
+    from dcae15.ema import EMA
+    from dcae15.models.flops import train_flops_per_image_analytic
+    from dcae15.parallel import make_mesh
 
     c, h, w = latent
-    mcfg = model_config(model_name, in_channels=c, input_size=(h, w))
-    torch.manual_seed(0)
+    mcfg = model_config(cfg.model, in_channels=c, input_size=(h, w), patch_size=cfg.patch_size,
+                        **cfg.model_overrides)
+    batch = cfg.global_batch_size // world_size
+    torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
-    apply_parallelism(model, mesh=init_device_mesh(device.type, (ws,)), device=device, mixed_precision="bf16",
-                      activation_checkpointing=ac, compile=compile)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    obj = make_objective(preset(model_name).objective)
-    chans = adt.resolve(c) if adt.enabled else [c]
-    gen = torch.Generator().manual_seed(0)
+    sharded = world_size > 1 or cfg.fsdp_one_rank  # as the trainer: one rank trains the plain module
+    apply_parallelism(model, mesh=make_mesh(device, world_size) if sharded else None, device=device,
+                      mixed_precision=cfg.mixed_precision, activation_checkpointing=cfg.activation_checkpointing,
+                      compile=cfg.compile, shard=sharded)
+    opt = make_optimizer(model, cfg)
+    chans = cfg.adt.resolve(c) if cfg.adt.enabled else [c]
+    gen = torch.Generator(device=device).manual_seed(0)
+    step_fn = TrainStep(model, opt, EMA(model), make_objective(cfg.objective_name), gen, cfg, chans,
+                        mcfg.num_classes, c, 1, device, sharded=sharded)
     x0 = torch.randn(batch, c, h, w, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    times = []
-    if device.type == "cuda":
+    y = torch.randint(0, mcfg.num_classes, (batch,), device=device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        x_t, t, tgt = obj.prepare(x0, noise, torch.rand(batch, generator=gen).to(device))
-        loss, _ = diffusion_loss(model, x_t, t, y, tgt, adt, chans, gen)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step = sorted(times)[len(times) // 2]  # median
-    img_s = batch * ws / step
-    passes = 2 if adt.enabled and adt.include_full else 1
-    out = {"model": model_name, "params_M": round(n_params / 1e6, 2), "batch_per_rank": batch, "latent": latent,
-           "adt": "off" if not adt.enabled else f"{adt.mode}{'+full' if adt.include_full else ''}",
-           "step_s": round(step, 5), "steps_per_s": round(1 / step, 2), "img_per_s": round(img_s, 1),
-           "tokens_per_s": round(img_s * h * w), "compile": compile, "device": str(device)}
-    if device.type == "cuda":
-        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step_fn(x0, y, i)
+    if cuda:
+        torch.cuda.synchronize(device)
+    warm_s = time.perf_counter() - t0
+    times, host = [], []
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)] \
+        if cuda else []
+    for i in range(steps):
+        if deadline is not None and i >= 2 and time.monotonic() > deadline:
+            break
+        c0, w0 = time.thread_time(), time.perf_counter()
+        if cuda:
+            events[i][0].record()
+        loss, _, _ = step_fn(x0, y, warmup + i)
+        if cuda:
+            events[i][1].record()
+        else:
+            times.append(time.perf_counter() - w0)
+        host.append(time.thread_time() - c0)
+    if cuda:
+        torch.cuda.synchronize(device)
+        times = [a.elapsed_time(b) / 1e3 for a, b in events[:len(host)]]
+    med, p90 = quantile(times, 0.5), quantile(times, 0.9)
+    img_s = batch * world_size / med
+    passes = 2 if cfg.adt.enabled and cfg.adt.include_full else 1
+    flops = train_flops_per_image_analytic(mcfg, passes)
+    out = {"model": cfg.model, "params_M": round(n_params / 1e6, 2), "batch": cfg.global_batch_size,
+           "batch_per_rank": batch, "latent": list(latent), "patch": cfg.patch_size, "compile": cfg.compile,
+           "activation_checkpointing": cfg.activation_checkpointing,
+           "adt": "off" if not cfg.adt.enabled else f"{cfg.adt.mode}{'+full' if cfg.adt.include_full else ''}",
+           "steps_timed": len(times), "median_ms": round(1e3 * med, 3), "p90_ms": round(1e3 * p90, 3),
+           "img_per_s": round(img_s, 1), "host_ms_per_step": round(1e3 * quantile(host, 0.5), 3),
+           "compile_s": round(max(0.0, warm_s - warmup * med), 2), "train_gflop_per_img": round(flops / 1e9, 3),
+           "loss_finite": bool(torch.isfinite(loss)), "device": str(device)}
+    if cuda:
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if peak:
-        out["mfu"] = round(img_s * train_flops_per_image(mcfg, batch, passes) / (peak * ws), 4)
+        out["mfu"] = round(img_s * flops / (peak * world_size), 4)
     return out
+
+
+def quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
 SIZES = {"S": {"hidden": 384, "depth": 12, "heads": 6}, "B": {"hidden": 768, "depth": 12, "heads": 12}}
@@ -249,8 +296,6 @@ def gemm_flops(device: torch.device, n: int = 1024, reps: int = 5) -> float:
 def overhead(args) -> None:
     import tempfile
 
-    from torch.utils.flop_counter import FlopCounterMode
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads or 1)
     overrides = SIZES.get(args.size, {})
@@ -258,14 +303,12 @@ def overhead(args) -> None:
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     store = synthetic_store(os.path.join(tmp, "store"), max(2048, 4 * args.batch), latent)
     mcfg = model_config(args.model, in_channels=latent[0], input_size=latent[1:], num_classes=10, **overrides)
-    # FLOPs: the trainer's formula vs torch's counter on one forward + backward.
-    m = build_model(mcfg)
-    n_params = sum(p.numel() for p in m.parameters())
-    with FlopCounterMode(display=False) as fc:
-        x = torch.randn(args.batch, *latent)
-        m(x, torch.full((args.batch,), 500.0), torch.zeros(args.batch, dtype=torch.long)).square().mean().backward()
-    counted = fc.get_total_flops() / args.batch  # on real tensors
-    trainer_flops = train_flops_per_image(mcfg, args.batch)  # what the trainer's MFU uses (meta device)
+    # FLOPs: the closed form (instant at any size; counting a real forward + backward of DiT-XL on CPU took tens
+    # of minutes) vs torch's counter on a meta-device model (what the trainer logs) and the 6NT rule of thumb.
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in build_model(mcfg).parameters())
+    counted = train_flops_per_image_analytic(mcfg)
+    trainer_flops = train_flops_per_image(mcfg, args.batch)
     formula = _flops_per_image(mcfg, latent[1] * latent[2], n_params, 1)
     bare, trainer, bare_cpu, trainer_cpu = [], [], [], []
     for i in range(args.repeats):  # alternate (and swap the order), so the machine's load hits both alike
@@ -284,13 +327,15 @@ def overhead(args) -> None:
     b, t = sorted(bare)[len(bare) // 2], sorted(trainer)[len(trainer) // 2]
     parts = per_parameter_work(mcfg, device)
     parts["bare_step_ms"] = round(1e3 * args.batch / b, 1)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else gemm_flops(device)
-    if device.type == "cuda":
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else dense_bf16_peak_flops(device)
+    if peak:  # MFU against the dense bf16 datasheet peak (or --peak-tflops)
         mfu = {"mfu_trainer": round(t * counted / peak, 4), "mfu_bare": round(b * counted / peak, 4)}
-    else:  # per CPU second of the training thread, against the GEMM rate per CPU second: load-independent
+    else:  # CPU: no datasheet peak; a fraction of this machine's measured fp32 GEMM rate per CPU second of the
+        # training thread (load-independent), labelled as such: not an MFU
+        peak = gemm_flops(device)
         tc, bc = (sorted(v)[len(v) // 2] for v in (trainer_cpu, bare_cpu))
-        mfu = {"mfu_trainer_cpu_time": round(args.batch * counted / tc / peak, 4),
-               "mfu_bare_cpu_time": round(args.batch * counted / bc / peak, 4)}
+        mfu = {"gemm_fraction_trainer_cpu_time": round(args.batch * counted / tc / peak, 4),
+               "gemm_fraction_bare_cpu_time": round(args.batch * counted / bc / peak, 4)}
     out = {"model": args.model + (f" ({args.size} width)" if overrides else ""), "params_M": round(n_params / 1e6, 2),
            "batch": args.batch, "latent": latent, "device": str(device), "threads": torch.get_num_threads(),
            "bare_img_s": round(b, 1), "trainer_img_s": round(t, 1), "trainer_over_bare": round(t / b, 3),
@@ -303,10 +348,11 @@ def overhead(args) -> None:
            "trainer_thread_cpu_ms_per_step": round(1e3 * sorted(trainer_cpu)[len(trainer_cpu) // 2], 2),
            "cpu_time_ratio_bare_over_trainer": round(sorted(bare_cpu)[len(bare_cpu) // 2]
                                                      / sorted(trainer_cpu)[len(trainer_cpu) // 2], 3),
-           "flops_per_img_trainer": trainer_flops, "flops_per_img_counted": counted,
-           "trainer_over_counted": round(trainer_flops / counted, 4),
-           "rule_of_thumb_6NT_over_counted": round(formula / counted, 3),
-           "peak_flops": peak, "peak_source": "--peak-tflops" if args.peak_tflops else "measured fp32 GEMM",
+           "flops_per_img_analytic": counted, "flops_per_img_counter_meta": trainer_flops,
+           "counter_over_analytic": round(trainer_flops / counted, 4),
+           "rule_of_thumb_6NT_over_analytic": round(formula / counted, 3),
+           "peak_flops": peak, "peak_source": "--peak-tflops" if args.peak_tflops else (
+               "datasheet dense bf16" if dense_bf16_peak_flops(device) else "measured fp32 GEMM")
            **mfu, **prof, **parts,
            "load": os.getloadavg()}
     print(json.dumps(out))
@@ -335,18 +381,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, ws, device, _ = _init_distributed()
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (989e12 if device.type == "cuda" and any(
-        k in torch.cuda.get_device_name(device) for k in ("H100", "H200")) else None)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else dense_bf16_peak_flops(device)
     results = []
     for mode in args.modes.split(","):
-        adt = ADTConfig(enabled=False) if mode == "off" else ADTConfig(mode=mode.split("+")[0],
-                                                                        include_full=mode.endswith("+full"))
-        results.append(bench(args.model, args.batch, tuple(args.latent), adt, steps=args.steps, warmup=args.warmup,
-                             compile=args.compile, ac=args.ac, device=device, ws=ws, peak=peak))
-    base = results[0]["step_s"]
+        adt = {"enabled": False} if mode == "off" else {"mode": mode.split("+")[0],
+                                                         "include_full": mode.endswith("+full")}
+        cfg = DiffusionTrainConfig(model=args.model, global_batch_size=args.batch * ws, adt=adt,
+                                   compile=args.compile, activation_checkpointing=args.ac, progress=False)
+        results.append(time_trainer_step(cfg, tuple(args.latent), device, steps=args.steps, warmup=args.warmup,
+                                         peak=peak, world_size=ws))
+    base = results[0]["median_ms"]
     if rank == 0:
         for r in results:
-            r["step_time_ratio_vs_first"] = round(r["step_s"] / base, 3)
+            r["step_time_ratio_vs_first"] = round(r["median_ms"] / base, 3)
+            r["load"] = os.getloadavg()
             print(json.dumps(r))
     dist.destroy_process_group()
 

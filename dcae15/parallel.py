@@ -7,7 +7,10 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["apply_parallelism", "autocast", "default_device", "local_device", "make_mesh", "mixed_precision_policy"]
+from dcae15.accel import compile_backend, gpu_branches
+
+__all__ = ["apply_parallelism", "checkpoint_block", "default_device", "forward_inputs_seen", "local_device",
+           "make_mesh", "mixed_precision_policy"]
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -46,63 +49,93 @@ def make_mesh(device: torch.device, world_size: int, shard_size: int | None = No
     return init_device_mesh(device.type, (world_size // s, s), mesh_dim_names=("replicate", "shard"))
 
 
-def mixed_precision_policy(device: torch.device, mixed_precision: str):
-    """bf16 params / fp32 gradient reduction on GPU ('bf16'); plain fp32 everywhere else."""
+def mixed_precision_policy(device: torch.device, mixed_precision: str, *, root: bool = False):
+    """bf16 params / fp32 gradient reduction ('bf16') where the GPU branches are taken (``dcae15.accel``); plain
+    fp32 everywhere else.
+
+    ``root=True`` gives the root module's policy: it does not cast the forward inputs. FSDP2's root hook would
+    otherwise turn the float timesteps into bf16 before the model embeds them (t = 997 -> 996, 999 -> 1000: a grid
+    of 4 above 512); the model casts its image input to its parameters' dtype itself, and each block still casts
+    its (already bf16) inputs.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if mixed_precision not in ("bf16", "fp32"):
         raise ValueError(f"mixed_precision={mixed_precision!r}; allowed: ('bf16', 'fp32')")
-    if mixed_precision == "bf16" and device.type == "cuda":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if mixed_precision == "bf16" and gpu_branches(device):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=not root)
     return MixedPrecisionPolicy()  # CPU: bf16 matmuls are slow and gloo reduces fp32 anyway
+
+
+def checkpoint_block(block: nn.Module) -> nn.Module:
+    """Recompute ``block``'s activations in the backward pass, in place: its forward runs inside a non-reentrant
+    ``torch.utils.checkpoint`` (what torchtitan's ``checkpoint_wrapper`` does), which ``torch.compile`` traces into
+    the block's graph; unlike a wrapper module, parameter names (and so checkpoints and EMA keys) do not change."""
+    from torch.utils.checkpoint import checkpoint
+
+    if getattr(block, "_dcae15_checkpointed", False):
+        return block
+    inner = block.forward  # the bound method of the class
+
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward
+    block._dcae15_checkpointed = True
+    return block
 
 
 def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_precision: str = "bf16",
                       activation_checkpointing: bool = False, compile: bool = False, shard: bool = True) -> nn.Module:
     """Shard ``model`` with FSDP2 in place and return it (``shard=False``: checkpointing and compile only).
 
-    Order (torchtitan): activation checkpointing -> compile -> ``fully_shard`` each block -> ``fully_shard`` root.
-    All three keep parameter names unchanged (composable checkpoint, in-place ``Module.compile``), so checkpoints
-    load into an unsharded model for sampling.
+    Order (torchtitan): activation checkpointing of each block -> ``torch.compile`` of each block with
+    ``fullgraph=True`` (a graph break inside a block is an error, not a silent slowdown) -> ``fully_shard`` each
+    block -> ``fully_shard`` root. All three keep parameter names unchanged (``checkpoint_block``, in-place
+    ``Module.compile``), so checkpoints load into an unsharded model for sampling. FSDP2's hooks stay outside the
+    compiled graphs (dynamo skips them).
 
     Args:
         model: a backbone exposing ``blocks_to_shard`` (its transformer blocks).
         mesh: a 1-D ``DeviceMesh`` over all ranks (FSDP) or a 2-D ``(replicate, shard)`` one (HSDP), see
             ``make_mesh``.
         device: where the parameters live.
-        mixed_precision: 'bf16' (bf16 params, fp32 reduce; GPU only) or 'fp32'.
+        mixed_precision: 'bf16' (bf16 params, fp32 reduce; GPU branches only) or 'fp32'.
         activation_checkpointing: recompute each block's activations in the backward pass.
-        compile: ``torch.compile`` each block.
+        compile: ``torch.compile`` each block (backend ``dcae15.accel.compile_backend()``).
         shard: wrap with FSDP2. False leaves plain parameters (one rank: FSDP2's per-block hooks cost more than
-            a small model's compute, bench/RESULTS.md); ``mesh`` and ``mixed_precision`` are then unused and a
-            bf16 run autocasts instead (``autocast``).
+            a small model's compute, bench/RESULTS.md); ``mesh`` and ``mixed_precision`` are then unused (the
+            trainer autocasts a bf16 run instead).
     """
     from torch.distributed.fsdp import fully_shard
 
     blocks = list(model.blocks_to_shard)
     if activation_checkpointing:
-        from torch.distributed._composable import checkpoint
-
         for blk in blocks:
-            checkpoint(blk)
+            checkpoint_block(blk)
     if compile:
+        backend = compile_backend()
         for blk in blocks:
-            blk.compile()
+            blk.compile(fullgraph=True, backend=backend)
     if not shard:
         return model
     mp = mixed_precision_policy(device, mixed_precision)
     for i, blk in enumerate(blocks):
         # The last block's params are needed right away in backward: keep them gathered after forward.
         fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mixed_precision_policy(device, mixed_precision, root=True))
     return model
 
 
-def autocast(device: torch.device, mixed_precision: str, sharded: bool):
-    """The forward's autocast context: bf16 on GPU for an unsharded bf16 run (what FSDP2's policy does for a
-    sharded one, whose forward then needs none); a no-op otherwise (CPU always runs fp32)."""
-    import contextlib
-
-    if not sharded and mixed_precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@torch.no_grad()
+def forward_inputs_seen(model: nn.Module, *args) -> tuple:
+    """Run ``model(*args)`` once and return the positional inputs its ``forward`` received, after every forward
+    pre-hook (FSDP2's casts included): what a sharded model really computes with (``bench/gpu_check.py``, tests)."""
+    seen: list = []
+    handle = model.register_forward_pre_hook(lambda _m, a: seen.append(tuple(a)))  # runs after FSDP2's (prepended)
+    try:
+        model(*args)
+    finally:
+        handle.remove()
+    return seen[0]

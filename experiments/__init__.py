@@ -1,1 +1,1 @@
-"""Experiments that check the paper's claims with the project's own code (see experiments/RESULTS.md)."""
+"""Experiments that check the paper's claims with the project's own code (see experiments/RESULTS.md: issue 21's channel sweep; RESULTS-learns.md: the f4c8 setting)."""

@@ -16,7 +16,7 @@ resume inside a stage, so killing the process and rerunning continues):
 6. dit-*      the same tiny backbone (the scale's: SiT-tiny by default) trained 4 ways (plain/structured AE x
               without/with ADT) per seed, then proxy-FID and class accuracy of its EMA weights at every checkpoint
    ae-*-a<s>, recon-*-a<s>   extra AE seeds (Scale.ae_seeds): the Figure 3 / Table 1 spread
-7. report     tables, PNG figures and RESULTS.md with the verdicts against the issue's targets
+7. report     tables, PNG figures and RESULTS-<scale>.md with the verdicts against the issue's targets
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Scale:
     resolution: int = 32
     look: dict = field(default_factory=lambda: {"texture": 1.0, "noise": 6.0, "scale": (0.22, 0.38)})
     """Synthetic dataset look (``storage.synthetic.make_shapes_dataset`` options). The original full-detail look,
-    which the committed RESULTS.md was measured on; the demo's learnable look (configs/demo.yaml) is texture 0.1,
+    which the ``small`` scale's report was measured on; the demo's learnable look (configs/demo.yaml) is texture 0.1,
     noise 2, scale (0.36, 0.48), flat background, jitter 0.3."""
     ae_preset: str = "tiny-f8c32"
     """tiny-f8c32 at 32 px -> 32x4x4 latents (c / (h*w) = 2, as f32c128 at 256 px: 128x8x8)."""
@@ -110,7 +110,7 @@ SCALES: dict[str, Scale] = {
     # The default (issue 12): the demo's setting that learns. 3072 images at 32 px in the demo's look; two f4c8
     # AEs (8x8x8 latents, c' list 2..8) trained as the demo's (1600 steps, lr 2e-3, warm-up + cosine); SiT-tiny
     # (flow matching, 2x2 patches = 16 tokens, label embedding std 1, lr 2e-3, EMA 0.99) x 4 variants x 3 seeds,
-    # scored at 4 checkpoints with Heun + CFG as the demo samples. Cost: see RESULTS.md (stage times).
+    # scored at 4 checkpoints with Heun + CFG as the demo samples. Cost: see RESULTS-learns.md (stage times).
     "learns": Scale(per_class=384, look=LEARNABLE_LOOK, ae_preset="tiny-f4c8", ae_steps=1600, ae_batch=32, ae_lr=2e-3,
                     ae_warmup=100, ae_schedule="cosine", ae_seeds=(1, 2), ft_channels=(2, 4, 6), ft_steps=400,
                     ft_lr=5e-4, proxy_epochs=10,
@@ -320,8 +320,10 @@ def variant_name(kind: str, adt: bool, seed: int) -> str:
 
 
 def _dit(root: Path, sc: Scale, store: dict, kind: str, adt: bool, seed: int, channels: list[int],
-         threads: int) -> dict:
-    """Train one DiT variant (resumes), then proxy-FID of every checkpoint (each cached in its own file)."""
+         threads: int, name: str | None = None) -> dict:
+    """Train one DiT variant (resumes), then proxy-FID of every checkpoint (each cached in its own file).
+
+    ``name`` names the run and its evaluation folder (default: the variant's name)."""
     import numpy as np
     import torch
 
@@ -334,7 +336,7 @@ def _dit(root: Path, sc: Scale, store: dict, kind: str, adt: bool, seed: int, ch
     from experiments.recon import ProxyPerceptual
     from storage.latent_store import LatentStore
 
-    name = variant_name(kind, adt, seed)
+    name = name or variant_name(kind, adt, seed)
     run_url = str(root / "runs" / "diffusion" / name)
     cfg = DiffusionTrainConfig(model=sc.dit_model, model_overrides=dict(sc.dit_overrides), patch_size=sc.dit_patch,
                                global_batch_size=sc.dit_batch, steps=sc.dit_steps, lr=sc.dit_lr,
@@ -381,7 +383,7 @@ def _structure_eval(root: Path, sc: Scale, ds_url: str, aes: dict) -> dict:
     """A second, blur-robust scorer: the proxy classifier trained at half the resolution (16 px at 32 px), so its
     features describe object shape and colour rather than fine texture. Scores the saved samples of every
     checkpoint and each AE's own reconstructions (the floor). Added after the full-resolution proxy turned out
-    unable to recognise even the AEs' reconstructions (accuracy at chance; see RESULTS.md)."""
+    unable to recognise even the AEs' reconstructions (accuracy at chance; see RESULTS-small.md in git history)."""
     import numpy as np
 
     from dcae15.metrics.proxy import ProxyConfig, proxy_extractor

@@ -242,3 +242,22 @@ def reference_progress(dataset: str, extractor_label: str) -> Iterator[Progress]
                         f"reference statistics of {dataset} ({extractor_label})")
     yield progress
     progress.update(1, 1)
+
+
+def publish_requests(what: str, artifact_id: str, counts: dict[str, int], *, failed: bool = False) -> None:
+    """The stage's object-storage requests and retries (storage/retries.py): its log line and a markdown artifact
+    ``requests-<what>-<id>``; nothing when it made no object-storage request."""
+    from storage.retries import describe
+
+    if not counts.get("requests"):
+        return
+    line = f"{what} {artifact_id}: {describe(counts)}" + (" before it failed (a rerun resumes)" if failed else "")
+    get_run_logger().info(line)
+    try:
+        create_markdown_artifact(
+            markdown=f"**{what}** `{artifact_id}`\n\n| requests | retried |\n|---|---|\n"
+                     f"| {counts['requests']} | {counts['retried']} |" + ("\n\nthe stage failed" if failed else ""),
+            key=artifact_key("requests", what, artifact_id),
+            description=f"dcae15 object-storage requests of {what} {artifact_id}")
+    except Exception as exc:  # noqa: BLE001 - reporting must not fail the stage
+        _warn("request counts", exc)

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import names
 from flows.artifacts import publish_pointer
+from flows.claims import ae_run_key, artifact_stage
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.pointers import describe_ae, describe_dataset
@@ -17,6 +18,7 @@ __all__ = ["fit_autoencoder", "train_autoencoder"]
 
 
 @task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json")
+@artifact_stage(ae_run_key)  # one writer per AE run (flows/claims.py)
 def fit_autoencoder(root: str, dataset: dict[str, Any], phase: dict[str, Any], chain_fingerprint: str,
                     init: dict[str, Any] | None, launch: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one phase of the recipe; returns a pointer to the phase's saved model.

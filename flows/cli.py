@@ -34,6 +34,31 @@ def _backbone_names() -> list[str]:
     return sorted(PRESETS)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 207,360, got {text!r}") from None
+
+
+def _float_pair(text: str) -> list[float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI like 0.1,0.7, got {text!r}") from None
+    return [lo, hi]
+
+
+_SAMPLE_FLAGS = {"num_samples": "num_samples", "sampler": "sampler", "steps": "steps", "classes": "classes",
+                 "cfg": "cfg_scale", "guidance_interval": "guidance_interval", "labels": "labels", "seed": "seed",
+                 "grid": "grid", "png_dir": "png_dir"}  # `dcae15 sample` flag -> sample section field
+
+
+def sample_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``sample`` section fields that ``dcae15 sample``'s flags set (only the flags given)."""
+    return {field: getattr(args, flag) for flag, field in _SAMPLE_FLAGS.items() if getattr(args, flag) is not None}
+
+
 def _parse_set(items: list[str]) -> dict[str, Any]:
     """``--set section.field=value`` (YAML value) into a nested overrides dict."""
     out: dict[str, Any] = {}
@@ -86,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "seconds when rerun)", aliases=("demo",))
     p.add_argument("--backbones", nargs="+", choices=backbones, metavar="NAME",
                    help=f"backbone presets to train on the one store (default: the config's). Choices: {', '.join(backbones)}")
+    p = add("rehearse", "the ImageNet job rehearsed on this machine: --config rehearsal (configs/imagenet.yaml with "
+                        "sizes reduced) on a generated ImageNet-shaped tree (1000 wnid folders of JPEGs, a few odd "
+                        "files) with stand-in weight files; prints each stage's time and peak RSS")
+    p.set_defaults(config="rehearsal")
+    p.add_argument("--per-class", type=int, default=1, help="JPEGs per wnid folder (default 1: 1000 images + 5 odd)")
     add("prepare", "generate (or take --set data.source=URL) images and pack them into shards + an index")
     p = add("train-ae", "train the structured autoencoder on a packed dataset: the config's phases, each cached and "
                         "resumable (in-process, or torchrun when asked)")
@@ -108,10 +138,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", "sample a trained run into a sample store (resumes per unit)")
     p.add_argument("--run", required=True, help="URL of a diffusion run directory (<root>/runs/diffusion/<run_id>)")
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
+    # each flag is a field of the config's sample section (the same names in YAML / --set sample.<field>=...)
+    p.add_argument("--num-samples", type=int, default=None, help="sample.num_samples (50000 for FID-50K)")
+    p.add_argument("--sampler", default=None, help="sample.sampler (ddpm/ddim, euler/heun/dopri5)")
+    p.add_argument("--steps", type=int, default=None, help="sample.steps")
+    p.add_argument("--classes", type=_int_list, default=None, metavar="C,C,...",
+                   help="sample.classes: class ids to sample, e.g. 207,360,387 (default: all)")
+    p.add_argument("--cfg", type=float, default=None, help="sample.cfg_scale (1.0 = no guidance)")
+    p.add_argument("--guidance-interval", type=_float_pair, default=None, metavar="LO,HI",
+                   help="sample.guidance_interval: apply CFG only for t in [LO, HI] (1 = noise), e.g. 0.1,0.7")
+    p.add_argument("--labels", choices=("uniform", "balanced", "given"), default=None,
+                   help="sample.labels: uniform (FID protocol), balanced, or given (exactly --classes, in order)")
+    p.add_argument("--seed", type=int, default=None, help="sample.seed")
+    p.add_argument("--grid", default=None, metavar="PNG", help="sample.grid: also write a grid (a row per class)")
+    p.add_argument("--png-dir", default=None, metavar="DIR", help="sample.png_dir: also write <index>.png files")
     p = add("evaluate", "score a sample store against the real data and append rows to the results table <root>/eval/results/")
     p.add_argument("--samples", required=True, help="URL of a sample store")
     p.add_argument("--dataset", required=True, help="URL of the packed dataset the run was trained on")
     add("evaluate-new", "scan <root>/runs/diffusion and score every checkpoint without a result row")
+    p = add("export-npz", "write a complete sample store as an ADM-layout .npz (arr_0 uint8 N×H×W×3, arr_1 labels) "
+                          "for openai/guided-diffusion's evaluator; starts no Prefect API")
+    p.add_argument("--samples", required=True, help="URL of a complete sample store (<root>/samples/<id>)")
+    p.add_argument("--out", required=True, help="the .npz file to write (local path or URL)")
+    p = add("export", "write a run's EMA weights (or --raw) as one .safetensors file with the model config in its "
+                      "metadata (+ <out>.json); starts no Prefect API")
+    p.add_argument("--run", required=True, help="URL of a diffusion run directory")
+    p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", dest="ema", action="store_true", default=True, help="the EMA weights (default)")
+    weights.add_argument("--raw", dest="ema", action="store_false", help="the raw (non-EMA) weights")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p = add("convert-ae", "convert an official efficientvit / DC-Gen DC-AE checkpoint (DC-AE 1.0 or 1.5) into a "
+                          "diffusers-format directory dcae15 (and diffusers) loads; starts no Prefect API")
+    p.add_argument("--checkpoint", required=True, help="model.safetensors / .pt, or the folder holding model.safetensors")
+    p.add_argument("--preset", required=True,
+                   help="architecture: dc-ae-1.5-f32c128, dc-ae-1.5-f64c128, dc-ae-f32c32-in-1.0 or one of our presets")
+    p.add_argument("--out", required=True, help="the directory to write (config.json + diffusion_pytorch_model.safetensors)")
+    p.add_argument("--scaling-factor", type=float, default=None, help="record this scaling factor (default: the preset's)")
+    p = add("export-ae", "save an autoencoder with the scaling factor its latent store measured (diffusers' "
+                         "config.json then carries it); starts no Prefect API")
+    p.add_argument("--ae", required=True, help="URL of the autoencoder (save_pretrained directory)")
+    p.add_argument("--store", required=True, help="URL of a latent store encoded with it")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p = add("score-npz", "FID / sFID / IS / precision / recall of an ADM sample batch (.npz) against an ADM reference "
+                         "batch, with the Inception network from local weights; starts no Prefect API")
+    p.add_argument("samples", help="ADM sample batch (.npz with arr_0), e.g. from export-npz or another project")
+    p.add_argument("--reference", required=True, help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument("--inception-weights", default=None,
+                   help="weights-inception-2015-12-05-6726825d.pth (default: $DCAE15_WEIGHTS, the torch hub cache)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=64)
     add("results", "print the results table (and list the plots) under <root>/eval; starts no Prefect API")
     return parser
 
@@ -146,11 +222,22 @@ def _run(args: argparse.Namespace) -> Any:
     overrides = _parse_set(args.set)
     if args.root:
         overrides["root"] = args.root
+    if args.command == "sample":  # the flags are sample-section fields, validated with the rest of the config
+        overrides["sample"] = {**overrides.get("sample", {}), **sample_overrides(args)}
     try:
         cfg = load_config(args.config, overrides)  # fail fast on a bad config, before Prefect starts
     except ValueError as exc:
         raise SystemExit(f"dcae15 {args.command}: config error: {exc}") from None
     root = local_root(cfg.root)
+    if args.command == "rehearse":  # the tree and the weight files, then the same config pointed at them
+        import os
+
+        from flows.rehearsal import prepare_rehearsal
+
+        made = prepare_rehearsal(root, per_class=args.per_class, size=cfg.resolution)
+        os.environ["DCAE15_WEIGHTS"] = made["weights"]
+        overrides.setdefault("data", {})["source"] = made["source"]
+        cfg = load_config(args.config, overrides)
     apply_prefect_defaults(root)
     apply_cpu_defaults()
 
@@ -162,7 +249,7 @@ def _run(args: argparse.Namespace) -> Any:
     from flows.pipeline import run_pipeline
     from flows.prepare import prepare_images
     from flows.sample import sample_run
-    from flows.score_checkpoints import evaluate_new_checkpoints
+    from flows.score_checkpoints import evaluate_checkpoint, evaluate_new_checkpoints
     from storage.layout import Root
 
     storage = result_storage_for(args.results or Root(root).prefect_results())
@@ -172,6 +259,12 @@ def _run(args: argparse.Namespace) -> Any:
         return flow_obj.with_options(result_storage=storage)(root=root, config=config, **kw)
 
     c = args.command
+    if c == "rehearse":
+        from flows.rehearsal import run_rehearsal
+
+        out, _, table = run_rehearsal(lambda: call(run_pipeline), root, lambda **kw: evaluate_checkpoint.with_options(
+            result_storage=storage)(**kw))
+        return {**out, "stages": table}
     if c in ("demo", "pipeline"):
         return _pipeline_or_shortcut(args, root, config, lambda: call(run_pipeline, backbones=args.backbones))
     if c == "prepare":
@@ -222,19 +315,75 @@ def _results(args: argparse.Namespace) -> None:
     _print_outputs(outputs_summary(root))
 
 
+def _export_npz(args: argparse.Namespace) -> dict[str, Any]:
+    from dcae15.metrics.adm import export_npz
+
+    return export_npz(args.samples, args.out)
+
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from dcae15.diffusion.export import export_weights
+
+    return {"out": args.out, **export_weights(args.run, args.out, checkpoint=args.checkpoint, ema=args.ema)}
+
+
+def _convert_ae(args: argparse.Namespace) -> dict[str, Any]:
+    from dcae15.ae.convert import from_efficientvit
+
+    ae = from_efficientvit(args.checkpoint, args.preset)
+    ae.save_pretrained(args.out, scaling_factor=args.scaling_factor)
+    return {"out": args.out, "preset": ae.config.name, "fingerprint": ae.fingerprint(),
+            "scaling_factor": args.scaling_factor or ae.scaling_factor}
+
+
+def _export_ae(args: argparse.Namespace) -> dict[str, Any]:
+    from dcae15.ae.convert import save_with_store_scaling
+
+    return {"out": args.out, "scaling_factor": save_with_store_scaling(args.ae, args.store, args.out)}
+
+
+def _score_npz(args: argparse.Namespace) -> dict[str, Any]:
+    from dcae15.metrics.adm import adm_reference
+    from dcae15.metrics.fidelity import generation_metrics, inception_extractor
+
+    extractor = inception_extractor(args.inception_weights)
+    ref = adm_reference(args.reference, extractor, batch_size=args.batch_size, device=args.device)
+    values = generation_metrics(args.samples, ref, extractor=extractor, batch_size=args.batch_size,
+                                device=args.device)
+    return {"samples": args.samples, "reference": ref.describe(), "feature_extractor": extractor.label,
+            "extractor_fingerprint": extractor.fingerprint, **values}
+
+
+_LIBRARY_COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "export-npz": _export_npz, "export": _export, "score-npz": _score_npz, "convert-ae": _convert_ae,
+    "export-ae": _export_ae,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dcae15`` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "results":
         _results(args)
         return 0
+    if args.command in _LIBRARY_COMMANDS:  # plain library calls: no config, no Prefect
+        print(json.dumps(_LIBRARY_COMMANDS[args.command](args), indent=2, default=str))
+        return 0
     t0 = time.perf_counter()
-    out = _run(args)
-    if args.command in ("demo", "pipeline"):
+    from storage.lease import ClaimHeldError
+
+    try:
+        out = _run(args)
+    except ClaimHeldError as exc:  # another live job writes the same artifact: one line, no traceback
+        print(f"dcae15 {args.command}: {exc}", file=sys.stderr)
+        return 3
+    if args.command in ("demo", "pipeline", "rehearse"):
         if isinstance(out, dict) and "in the flow" in out.get("stage_seconds", {}):
             out["stage_seconds"]["Prefect start, imports, exit"] = round(
                 time.perf_counter() - t0 - out["stage_seconds"]["in the flow"], 1)
         _print_outputs(out)
+        if "stages" in out:
+            print("\n=== stages: wall time and peak RSS (this process and its children) ===\n" + out["stages"])
     else:
         print(json.dumps(out, indent=2, default=str))
     print(f"\ndcae15 {args.command}: done in {time.perf_counter() - t0:.1f} s")

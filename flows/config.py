@@ -22,6 +22,7 @@ from dcae15.ae.recon_eval import ReconEvalConfig
 from dcae15.ae.train import AETrainConfig
 from dcae15.diffusion.train import DiffusionTrainConfig
 from dcae15.metrics.proxy import ProxyConfig
+from dcae15.tracking import TrackingConfig
 from dcae15.typed_config import check_fields, check_kwargs, from_dict
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "EvalSection",
     "PipelineConfig",
     "load_config",
+    "read_raw_config",
     "resolve_config_path",
 ]
 
@@ -96,19 +98,31 @@ class LaunchFields:
     """Extra torchrun arguments passed through (``--rdzv-endpoint``, ``--node-rank``, ...)."""
     launcher: str = "auto"
     """``auto`` (in-process for one process), ``inprocess`` or ``torchrun``."""
+    node_launcher: str = "self"
+    """With ``nnodes`` > 1, who starts each node's ``torchrun`` (c10d rendezvous, see ``flows.launch``): ``srun``
+    (from inside a SLURM allocation: deploy/sbatch-pipeline.sh), ``local`` (all nodes on this machine, on loopback:
+    tests and rehearsals) or ``self`` (this flow run is one node; every node's run names the same
+    ``rdzv_endpoint``)."""
+    rdzv_endpoint: str | None = None
+    """``HOST:PORT`` of the c10d rendezvous; None = this host:29500 (srun) or a free loopback port (local)."""
 
     def check_launch(self, section: str) -> None:
         if self.nproc_per_node < 1 or self.nnodes < 1:
             raise ValueError(f"{section}.nproc_per_node and nnodes must be >= 1, got {self.nproc_per_node}, {self.nnodes}")
         if self.launcher not in ("auto", "inprocess", "torchrun"):
             raise ValueError(f"{section}.launcher must be one of auto, inprocess, torchrun; got {self.launcher!r}")
+        from flows.launch import NODE_LAUNCHERS
+
+        if self.node_launcher not in NODE_LAUNCHERS:
+            raise ValueError(f"{section}.node_launcher must be one of {', '.join(NODE_LAUNCHERS)}; got {self.node_launcher!r}")
         if self.launcher == "inprocess" and self.nproc_per_node * self.nnodes > 1:
             raise ValueError(f"{section}.launcher 'inprocess' needs nproc_per_node = nnodes = 1; use 'torchrun'")
 
     def launch(self) -> dict[str, Any]:
         """The plain dict a stage task takes (not part of its cache key): see :func:`flows.launch.in_process`."""
         return {"launcher": self.launcher, "nproc_per_node": self.nproc_per_node, "nnodes": self.nnodes,
-                "torchrun_args": list(self.torchrun_args)}
+                "torchrun_args": list(self.torchrun_args), "node_launcher": self.node_launcher,
+                "rdzv_endpoint": self.rdzv_endpoint}
 
 
 @dataclass(kw_only=True)
@@ -235,8 +249,43 @@ class SampleSection:
     precision: str = "auto"
     """Backbone + decoder autocast: ``auto`` (bf16 on a GPU, fp32 on CPU), ``bf16`` or ``fp32``. Sampling runs
     on as many processes as training (``diffusion.nproc_per_node`` / ``nnodes`` / ``launcher``)."""
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """CFG applies only for normalised times in [lo, hi] (1 = noise; Kynkäänniemi et al. 2024); [0, 1] = always."""
+    labels: str = "uniform"
+    """``uniform`` (i.i.d., the FID protocol), ``balanced`` (equal counts) — over ``classes`` when given — or
+    ``given``: exactly ``classes`` in order, each over a contiguous block."""
+    classes: list[int] | None = None
+    """Class ids to sample (e.g. [207, 360, 387]); None = all classes."""
+    grid: str | None = None
+    """Also write a PNG grid of the samples here (a row per class, up to 16 classes × 8); output only, not part of
+    the sample store's identity."""
+    png_dir: str | None = None
+    """Also write every sample as ``<png_dir>/<index:06d>.png`` + ``labels.txt``; output only."""
+
+    OUTPUT_FIELDS = ("grid", "png_dir")  # written from a finished store; never change which images are drawn
+
+    def spec(self) -> dict[str, Any]:
+        """The keyword arguments of ``sample_to_store`` (what decides the images; the outputs left out)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.OUTPUT_FIELDS}
+        # fields at sample_to_store's defaults are left out: the sample id of an unchanged config stays the same
+        for k, default in (("classes", None), ("labels", "uniform"), ("guidance_interval", [0.0, 1.0])):
+            if out[k] == default:
+                del out[k]
+        return out
 
     def __post_init__(self) -> None:
+        from dcae15.metrics.labels import LABEL_MODES, check_classes
+
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"sample.labels must be one of {', '.join(LABEL_MODES)}; got {self.labels!r}")
+        self.classes = check_classes(self.classes)
+        if self.labels == "given" and self.classes is None:
+            raise ValueError("sample.labels=given needs sample.classes (e.g. [207, 360, 387])")
+        gi = [float(v) for v in self.guidance_interval]
+        if len(gi) != 2 or not 0.0 <= gi[0] <= gi[1] <= 1.0:
+            raise ValueError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got "
+                             f"{self.guidance_interval!r}")
+        self.guidance_interval = gi
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"sample.precision must be one of auto, bf16, fp32; got {self.precision!r}")
         from dcae15.diffusion.samplers import SAMPLERS
@@ -263,12 +312,19 @@ class EvalOptions:
     """Keyword arguments of ``dcae15.metrics.fidelity.generation_metrics`` (metrics, batch_size, kid_subsets, ...)."""
     inception_weights: str | None = None
     """The InceptionV3 weights file (else ``$DCAE15_WEIGHTS`` / the torch hub cache)."""
+    reference_stats: dict[str, Any] = field(default_factory=dict)
+    """How the train split's reference (``evaluate.reference: train``) is computed: keyword arguments of
+    ``dcae15.metrics.reference.reference_stats`` (``max_samples``: None = the whole train
+    split, the official protocol; ``num_features``, ``batch_size``, ``num_workers``, ...)."""
 
     def __post_init__(self) -> None:
         from dcae15.metrics.fidelity import generation_metrics
+        from dcae15.metrics.reference import reference_stats
 
         self.generation = check_kwargs(generation_metrics, self.generation, "evaluate.options.generation",
                                        exclude=("samples", "reference", "extractor", "resolution"))
+        self.reference_stats = check_kwargs(reference_stats, self.reference_stats, "evaluate.options.reference_stats",
+                                      exclude=("dataset_url", "resolution", "extractor", "storage_options"))
 
 
 @dataclass(kw_only=True)
@@ -283,15 +339,36 @@ class EvalSection:
     """Settings of the metrics: the proxy classifier, the reconstruction scores, the generation metrics."""
     reconstruction: bool = True
     """Also score the autoencoder's reconstructions per c' (rFID / PSNR / SSIM / LPIPS) and draw its figures."""
+    reference: str = "train"
+    """What samples are compared with: ``train`` (statistics of the dataset's train split, computed once and
+    cached), or the path/URL of an ADM reference batch ``.npz`` (``VIRTUAL_imagenet256_labeled.npz``: its own
+    mu/sigma/mu_s/sigma_s, its images for precision/recall; needs ``extractor: inception``) — the numbers the
+    literature reports. Recorded in every result row's ``reference`` column."""
     checkpoints: str = "all"
     """Which checkpoints of each run the pipeline samples and scores: ``all`` it keeps (``diffusion.train.
     keep_checkpoints``), so the results plot shows curves, or only the ``latest``."""
+    grid_classes: list[int] | None = None
+    """Class indices the sample grid of each run shows (a row each, at most 100); None = all of up to 16 classes,
+    else 16 spread over the class list, so a 1000-class figure stays small."""
 
     def __post_init__(self) -> None:
         if self.extractor not in ("auto", "proxy", "inception"):
             raise ValueError(f"evaluate.extractor must be 'auto', 'proxy' or 'inception', got {self.extractor!r}")
         if self.checkpoints not in ("all", "latest"):
             raise ValueError(f"evaluate.checkpoints must be 'all' or 'latest', got {self.checkpoints!r}")
+        if self.grid_classes is not None:
+            from dcae15.diffusion.plots import MAX_GRID_CLASSES
+
+            g = self.grid_classes
+            if not g or len(g) > MAX_GRID_CLASSES or len(set(g)) != len(g) or min(g) < 0:
+                raise ValueError(f"evaluate.grid_classes must be null or 1..{MAX_GRID_CLASSES} distinct class indices "
+                                 f">= 0, got {g}")
+        if self.reference != "train" and not str(self.reference).endswith(".npz"):
+            raise ValueError(f"evaluate.reference must be 'train' or an ADM reference batch (.npz), got "
+                             f"{self.reference!r}")
+        if self.reference != "train" and self.extractor == "proxy":
+            raise ValueError("evaluate.reference: an ADM reference batch holds Inception statistics; set "
+                             "evaluate.extractor: inception (or auto with real data)")
 
 
 @dataclass(kw_only=True)
@@ -312,6 +389,10 @@ class PipelineConfig:
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     sample: SampleSection = field(default_factory=SampleSection)
     evaluate: EvalSection = field(default_factory=EvalSection)
+    logging: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking of every training run and its evaluations (``dcae15.tracking.TrackingConfig``: backend
+    ``none | tensorboard | wandb | mlflow``, project, run_name, offline, dir, uri); the default of
+    ``diffusion.train.logging`` and of each autoencoder phase's ``logging``. Operational: no run id changes."""
 
     def __post_init__(self) -> None:
         if self.resolution < 8:
@@ -323,6 +404,10 @@ class PipelineConfig:
         if self.data.source is None:
             self.data.synthetic.setdefault("size", self.resolution)
         self.autoencoder.phases = _resolve_phases(self)
+        if self.logging.backend != "none":  # the section's own settings win where a stage set a backend
+            for train in (self.diffusion.train, *self.autoencoder.phases):
+                if train.logging.backend == "none":
+                    train.logging = dataclasses.replace(self.logging)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON values (lists, not tuples); :func:`load_config` of it gives this config back."""
@@ -379,12 +464,12 @@ def _section(raw: dict[str, Any], *keys: str) -> dict[str, Any]:
     return node
 
 
-def load_config(config: str | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Build a :class:`PipelineConfig` from a preset name / YAML path / dict, then apply nested ``overrides``.
+def read_raw_config(config: str | dict[str, Any] | None, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The plain mapping of a preset name / YAML path / dict, with ``extends: <preset or path>`` resolved: the named
+    config is read first and this one's fields are merged over it (``rehearsal`` = ``imagenet`` with sizes reduced).
 
     Raises:
-        ValueError: an unknown section or field, a value of the wrong type or out of range; the message names the
-            field's dotted path (``diffusion.train.lr``) and what is allowed.
+        ValueError: not a mapping, or an ``extends`` cycle.
     """
     if isinstance(config, dict):
         raw = copy.deepcopy(config)
@@ -394,7 +479,33 @@ def load_config(config: str | dict[str, Any] | None = None, overrides: dict[str,
         raw = raw or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config {config!r}: expected a mapping of sections, got {type(raw).__name__}")
-    raw = _deep_merge(raw, overrides or {})
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or base in _seen:
+        raise ValueError(f"config {config!r}: extends must name one preset or YAML file, without cycles; got {base!r}")
+    return _overlay(read_raw_config(base, (*_seen, base)), raw)
+
+
+def _overlay(base: Any, over: Any) -> Any:
+    """``over`` merged onto the config it extends: mappings key by key, and lists of mappings of the same length
+    item by item (the rehearsal gives each AE phase its sizes only); any other value replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _overlay(base[k], v) if k in base else v for k, v in over.items()}}
+    if (isinstance(base, list) and isinstance(over, list) and len(base) == len(over)
+            and all(isinstance(x, dict) for x in [*base, *over])):
+        return [_overlay(b, o) for b, o in zip(base, over)]
+    return copy.deepcopy(over)
+
+
+def load_config(config: str | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Build a :class:`PipelineConfig` from a preset name / YAML path / dict, then apply nested ``overrides``.
+
+    Raises:
+        ValueError: an unknown section or field, a value of the wrong type or out of range; the message names the
+            field's dotted path (``diffusion.train.lr``) and what is allowed.
+    """
+    raw = _deep_merge(read_raw_config(config), overrides or {})
     for (sec, key), where in _MOVED.items():
         if isinstance(raw.get(sec), dict) and key in raw[sec]:
             raise ValueError(f"{sec}.{key} is no longer a field: use {where}")

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import names
 from flows.artifacts import Progress, artifact_key, publish_pointer
+from flows.claims import artifact_stage, latent_store_key
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.pointers import describe_ae, describe_dataset, describe_store
@@ -84,7 +85,21 @@ def encode_client(where: dict[str, Any]) -> Iterator[Any]:
 _WHERE = ("scheduler", "workers", "processes", "units_per_task", "device", "decode_threads", "prefetch_batches")
 
 
+@contextlib.contextmanager
+def _worker_requests(client: Any, retries: Any) -> Iterator[None]:
+    """Add the Dask worker processes' object-storage request counts to this stage's (storage/retries.py)."""
+    before = client.run(retries.process_snapshot)
+    try:
+        yield
+    finally:
+        try:
+            retries.add_workers(before, client.run(retries.process_snapshot))
+        except Exception:  # noqa: BLE001 - workers gone with the failure: their counts with them
+            pass
+
+
 @task(cache_policy=stage_cache("where"), persist_result=True, result_serializer="json")
+@artifact_stage(latent_store_key)  # one writer per store: the driver holds it, its Dask tasks write units
 def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: dict[str, Any],
                  where: dict[str, Any]) -> dict[str, Any]:
     """Create (or reopen) the store for (dataset, AE, resolution, flip), encode its missing units, finalize.
@@ -112,7 +127,9 @@ def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: di
     progress = Progress(artifact_key("progress-encode", store_url.rstrip("/").rsplit("/", 1)[-1]), f"encoding {store_url}",
                         done=store.num_units - len(missing), total=store.num_units)
     if groups:
-        with encode_client(where) as client:
+        from storage import retries
+
+        with encode_client(where) as client, _worker_requests(client, retries):
             # the AE was fingerprinted once here (describe_ae); workers load it once each and check that fingerprint
             futures = [client.submit(encode_units, ae["url"], dataset["url"], store_url, g, batch_size=enc["batch_size"],
                                      device="cuda" if device.startswith("cuda") and not where["scheduler"] else device,

@@ -10,12 +10,13 @@ from prefect import flow, get_run_logger, task
 
 from flows import names
 from flows.artifacts import publish_metrics, publish_pointer, reference_progress
+from flows.claims import ArtifactKey, artifact_claim
 from flows.caching import STAGE_CACHE, run_cached
 from flows.common import ConfigArg, stage_config
 from flows.pointers import (describe_ae, describe_dataset, describe_recon, describe_row, describe_run, describe_samples,
                             results_url)
 
-__all__ = ["extractor_for", "score_samples", "evaluate_samples", "reconstruction_scores", "evaluate_autoencoder",
+__all__ = ["extractor_for", "load_reference_for", "reference_label", "score_samples", "evaluate_samples", "reconstruction_scores", "evaluate_autoencoder",
            "checkpoints_to_score", "draw_run_figures", "plot_results"]
 
 
@@ -31,10 +32,28 @@ def extractor_for(ev: dict[str, Any], dataset_url: str) -> Any:
     return inception_extractor(ev["options"].get("inception_weights"))
 
 
-def _row_key(samples: dict[str, Any], extractor_label: str) -> dict[str, Any]:
-    """The context columns that identify one scoring: (run, checkpoint, sample store, feature extractor)."""
+def reference_label(ev: dict[str, Any]) -> str:
+    """The ``reference`` column of a result row: ``train-split`` (our statistics of the dataset's train split) or
+    ``adm:<url>`` (an ADM reference batch, ``evaluate.reference``)."""
+    ref = ev.get("reference") or "train"
+    return "train-split" if ref == "train" else f"adm:{ref}"
+
+
+def load_reference_for(ev: dict[str, Any], dataset_url: str, resolution: int, extractor: Any) -> Any:
+    """The reference statistics the config names: an ADM reference batch, or the dataset's train split."""
+    if (ev.get("reference") or "train") != "train":
+        from dcae15.metrics.adm import adm_reference
+
+        return adm_reference(ev["reference"], extractor)
+    from dcae15.metrics.reference import get_reference
+
+    return get_reference(dataset_url, resolution, extractor, **ev["options"].get("reference_stats", {}))
+
+
+def _row_key(samples: dict[str, Any], extractor_label: str, reference: str = "train-split") -> dict[str, Any]:
+    """The context columns that identify one scoring: (run, checkpoint, sample store, feature extractor, reference)."""
     return {"run_id": samples["run_id"], "step": samples["step"], "samples_url": samples["url"],
-            "feature_extractor": extractor_label}
+            "feature_extractor": extractor_label, "reference": reference}
 
 
 @task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
@@ -42,27 +61,42 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
                   resolution: int) -> dict[str, Any]:
     """Generation metrics of a sample store against the dataset's reference statistics; appends one result row."""
     from dcae15.metrics.fidelity import generation_metrics
-    from dcae15.metrics.reference import get_reference
-    from dcae15.metrics.results import append_results
+    from dcae15.metrics.results import append_results, part_url
     from storage.fingerprint import short_id
 
     log = get_run_logger()
     extractor = extractor_for(ev, dataset["url"])
-    key = _row_key(samples, extractor.label)
-    if not describe_row(root, key)["complete"]:  # a rerun after a kill between the append and the cache write must not duplicate
-        with reference_progress(dataset["url"], extractor.label):
-            ref = get_reference(dataset["url"], resolution, extractor)
-        values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
-                                    **ev["options"].get("generation", {}))
-        if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
-            values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
-        context = {"backbone": samples["backbone"], "sampler": samples["sampler"],
-                   "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
-                   "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"]}
-        # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
-        append_results(results_url(root), [{**key, **context, **values}], part_id=short_id(key))
-        log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
+    key = _row_key(samples, extractor.label, reference_label(ev))
+    # one evaluator per row: a second one (the sweep racing an event) waits, then finds the row (flows/claims.py)
+    with artifact_claim(ArtifactKey("evaluation row", part_url(results_url(root), short_id(key)), short_id(key))):
+        if not describe_row(root, key)["complete"]:  # a rerun after a kill between append and cache write: no copy
+            with reference_progress(dataset["url"], extractor.label):
+                ref = load_reference_for(ev, dataset["url"], resolution, extractor)
+            values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
+                                        **ev["options"].get("generation", {}))
+            if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
+                values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
+            context = {"backbone": samples["backbone"], "sampler": samples["sampler"],
+                       "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
+                       "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"],
+                       "extractor_fingerprint": extractor.fingerprint, "reference_url": ref.url or "",
+                       **samples.get("sampling", {})}
+            # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
+            append_results(results_url(root), [{**key, **context, **values}], part_id=short_id(key))
+            log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
+            _track(root, samples["run_id"], samples["step"], values=values)
     return {"kind": "result_row", "root": root, "key": key}
+
+
+def _track(root: str, run_id: str, step: int, **logged: Any) -> None:
+    """Mirror an evaluation to the run's tracker (``diffusion.train.logging``; nothing when it is ``none``)."""
+    from dcae15.tracking import log_evaluation
+    from storage.layout import Root
+
+    try:
+        log_evaluation(Root(root).diffusion_run(run_id), int(step), **logged)
+    except FileNotFoundError:  # samples of a run kept outside this root: its tracker is not known here
+        get_run_logger().info("run %s is not under %s: evaluation not mirrored to a tracker", run_id, root)
 
 
 def _sample_class_accuracy(extractor: Any, samples_url: str, block: int = 1024) -> float:
@@ -118,7 +152,7 @@ def _proxy_check(out_url: str, ae: dict[str, Any], dataset: dict[str, Any], ev: 
     from dcae15.metrics.reference import get_reference
     from storage.urls import join, put_atomic, url_to_fs
 
-    ref = get_reference(dataset["url"], resolution, extractor)
+    ref = get_reference(dataset["url"], resolution, extractor, **ev["options"].get("reference_stats", {}))
     check = reconstruction_class_check(ae["url"], dataset["url"], extractor, ref, resolution=resolution,
                                        proxy_cfg=ProxyConfig(**ev["options"].get("proxy", {})))
     check.update(feature_extractor=extractor.label, ae_fingerprint=ae["fingerprint"],
@@ -150,10 +184,13 @@ def checkpoints_to_score(run_url: str, which: str) -> list[int]:
 
 
 @task
-def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str) -> list[str]:
-    """A run's loss curve and a grid of its samples (a row per class), under ``<root>/eval/figures``."""
+def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str,
+                     classes: list[int] | None = None) -> list[str]:
+    """A run's loss curve and a grid of its samples (a row per shown class: ``classes``, default a bounded spread of
+    them, see ``dcae15.diffusion.plots.grid_classes``), under ``<root>/eval/figures``. The store is read unit by
+    unit and only the grid's images are kept."""
     from dcae15.diffusion.checkpoint import open_run
-    from dcae15.diffusion.plots import loss_curve_png, sample_grid_png
+    from dcae15.diffusion.plots import collect_grid_images, grid_classes, loss_curve_png, sample_grid_png
     from storage.layout import Root
     from storage.sample_store import SampleStore
     from storage.shards import open_dataset
@@ -162,12 +199,15 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
     store = SampleStore.open(samples_url, read_only=True)
     a = store.attrs
     run_id = a["run_id"]
-    images, labels = store.read_all()
     names = list(open_dataset(dataset_url).class_names)
-    grid = sample_grid_png(images, labels, names, title=f"{run_id} step {a['checkpoint_step']}: {a['sampler']} "
-                                                        f"{a['steps']} steps, CFG {a['cfg_scale']}")
+    rows = grid_classes(len(names), classes)
+    images, labels = collect_grid_images(store.iter_units(), rows)
+    grid = sample_grid_png(images, labels, names, classes=rows,
+                           title=f"{run_id} step {a['checkpoint_step']}: {a['sampler']} {a['steps']} steps, "
+                                 f"CFG {a['cfg_scale']}")
     rows = open_run(run_url).metrics()
     loss = loss_curve_png(rows, title=f"{run_id}: training loss (EMA weights are sampled)")
+    _track(root, run_id, int(a["checkpoint_step"]), images={"samples": grid})
     out = []
     for name, data in ((f"{run_id}_samples.png", grid), (f"{run_id}_loss.png", loss)):
         url = Root(root).figure(name)

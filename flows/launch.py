@@ -1,14 +1,29 @@
-"""Run a training job in a child process (``torchrun`` for several processes / nodes) and stream its log."""
+"""Run a training job in a child process (``torchrun`` for several processes / nodes) and stream its log.
+
+Several nodes: every node runs the same ``torchrun --nnodes N`` command with a c10d rendezvous (``--rdzv-backend
+c10d --rdzv-endpoint HOST:PORT --rdzv-id JOB``): the rendezvous assigns node ranks, so no per-node argument is
+needed. Who starts the per-node commands is ``node_launcher``: ``srun`` (one task per node of a SLURM allocation,
+``--kill-on-bad-exit``), ``local`` (N agents on this machine: two "nodes" on loopback in tests and rehearsals), or
+``self`` (this flow run is one of the nodes: one Prefect flow run or Kubernetes indexed-Job pod per node, all
+pointed at the same endpoint)."""
 
 from __future__ import annotations
 
 import collections
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from typing import Callable, Sequence
 
-__all__ = ["LaunchError", "torchrun_command", "run_streaming", "write_launch_file", "in_process", "run_torchrun"]
+__all__ = ["LaunchError", "NODE_LAUNCHERS", "torchrun_command", "rendezvous_args", "node_commands", "run_streaming",
+           "run_local_nodes", "write_launch_file", "in_process", "run_torchrun"]
+
+NODE_LAUNCHERS = ("self", "local", "srun")
+DEFAULT_RDZV_PORT = 29500
 
 
 class LaunchError(RuntimeError):
@@ -79,6 +94,108 @@ def run_streaming(
         raise LaunchError(f"{cmd[0]} ... {' '.join(cmd[-3:])} failed with {how}. Last output lines:\n{lines}")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_args(launch: dict, rdzv_id: str) -> list[str]:
+    """The c10d rendezvous arguments of a multi-node launch (none for one node or when ``torchrun_args`` already
+    name a rendezvous / master address).
+
+    The endpoint is ``launch["rdzv_endpoint"]``, else: ``local`` 127.0.0.1 on a free port; ``srun`` this host (the
+    allocation's first node, where the batch script and the flow run) on port 29500.
+
+    Raises:
+        ValueError: ``self`` on several nodes without an endpoint (nobody else could find the rendezvous).
+    """
+    if launch["nnodes"] == 1 or any(a.startswith(("--rdzv", "--master")) for a in launch["torchrun_args"]):
+        return []
+    how = launch.get("node_launcher", "self")
+    endpoint = launch.get("rdzv_endpoint")
+    if endpoint is None:
+        if how == "self":
+            raise ValueError("nnodes > 1 with node_launcher 'self' needs rdzv_endpoint: HOST:PORT (the same on every "
+                             "node), or node_launcher 'srun' / 'local'")
+        endpoint = f"127.0.0.1:{_free_port()}" if how == "local" else f"{socket.gethostname()}:{DEFAULT_RDZV_PORT}"
+    return ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}"]
+
+
+def node_commands(launch: dict, module: str, module_args: Sequence[str], *, rdzv_id: str) -> list[list[str]]:
+    """What runs: one argv per node for ``local``; one argv for ``self`` (this node) and ``srun`` (srun starting
+    the same torchrun command on every node of the allocation)."""
+    how = launch.get("node_launcher", "self")
+    if how not in NODE_LAUNCHERS:
+        raise ValueError(f"node_launcher={how!r}; allowed: {', '.join(NODE_LAUNCHERS)}")
+    extra = [*rendezvous_args(launch, rdzv_id), *launch["torchrun_args"]]
+    cmd = torchrun_command(module, module_args, nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
+                           extra=extra)
+    if launch["nnodes"] == 1 or how == "self":
+        return [cmd]
+    if how == "srun":  # one task per node; a node that dies ends the step on every node (the flow retries it)
+        return [["srun", f"--nodes={launch['nnodes']}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *cmd]]
+    return [cmd] * launch["nnodes"]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_local_nodes(cmds: Sequence[Sequence[str]], *, log: Callable[[str], None], tail: int = 40,
+                    env: dict[str, str] | None = None) -> None:
+    """Start one node's agent per argv on this machine, each in its own process group (``DCAE15_NODE=i`` in its
+    environment), with every line logged as ``[node i] ...``. When one node fails, the others are killed (their
+    collectives would wait for it until a timeout) and the launch fails; a rerun resumes from the checkpoint.
+
+    Raises:
+        LaunchError: a node exited non-zero or was killed; the message holds the last lines of all nodes.
+    """
+    last: collections.deque[str] = collections.deque(maxlen=tail)
+    procs: list[subprocess.Popen] = []
+
+    def pump(i: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout or ():
+            line = f"[node {i}] {line.rstrip()}"
+            last.append(line)
+            log(line)
+
+    try:
+        for i, cmd in enumerate(cmds):
+            child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}), "DCAE15_NODE": str(i)}
+            procs.append(subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          bufsize=1, env=child_env, start_new_session=True))
+        pumps = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+        for t in pumps:
+            t.start()
+        while True:
+            codes = [p.poll() for p in procs]
+            bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if bad or all(c == 0 for c in codes):
+                break
+            time.sleep(0.2)
+    except BaseException:
+        for p in procs:  # the flow was cancelled or crashed: leave no node running
+            _kill_group(p)
+        raise
+    if bad:
+        for p in procs:
+            _kill_group(p)
+    for p in procs:
+        p.wait()
+    for t in pumps:
+        t.join(timeout=5)
+    if bad:
+        i, code = bad[0]
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        lines = "\n".join(last)
+        raise LaunchError(f"node {i} of {len(procs)} failed with {how}; the other nodes were stopped. "
+                          f"Last output lines:\n{lines}")
+
+
 def write_launch_file(run_url: str, payload: dict) -> str:
     """Write ``<run_url>/launch.yaml`` (what ``--config`` reads under torchrun) and return its URL.
 
@@ -102,10 +219,17 @@ def in_process(launch: dict) -> bool:
 
 
 def run_torchrun(launch: dict, module: str, module_args: Sequence[str], *, log: Callable[[str], None]) -> None:
-    """``python -m module module_args`` under torchrun as ``launch`` says, its output streamed to ``log``; a job
-    slot's ``launch`` (flows/slots.py) adds ``env`` (its GPUs, threads) and ``cpus`` (its cores)."""
-    cmd = torchrun_command(module, module_args, nproc_per_node=launch["nproc_per_node"], nnodes=launch["nnodes"],
-                           extra=launch["torchrun_args"])
-    where = f" on cores {launch['cpus']}" if launch.get("cpus") else ""
-    log("launching " + " ".join(cmd) + where + "".join(f" {k}={v}" for k, v in launch.get("env", {}).items()))
-    run_streaming(cmd, log=lambda line: log(f"[torchrun] {line}"), env=launch.get("env"), cpus=launch.get("cpus"))
+    """``python -m module module_args`` under torchrun as ``launch`` says (processes per node, nodes, who starts
+    each node's command: see the module docstring), its output streamed to ``log``; a job slot's ``launch``
+    (flows/slots.py) adds ``env`` (its GPUs, threads) and ``cpus`` (its cores)."""
+    from storage.fingerprint import short_id
+
+    cmds = node_commands(launch, module, module_args, rdzv_id=short_id(module, list(module_args)))
+    where = (f" on cores {launch['cpus']}" if launch.get("cpus") else "") + "".join(
+        f" {k}={v}" for k, v in launch.get("env", {}).items())
+    log("launching " + " ".join(cmds[0]) + (f" on {len(cmds)} local nodes" if len(cmds) > 1 else "") + where)
+    if len(cmds) > 1:
+        run_local_nodes(cmds, log=lambda line: log(f"[torchrun] {line}"))
+    else:
+        run_streaming(cmds[0], log=lambda line: log(f"[torchrun] {line}"), env=launch.get("env"),
+                      cpus=launch.get("cpus"))

@@ -85,7 +85,17 @@ def describe_samples(url: str) -> dict[str, Any]:
     return {"kind": "samples", "url": url, "run_id": a["run_id"], "backbone": a["backbone"],
             "step": int(a["checkpoint_step"]),
             "sampler": a["sampler"], "sampling_steps": int(a["steps"]), "cfg_scale": float(a["cfg_scale"]),
-            "num_samples": store.num_samples, "complete": not store.missing_units()}
+            "num_samples": store.num_samples, "complete": not store.missing_units(),
+            "sampling": _sampling_columns(a)}
+
+
+def _sampling_columns(a: dict[str, Any]) -> dict[str, Any]:
+    """How the samples were drawn, as the results table's scalar context columns (``labels``, ``classes``,
+    ``guidance_interval``, ``seed``)."""
+    classes = a.get("classes")
+    return {"labels": str(a.get("labels", "uniform")), "classes": "all" if classes is None else ",".join(map(str, classes)),
+            "guidance_interval": ",".join(str(float(v)) for v in a.get("guidance_interval", (0.0, 1.0))),
+            "seed": int(a.get("seed", 0))}
 
 
 def results_url(root: str) -> str:

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import names
 from flows.artifacts import publish_pointer
+from flows.claims import artifact_stage, dataset_key
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.pointers import describe_dataset
@@ -20,6 +21,7 @@ _WHERE = ("workers", "scheduler", "read_threads")
 
 
 @task(cache_policy=stage_cache("where"), persist_result=True, result_serializer="json")
+@artifact_stage(dataset_key)  # one writer per dataset (flows/claims.py)
 def pack_images(root: str, data: dict[str, Any], where: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate (if ``data['source']`` is None) and pack the images; returns a pointer to the packed dataset.
 

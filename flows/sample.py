@@ -3,23 +3,24 @@ or on every GPU via torchrun with the ``diffusion`` section's launch settings (l
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 
 from flows import names
 from flows.artifacts import publish_pointer, sample_progress
+from flows.claims import artifact_stage, sample_store_key
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.gpu import GPU_TAG, gpu_stage
 from flows.launch import in_process, run_torchrun
 from flows.pointers import describe_run, describe_samples
 
-__all__ = ["draw_samples", "sample_run"]
+__all__ = ["draw_samples", "sample_outputs", "sample_run"]
 
 
 @task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json", tags=[GPU_TAG])
+@artifact_stage(sample_store_key)  # one writer per sample store, before the GPU slot (flows/claims.py)
 @gpu_stage  # one GPU job per machine unless asked (flows/gpu.py)
 def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str, Any],
                  launch: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -57,5 +58,21 @@ def sample_run(run: str, root: str | None = None, config: ConfigArg = "demo", ch
     ref = {"url": latest["url"], "run_id": latest["run_id"]}
     d = cfg.diffusion
     launch = d.launch()
-    return publish_pointer("sample", run_cached(draw_samples, root=cfg.root, run=ref, checkpoint=step,
-                                                spec=dataclasses.asdict(cfg.sample), launch=launch))
+    pointer = run_cached(draw_samples, root=cfg.root, run=ref, checkpoint=step, spec=cfg.sample.spec(), launch=launch)
+    if cfg.sample.grid or cfg.sample.png_dir:
+        pointer = {**pointer, "outputs": sample_outputs(pointer["url"], cfg.sample.grid, cfg.sample.png_dir)}
+    return publish_pointer("sample", pointer)
+
+
+@task
+def sample_outputs(samples_url: str, grid: str | None, png_dir: str | None) -> dict[str, Any]:
+    """The researcher's views of a finished store: a PNG grid and/or a folder of PNGs (not cached: cheap, and the
+    files are the check)."""
+    from dcae15.diffusion.sample_outputs import write_grid, write_png_dir
+
+    out: dict[str, Any] = {}
+    if grid:
+        out["grid"] = write_grid(samples_url, grid)
+    if png_dir:
+        out["png_dir"] = write_png_dir(samples_url, png_dir)
+    return out

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .urls import glob, join
+from .urls import glob as _glob, join, url_to_fs
 
 __all__ = ["Root", "AE_MODEL"]
 
@@ -88,31 +88,39 @@ class Root:
 
     # -- what is there (URLs, sorted)
     def datasets(self) -> list[str]:
-        return glob(join(self.url, _DATA, "*"))
+        return _visible(self.url, join(self.url, _DATA, "*"))
 
     def ae_models(self) -> list[str]:
-        return glob(join(self.url, *_AE_RUNS, "*", AE_MODEL))
+        return _visible(self.url, join(self.url, *_AE_RUNS, "*", AE_MODEL))
 
     def latent_stores(self) -> list[str]:
-        return glob(join(self.url, _LATENTS, "*"))
+        return _visible(self.url, join(self.url, _LATENTS, "*"))
 
     def diffusion_runs(self) -> list[str]:
-        return glob(join(self.url, *_DIFFUSION_RUNS, "*"))
+        return _visible(self.url, join(self.url, *_DIFFUSION_RUNS, "*"))
 
     def sample_stores(self) -> list[str]:
-        return glob(join(self.url, _SAMPLES, "*"))
+        return _visible(self.url, join(self.url, _SAMPLES, "*"))
 
     def ae_evals(self, file_name: str) -> list[str]:
         """One file (e.g. ``proxy_check.json``) of every autoencoder evaluation."""
-        return glob(join(self.url, _EVAL, "ae", "*", file_name))
+        return _visible(self.url, join(self.url, _EVAL, "ae", "*", file_name))
 
     def figures(self) -> list[str]:
         """Every PNG under ``eval/`` and ``runs/`` (results plots, run figures, AE evaluation figures)."""
         found: set[str] = set()
         for top in (_EVAL, "runs"):
             for pattern in ("*.png", "**/*.png"):
-                found.update(glob(join(self.url, top, pattern)))
+                found.update(_visible(self.url, join(self.url, top, pattern)))
         return sorted(found)
+
+
+def _visible(root: str, pattern: str) -> list[str]:
+    """``storage.urls.glob`` without hidden entries below ``root`` (``.<name>.lease``: the claims of
+    ``storage.lease``); a root that itself sits under a hidden folder keeps its entries."""
+    base = url_to_fs(root)[1].rstrip("/")
+    return [u for u in _glob(pattern)
+            if not any(part.startswith(".") for part in url_to_fs(u)[1][len(base):].split("/"))]
 
 
 def _name(value: str, what: str) -> str:

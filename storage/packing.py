@@ -31,6 +31,7 @@ import numpy as np
 
 from .fingerprint import fingerprint, fingerprint_bytes
 from .images import MAX_PIXELS, BadImageError, decode_image
+from .lease import claimed
 from .urls import join, put_atomic, url_to_fs
 
 __all__ = ["DatasetInfo", "pack_image_folder", "sanitize_key", "plan_shards", "IMAGE_EXTS", "LABEL_CONVENTION",
@@ -308,6 +309,7 @@ class _Runner:
         return self._client.gather(futures)
 
 
+@claimed("packed dataset", "dst_url")  # one writer per dataset: a second packer waits, then finds it packed
 def pack_image_folder(
     src_url: str,
     dst_url: str,

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .forksafe import in_worker
 from .latent_store import LatentStore
 from .units import IncompleteStoreError
 from .urls import is_local
@@ -251,6 +252,7 @@ class LatentStreamDataset(IterableDataset):
 
     # ---------------------------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict]:
+        in_worker()  # a forked worker of a process with Prefect loaded must not die at exit (storage/forksafe.py)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, step = int(self._state["epoch"]), int(self._state["step"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,8 +49,10 @@ class SampleStore(UnitStore):
     def attrs(self) -> dict:
         return dict(self._meta["attrs"])
 
-    def write_unit(self, unit: int, images: np.ndarray, labels: np.ndarray) -> None:
+    def write_unit(self, unit: int, images: np.ndarray, labels: np.ndarray, *, writer: dict | None = None) -> None:
         """Write unit ``unit``'s images (uint8 ``[n,H,W,3]``) and labels, then its marker. Idempotent.
+
+        ``writer`` (JSON-able, e.g. rank, node, host) is recorded in the unit's marker: which process drew it.
 
         Raises:
             ValueError: wrong shape or a dtype other than uint8.
@@ -60,11 +63,26 @@ class SampleStore(UnitStore):
         labels = np.asarray(labels)
         if labels.size and (labels.min() < -32768 or labels.max() > 32767):
             raise ValueError(f"labels must fit int16, got range [{labels.min()}, {labels.max()}]")
-        self._write_unit_arrays(unit, {"images": images, "labels": labels})
+        self._write_unit_arrays(unit, {"images": images, "labels": labels}, {"writer": writer} if writer else None)
 
     def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Images and labels of rows ``[start, stop)`` (rows of unwritten units are zeros)."""
         return self.group["images"][start:stop], self.group["labels"][start:stop].astype(np.int64)
+
+    def iter_units(self, units: Sequence[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(images, labels) of one unit at a time (one GET each), in unit order: what a reader of a 50 000-image store
+        holds is one unit, never the store (``read_all`` holds it all: small stores only).
+
+        Raises:
+            IncompleteStoreError: a unit to read is not written yet.
+        """
+        todo = range(self.num_units) if units is None else [int(u) for u in units]
+        missing = sorted(set(todo) & set(self.missing_units()))
+        if missing:
+            raise IncompleteStoreError(f"sample store {self.url!r}: units {missing[:10]} of {self.num_units} are not "
+                                       "written; rerun sampling to finish it")
+        for unit in todo:
+            yield self.read_range(*self.unit_bounds(unit))
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         """All images and labels.

@@ -20,7 +20,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SHAPES", "render_shape_image", "make_shapes_dataset"]
+__all__ = ["SHAPES", "ODD_FILES", "render_shape_image", "make_shapes_dataset", "make_imagenet_tree", "wnid"]
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "hexagon", "bar", "heart")
 
@@ -199,3 +199,76 @@ def make_shapes_dataset(
             with fs.open(f"{base}/{name}/{SHAPES[label]}_{i:05d}.{fmt}", "wb") as f:
                 f.write(buf.getvalue())
     return root
+
+
+# The odd files a real ImageNet train split holds (22 CMYK JPEGs, a PNG named .JPEG, greyscale ones), plus the
+# broken ones a copy can hold (a truncated file, an empty one): where they go in the generated tree.
+ODD_FILES = ("cmyk", "grayscale", "png_named_jpeg", "truncated", "empty")
+
+
+def wnid(label: int) -> str:
+    """A WordNet-id-shaped folder name for class ``label`` (``n0`` + 7 digits), increasing with the label so that
+    sorted folder names give labels 0..N-1 as for ImageNet."""
+    return f"n0{1_440_000 + 1_000 * int(label):07d}"
+
+
+def make_imagenet_tree(
+    root: str,
+    *,
+    num_classes: int = 1000,
+    per_class: int = 2,
+    size: int = 64,
+    seed: int = 0,
+    odd: bool = True,
+    storage_options: dict | None = None,
+) -> dict[str, list[str]]:
+    """Write a tree shaped like ImageNet's train split: ``root/<wnid>/<wnid>_<i>.JPEG``, real JPEG files of
+    varying (non-square) sizes around ``size`` px, a generated shape per class (shape ``label % 10``, its own colours
+    per class), and — with ``odd`` — one each of :data:`ODD_FILES` in the first classes.
+
+    Returns:
+        ``{"files": [...], "odd": [...]}``: relative paths written, and those of the odd files (kind in the name).
+
+    Raises:
+        ValueError: bad counts or size.
+    """
+    if num_classes < 1 or per_class < 1 or size < 16:
+        raise ValueError(f"num_classes and per_class must be >= 1 and size >= 16, got {num_classes}, {per_class}, {size}")
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    rng = np.random.default_rng(seed)
+    files, odd_files = [], []
+    for label in range(num_classes):
+        folder = wnid(label)
+        fs.makedirs(f"{base}/{folder}", exist_ok=True)
+        for i in range(per_class):
+            w, h = (int(size * f) for f in rng.uniform(1.0, 1.5, 2))  # crop and resize paths, as for real photos
+            arr = render_shape_image(label % len(SHAPES), size=max(w, h), seed=seed * 1_000_003 + label * 1009 + i)
+            img = Image.fromarray(arr[:h, :w])
+            rel = f"{folder}/{folder}_{i}.JPEG"
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            with fs.open(f"{base}/{rel}", "wb") as f:
+                f.write(buf.getvalue())
+            files.append(rel)
+    if odd:
+        for k, kind in enumerate(ODD_FILES):
+            folder = wnid(k % num_classes)
+            rel = f"{folder}/{folder}_{kind}.JPEG"
+            img = Image.fromarray(render_shape_image(k % len(SHAPES), size=size, seed=seed + k))
+            buf = io.BytesIO()
+            if kind == "cmyk":
+                img.convert("CMYK").save(buf, format="JPEG")
+            elif kind == "grayscale":
+                img.convert("L").save(buf, format="JPEG")
+            elif kind == "png_named_jpeg":
+                img.save(buf, format="PNG")
+            elif kind == "truncated":
+                img.save(buf, format="JPEG")
+                buf = io.BytesIO(buf.getvalue()[: len(buf.getvalue()) // 3])
+            with fs.open(f"{base}/{rel}", "wb") as f:
+                f.write(buf.getvalue())  # "empty": zero bytes
+            files.append(rel)
+            odd_files.append(rel)
+    return {"files": files, "odd": odd_files}

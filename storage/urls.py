@@ -74,6 +74,9 @@ def _options(url: str, storage_options: dict | None) -> dict:
     """Fill in defaults per protocol: the S3 endpoint from ``AWS_ENDPOINT_URL`` when the options name none."""
     opts = dict(storage_options or {})
     if protocol_of(url) == "s3":
+        from .retries import install
+
+        install()  # count retried requests (storage/retries.py) in every S3 client made from here on
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         client_kwargs = dict(opts.get("client_kwargs") or {})
         if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:

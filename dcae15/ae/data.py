@@ -16,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from storage.forksafe import in_worker
+
 from dcae15.ae.channels import step_generator
 from dcae15.pixels import from_uint8_nhwc
 
@@ -168,4 +170,5 @@ class StepBatches(torch.utils.data.Dataset):
         return 2**62  # endless: the sampler says which steps
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        in_worker()  # once per worker: forked workers of a process with Prefect loaded (storage/forksafe.py)
         return self.batches.batch(int(step))

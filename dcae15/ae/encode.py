@@ -35,7 +35,8 @@ __all__ = ["CROP", "COMPUTE_DTYPES", "prepare_store", "encode_units", "encode_im
 
 #: The preprocessing every store records (storage.images.center_crop: ADM/DiT box-downsample, bicubic, crop).
 CROP = CENTER_CROP
-#: What the encoder may compute in ("auto": bfloat16 autocast on CUDA, float32 elsewhere). Stored as float16.
+#: What the encoder may compute in ("auto": bfloat16 autocast on CUDA or under DCAE15_GPU_BRANCHES=1, else
+#: float32). Stored as float16.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -78,7 +79,9 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> str:
         raise ValueError(f"dtype={dtype!r}; allowed: {COMPUTE_DTYPES}")
     if dtype != "auto":
         return dtype
-    return "bfloat16" if str(device).startswith("cuda") else "float32"
+    from dcae15.accel import forced_gpu_branches
+
+    return "bfloat16" if str(device).startswith("cuda") or forced_gpu_branches() else "float32"
 
 
 def _store_attrs(ae: StructuredAutoencoder, ae_fp: str, dataset: Any, ae_url: str, resolution: int, dtype: str,
@@ -119,6 +122,7 @@ def prepare_store(ae_url: str, dataset_url: str, root_url: str, *, resolution: i
             from the dtype an existing store was computed in.
     """
     from storage.latent_store import LatentStore, StoreNotFoundError, store_id
+    from storage.lease import claim
     from storage.shards import open_dataset
 
     resolve_dtype(dtype, device)  # validate before any loading
@@ -131,21 +135,24 @@ def prepare_store(ae_url: str, dataset_url: str, root_url: str, *, resolution: i
     ae_fp = ae_fingerprint if ae_fingerprint and recorded in (None, ae_fingerprint) else ae.fingerprint()
     sid = store_id(str(dataset.fingerprint), ae_fp, resolution, CROP, flip)
     url = Root(root_url).latent_store(sid)
-    try:
-        store = LatentStore.open(url, expect_ae=ae_fp, expect_dataset=str(dataset.fingerprint),
-                                 expect_resolution=resolution, storage_options=storage_options)
-        have = store.attrs.get("compute_dtype", "float32")
-        if dtype != "auto" and dtype != have:
-            raise ValueError(f"latent store {url} was computed in {have}; encode.dtype={dtype!r} would mix dtypes "
-                             f"within one store. Use dtype='{have}' (or 'auto'), or another root.")
-        return url
-    except StoreNotFoundError:
-        pass
-    LatentStore.create(url, num_samples=int(dataset.num_samples), channels=ae.latent_channels,
-                       height=resolution // f, width=resolution // f, flip=flip,
-                       attrs=_store_attrs(ae, ae_fp, dataset, ae_url, resolution, resolve_dtype(dtype, device),
-                                          storage_options),
-                       chunk_size=chunk_size, storage_options=storage_options)
+    # one creator per store (a no-op when the encode flow holds the store's claim already): Zarr's create of a
+    # group two processes create at once fails in one of them (ContainsArrayError)
+    with claim(url, what="latent store", storage_options=storage_options):
+        try:
+            store = LatentStore.open(url, expect_ae=ae_fp, expect_dataset=str(dataset.fingerprint),
+                                     expect_resolution=resolution, storage_options=storage_options)
+            have = store.attrs.get("compute_dtype", "float32")
+            if dtype != "auto" and dtype != have:
+                raise ValueError(f"latent store {url} was computed in {have}; encode.dtype={dtype!r} would mix "
+                                 f"dtypes within one store. Use dtype='{have}' (or 'auto'), or another root.")
+            return url
+        except StoreNotFoundError:
+            pass
+        LatentStore.create(url, num_samples=int(dataset.num_samples), channels=ae.latent_channels,
+                           height=resolution // f, width=resolution // f, flip=flip,
+                           attrs=_store_attrs(ae, ae_fp, dataset, ae_url, resolution, resolve_dtype(dtype, device),
+                                              storage_options),
+                           chunk_size=chunk_size, storage_options=storage_options)
     return url
 
 
@@ -253,6 +260,9 @@ def load_encoder(ae_url: str, device: torch.device, *, ae_fingerprint: str | Non
             if recorded is not None and recorded != ae_fingerprint:
                 raise StoreMismatchError(f"autoencoder at {ae_url} has fingerprint {recorded!r}, the encode was "
                                          f"planned with {ae_fingerprint!r}: the weights changed; rerun the encode")
+        from dcae15.accel import enable_speed_switches
+
+        enable_speed_switches(device, conv=True)  # TF32 for fp32 encodes; cuDNN autotuning of the conv encoder
         ae = StructuredAutoencoder.from_pretrained(ae_url, storage_options=storage_options)
         fp = ae_fingerprint or ae.fingerprint()
         encoder = ae.net.encoder.to(device).eval().requires_grad_(False)  # only the encoder goes to the device

@@ -23,6 +23,7 @@ __all__ = [
     "mask_channels",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "check_state_dict",
 ]
 
 CONFIG_NAME = "config.json"
@@ -31,6 +32,8 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 _BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
 _NORM_TYPES = ("rms_norm", "batch_norm")
 _ACT_FNS = ("silu", "relu", "relu6", "gelu")
+# AEConfig fields added after AEs were saved: at these defaults they stay out of the fingerprint (same AE, same id)
+_LATER_FIELDS = {"decoder_conv_act_fn": "relu", "adaptive_io": False}
 
 
 def default_channel_choices(latent_channels: int) -> tuple[int, ...]:
@@ -60,6 +63,12 @@ class AEConfig:
         bottleneck_shortcut: the latent-bottleneck shortcuts (encoder channel averaging into z, decoder channel
             duplicating out of z). They mix every latent channel into every feature, so they are incompatible with
             a structured latent space (DC-AE 1.5 presets have none).
+        decoder_conv_act_fn: activation before the decoder's output conv (DC-Gen's ``decoder.out_act``): ``relu`` in
+            DC-AE 1.0, ``silu`` in DC-AE 1.5.
+        adaptive_io: the encoder's output conv and the decoder's input conv are DC-Gen's ``AdaptiveOutputConvLayer``
+            / ``AdaptiveInputConvLayer`` (DC-AE 1.5): the same parameters as plain convs, used with their first c'
+            output / input channels (``encode(x, channels=c')``, ``decode_truncated``). Recorded so a converted
+            checkpoint states what it is; the computation with all c channels is unchanged.
         scaling_factor: s with z_diffusion = s * z (≈ 1 / RMS(z)); None where unpublished (tiny presets, a fresh
             run) — the latent store then uses the 1/RMS it measures at finalize.
         channel_choices: the c' list of the structured latent space; () for an unstructured AE.
@@ -80,6 +89,8 @@ class AEConfig:
     downsample_block_type: str = "pixel_unshuffle"
     upsample_block_type: str = "pixel_shuffle"
     bottleneck_shortcut: bool = False
+    decoder_conv_act_fn: str = "relu"
+    adaptive_io: bool = False
     scaling_factor: float | None = None
     channel_choices: tuple[int, ...] = field(default=())
 
@@ -120,6 +131,10 @@ class AEConfig:
             if bad or list(self.channel_choices) != sorted(set(self.channel_choices)):
                 raise ValueError(f"AEConfig.channel_choices must be increasing values in 1..{self.latent_channels}, "
                                  f"got {self.channel_choices}")
+        if self.decoder_conv_act_fn not in _ACT_FNS:
+            raise ValueError(f"AEConfig.decoder_conv_act_fn={self.decoder_conv_act_fn!r}; allowed: {_ACT_FNS}")
+        if self.adaptive_io and self.bottleneck_shortcut:
+            raise ValueError("AEConfig: adaptive_io (DC-AE 1.5's adaptive in/out convs) needs bottleneck_shortcut=False")
         if self.scaling_factor is not None and not self.scaling_factor > 0:
             raise ValueError(f"AEConfig.scaling_factor must be > 0, got {self.scaling_factor}")
 
@@ -160,7 +175,7 @@ class AEConfig:
             decoder_act_fns=list(self.decoder_act_fns),
             encoder_out_shortcut=self.bottleneck_shortcut,
             decoder_in_shortcut=self.bottleneck_shortcut,
-            decoder_conv_act_fn="relu",
+            decoder_conv_act_fn=self.decoder_conv_act_fn,
             scaling_factor=1.0 if self.scaling_factor is None else self.scaling_factor,
         )
 
@@ -178,8 +193,9 @@ class AEConfig:
             raise ValueError(f"{name}: encoder/decoder widths differ ({enc_w} vs {dec_w}); dcae15 supports shared widths")
         if c["encoder_out_shortcut"] != c["decoder_in_shortcut"]:
             raise ValueError(f"{name}: encoder_out_shortcut and decoder_in_shortcut differ; dcae15 expects both equal")
-        if c.get("decoder_conv_act_fn", "relu") != "relu":
-            raise ValueError(f"{name}: decoder_conv_act_fn={c['decoder_conv_act_fn']!r} is not supported (relu only)")
+        if c.get("decoder_conv_act_fn", "relu") not in _ACT_FNS:
+            raise ValueError(f"{name}: decoder_conv_act_fn={c['decoder_conv_act_fn']!r} is not supported; "
+                             f"allowed: {_ACT_FNS}")
         n = len(enc_w)
         per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
         shortcut = bool(c["encoder_out_shortcut"])
@@ -200,6 +216,7 @@ class AEConfig:
             downsample_block_type=c["downsample_block_type"],
             upsample_block_type=c["upsample_block_type"],
             bottleneck_shortcut=shortcut,
+            decoder_conv_act_fn=c.get("decoder_conv_act_fn", "relu"),
             scaling_factor=None if cfg.get("scaling_factor") is None else float(cfg["scaling_factor"]),
             channel_choices=default_channel_choices(int(c["latent_channels"])) if structured else (),
         )
@@ -210,13 +227,22 @@ class AEConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _dc_ae_15(name: str, widths: tuple[int, ...], depths: tuple[int, ...], c: int, scaling: float | None) -> AEConfig:
-    """DC-AE 1.5: all ResBlock, RMSNorm + SiLU, no bottleneck shortcuts, structured c' list."""
+def _dc_ae_15(name: str, widths: tuple[int, ...], depths: tuple[int, ...], c: int, scaling: float | None,
+              official: bool = True) -> AEConfig:
+    """DC-AE 1.5: all ResBlock, RMSNorm + SiLU, no bottleneck shortcuts, structured c' list.
+
+    ``official``: DC-Gen's definition (``dc_ai/aecore/models/dc_ae.py``, ``dc_ae_f32_1_5`` / ``dc_ae_f64_1_5`` at
+    dc-ai-projects/DC-Gen@562077c): ``decoder.out_act=silu``, ``encoder.out_block_type=AdaptiveOutputConvLayer``,
+    ``decoder.in_block_type=AdaptiveInputConvLayer``, ``encoder.out_shortcut=null``, ``decoder.in_shortcut=null``,
+    norms ``trms2d`` (RMSNorm) and act ``silu`` everywhere (DC-Gen's defaults). The tiny CPU presets keep the
+    ReLU before the output conv they were introduced with (the demo's measured numbers depend on it).
+    """
     n = len(widths)
     return AEConfig(
         name=name, latent_channels=c, block_out_channels=widths, encoder_layers_per_block=depths,
         decoder_layers_per_block=depths, encoder_block_types=("ResBlock",) * n, decoder_block_types=("ResBlock",) * n,
         decoder_norm_types=("rms_norm",) * n, decoder_act_fns=("silu",) * n, bottleneck_shortcut=False,
+        decoder_conv_act_fn="silu" if official else "relu", adaptive_io=official,
         scaling_factor=scaling, channel_choices=default_channel_choices(c),
     )
 
@@ -232,18 +258,38 @@ AE_PRESETS: dict[str, AEConfig] = {
         decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3, decoder_act_fns=("relu",) * 3 + ("silu",) * 3,
         bottleneck_shortcut=True, scaling_factor=0.3189,
     ),
-    # DC-AE 1.5 f32c128: no published scaling factor; the latent store measures 1/RMS at finalize.
+    # DC-AE 1.5 (DC-Gen's dc_ae_f32_1_5 / dc_ae_f64_1_5, see _dc_ae_15). f32c128: no published scaling factor; the
+    # latent store measures 1/RMS at finalize.
     "dc-ae-f32c128-1.5": _dc_ae_15("dc-ae-f32c128-1.5", (128, 256, 512, 512, 1024, 1024), (0, 5, 10, 4, 4, 4), 128, None),
     "dc-ae-f64c128-1.5": _dc_ae_15(
         "dc-ae-f64c128-1.5", (128, 256, 512, 512, 1024, 1024, 1024), (0, 5, 10, 4, 4, 4, 4), 128, 0.5935
     ),
     # Tiny CPU presets of the same structure (stage 0 empty, ResBlock, RMSNorm + SiLU, no bottleneck shortcut).
-    "tiny-f8c32": _dc_ae_15("tiny-f8c32", (16, 32, 64, 64), (0, 1, 1, 1), 32, None),
+    "tiny-f8c32": _dc_ae_15("tiny-f8c32", (16, 32, 64, 64), (0, 1, 1, 1), 32, None, official=False),
     # f4c8: 32 px -> 8x8x8, the same 512 numbers as f8c32's 4x4x32 but a shape stays 4-6 latent pixels wide,
     # which a tiny AE can reconstruct and a tiny backbone can learn in CPU minutes (the demo's default).
-    "tiny-f4c8": _dc_ae_15("tiny-f4c8", (16, 32, 64), (0, 1, 1), 8, None),
-    "tiny-f16c64": _dc_ae_15("tiny-f16c64", (16, 32, 64, 64, 128), (0, 1, 1, 1, 1), 64, None),
+    "tiny-f4c8": _dc_ae_15("tiny-f4c8", (16, 32, 64), (0, 1, 1), 8, None, official=False),
+    # f32c128-1.5's structure (six stages, f32, c = 128, the paper's c' list 16..128) at a CPU width: the rehearsal's
+    # autoencoder (64 px -> 2x2x128 latents).
+    "tiny-f32c128-1.5": _dc_ae_15("tiny-f32c128-1.5", (8, 16, 16, 32, 32, 32), (0, 1, 1, 1, 1, 1), 128, None,
+                                  official=False),
+    "tiny-f16c64": _dc_ae_15("tiny-f16c64", (16, 32, 64, 64, 128), (0, 1, 1, 1, 1), 64, None, official=False),
 }
+
+
+def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str,
+                     name: str) -> None:
+    """Raise ValueError naming ``source`` and the first mismatches when ``state`` is not a checkpoint of the
+    architecture whose state dict is ``expected`` (missing / unexpected keys, other shapes)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs {name} {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        cut = lambda xs: f"{xs[:4]}{' ...' if len(xs) > 4 else ''} ({len(xs)})"  # noqa: E731
+        raise ValueError(f"{source} is not a checkpoint of {name}: missing keys {cut(missing)}, unexpected keys "
+                         f"{cut(unexpected)}, other shapes {cut(shapes)} — another architecture (check the preset / "
+                         "config.json) or a truncated file")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,6 +320,19 @@ def mask_channels(z: torch.Tensor, channels: int | torch.Tensor | None) -> torch
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(config: AEConfig, net: nn.Module, length: int = 16) -> str:
+    h = hashlib.sha256()
+    arch = {k: v for k, v in config.to_dict().items()
+            if k != "name" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    h.update(json.dumps(arch, sort_keys=True, default=list).encode())
+    for k, v in sorted(net.state_dict().items()):
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes; same bytes otherwise
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:length]
 
 
 class StructuredAutoencoder(nn.Module):
@@ -317,12 +376,16 @@ class StructuredAutoencoder(nn.Module):
         return cls(dataclasses.replace(AE_PRESETS[name], **overrides))
 
     # -- compute -----------------------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (B,3,H,W) -> latents (B,c,H/f,W/f), all channels, unscaled."""
+    def encode(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+        """Images in [-1, 1] (B,3,H,W) -> latents (B,c,H/f,W/f), unscaled; all channels, or the first ``channels``
+        (what DC-AE 1.5's adaptive output conv computes with its first c' filters)."""
         f = self.spatial_compression
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"encode expects (B,3,H,W) with H and W multiples of {f}, got {tuple(x.shape)}")
-        return self.net.encoder(x)
+        if channels is not None and not 1 <= int(channels) <= self.latent_channels:
+            raise ValueError(f"encode: channels={channels}, expected 1..{self.latent_channels}")
+        z = self.net.encoder(x)
+        return z if channels is None else z[:, : int(channels)]
 
     def decode(self, z: torch.Tensor, channels: int | torch.Tensor | None = None) -> torch.Tensor:
         """Latents (B,c,h,w) -> images (B,3,h·f,w·f); with ``channels=c'`` only the first c' channels are used
@@ -351,18 +414,17 @@ class StructuredAutoencoder(nn.Module):
     # -- identity ----------------------------------------------------------------------------------------------
     def fingerprint(self, length: int = 16) -> str:
         """sha256 of the architecture config (without the name) and every weight's name, dtype, shape and bytes."""
-        h = hashlib.sha256()
-        arch = {k: v for k, v in self.config.to_dict().items() if k != "name"}
-        h.update(json.dumps(arch, sort_keys=True, default=list).encode())
-        for k, v in sorted(self.net.state_dict().items()):
-            t = v.detach().to("cpu").contiguous()
-            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()[:length]
+        return _fingerprint(self.config, self.net, length)
 
     # -- persistence -------------------------------------------------------------------------------------------
-    def save_pretrained(self, url: str, storage_options: dict | None = None) -> str:
+    def save_pretrained(self, url: str, storage_options: dict | None = None, *,
+                        scaling_factor: float | None = None) -> str:
         """Write a diffusers-format directory (loads in ``AutoencoderDC.from_pretrained`` too) plus our AEConfig.
+
+        Args:
+            scaling_factor: the factor to record (e.g. the latent store's measured 1/RMS,
+                ``dcae15.ae.convert.save_with_store_scaling``); default the config's. diffusers needs a number: an AE
+                without any records 1.0 there, and ``_dcae15.scaling_factor: null`` says it was not measured.
 
         The weights are written first and ``config.json`` last (each write-then-rename), so a directory with a
         config.json is complete.
@@ -371,12 +433,15 @@ class StructuredAutoencoder(nn.Module):
 
         from storage.urls import put_atomic, url_to_fs
 
+        config = self.config
+        if scaling_factor is not None:
+            config = dataclasses.replace(config, scaling_factor=float(scaling_factor))  # validated (> 0) there
         fs, root = url_to_fs(url, storage_options)
         root = root.rstrip("/")
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.net.state_dict().items()}
         put_atomic(fs, f"{root}/{WEIGHTS_NAME}", st_save(state, metadata={"format": "pt"}))
-        cfg = {"_class_name": "AutoencoderDC", **self.config.diffusers_kwargs(), "_dcae15": self.config.to_dict(),
-               "_dcae15_fingerprint": self.fingerprint()}
+        cfg = {"_class_name": "AutoencoderDC", **config.diffusers_kwargs(), "_dcae15": config.to_dict(),
+               "_dcae15_fingerprint": _fingerprint(config, self.net)}
         put_atomic(fs, f"{root}/{CONFIG_NAME}", json.dumps(cfg, indent=2).encode())
         return url
 
@@ -423,11 +488,13 @@ class StructuredAutoencoder(nn.Module):
         for f in files:
             if not fs.exists(f"{root}/{f}"):
                 raise MissingWeightsError(f"autoencoder weight shard '{f}' listed in {WEIGHTS_INDEX_NAME} is missing in {url}")
-            state.update(st_load(fs.cat_file(f"{root}/{f}")))
+            try:
+                state.update(st_load(fs.cat_file(f"{root}/{f}")))
+            except Exception as err:  # safetensors raises its own error type for a cut or foreign file
+                raise ValueError(f"autoencoder weights {url}/{f} are truncated or not a safetensors file ({err}): "
+                                 "copy the file again") from None
         model = cls(config)
-        missing, unexpected = model.net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {url} does not match its config: missing keys {missing[:8]}"
-                             f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}")
+        check_state_dict(state, model.net.state_dict(), f"{url}/{', '.join(files)}", config.name)
+        model.net.load_state_dict(state, strict=True)
         return model.to(map_location).eval()
 

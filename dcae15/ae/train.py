@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcae15.accel import enable_speed_switches, gpu_branches
 from dcae15.ae.channels import ChannelSampling, step_generator
+from dcae15.claims import rank_zero_claim
 from dcae15.ae.data import ImageBatches
 from dcae15.ae.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from dcae15.ae.model import AE_PRESETS, StructuredAutoencoder
@@ -28,6 +31,7 @@ from storage.rundir import HORIZON, OPERATIONAL, RunDir, identity
 from storage.urls import put_atomic, url_to_fs
 from dcae15.ema import EMA
 from dcae15.lr_schedule import SCHEDULES, lr_at
+from dcae15.tracking import TrackingConfig, config_of, open_tracker
 from dcae15.typed_config import from_dict
 
 __all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
@@ -73,9 +77,11 @@ class AETrainConfig:
         checkpoint_every / keep_checkpoints / log_every: operational.
         device: "auto" (cuda if available; under torchrun ``cuda:$LOCAL_RANK``), "cpu" or "cuda[:i]".
         bf16: bf16 autocast of the AE, LPIPS and the discriminator on CUDA (weights, optimiser and loss sums stay
-            fp32). bf16_on_cpu: the same on CPU (tests of the autocast path; slow on most CPUs).
+            fp32). bf16_on_cpu: the same on CPU (tests of the autocast path; slow on most CPUs); so does
+            DCAE15_GPU_BRANCHES=1.
         num_workers / prefetch_factor / loader_context: DataLoader worker processes decoding upcoming steps
-            (0: the training process decodes, one thread prefetches the next step's bytes); their start method.
+            (0: the training process decodes, one thread prefetches the next step's bytes; None: up to 8 per GPU,
+            0 on a CPU run, see ``loader_workers``); their start method. Batches reach the GPU from pinned memory.
 
     ``batch_size`` is the global batch: under torchrun each of the W ranks trains on its own disjoint B/W images
     of every step (DDP averages the gradients), so W processes compute what one process computes with B.
@@ -119,16 +125,19 @@ class AETrainConfig:
     checkpoint_every: int = field(default=500, metadata=OPERATIONAL)
     keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
     log_every: int = field(default=10, metadata=OPERATIONAL)
+    logging: TrackingConfig = field(default_factory=TrackingConfig, metadata=OPERATIONAL)
     progress: bool = field(default=True, metadata=OPERATIONAL)
     prefetch: bool = field(default=True, metadata=OPERATIONAL)
     device: str = field(default="auto", metadata=OPERATIONAL)
     bf16: bool = True
     bf16_on_cpu: bool = False
-    num_workers: int = field(default=0, metadata=OPERATIONAL)
+    num_workers: int | None = field(default=None, metadata=OPERATIONAL)
     prefetch_factor: int = field(default=4, metadata=OPERATIONAL)
     loader_context: str = field(default="forkserver", metadata=OPERATIONAL)
 
     def __post_init__(self) -> None:
+        if isinstance(self.logging, dict):
+            self.logging = TrackingConfig(**self.logging)
         if self.phase not in PHASES:
             raise ValueError(f"AETrainConfig.phase={self.phase!r}; allowed: {sorted(PHASES)}")
         d = PHASES[self.phase]
@@ -166,7 +175,7 @@ class AETrainConfig:
             raise ValueError(f"AETrainConfig.betas must be two values in [0, 1), got {self.betas}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"AETrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
-        if self.num_workers < 0 or self.prefetch_factor < 1:
+        if (self.num_workers is not None and self.num_workers < 0) or self.prefetch_factor < 1:
             raise ValueError(f"AETrainConfig.num_workers must be >= 0 and prefetch_factor >= 1, got "
                              f"{self.num_workers}, {self.prefetch_factor}")
         if self.loader_context not in ("fork", "forkserver", "spawn"):
@@ -273,37 +282,30 @@ def _load_latest(run: RunDir) -> dict[str, Any] | None:
 
 
 class _Dist:
-    """Where this process sits: rank, world size, device; a process group only when there are several ranks."""
+    """Where this process sits: rank, world size, device; a process group only when there are several ranks
+    (``dcae15.distributed``: the GPU made current first, then the group), with a gloo group for the waits behind
+    rank 0's checkpoint writes."""
 
     def __init__(self, cfg: AETrainConfig) -> None:
-        import os
+        from dcae15.distributed import init_distributed, new_io_group
 
-        import torch.distributed as dist
-
-        self.created = False
-        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            cuda = torch.cuda.is_available() and cfg.device != "cpu"
-            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")  # torchrun's env:// rendezvous
-            self.created = True
-        self.on = dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.on else 0
-        self.world = dist.get_world_size() if self.on else 1
-        if cfg.device == "auto":
-            from dcae15.parallel import local_device
-
-            self.device = local_device(self.rank)
-        else:
-            self.device = torch.device(cfg.device)
-            if self.device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"AETrainConfig.device={cfg.device!r} but CUDA is not available; use 'cpu' or 'auto'")
+        want = None if cfg.device == "auto" else torch.device(cfg.device)
+        if want is not None and want.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"AETrainConfig.device={cfg.device!r} but CUDA is not available; use 'cpu' or 'auto'")
+        rank, world, local, self.created = init_distributed(use_cuda=want is None or want.type == "cuda",
+                                                            single_process_group=False)
+        self.on = world > 1
+        self.rank, self.world = (rank, world) if self.on else (0, 1)
+        # "auto" / "cuda": this rank's GPU (LOCAL_RANK); an explicit "cuda:i" or "cpu" is taken as given
+        self.device = want if want is not None and (want.type == "cpu" or want.index is not None) else local
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.io = new_io_group() if self.on else None
 
     def barrier(self) -> None:
-        if self.on:
-            import torch.distributed as dist
+        from dcae15.distributed import io_barrier
 
-            dist.barrier()
+        io_barrier(self.io)  # waits behind rank 0's writes: the long I/O timeout, no NCCL watchdog
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """The average over ranks of per-rank scalars (the logged losses), so logs equal one process's."""
@@ -313,13 +315,15 @@ class _Dist:
 
         keys = sorted(values)
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.io)  # CPU numbers: gloo
         return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
 
     def close(self) -> None:
-        if self.created:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        if self.io is not None and not self.created:
+            dist.destroy_process_group(self.io)  # (destroying the default group below takes its subgroups along)
+        if self.created:
             dist.destroy_process_group()
 
 
@@ -370,9 +374,20 @@ def _local(ch: int | torch.Tensor | None, rows: slice) -> int | torch.Tensor | N
     return ch[rows] if isinstance(ch, torch.Tensor) else ch
 
 
-def _batches(cfg: AETrainConfig, batches: ImageBatches, start: int, end: int, device: torch.device):
+def loader_workers(cfg: AETrainConfig, device: torch.device, local_world: int = 1) -> int:
+    """DataLoader worker processes: ``cfg.num_workers``, or for None (the default) where the GPU branches are taken
+    (``dcae15.accel``) this rank's share of the node's cores, at most 8 (JPEG decoding must keep up with the GPU),
+    and 0 on a plain CPU run (workers would only compete with the training thread for the same cores)."""
+    if cfg.num_workers is not None:
+        return int(cfg.num_workers)
+    if not gpu_branches(device):
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world)))
+
+
+def _batches(cfg: AETrainConfig, batches: ImageBatches, start: int, end: int, device: torch.device, workers: int):
     """Iterator over this rank's batches of steps [start, end): DataLoader workers decode ahead when configured."""
-    if cfg.num_workers == 0:
+    if workers == 0:
         return (batches.batch(step) for step in range(start, end))
     from torch.utils.data import DataLoader
 
@@ -380,7 +395,7 @@ def _batches(cfg: AETrainConfig, batches: ImageBatches, start: int, end: int, de
 
     # forkserver by default: forking a process that already runs threads (Prefect, tqdm) can deadlock workers
     return iter(DataLoader(StepBatches(batches), batch_size=None, sampler=range(start, end),
-                           num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                           num_workers=workers, prefetch_factor=cfg.prefetch_factor,
                            pin_memory=device.type == "cuda", multiprocessing_context=cfg.loader_context))
 
 
@@ -406,7 +421,8 @@ def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, sto
     """
     dist_ = _Dist(cfg)
     try:
-        return _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_)
+        with rank_zero_claim(run_url, what="AE run", storage_options=storage_options):  # one writer per run
+            return _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_)
     finally:
         dist_.close()
 
@@ -457,6 +473,8 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
     lpips_net = _build_lpips(cfg, device)
 
     start, metrics = 0, []
+    tracker = open_tracker(cfg.logging, run_url=run.url, run_id=run.url.rstrip("/").rsplit("/", 1)[-1],
+                           config=config_of(cfg), rank=dist_.rank)
     ckpt = _load_latest(run)
     if ckpt is not None:
         start = int(ckpt["step"])
@@ -477,22 +495,25 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
     recon = _ddp(_Reconstruct(model), dist_)
     disc_ddp = _ddp(disc, dist_) if disc is not None else None
     rows = slice(dist_.rank * cfg.batch_size // dist_.world, (dist_.rank + 1) * cfg.batch_size // dist_.world)
+    workers = loader_workers(cfg, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     batches = ImageBatches(dataset, batch_size=cfg.batch_size, resolution=cfg.resolution, seed=cfg.seed,
-                           hflip=cfg.hflip, prefetch=cfg.prefetch and cfg.num_workers == 0, rank=dist_.rank,
+                           hflip=cfg.hflip, prefetch=cfg.prefetch and workers == 0, rank=dist_.rank,
                            world_size=dist_.world)
-    on_gpu = device.type == "cuda"
+    enable_speed_switches(device, conv=True)  # TF32 for the fp32 paths, cuDNN autotuning for the conv-only AE
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=cfg.bf16 and (on_gpu or (cfg.bf16_on_cpu and device.type == "cpu")))
+                              enabled=cfg.bf16 and (gpu_branches(device) or cfg.bf16_on_cpu))
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"AE {cfg.name or cfg.phase}",
                disable=not cfg.progress or dist_.rank != 0)
-    loader = _batches(cfg, batches, start, end, device)
+    loader = _batches(cfg, batches, start, end, device, workers)
     t0 = time.perf_counter()
     try:
         for step in bar:
             x, _ = next(loader)  # decoded ahead by the loader's workers (or the prefetch thread's bytes)
+            if device.type == "cuda" and not x.is_pinned():
+                x = x.pin_memory()  # a pageable source would make the copy below synchronous
             x = x.to(device, non_blocking=True)
             gen = step_generator(cfg.seed, step, salt=1)
             channel_list = ([_local(ch, rows) for ch in sampling.draw(gen, cfg.batch_size)] if sampling
@@ -547,6 +568,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                        "channels": [c if isinstance(c, int) or c is None else "per-sample" for c in channel_list],
                        "sec": round(time.perf_counter() - t0, 3)}
                 metrics.append(row)
+                tracker.log_metrics(row, done_steps, prefix="ae/")
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if done_steps % cfg.checkpoint_every == 0 or done_steps == end:
                 if dist_.rank == 0:
@@ -560,6 +582,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                 dist_.barrier()  # every rank leaves (stop_at) or goes on only once the checkpoint is named
     finally:
         bar.close()
+        tracker.close()
         batches.close()
         del loader  # stops DataLoader workers
 

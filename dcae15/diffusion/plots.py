@@ -1,45 +1,113 @@
-"""Figures of a diffusion run: its samples as a grid (a row per class, class names on the side) and its loss curve."""
+"""Figures of a diffusion run: its samples as a grid (a row per shown class, class names on the side; a bounded
+set of classes) and its loss curve."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from dcae15.figures import png_bytes, pyplot
 
-__all__ = ["sample_grid_png", "loss_curve_png"]
+__all__ = ["GRID_CLASSES", "MAX_GRID_CLASSES", "grid_classes", "collect_grid_images", "sample_grid_png",
+           "loss_curve_png"]
+
+GRID_CLASSES = 16
+"""Rows of a sample grid by default: every class up to this many, else this many spread over the class list."""
+MAX_GRID_CLASSES = 100
+"""The most rows a grid draws: the canvas (and the PNG) stays a bounded size whatever the class count."""
 
 
-def sample_grid_png(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *, per_class: int = 10,
-                    title: str = "", scale: int = 2) -> bytes:
-    """A PNG of uint8 images [N,H,W,3]: one row per class (its name on the left), up to ``per_class`` images of
-    that class in the order they come; an empty cell where a class has fewer."""
-    plt = pyplot()
+def grid_classes(num_classes: int, classes: Sequence[int] | None = None) -> list[int]:
+    """The class indices a sample grid shows: ``classes`` when given (checked), else all of them when there are at
+    most :data:`GRID_CLASSES`, else :data:`GRID_CLASSES` evenly spread ones (0, 66, 133, ... for ImageNet's 1000).
 
+    Raises:
+        ValueError: an index out of range, a repeated one, or more than :data:`MAX_GRID_CLASSES`.
+    """
+    if num_classes < 1:
+        raise ValueError(f"need at least one class, got {num_classes}")
+    if classes is None:
+        if num_classes <= GRID_CLASSES:
+            return list(range(num_classes))
+        return sorted({int(round(v)) for v in np.linspace(0, num_classes - 1, GRID_CLASSES)})
+    out = [int(c) for c in classes]
+    bad = [c for c in out if not 0 <= c < num_classes]
+    if bad or not out or len(set(out)) != len(out) or len(out) > MAX_GRID_CLASSES:
+        raise ValueError(f"grid classes must be 1..{MAX_GRID_CLASSES} distinct indices in [0, {num_classes}), got "
+                         f"{out[:20]}{' ...' if len(out) > 20 else ''}")
+    return out
+
+
+def collect_grid_images(batches: Iterable[tuple[np.ndarray, np.ndarray]], classes: Sequence[int], *,
+                        per_class: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``per_class`` images of each of ``classes`` from a stream of (uint8 images [n,H,W,3], labels [n])
+    batches, e.g. a sample store unit by unit; stops reading once every class is full. Memory: the kept images
+    plus one batch, whatever the stream's length. A class with no sample gets an empty row in the grid."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    want = {int(c): [] for c in classes}
+    full, shape = 0, None
+    for images, labels in batches:
+        shape = images.shape[1:]
+        for i, c in enumerate(np.asarray(labels).tolist()):
+            kept = want.get(int(c))
+            if kept is not None and len(kept) < per_class:
+                kept.append(np.array(images[i]))  # a copy: the batch is dropped after this loop
+                full += len(kept) == per_class
+        if full == len(want):
+            break
+    picked = [(c, im) for c, ims in want.items() for im in ims]
+    if shape is None:
+        raise ValueError("no samples to draw: the stream of batches is empty")
+    images = np.stack([im for _, im in picked]) if picked else np.zeros((0, *shape), np.uint8)  # empty rows
+    return images, np.asarray([c for c, _ in picked], dtype=np.int64)
+
+
+def sample_grid_png(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *,
+                    classes: Sequence[int] | None = None, per_class: int = 10, title: str = "",
+                    scale: int | None = None) -> bytes:
+    """A PNG of uint8 images [N,H,W,3]: one row per shown class (its name on the left), up to ``per_class`` images
+    of that class in the order they come; an empty cell where a class has fewer.
+
+    Args:
+        classes: the class indices to show (see :func:`grid_classes`: default all of up to 16 classes, else 16
+            spread ones); at most :data:`MAX_GRID_CLASSES` rows, so a 1000-class run draws a bounded figure.
+        scale: screen pixels per image pixel; None = 2 for images up to 64 px, else 1.
+    """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
         raise ValueError(f"need uint8 images [N,H,W,3] and N labels, got {images.shape} and {labels.shape}")
-    n_cls = len(class_names)
+    rows = grid_classes(len(class_names), classes)
     h, w = images.shape[1:3]
+    scale = scale if scale is not None else (2 if max(h, w) <= 64 else 1)
     pad = 2
-    canvas = np.full((n_cls * (h + pad) + pad, per_class * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for c in range(n_cls):
+    canvas = np.full((len(rows) * (h + pad) + pad, per_class * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for r, c in enumerate(rows):
         for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
-            y0, x0 = pad + c * (h + pad), pad + j * (w + pad)
+            y0, x0 = pad + r * (h + pad), pad + j * (w + pad)
             canvas[y0:y0 + h, x0:x0 + w] = images[i]
-    inch = canvas.shape[1] * scale / 100
-    fig, ax = plt.subplots(figsize=(inch + 1.3, canvas.shape[0] * scale / 100 + 0.4))
-    ax.imshow(canvas, interpolation="nearest")
-    ax.set_yticks([pad + c * (h + pad) + h / 2 for c in range(n_cls)], [str(n) for n in class_names], fontsize=8)
-    ax.set_xticks([])
-    for side in ("top", "right", "bottom", "left"):
-        ax.spines[side].set_visible(False)
-    ax.tick_params(length=0)
+    # Drawn with PIL, not matplotlib: imshow resamples through float RGBA copies (~1 GB for 16 rows at 256 px);
+    # here the memory is the canvas itself.
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    font = ImageFont.load_default(size=11)
+    labels_txt = [str(class_names[c]) for c in rows]
+    left = 8 + max(int(font.getlength(t)) for t in labels_txt)
+    top = 22 if title else 4
+    out = Image.new("RGB", (left + grid.width + 4, top + grid.height + 4), "white")
+    out.paste(grid, (left, top))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(labels_txt):
+        y = top + (pad + r * (h + pad) + h / 2) * scale
+        draw.text((left - 4, y), text, fill="black", font=font, anchor="rm")
     if title:
-        ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    return png_bytes(fig)
+        draw.text((out.width / 2, 4), title, fill="black", font=font, anchor="ma")
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def loss_curve_png(rows: Sequence[dict], *, title: str = "", key: str = "loss") -> bytes:

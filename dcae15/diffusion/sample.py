@@ -8,13 +8,13 @@ images depend only on (seed, unit, batch), never on the number of processes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 
 import numpy as np
 import torch
 
+from dcae15.claims import rank_zero_claim
 from dcae15.diffusion.checkpoint import checkpoint_url, load_ema_state, read_latest, read_run_config
 from dcae15.diffusion.objectives import make_objective
 from dcae15.diffusion.samplers import SAMPLERS, sample_latents
@@ -30,12 +30,12 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def _autocast(device: torch.device, precision: str):
-    """bf16 autocast for the backbone and the decoder ('auto' = bf16 on a GPU, fp32 on CPU, where bf16 matmuls
-    are slow); the samplers' updates stay fp32 (the models' outputs are cast back)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; allowed: {PRECISIONS}")
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    """bf16 autocast for the backbone and the decoder ('auto' = bf16 where the GPU branches are taken: on a GPU,
+    or under DCAE15_GPU_BRANCHES=1; fp32 on CPU, where bf16 matmuls are slow); the samplers' updates stay fp32
+    (the models' outputs are cast back)."""
+    from dcae15.accel import bf16_autocast
+
+    return bf16_autocast(device, precision)
 
 
 def _unit_seed(seed: int, unit: int, batch: int) -> int:
@@ -43,19 +43,13 @@ def _unit_seed(seed: int, unit: int, batch: int) -> int:
 
 
 def _distributed(device: torch.device | None) -> tuple[int, int, torch.device, bool]:
-    """(rank, world, device, created): a process group when run under torchrun (or one already live)."""
-    import torch.distributed as dist
+    """(rank, world, device, created): a process group when run under torchrun (or one already live); the GPU is
+    made current before it (``dcae15.distributed.init_distributed``)."""
+    from dcae15.distributed import init_distributed
 
-    created = False
-    if not dist.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-        created = True
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if device is None:
-        from dcae15.parallel import local_device
-
-        device = local_device(rank)
-    return rank, world, torch.device(device), created
+    use_cuda = device is None or torch.device(device).type == "cuda"
+    rank, world, local, created = init_distributed(use_cuda=use_cuda, single_process_group=False)
+    return rank, world, torch.device(device) if device is not None else local, created
 
 
 def _resolve_checkpoint(run_url: str, checkpoint, storage_options) -> tuple[int, str]:
@@ -109,7 +103,7 @@ def _load_ae(conf: dict, ae_url: str | None, device, storage_options):
 def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: str | None = None, steps: int = 50,
                     cfg_scale: float = 1.0, seed: int = 0, checkpoint: int | str | None = None,
                     guidance_interval: tuple[float, float] = (0.0, 1.0), labels: str = "uniform",
-                    batch_size: int = 64, chunk_size: int = 256, ema: bool = True, ae_url: str | None = None,
+                    classes: list[int] | None = None, batch_size: int = 64, chunk_size: int = 256, ema: bool = True, ae_url: str | None = None,
                     device: str | torch.device | None = None, precision: str = "auto", progress: bool = True,
                     storage_options: dict | None = None) -> str:
     """Generate ``num_samples`` images into the sample store at ``out_url``; a rerun writes only missing units.
@@ -125,10 +119,13 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
         steps: sampler steps (respaced DDPM steps, ODE steps); ignored by dopri5.
         cfg_scale, guidance_interval: classifier-free guidance and its normalised-time window (1 = noise).
         checkpoint: step number, checkpoint URL, or None for ``latest``.
-        labels: 'uniform' or 'balanced' class labels.
+        labels: 'uniform' or 'balanced' class labels (over ``classes`` when given), or 'given': ``classes`` in
+            order, each over a contiguous block (``dcae15.metrics.labels.make_labels``).
+        classes: class ids to sample (None: all).
         ae_url: override the autoencoder location recorded in the store (its fingerprint is still checked).
         device: None = this rank's GPU (LOCAL_RANK) if there is one, else the CPU.
-        precision: 'auto' (bf16 autocast on a GPU, fp32 on CPU), 'bf16' or 'fp32', for backbone and decoder.
+        precision: 'auto' (bf16 autocast on a GPU or under DCAE15_GPU_BRANCHES=1, else fp32), 'bf16' or 'fp32',
+            for backbone and decoder.
 
     Returns:
         ``out_url``.
@@ -143,8 +140,10 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
         raise ValueError(f"precision={precision!r}; allowed: {PRECISIONS}")
     rank, world, device, created = _distributed(None if device is None else torch.device(device))
     try:
-        return _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, checkpoint, (lo, hi), labels,
-                       batch_size, chunk_size, ema, ae_url, device, precision, progress, storage_options, rank, world)
+        with rank_zero_claim(out_url, what="sample store", storage_options=storage_options):  # one writer per store
+            return _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, checkpoint, (lo, hi),
+                           (labels, None if classes is None else [int(c) for c in classes]), batch_size, chunk_size,
+                           ema, ae_url, device, precision, progress, storage_options, rank, world)
     finally:
         if created:
             import torch.distributed as dist
@@ -157,7 +156,11 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
+    from dcae15.accel import enable_speed_switches
+    from dcae15.distributed import io_barrier, new_io_group
     from storage.sample_store import SampleStore
+
+    enable_speed_switches(device, conv=True)  # TF32 for fp32 sampling; cuDNN autotuning for the decoder's convs
 
     model, conf, step = load_run_model(run_url, checkpoint=checkpoint, ema=ema, device=device,
                                        storage_options=storage_options)
@@ -170,11 +173,12 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
     ae = _load_ae(conf, ae_url, device, storage_options)
     res = int(conf.get("resolution") or mc["input_size"][0] * ae.spatial_compression)
     lo, hi = interval
+    labels, classes = labels
     # the store records what it holds: run, backbone, checkpoint, latent store; nothing parses ids back apart
     spec = {"run_id": conf["run_id"], "backbone": conf["train"]["model"], "store_id": conf["store_id"],
             "checkpoint_step": step, "sampler": sampler, "steps": int(steps),
             "cfg_scale": float(cfg_scale), "guidance_interval": [lo, hi], "seed": int(seed), "labels": labels,
-            "ema": bool(ema), "ae_fingerprint": conf["ae_fingerprint"]}
+            **({"classes": classes} if classes is not None else {}), "ema": bool(ema), "ae_fingerprint": conf["ae_fingerprint"]}
 
     def create():
         return SampleStore.create(out_url, num_samples=num_samples, height=res, width=res, chunk_size=chunk_size,
@@ -182,17 +186,20 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
                                          "sample_id": out_url.rstrip("/").rsplit("/", 1)[-1]},  # its folder
                                   storage_options=storage_options)
 
+    # waits behind I/O (rank 0 creating the store, the final barrier behind the slowest rank's units, which can
+    # take longer than NCCL's timeout) are on a gloo group with the long I/O timeout
+    io = new_io_group() if world > 1 else None
     if world > 1:  # rank 0 creates the store and lists what is missing; the others follow its view
         store = create() if rank == 0 else None
         msg = [store.missing_units() if rank == 0 else None]
-        dist.broadcast_object_list(msg, src=0)
+        dist.broadcast_object_list(msg, src=0, group=io)
         if store is None:
             store = SampleStore.open(out_url, storage_options=storage_options)
         missing = msg[0][rank::world]
     else:
         store = create()
         missing = store.missing_units()
-    all_labels = make_labels(num_samples, mc["num_classes"], labels, seed)
+    all_labels = make_labels(num_samples, mc["num_classes"], labels, seed, classes)
     shape = (mc["in_channels"], *mc["input_size"])
     for unit in tqdm(missing, desc=f"sample units (rank {rank}/{world})", disable=not progress):
         a, b = store.unit_bounds(unit)
@@ -205,9 +212,12 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
                                    steps=steps, generator=gen, cfg_scale=cfg_scale, guidance_interval=(lo, hi),
                                    null_class=mc["num_classes"], device=device)
                 images.append(to_uint8_nhwc(ae.decode(denormalize(z.float(), conf["latent_norm"]))))
-        store.write_unit(unit, np.concatenate(images), all_labels[a:b])
-    if world > 1:
-        dist.barrier()  # the store is complete when every rank returns
+        # the marker says who drew the unit: rank, and torchrun's node rank (GROUP_RANK) across nodes
+        store.write_unit(unit, np.concatenate(images), all_labels[a:b],
+                         writer={"rank": rank, "world": world, "node": int(os.environ.get("GROUP_RANK", 0))})
+    if io is not None:
+        io_barrier(io)  # the store is complete when every rank returns
+        dist.destroy_process_group(io)
     return out_url
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -14,20 +15,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dcae15.accel import bf16_autocast, gpu_branches
+from dcae15.claims import rank_zero_claim
 from dcae15.diffusion.adt import ADTConfig, LossNorm, draw_mask, micro_loss
 from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
 from dcae15.diffusion.objectives import make_objective
 from dcae15.ema import EMA, decay_at
 from dcae15.lr_schedule import SCHEDULES, lr_at
 from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
+from dcae15.tracking import TrackingConfig, config_of, open_tracker
 from dcae15.typed_config import from_dict
 from storage.fingerprint import fingerprint, short_id
 from storage.layout import Root
 from storage.rundir import HORIZON, OPERATIONAL, identity
 from storage.urls import url_to_fs
 
-__all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "store_info",
-           "latest_checkpoint", "train_flops_per_image", "make_optimizer",
+__all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "node_shard_size", "store_info",
+           "latest_checkpoint", "train_flops_per_image", "make_optimizer", "TrainStep",
            "main"]
 
 @dataclass(kw_only=True)
@@ -72,21 +76,29 @@ class DiffusionTrainConfig:
     update as the whole batch up to fp rounding; gradients are reduced across ranks once, on the last one)."""
     hsdp_shard_size: int | None = field(default=None, metadata=OPERATIONAL)
     """Ranks that shard the model (e.g. the GPUs of one node); the world is replicated across
-    ``world_size / hsdp_shard_size`` such groups (HSDP, a 2-D mesh). None = shard across all ranks (FSDP)."""
+    ``world_size / hsdp_shard_size`` such groups (HSDP, a 2-D mesh). None = HSDP across nodes when the job spans
+    several (shard within a node: torchrun's LOCAL_WORLD_SIZE, replicate across nodes, so only one all-reduce of
+    the shards per step crosses the inter-node network), else FSDP over all ranks."""
     async_checkpoint: bool = field(default=True, metadata=OPERATIONAL)
     """Save checkpoints in a background thread (DCP async_save) after staging them to CPU memory; ``latest``
     is written only once the save completed."""
     mixed_precision: str = "bf16"
-    """'bf16' (bf16 params, fp32 reduce; GPU only, CPU always runs fp32) or 'fp32'."""
+    """'bf16' (bf16 params, fp32 reduce, fp32 timesteps; on GPU, or on CPU under DCAE15_GPU_BRANCHES=1; else the CPU
+    runs fp32) or 'fp32'."""
     fsdp_one_rank: bool = field(default=False, metadata=OPERATIONAL)
     """Wrap the model in FSDP2 at world size 1 too. Default False: one rank trains the plain module (FSDP2's
-    per-block hooks cost about as much as a small model's compute there, bench/RESULTS.md); the checkpoints are
-    the same DCP format either way and resume across the two paths and across world sizes."""
+    per-block hooks cost about as much as a small model's compute there, bench/RESULTS.md; a bf16 run autocasts
+    instead); the checkpoints are the same DCP format either way and resume across the two paths and world sizes."""
     activation_checkpointing: bool = field(default=False, metadata=OPERATIONAL)
+    """Recompute each block's activations in backward (forced on by DCAE15_GPU_BRANCHES=1)."""
     compile: bool = field(default=False, metadata=OPERATIONAL)
+    """torch.compile each block, fullgraph (forced on by DCAE15_GPU_BRANCHES=1)."""
     checkpoint_every: int = field(default=1000, metadata=OPERATIONAL)
     keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
     log_every: int = field(default=10, metadata=OPERATIONAL)
+    logging: TrackingConfig = field(default_factory=TrackingConfig, metadata=OPERATIONAL)
+    """Mirror each logged row (loss, grad norm, lr, c', throughput) to TensorBoard / W&B / MLflow on rank 0
+    (``dcae15.tracking``); ``metrics.jsonl`` is written either way."""
     peak_tflops: float | None = field(default=None, metadata=OPERATIONAL)
     """Accelerator peak for MFU; None = looked up for H100/H200/A100 (989/989/312 bf16 dense)."""
     progress: bool = field(default=True, metadata=OPERATIONAL)
@@ -98,6 +110,8 @@ class DiffusionTrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adt, dict):
             self.adt = ADTConfig(**self.adt)
+        if isinstance(self.logging, dict):
+            self.logging = TrackingConfig(**self.logging)
         self.betas = tuple(float(b) for b in self.betas)
         preset(self.model)  # unknown names fail here with the allowed set
         if self.objective is not None and self.objective not in OBJECTIVES:
@@ -186,6 +200,13 @@ def store_info(store_url: str, storage_options: dict | None = None) -> dict:
             "channel_mean": stats.get("channel_mean"), "channel_std": stats.get("channel_std")}
 
 
+def node_shard_size(world_size: int) -> int | None:
+    """The default HSDP shard group: one node's processes (torchrun's ``LOCAL_WORLD_SIZE``) when the world spans
+    several nodes; None (FSDP over all ranks) on one node or outside torchrun."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return local if 0 < local < world_size and world_size % local == 0 else None
+
+
 def run_id_for(cfg: DiffusionTrainConfig, store_id: str) -> str:
     """Deterministic run id from the config's identity (``DiffusionTrainConfig.identity``) and the store."""
     return f"{cfg.model}-{short_id('diffusion-run', cfg.identity(), store_id)}"
@@ -217,15 +238,9 @@ def train_flops_per_image(mcfg, batch: int, passes: int = 1) -> float:
 
 
 def _peak_flops(cfg: DiffusionTrainConfig, device: torch.device) -> float | None:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tf in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
-        if key in name:
-            return tf * 1e12
-    return None
+    from dcae15.accel import dense_bf16_peak_flops
+
+    return cfg.peak_tflops * 1e12 if cfg.peak_tflops else dense_bf16_peak_flops(device)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: DiffusionTrainConfig) -> torch.optim.Optimizer:
@@ -262,19 +277,11 @@ def _clip_and_guard(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ma
 
 # ------------------------------------------------------------------------------------------------ distributed
 def _init_distributed() -> tuple[int, int, torch.device, bool]:
-    """(rank, world_size, device, created): reuse a live process group, else torchrun env, else a 1-rank gloo."""
-    created = False
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-        else:  # one process: still a process group, so the code path is the same as under torchrun
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        created = True
-    from dcae15.parallel import local_device
+    """(rank, world_size, device, created): reuse a live process group, else torchrun env, else a 1-rank group
+    (``dcae15.distributed.init_distributed``: set_device, then the group with device_id and a long timeout)."""
+    from dcae15.distributed import init_distributed
 
-    rank, ws = dist.get_rank(), dist.get_world_size()
-    return rank, ws, local_device(rank), created
+    return init_distributed()
 
 
 class _AppState:
@@ -344,7 +351,12 @@ def train_diffusion(cfg: DiffusionTrainConfig, store_url: str, run_url: str, *, 
     if device.type == "cpu" and cfg.cpu_threads is not None:
         torch.set_num_threads(int(cfg.cpu_threads))
     try:
-        return _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options)
+        with rank_zero_claim(run_url, what="diffusion run", storage_options=storage_options):  # one writer per run
+            latest = run.latest()  # again, claimed: a writer we waited for may have finished the run
+            if latest is not None and latest["step"] >= target:
+                return {**result, "step": latest["step"], "checkpoint": latest["checkpoint"],
+                        "done": latest["step"] >= cfg.steps}
+            return _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options)
     finally:
         torch.set_num_threads(threads_before)  # the caller (a flow worker, a notebook) keeps its own setting
         if created:
@@ -376,8 +388,10 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from dcae15.accel import enable_speed_switches, forced_gpu_branches
     from dcae15.diffusion.data import DevicePrefetcher, RankBatches, layout_ranks
-    from dcae15.parallel import apply_parallelism, autocast, make_mesh
+    from dcae15.distributed import new_io_group
+    from dcae15.parallel import apply_parallelism, make_mesh
     from storage.reader import LatentStreamDataset
 
     if cfg.global_batch_size % ws:
@@ -403,10 +417,12 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     sharded = ws > 1 or cfg.fsdp_one_rank  # one rank: the plain module, same checkpoint format (fsdp_one_rank)
-    mesh = make_mesh(device, ws, cfg.hsdp_shard_size) if sharded else None
+    mesh = make_mesh(device, ws, cfg.hsdp_shard_size or node_shard_size(ws)) if sharded else None
+    enable_speed_switches(device)  # TF32 for what stays fp32 (mixed_precision 'fp32', the loss, EMA, AdamW)
+    forced = forced_gpu_branches()  # DCAE15_GPU_BRANCHES=1: the CPU takes the GPU run's checkpointing + compile
     apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
-                      activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile, shard=sharded)
-    amp = autocast(device, cfg.mixed_precision, sharded)
+                      activation_checkpointing=cfg.activation_checkpointing or forced, compile=cfg.compile or forced,
+                      shard=sharded)
     model.train()
     optimizer = make_optimizer(model, cfg)
     # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
@@ -442,16 +458,17 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     batches = DevicePrefetcher(RankBatches(sources), device, depth=cfg.prefetch_batches)
 
     metrics = run.metrics(upto=start) if rank == 0 else []
+    tracker = open_tracker(cfg.logging, run_url=run_url, run_id=run_id, config=config_of(cfg), rank=rank)
     tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
     passes = 2 if (cfg.adt.enabled and cfg.adt.include_full) else 1
     flops_img = train_flops_per_image(mcfg, micro, passes)
     peak = _peak_flops(cfg, device)
     null_class = mcfg.num_classes
-    chans_dev = torch.tensor(chans, dtype=torch.long, device=device)
     bar = tqdm(total=target, initial=start, disable=rank != 0 or not cfg.progress, desc=f"train {cfg.model}",
                dynamic_ncols=True)
-    # Async saves run their collectives on a group of their own, so they never interleave with training's.
-    ckpt_group = dist.new_group(backend="gloo") if cfg.async_checkpoint else None
+    # Saves run their collectives on a gloo group of their own with a long timeout: async ones never interleave
+    # with training's, and the ranks that wait for the slowest writer wait there, not in NCCL.
+    ckpt_group = new_io_group()
     pending: list = []  # [(step, future)] of the one save in flight
 
     def publish(step: int) -> None:
@@ -480,10 +497,10 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                            gens=[g["gen"] for g in gathered], ranks=None)
         url = run.checkpoint_url(step)
         if not cfg.async_checkpoint:
-            dcp.save({"app": app}, storage_writer=dcp_writer(url, storage_options))
-            dist.barrier()  # every rank's shard is written before the pointer moves
+            dcp.save({"app": app}, storage_writer=dcp_writer(url, storage_options), process_group=ckpt_group)
+            dist.barrier(group=ckpt_group)  # every rank's shard is written before the pointer moves
             publish(step)
-            dist.barrier()
+            dist.barrier(group=ckpt_group)
             return
         finish_pending(wait=True)  # one save in flight at a time
         fut = dcp.async_save({"app": app}, storage_writer=dcp_writer(url, storage_options),
@@ -512,39 +529,15 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     acc = torch.zeros(3, device=device)  # loss, grad norm, c' summed over the log window (local)
     first_bad = torch.zeros((), dtype=torch.long, device=device)
     step_dev = torch.full((), start, dtype=torch.long, device=device)
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    stepper = TrainStep(model, optimizer, ema, objective, gen, cfg, chans, null_class, c, accum, device,
+                        sharded=sharded)
     try:
         while step < target:
             batch = next(batches)  # prefetched in the background; non-blocking host-to-device copy
             reader_states.update(batch["states"])
             x0 = batch["latents"].float()  # no-op for fp32 batches
             y = batch["labels"]
-            # All random draws for the whole local batch at once, on the device: micro-batching then changes
-            # nothing but the fp summation order.
-            noise = torch.randn(x0.shape, generator=gen, device=device)
-            u = torch.rand(x0.shape[0], generator=gen, device=device)
-            drop = torch.rand(x0.shape[0], generator=gen, device=device) < cfg.label_dropout
-            y = torch.where(drop, null_class, y)
-            mask, cprime = draw_mask(cfg.adt, chans_dev, x0.shape[0], c, gen, device)
-            x_t, t, tgt = objective.prepare(x0, noise, u)
-            norm = LossNorm(x0.shape, mask)
-            loss = torch.zeros((), device=device)
-            for i in range(accum):
-                sl = slice(i * micro, (i + 1) * micro)
-                if accum > 1 and sharded:  # reduce gradients across ranks only once, after the last micro-batch
-                    model.set_requires_gradient_sync(i == accum - 1)
-                with amp:
-                    part = micro_loss(model, x_t[sl], t[sl], y[sl], tgt[sl], None if mask is None else mask[sl],
-                                      cfg.adt, norm)
-                part.backward()
-                loss += part.detach()
-            gnorm = _clip_and_guard(model, optimizer, max_norm)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                                total_steps=cfg.steps)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup))
+            loss, gnorm, cprime = stepper(x0, y, step)
             # Device-side bookkeeping, read every log_every steps (no per-step host sync).
             step_dev += 1
             stats = torch.stack([loss, gnorm.float(), cprime.float().mean()])
@@ -575,6 +568,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if rank == 0:
                     metrics.append(row)
+                    tracker.log_metrics(row, step, prefix="train/")
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}")
                 t_log, c_log, n_log = time.perf_counter(), time.thread_time(), 0
                 acc.zero_()
@@ -583,19 +577,68 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
         finish_pending(wait=True)
     finally:
         bar.close()
+        tracker.close()
         batches.close()
         if pending:  # an error stopped training: let the save in flight finish (its step was checked)
             try:
                 finish_pending(wait=True)
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
-        if ckpt_group is not None:
-            dist.destroy_process_group(ckpt_group)
+        dist.destroy_process_group(ckpt_group)
     result = {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"], "step": step,
               "checkpoint": run.checkpoint_url(step), "done": step >= cfg.steps}
     if rank == 0 and result["done"]:
         run.finish({**result, "steps": cfg.steps})  # the done marker; more steps later continue the run
     return result
+
+
+class TrainStep:
+    """One optimizer step of the trainer on a local batch already on the device (also what bench/ times):
+    device-generator draws, the (ADT) loss over ``accum`` micro-batches, fused clip + NaN guard, AdamW, EMA.
+    No host sync: loss, grad norm and c' come back as device tensors."""
+
+    def __init__(self, model, optimizer, ema: EMA, objective, gen: torch.Generator, cfg: DiffusionTrainConfig,
+                 chans: list[int], null_class: int, channels: int, accum: int, device: torch.device, *,
+                 sharded: bool = True):
+        self.model, self.optimizer, self.ema, self.objective, self.gen, self.cfg = (model, optimizer, ema,
+                                                                                    objective, gen, cfg)
+        self.chans = torch.tensor(chans, dtype=torch.long, device=device)
+        self.null_class, self.c, self.accum, self.device = null_class, channels, accum, device
+        self.max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        # ``sharded`` False: the plain module (one rank), which autocasts where FSDP2's bf16 policy would cast
+        self.sharded = sharded
+        self.amp = lambda: (bf16_autocast(device, "bf16") if not sharded and cfg.mixed_precision == "bf16"
+                            and gpu_branches(device) else contextlib.nullcontext())
+
+    def __call__(self, x0: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+        cfg, gen, device, model, accum = self.cfg, self.gen, self.device, self.model, self.accum
+        # All random draws for the whole local batch at once, on the device: micro-batching then changes
+        # nothing but the fp summation order.
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        u = torch.rand(x0.shape[0], generator=gen, device=device)
+        drop = torch.rand(x0.shape[0], generator=gen, device=device) < cfg.label_dropout
+        y = torch.where(drop, self.null_class, y)
+        mask, cprime = draw_mask(cfg.adt, self.chans, x0.shape[0], self.c, gen, device)
+        x_t, t, tgt = self.objective.prepare(x0, noise, u)
+        norm = LossNorm(x0.shape, mask)
+        micro = x0.shape[0] // accum
+        loss = torch.zeros((), device=device)
+        for i in range(accum):
+            sl = slice(i * micro, (i + 1) * micro)
+            if accum > 1 and self.sharded:  # reduce gradients across ranks only once, after the last micro-batch
+                model.set_requires_gradient_sync(i == accum - 1)
+            with self.amp():
+                part = micro_loss(model, x_t[sl], t[sl], y[sl], tgt[sl], None if mask is None else mask[sl],
+                                  cfg.adt, norm)
+            part.backward()
+            loss += part.detach()
+        gnorm = _clip_and_guard(model, self.optimizer, self.max_norm)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, total_steps=cfg.steps)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup))
+        return loss, gnorm, cprime
 
 
 # ------------------------------------------------------------------------------------------------ run pointers

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
@@ -30,7 +31,9 @@ __all__ = [
     "INCEPTION_NAME",
     "INCEPTION_WEIGHTS",
     "PROXY_NAME",
+    "SPATIAL",
     "FeatureExtractorSpec",
+    "InceptionWithSpatial",
     "MissingWeightsError",
     "ProxyFeatureExtractor",
     "ProxyNet",
@@ -41,6 +44,8 @@ __all__ = [
 INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 PROXY_NAME = "dcae15-proxy"  # torch-fidelity registry name; the weights file says which trained classifier
+SPATIAL = "spatial"  # ADM's sFID features (see InceptionWithSpatial)
+_INCEPTION_SPATIAL_NAME = "dcae15-inception-v3-compat-spatial"  # registry name of InceptionWithSpatial
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +59,8 @@ class FeatureExtractorSpec:
         fingerprint: hash of the weights (+ config): part of every reference-statistics key.
         weights_path: weight file (path or URL); loaded with ``weights_only=True`` and handed to torch-fidelity as
             ``feature_extractor_weights_path`` (so it never downloads).
-        layers: torch-fidelity feature layer per metric family (``fid``, ``isc``, ``prc``, ``kid``).
+        layers: torch-fidelity feature layer per metric family (``fid``, ``isc``, ``prc``, ``kid``; optional
+            ``sfid``: the spatial features of ADM's sFID, Inception only).
         info: extra facts reported next to the numbers (e.g. the proxy's held-out accuracy).
     """
 
@@ -73,13 +79,21 @@ class FeatureExtractorSpec:
         if self.prefix not in ("", "proxy-"):
             raise ValueError(f"FeatureExtractorSpec.prefix must be '' or 'proxy-', got {self.prefix!r}")
 
+    @property
+    def has_sfid(self) -> bool:
+        """Whether this network provides ADM's spatial features (sFID)."""
+        return "sfid" in self.layers
+
     def metric_name(self, metric: str) -> str:
         """The reported name of ``metric`` (``fid`` -> ``proxy-fid`` for the proxy)."""
         return f"{self.prefix}{metric}"
 
     def build(self, layers: Sequence[str], device: str | torch.device = "cpu") -> torch.nn.Module:
         """Instantiate the torch-fidelity extractor for ``layers``; weights are loaded with weights_only=True."""
-        if self.name != INCEPTION_NAME:
+        name = self.name
+        if name == INCEPTION_NAME:  # the same network and weights, plus the sFID features when asked for
+            name = _register_inception_spatial()
+        else:
             register_proxy_extractor()
         # torch-fidelity itself unpickles with weights_only=False; load safely here and hand it a clean buffer.
         state = torch.load(io.BytesIO(read_bytes(self.weights_path)), map_location="cpu", weights_only=True)
@@ -87,7 +101,7 @@ class FeatureExtractorSpec:
         torch.save(state, buf)
         buf.seek(0)
         fe = create_feature_extractor(
-            self.name, list(dict.fromkeys(layers)), cuda=False, feature_extractor_weights_path=buf, verbose=False
+            name, list(dict.fromkeys(layers)), cuda=False, feature_extractor_weights_path=buf, verbose=False
         )
         return fe.to(device)
 
@@ -123,8 +137,54 @@ def inception_extractor(weights: str | os.PathLike | None = None) -> FeatureExtr
         prefix="",
         fingerprint=_file_hash(path),
         weights_path=str(path),
-        layers={"fid": "2048", "isc": "logits_unbiased", "prc": "2048", "kid": "2048"},
+        layers={"fid": "2048", "isc": "logits_unbiased", "prc": "2048", "kid": "2048", "sfid": SPATIAL},
     )
+
+
+class InceptionWithSpatial(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 that also provides ADM's sFID features (``"spatial"``).
+
+    ADM's evaluator (openai/guided-diffusion ``evaluations/evaluator.py``) takes ``mixed_6/conv:0`` of the
+    TF Inception graph, keeps its first 7 channels (``spatial[..., :7]``) and flattens the NHWC
+    ``[N, 17, 17, 7]`` tensor to 2023 numbers per image. In torch-fidelity's port of that graph ``mixed_6`` is
+    ``Mixed_6d`` (mixed, mixed_1, mixed_2 = 5b-5d; mixed_3 = 6a; ...) and its ``conv`` is ``branch1x1``
+    (conv + BN + ReLU). We flatten in ADM's NHWC order, so mu_s / sigma_s of an ADM reference batch line up.
+    """
+
+    def __init__(self, name, features_list, **kwargs):
+        wanted = list(features_list)
+        inner = [f for f in wanted if f != SPATIAL]
+        if SPATIAL in wanted and not set(inner) & {"768", "2048", "logits_unbiased", "logits"}:
+            inner.append("768")  # the parent stops early: make it run past Mixed_6d
+        super().__init__(name, inner or ["768"], **kwargs)
+        self.features_list, self._inner = wanted, inner or ["768"]
+        self._spatial: torch.Tensor | None = None
+        if SPATIAL in wanted:
+            self.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, _module, _inputs, output: torch.Tensor) -> None:
+        self._spatial = output[:, :7].permute(0, 2, 3, 1).reshape(len(output), -1).to(torch.float32)  # (B, 2023)
+
+    def forward(self, x):
+        wanted = self.features_list
+        self.features_list = self._inner  # the parent returns the features it knows, in this order
+        try:
+            out = dict(zip(self._inner, super().forward(x)))
+        finally:
+            self.features_list = wanted
+        if SPATIAL in wanted:
+            out[SPATIAL], self._spatial = self._spatial, None
+        return tuple(out[f] for f in wanted)
+
+    @staticmethod
+    def get_provided_features_list():
+        return (*FeatureExtractorInceptionV3.get_provided_features_list(), SPATIAL)
+
+
+def _register_inception_spatial() -> str:
+    if _INCEPTION_SPATIAL_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(_INCEPTION_SPATIAL_NAME, InceptionWithSpatial)
+    return _INCEPTION_SPATIAL_NAME
 
 
 

@@ -50,9 +50,9 @@ __all__ = [
     "uniform_labels",
 ]
 
-METRICS = ("fid", "is", "precision", "recall", "kid")
-DEFAULT_METRICS = ("fid", "is", "precision", "recall")
-_LAYER_FOR = {"fid": "fid", "is": "isc", "precision": "prc", "recall": "prc", "kid": "kid"}
+METRICS = ("fid", "sfid", "is", "precision", "recall", "kid")
+DEFAULT_METRICS = ("fid", "sfid", "is", "precision", "recall")  # sfid only where the extractor has it (Inception)
+_LAYER_FOR = {"fid": "fid", "sfid": "sfid", "is": "isc", "precision": "prc", "recall": "prc", "kid": "kid"}
 
 
 def extract_features(
@@ -71,9 +71,11 @@ def extract_features(
     ``images`` is anything ``dcae15.metrics.inputs.as_image_dataset`` accepts. Extraction is torch-fidelity's
     (its DataLoader with ``save_cpu_ram=True``: no worker processes).
     """
-    unknown = set(families) - {"fid", "isc", "prc", "kid"}
+    unknown = set(families) - {"fid", "sfid", "isc", "prc", "kid"}
     if unknown:
-        raise ValueError(f"families must be among fid, isc, prc, kid; got {sorted(unknown)}")
+        raise ValueError(f"families must be among fid, sfid, isc, prc, kid; got {sorted(unknown)}")
+    if "sfid" in families and not extractor.has_sfid:
+        raise ValueError(f"{extractor.label} provides no sFID (spatial) features: only the Inception network does")
     dev = default_device(device)
     layers = [extractor.layers[f] for f in families]
     net = feature_net if feature_net is not None else extractor.build(layers, dev)
@@ -121,6 +123,7 @@ def generation_metrics(
     prc_neighborhood: int = 3,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
+    prc_batch_size: int = 1000,
     seed: int = 2020,
     verbose: bool = False,
 ) -> dict[str, float]:
@@ -132,8 +135,12 @@ def generation_metrics(
         reference: a ``ReferenceStats`` (cached train-split statistics, ``dcae15.metrics.reference``), or any
             image source as above (e.g. originals for rFID) — its features are then computed here.
         extractor: ``inception_extractor()`` or the proxy's spec (``dcae15.metrics.proxy.proxy_extractor``).
-        metrics: subset of ``fid``, ``is``, ``precision``, ``recall``, ``kid``.
+        metrics: subset of ``fid``, ``sfid``, ``is``, ``precision``, ``recall``, ``kid``. ``sfid`` (ADM's spatial
+            FID) is computed only by extractors that provide it (Inception) and skipped for the proxy.
         resolution: centre-crop size for folder / packed-dataset inputs.
+        prc_batch_size: rows of each block of pairwise feature distances for precision/recall (the same numbers
+            for any size; memory ~ 3 x 4 B x ``prc_batch_size`` x N: torch-fidelity's 10 000 took ~3 GB at N =
+            20 000, bench/RESULTS.md).
 
     Returns:
         ``{name: value}`` with names prefixed by ``extractor.prefix`` (``fid`` or ``proxy-fid``); IS also reports
@@ -144,8 +151,11 @@ def generation_metrics(
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {list(metrics)}")
-    if isc_splits < 1 or prc_neighborhood < 1:
-        raise ValueError(f"isc_splits and prc_neighborhood must be >= 1, got {isc_splits}, {prc_neighborhood}")
+    if not extractor.has_sfid:
+        metrics = tuple(m for m in metrics if m != "sfid") or ("fid",)
+    if isc_splits < 1 or prc_neighborhood < 1 or prc_batch_size < 1:
+        raise ValueError(f"isc_splits, prc_neighborhood and prc_batch_size must be >= 1, got {isc_splits}, "
+                         f"{prc_neighborhood}, {prc_batch_size}")
     families = list(dict.fromkeys(_LAYER_FOR[m] for m in metrics))
     dev = default_device(device)
     net = extractor.build([extractor.layers[f] for f in families], dev)
@@ -154,24 +164,34 @@ def generation_metrics(
         feature_net=net, verbose=verbose,
     )
     ref_families = [f for f in families if f != "isc"]
+    ref_s: tuple[np.ndarray, np.ndarray] | None = None
     if isinstance(reference, ReferenceStats):
         reference.check_extractor(extractor)
-        ref = {f: reference.features for f in ref_families if f != "fid"}
+        ref = {f: reference.features for f in ref_families if f not in ("fid", "sfid")}
         ref_mu, ref_sigma = reference.mu, reference.sigma
+        if "sfid" in metrics:
+            if reference.mu_s is None:
+                raise ValueError(f"reference {reference.url or ''} holds no spatial statistics (mu_s/sigma_s) for "
+                                 "sFID: recompute it with this version, or leave sfid out of the metrics")
+            ref_s = (reference.mu_s, reference.sigma_s)
     elif ref_families:
         ref = extract_features(
             reference, extractor, families=ref_families, batch_size=batch_size, device=dev, resolution=resolution,
             feature_net=net, verbose=verbose,
         )
         ref_mu, ref_sigma = feature_stats(ref["fid"]) if "fid" in ref else (None, None)
+        ref_s = feature_stats(ref["sfid"]) if "sfid" in ref else None
     tf_kwargs = dict(
         isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, kid_subsets=kid_subsets,
-        kid_subset_size=kid_subset_size, rng_seed=seed, save_cpu_ram=True, verbose=verbose,
+        kid_subset_size=kid_subset_size, rng_seed=seed, save_cpu_ram=True, prc_batch_size=prc_batch_size,
+        verbose=verbose,
     )
     out: dict[str, float] = {}
     name = extractor.metric_name
     if "fid" in metrics:
         out[name("fid")] = frechet_distance(*feature_stats(feats["fid"]), ref_mu, ref_sigma)
+    if "sfid" in metrics:
+        out[name("sfid")] = frechet_distance(*feature_stats(feats["sfid"]), *ref_s)
     if "is" in metrics:
         isc = isc_features_to_metric(feats["isc"], isc_splits, True, seed)
         out[name("is")] = isc["inception_score_mean"]

@@ -1,7 +1,7 @@
 """Image inputs for the metrics: every source becomes a torch Dataset of uint8 [3,H,W] tensors.
 
-Sources: a uint8 array/tensor ``[N,H,W,3]`` (or ``[N,3,H,W]``), a sample store (``storage.sample_store``), a
-packed dataset (``storage.shards``: ``dataset.json`` + ``index.parquet``), or any image folder / class-folder tree
+Sources: a uint8 array/tensor ``[N,H,W,3]`` (or ``[N,3,H,W]``), a sample store (``storage.sample_store``), an ADM
+``.npz`` batch (``arr_0``, ``dcae15.metrics.adm``), a packed dataset (``storage.shards``: ``dataset.json`` + ``index.parquet``), or any image folder / class-folder tree
 at an fsspec URL. Folder and packed-dataset images are centre-cropped (ADM/DiT crop) to ``resolution`` when given.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ArrayImages",
     "FolderImages",
+    "NpzImages",
     "PackedImages",
     "SampleStoreImages",
     "as_image_dataset",
@@ -29,6 +31,7 @@ __all__ = [
     "default_cache_url",
     "list_class_folder",
     "load_labelled_images",
+    "read_npz_array",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -157,10 +160,107 @@ class SampleStoreImages(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self._cache[1][int(i) - start])).permute(2, 0, 1).contiguous()
 
 
+def _open_zip(url: str, storage_options: dict | None):
+    fs, path = url_to_fs(url, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"ADM npz {url} does not exist")
+    f = fs.open(path, "rb")
+    try:
+        return f, zipfile.ZipFile(f, "r")
+    except zipfile.BadZipFile as err:
+        f.close()
+        raise ValueError(f"{url} is not an npz file (zip archive): {err}") from err
+
+
+def _member_header(zf: zipfile.ZipFile, name: str, url: str):
+    if f"{name}.npy" not in zf.namelist():
+        raise ValueError(f"{url} has no {name!r} (holds {sorted(n[:-4] for n in zf.namelist())}): an ADM batch "
+                         "has arr_0 uint8 [N,H,W,3]")
+    member = zf.open(f"{name}.npy")
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(member)
+    if fortran or dtype.hasobject:
+        member.close()
+        raise ValueError(f"{url}:{name} is Fortran-ordered or holds objects: not an ADM batch")
+    return member, tuple(shape), dtype
+
+
+def read_npz_array(url: str, name: str, storage_options: dict | None = None) -> np.ndarray:
+    """One small array of an npz (labels, statistics), loaded whole without pickles."""
+    f, zf = _open_zip(url, storage_options)
+    with f, zf:
+        member, shape, dtype = _member_header(zf, name, url)
+        with member:
+            data = member.read()
+    arr = np.frombuffer(data, dtype=dtype)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{url}:{name} is truncated ({arr.size} of {int(np.prod(shape))} values)")
+    return arr.reshape(shape).copy()
+
+
+class NpzImages(Dataset):
+    """The images (``arr_0``) of an ADM npz as uint8 ``[3,H,W]`` tensors, streamed in blocks (never all in memory).
+
+    Sequential reads (what feature extraction does) read each byte once; going backwards reopens the member.
+    """
+
+    def __init__(self, url: str, *, block: int = 256, storage_options: dict | None = None):
+        self.url, self.block, self.storage_options = str(url), int(block), storage_options
+        f, zf = _open_zip(self.url, storage_options)
+        with f, zf:
+            member, self.shape, dtype = _member_header(zf, "arr_0", self.url)
+            member.close()
+        if dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] != 3:
+            raise ValueError(f"{url}: arr_0 must be uint8 [N,H,W,3] (ADM layout), got {dtype} {self.shape}")
+        self._reader: tuple[Any, Any, Any] | None = None
+        self._pos = 0  # next image the open member would return
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getstate__(self) -> dict:  # DataLoader workers reopen the file
+        return {**self.__dict__, "_reader": None, "_pos": 0, "_cache": None}
+
+    def _read_block(self, start: int) -> np.ndarray:
+        if self._reader is None or self._pos > start:
+            self.close()
+            f, zf = _open_zip(self.url, self.storage_options)
+            member, _, _ = _member_header(zf, "arr_0", self.url)
+            self._reader, self._pos = (f, zf, member), 0
+        member, per = self._reader[2], int(np.prod(self.shape[1:]))
+        while self._pos < start:  # skip forward (rare: a reader that jumps)
+            n = min(self.block, start - self._pos)
+            member.read(n * per)
+            self._pos += n
+        n = min(self.block, len(self) - start)
+        data = member.read(n * per)
+        if len(data) != n * per:
+            raise ValueError(f"{self.url}: arr_0 is truncated at image {start + len(data) // per} of {len(self)}")
+        self._pos += n
+        return np.frombuffer(data, dtype=np.uint8).reshape(n, *self.shape[1:])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        i = int(i)
+        start = i - i % self.block
+        if self._cache is None or self._cache[0] != start:
+            self._cache = (start, self._read_block(start))
+        return torch.from_numpy(self._cache[1][i - start].copy()).permute(2, 0, 1).contiguous()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            for h in reversed(self._reader):
+                h.close()
+            self._reader = None
+
+
 def detect_kind(url: str, storage_options: dict | None = None) -> str:
-    """'sample_store' (a Zarr group), 'packed' (dataset.json + index.parquet) or 'folder'."""
+    """'sample_store' (a Zarr group), 'packed' (dataset.json + index.parquet), 'npz' (an ADM batch) or 'folder'."""
     fs, root = url_to_fs(url, storage_options)
     root = root.rstrip("/")
+    if root.endswith(".npz") and fs.isfile(root):
+        return "npz"
     if fs.exists(f"{root}/dataset.json") and fs.exists(f"{root}/index.parquet"):
         return "packed"
     if fs.exists(f"{root}/zarr.json"):
@@ -185,6 +285,8 @@ def as_image_dataset(
             return PackedImages(url, resolution=resolution, storage_options=storage_options)
         if kind == "sample_store":
             return SampleStoreImages(url, storage_options=storage_options)
+        if kind == "npz":
+            return NpzImages(url, storage_options=storage_options)
         return FolderImages(url, resolution=resolution, storage_options=storage_options)
     raise ValueError(
         f"unsupported image source {type(source).__name__}: pass a uint8 array/tensor, a torch Dataset, "

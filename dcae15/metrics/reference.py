@@ -2,8 +2,9 @@
 
 A reference lives at ``<cache>/reference/<extractor label>-<R>px-<key>/`` where ``key`` hashes every input (dataset
 fingerprint, resolution, crop, extractor fingerprint and layer, sample cap, feature-subset size, seed). It holds
-``stats.npz`` (``mu``, ``sigma`` over all used images; ``features``: a fixed-seed subset of per-image features for
-precision/recall/KID; ``indices``) and ``attrs.json``, written last: present means complete. Extraction runs in
+``stats.npz`` (``mu``, ``sigma`` over all used images; ``mu_s``, ``sigma_s``: the same for ADM's sFID features when
+the extractor has them (Inception); ``features``: a fixed-seed subset of per-image features for precision/recall/KID;
+``indices``) and ``attrs.json``, written last: present means complete. Extraction runs in
 blocks, each saved as ``parts/part-XXXXX.npz`` (sums, outer-product sums, subset features), so a killed job
 resumes at the first missing block. A changed input gives a different key, hence a fresh computation; an unchanged
 one is loaded and never recomputed.
@@ -26,10 +27,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dcae15.metrics import _io
-from dcae15.metrics.extractor import FeatureExtractorSpec
+from dcae15.metrics.extractor import INCEPTION_NAME, FeatureExtractorSpec
 from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint, default_cache_url
 from dcae15.parallel import default_device
 from storage.fingerprint import short_id
+from storage.forksafe import in_worker
 from storage.images import CENTER_CROP
 
 __all__ = [
@@ -44,7 +46,7 @@ __all__ = [
     "default_workers",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + mu_s / sigma_s (sFID)
 CROP = CENTER_CROP  # ADM/DiT centre crop (storage.images.center_crop), the same preprocessing as training
 
 
@@ -93,9 +95,29 @@ class ReferenceStats:
     attrs: dict
     url: str | None = None
     indices: np.ndarray | None = None  # dataset rows of ``features``
+    mu_s: np.ndarray | None = None  # sFID statistics (ADM's spatial features), None when the extractor has none
+    sigma_s: np.ndarray | None = None
+
+    @property
+    def kind(self) -> str:
+        """``train-split`` (computed here from the dataset) or ``adm`` (an ADM reference batch npz)."""
+        return str(self.attrs.get("kind", "train-split"))
+
+    def describe(self) -> str:
+        """What the results table records in its ``reference`` column: the kind and where it came from."""
+        where = self.attrs.get("source_url") or self.attrs.get("dataset_url") or self.url or "?"
+        return f"{self.kind}:{where}"
 
     def check_extractor(self, extractor: FeatureExtractorSpec) -> None:
         """Refuse to compare features from different networks (names both fingerprints)."""
+        if self.kind == "adm":  # its mu/sigma come from ADM's TF Inception graph, which only the Inception port matches
+            if extractor.name != INCEPTION_NAME or self.attrs.get("extractor_fingerprint") != extractor.fingerprint:
+                raise ReferenceMismatchError(
+                    f"ADM reference batch {self.attrs.get('source_url')} holds statistics of the TF InceptionV3 and "
+                    f"features of extractor {self.attrs.get('extractor_fingerprint')}, but this evaluation uses "
+                    f"{extractor.label} (fingerprint {extractor.fingerprint}): ADM references need the standard "
+                    "Inception (evaluate.extractor: inception)")
+            return
         mine = (self.attrs.get("extractor_fingerprint"), self.attrs.get("layer"))
         theirs = (extractor.fingerprint, extractor.layers["fid"])
         if mine != theirs:
@@ -129,7 +151,7 @@ def load_reference(url: str, storage_options: dict | None = None) -> ReferenceSt
     attrs = _io.read_json(_io.join(url, "attrs.json"), storage_options)
     z = _io.read_npz(_io.join(url, "stats.npz"), storage_options)
     return ReferenceStats(mu=z["mu"], sigma=z["sigma"], features=z["features"], attrs=attrs, url=url,
-                          indices=z.get("indices"))
+                          indices=z.get("indices"), mu_s=z.get("mu_s"), sigma_s=z.get("sigma_s"))
 
 
 def _subset(n: int, k: int | None, seed: int, salt: int) -> np.ndarray:
@@ -148,6 +170,7 @@ def _load_batches(ds: Dataset, rows: np.ndarray, batch_size: int) -> list[list[i
 
 
 def _worker_init(_: int) -> None:
+    in_worker()  # forked workers of a process with Prefect loaded must not die at exit (storage/forksafe.py)
     torch.set_num_threads(1)  # each worker decodes on its own core
 
 
@@ -158,19 +181,23 @@ def default_workers(num_images: int) -> int:
 
 
 def _block_features(ds: Dataset, rows: np.ndarray, extractor: FeatureExtractorSpec, net, batch_size: int,
-                    device: torch.device, num_workers: int, verbose: bool = False) -> np.ndarray:
-    """Features [len(rows), D] (float64) of the dataset rows, decoded by ``num_workers`` worker processes."""
+                    device: torch.device, num_workers: int, verbose: bool = False,
+                    layer: str | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Features [len(rows), D] (float64) of the dataset rows, decoded by ``num_workers`` worker processes; with
+    the extractor's sFID layer, the pair (features, spatial features)."""
     loader = DataLoader(ds, batch_sampler=_load_batches(ds, rows, batch_size), num_workers=num_workers,
                         pin_memory=device.type == "cuda", worker_init_fn=_worker_init if num_workers else None,
                         multiprocessing_context="spawn" if num_workers else None)
-    layer, out = extractor.layers["fid"], []
+    layer, out, spatial = extractor.layers["fid"], [], []
     with torch.no_grad():
         for i, batch in enumerate(loader):
-            feats = net.convert_features_tuple_to_dict(net(batch.to(device, non_blocking=True)))[layer]
-            out.append(feats.double().cpu().numpy())
+            feats = net.convert_features_tuple_to_dict(net(batch.to(device, non_blocking=True)))
+            out.append(feats[layer].double().cpu().numpy())
+            if extractor.has_sfid:
+                spatial.append(feats[extractor.layers["sfid"]].double().cpu().numpy())
             if verbose and i % 50 == 0:
                 print(f"  {sum(len(f) for f in out)}/{len(rows)} images")
-    return np.concatenate(out)
+    return (np.concatenate(out), np.concatenate(spatial)) if extractor.has_sfid else np.concatenate(out)
 
 
 def reference_stats(
@@ -208,7 +235,7 @@ def reference_stats(
     used = _subset(len(ds), cfg.max_samples, seed, 0)
     keep = used[_subset(len(used), cfg.num_features, seed, 1)]  # dataset rows whose features are kept
     dev = default_device(device)
-    net = extractor.build([extractor.layers["fid"]], dev)
+    net = extractor.build([extractor.layers[f] for f in ("fid", "sfid") if f in extractor.layers], dev)
     workers = default_workers(len(used)) if num_workers is None else int(num_workers)
     blocks = range(0, len(used), cfg.block_size)
     for b, start in enumerate(blocks):
@@ -217,28 +244,38 @@ def reference_stats(
             continue  # finished before a restart
         rows = used[start:start + cfg.block_size]
         feats = _block_features(ds, rows, extractor, net, batch_size, dev, workers, verbose)
+        spatial = {}
+        if extractor.has_sfid:
+            feats, sp = feats
+            spatial = {"sum_s": sp.sum(0), "outer_s": sp.T @ sp}
         kept = np.isin(rows, keep)
         _io.write_npz(part, storage_options, count=np.array(len(rows)), sum=feats.sum(0), outer=feats.T @ feats,
-                      rows=rows[kept], features=feats[kept].astype(np.float32))
+                      rows=rows[kept], features=feats[kept].astype(np.float32), **spatial)
         if verbose:
             print(f"reference {url}: block {b + 1}/{len(blocks)} done")
-    n, total, outer, rows_k, feats_k = 0, 0.0, 0.0, [], []
+    n, sums, rows_k, feats_k = 0, {}, [], []
     for b in range(len(blocks)):
         z = _io.read_npz(_io.join(url, "parts", f"part-{b:05d}.npz"), storage_options)
         n += int(z["count"])
-        total = total + z["sum"]
-        outer = outer + z["outer"]
+        for k in ("sum", "outer", "sum_s", "outer_s"):
+            if k in z:
+                sums[k] = sums.get(k, 0.0) + z[k]
         rows_k.append(z["rows"])
         feats_k.append(z["features"])
-    mu = total / n
-    sigma = (outer - n * np.outer(mu, mu)) / (n - 1)  # unbiased covariance, as np.cov
-    _io.write_npz(_io.join(url, "stats.npz"), storage_options, mu=mu, sigma=sigma,
+    stats = {}
+    for suffix in ("", "_s"):
+        if f"sum{suffix}" in sums:
+            mu = sums[f"sum{suffix}"] / n
+            stats[f"mu{suffix}"] = mu
+            stats[f"sigma{suffix}"] = (sums[f"outer{suffix}"] - n * np.outer(mu, mu)) / (n - 1)  # unbiased, as np.cov
+    _io.write_npz(_io.join(url, "stats.npz"), storage_options, **stats,
                   features=np.concatenate(feats_k), indices=np.concatenate(rows_k))
     attrs = {
         **cfg.key_fields(), "dataset_url": str(dataset_url), "dataset_fingerprint": fp, "num_samples": n,
         "num_dataset_samples": len(ds), "extractor_name": extractor.name, "extractor_label": extractor.label,
         "extractor_fingerprint": extractor.fingerprint, "layer": extractor.layers["fid"],
         "split_convention": "train split, centre-cropped at the target resolution", "created": time.time(),
+        "kind": "train-split", "sfid_layer": extractor.layers.get("sfid"),
     }
     _io.write_json_atomic(_io.join(url, "attrs.json"), attrs, storage_options)  # the completion marker, last
     fs, path = _io.url_to_fs(_io.join(url, "parts"), storage_options)

@@ -2,7 +2,9 @@
 
 Rows are long: one (context, ``metric``, ``value``) row per number. Context columns: ``checkpoint`` (fingerprint),
 ``run_id``, ``backbone``, ``autoencoder``, ``store``, ``samples_url``, ``sampler``, ``sampling_steps``,
-``cfg_scale``, ``num_samples``, ``feature_extractor``, ``step`` (training step), ``dataset_fingerprint``, ``time``;
+``cfg_scale``, ``num_samples``, ``feature_extractor`` (+ ``extractor_fingerprint``), ``reference`` (``train-split`` or
+``adm:<npz>``, + ``reference_url``), ``step`` (training step), ``dataset_fingerprint``, the sampling fields ``labels``,
+``classes``, ``guidance_interval``, ``seed``, ``time``;
 any other scalar a caller adds becomes a column too. Appending writes a new ``part-<time>-<uuid>.parquet`` object,
 so concurrent evaluators never read-modify-write a shared object; reading concatenates the parts.
 
@@ -26,17 +28,19 @@ from dcae15.figures import png_bytes, pyplot
 from dcae15.metrics import _io
 
 __all__ = ["CONTEXT_COLUMNS", "ResultsTable", "append_results", "format_table", "has_result", "is_metric_name",
-           "plot_results", "read_results", "results_cli"]
+           "part_url", "plot_results", "read_results", "results_cli"]
 
 # context column -> arrow type name (fixed so part files concatenate cleanly)
 CONTEXT_COLUMNS = {
     "checkpoint": "string", "run_id": "string", "backbone": "string", "autoencoder": "string", "store": "string",
     "samples_url": "string", "sampler": "string", "sampling_steps": "int64", "cfg_scale": "float64",
     "num_samples": "int64", "feature_extractor": "string", "step": "int64", "dataset_fingerprint": "string",
+    "reference": "string", "reference_url": "string", "extractor_fingerprint": "string",
+    "labels": "string", "classes": "string", "guidance_interval": "string", "seed": "int64",
 }
-_BASE_METRICS = ("fid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "psnr", "ssim", "lpips",
+_BASE_METRICS = ("fid", "sfid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "psnr", "ssim", "lpips",
                  "classifier_accuracy", "class_accuracy")
-_FEATURE_METRICS = ("fid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "classifier_accuracy",
+_FEATURE_METRICS = ("fid", "sfid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "classifier_accuracy",
                     "class_accuracy")
 # Properties of the feature network itself (the proxy's held-out accuracy), not of the samples: plotted as text.
 _EXTRACTOR_PROPERTIES = ("classifier_accuracy",)
@@ -152,12 +156,20 @@ def append_results(table_url: str, rows: Sequence[Mapping[str, Any]], *, storage
         raise ValueError("append_results needs at least one row")
     buf = io.BytesIO()
     pq.write_table(_arrow_table(long_rows), buf)
-    if part_id is not None and not part_id.replace("-", "").isalnum():
-        raise ValueError(f"part_id must be letters, digits and dashes, got {part_id!r}")
-    name = part_id or f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}"
-    url = _io.join(table_url, f"part-{name}.parquet")
+    url = part_url(table_url, part_id or f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}")
     _io.write_atomic(url, buf.getvalue(), storage_options)
     return url
+
+
+def part_url(table_url: str, part_id: str) -> str:
+    """The part file ``part-<part_id>.parquet`` of the table (what an evaluation writes, and claims first).
+
+    Raises:
+        ValueError: ``part_id`` is not letters, digits and dashes.
+    """
+    if not part_id.replace("-", "").isalnum():
+        raise ValueError(f"part_id must be letters, digits and dashes, got {part_id!r}")
+    return _io.join(table_url, f"part-{part_id}.parquet")
 
 
 def read_results(table_url: str, *, storage_options: dict | None = None) -> ResultsTable:

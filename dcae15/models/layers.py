@@ -53,6 +53,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
 
     def forward(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+        # the input follows the weights' dtype (bf16 under FSDP2's policy, whose root does not cast inputs so that
+        # the timesteps stay fp32); a no-op in fp32 and under autocast
+        x = x.to(self.proj.weight.dtype)
         if channels is None:
             x = self.proj(x)  # (B, D, H/p, W/p)
         else:  # x holds only the first `channels` channels; the bias is kept

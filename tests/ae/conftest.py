@@ -33,12 +33,6 @@ def tiny_ae_url(tmp_path_factory) -> str:
 def stand_in_vgg(tmp_path_factory) -> str:
     """A stand-in ``vgg16-397923af.pth`` (torchvision keys of the ``features`` trunk, seeded random values): the
     real LPIPS-VGG loading path without the ImageNet download. Returns the file's path."""
-    import torchvision
+    from dcae15.metrics.stand_in import write_stand_in_vgg
 
-    from dcae15.metrics.lpips_offline import BACKBONE_FILES
-
-    torch.manual_seed(0)
-    trunk = torchvision.models.vgg16().features
-    path = tmp_path_factory.mktemp("weights") / BACKBONE_FILES["vgg"]
-    torch.save({f"features.{k}": v for k, v in trunk.state_dict().items()}, path)
-    return str(path)
+    return str(write_stand_in_vgg(tmp_path_factory.mktemp("weights")))

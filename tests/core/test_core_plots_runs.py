@@ -24,6 +24,32 @@ def test_sample_grid_and_loss_curve_are_pngs():
         sample_grid_png(images[..., 0], np.zeros(20), ["a"])
 
 
+def test_grid_of_a_1000_class_store_is_bounded_and_read_unit_by_unit(tmp_path):
+    """1000 classes at 256 px: the grid shows the default 16 spread classes (a bounded figure), picked from a
+    sample store read one unit at a time; an explicit class list is honoured and checked."""
+    from dcae15.diffusion.plots import GRID_CLASSES, collect_grid_images, grid_classes, sample_grid_png
+    from storage.sample_store import SampleStore
+
+    rows = grid_classes(1000)
+    assert len(rows) == GRID_CLASSES and rows[0] == 0 and rows[-1] == 999
+    assert grid_classes(8) == list(range(8)) and grid_classes(1000, [207, 360]) == [207, 360]
+    for bad in ([1000], [3, 3], list(range(101)), []):
+        with pytest.raises(ValueError, match="grid classes"):
+            grid_classes(1000, bad)
+    store = SampleStore.create(str(tmp_path / "s"), num_samples=64, height=256, width=256, attrs={}, chunk_size=16)
+    labels = (np.arange(64) * 37) % 1000
+    for u in range(store.num_units):
+        a, b = store.unit_bounds(u)
+        store.write_unit(u, np.full((b - a, 256, 256, 3), u * 60, np.uint8), labels[a:b])
+    read = []
+    wanted = [int(labels[3]), int(labels[20])]  # in units 0 and 1: units 2-3 are never read
+    units = (read.append(u) or batch for u, batch in enumerate(store.iter_units()))
+    images, got = collect_grid_images(units, wanted, per_class=1)
+    assert read == [0, 1] and got.tolist() == wanted and images[1].max() == 60
+    png = sample_grid_png(images, got, [f"n{i:08d}" for i in range(1000)], classes=wanted, per_class=4)
+    assert Image.open(io.BytesIO(png)).size[1] < 2 * 258 + 100  # two rows at scale 1
+
+
 def test_results_plot_draws_sample_metrics_only(tmp_path):
     """The proxy's own accuracy is a property of the extractor: written in the title, not drawn as a panel."""
     from dcae15.metrics.results import append_results, plot_results

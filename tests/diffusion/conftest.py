@@ -46,3 +46,27 @@ def _one_torch_thread():
 def make_store():
     """The store factory itself (test modules cannot import conftest under --import-mode=importlib)."""
     return make_latent_store
+
+
+def train_tiny_run(root, *, model: str = "USiT-tiny", n: int = 64, global_batch_size: int = 16, steps: int = 2,
+                   **train) -> str:
+    """A tiny diffusion run on a store of random latents made for a real tiny-f8c32 AE (saved, so samples decode);
+    returns the run URL."""
+    import torch
+
+    from dcae15.ae.model import StructuredAutoencoder
+    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
+
+    torch.manual_seed(0)
+    ae = StructuredAutoencoder.from_preset("tiny-f8c32")
+    ae_url = ae.save_pretrained(str(root / "ae"))
+    store = make_latent_store(str(root / "store"), n=n, c=32, hw=4,
+                              attrs={"ae_fingerprint": ae.fingerprint(), "ae_url": ae_url})
+    cfg = DiffusionTrainConfig(model=model, global_batch_size=global_batch_size, steps=steps, progress=False, **train)
+    return train_diffusion(cfg, store, str(root / "run"))["run_url"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_factory():
+    """``train_tiny_run`` itself (test modules cannot import conftest under --import-mode=importlib)."""
+    return train_tiny_run

@@ -41,26 +41,12 @@ def proxy_spec(shapes_url, proxy_cache):
 def stand_in_inception(tmp_path_factory):
     """A folder holding ``weights-inception-2015-12-05-6726825d.pth`` with the real keys and random values.
 
-    Built from torch-fidelity's own Inception class (random init, seed 0) so the real loading path is exercised;
+    Built from torch-fidelity's own Inception class (random init, seed 0; ``dcae15.metrics.stand_in``) so the real loading path is exercised;
     its numbers are meaningless, its plumbing is real.
     """
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from dcae15.metrics.stand_in import write_stand_in_inception
 
-    from dcae15.metrics.fidelity import INCEPTION_WEIGHTS
-
-    torch.manual_seed(0)
-    real_load = fe.FeatureExtractorInceptionV3.load_state_dict
-    real_url = fe.load_state_dict_from_url
-    try:  # construct without any weights: skip the (download) load once
-        fe.load_state_dict_from_url = lambda *a, **k: {}
-        fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        fe.FeatureExtractorInceptionV3.load_state_dict = real_load
-        fe.load_state_dict_from_url = real_url
-    folder = tmp_path_factory.mktemp("weights")
-    torch.save(net.state_dict(), folder / INCEPTION_WEIGHTS)
-    return folder
+    return write_stand_in_inception(tmp_path_factory.mktemp("weights")).parent
 
 
 @pytest.fixture(scope="session")

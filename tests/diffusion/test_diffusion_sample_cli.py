@@ -1,0 +1,93 @@
+"""The sampling command researchers use: class lists, label modes, guidance interval from the CLI/config; a grid
+and a PNG folder from the store; a run's EMA weights exported as one self-describing safetensors file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dcae15.metrics.labels import make_labels
+
+
+def test_label_modes_with_classes():
+    assert make_labels(6, 1000, "given", 0, [207, 360, 387]).tolist() == [207, 207, 360, 360, 387, 387]
+    assert make_labels(5, 1000, "given", 0, [1, 2]).tolist() == [1, 1, 1, 2, 2]
+    bal = make_labels(8, 1000, "balanced", 3, [5, 9])
+    assert sorted(bal.tolist()) == [5] * 4 + [9] * 4
+    assert set(make_labels(50, 1000, "uniform", 1, [7, 8, 9]).tolist()) == {7, 8, 9}
+    assert np.array_equal(make_labels(9, 4, "uniform", 2), make_labels(9, 4, "uniform", 2, None))  # unchanged rule
+    with pytest.raises(ValueError, match="needs classes"):
+        make_labels(3, 10, "given", 0)
+    with pytest.raises(ValueError, match=r"classes \[10\] are outside \[0, 10\)"):
+        make_labels(3, 10, "uniform", 0, [1, 10])
+
+
+def test_sample_flags_are_sample_section_fields():
+    from flows.cli import build_parser, sample_overrides
+    from flows.config import load_config
+
+    args = build_parser().parse_args([
+        "sample", "--run", "r", "--classes", "207,360,387", "--cfg", "4.0", "--guidance-interval", "0.1,0.7",
+        "--labels", "given", "--seed", "3", "--grid", "g.png", "--png-dir", "pngs", "--num-samples", "12"])
+    over = sample_overrides(args)
+    assert over == {"classes": [207, 360, 387], "cfg_scale": 4.0, "guidance_interval": [0.1, 0.7], "labels": "given",
+                    "seed": 3, "grid": "g.png", "png_dir": "pngs", "num_samples": 12}
+    cfg = load_config("tiny", {"sample": over})
+    spec = cfg.sample.spec()
+    assert "grid" not in spec and "png_dir" not in spec  # outputs never change which images are drawn
+    assert spec["classes"] == [207, 360, 387] and spec["guidance_interval"] == [0.1, 0.7]
+    plain = load_config("tiny", {}).sample.spec()  # defaults left out: an unchanged config keeps its sample id
+    assert not {"classes", "labels", "guidance_interval"} & set(plain)
+    with pytest.raises(ValueError, match="sample.labels=given needs sample.classes"):
+        load_config("tiny", {"sample": {"labels": "given"}})
+    with pytest.raises(ValueError, match="guidance_interval"):
+        load_config("tiny", {"sample": {"guidance_interval": [0.8, 0.2]}})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--run", "r", "--labels", "zipf"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_run_factory):
+    root = tmp_path_factory.mktemp("sample-cli")
+    return root, tiny_run_factory(root)
+
+
+def test_given_classes_grid_png_dir_and_export(tiny_run):
+    from PIL import Image
+
+    from dcae15.diffusion.export import export_weights, load_exported
+    from dcae15.diffusion.sample import load_run_model, sample_to_store
+    from dcae15.diffusion.sample_outputs import write_grid, write_png_dir
+    from storage.sample_store import SampleStore
+
+    root, run = tiny_run
+    url = sample_to_store(run, str(root / "s"), num_samples=6, sampler="euler", steps=1, cfg_scale=4.0,
+                          guidance_interval=(0.1, 0.7), labels="given", classes=[3, 1], batch_size=4, chunk_size=4,
+                          progress=False)
+    store = SampleStore.open(url)
+    images, labels = store.read_all()
+    assert labels.tolist() == [3, 3, 3, 1, 1, 1]
+    assert store.attrs["classes"] == [3, 1] and store.attrs["guidance_interval"] == [0.1, 0.7]
+    grid = write_grid(url, str(root / "grid.png"), class_names=["a", "b", "c", "d"], per_class=2)
+    assert Image.open(grid).size[0] > 2 * images.shape[2]
+    out = write_png_dir(url, str(root / "pngs"))
+    assert out == {"url": str(root / "pngs"), "written": 6, "skipped": 0}
+    assert np.array_equal(np.asarray(Image.open(root / "pngs" / "000004.png")), images[4])
+    assert (root / "pngs" / "labels.txt").read_text().split() == ["3", "3", "3", "1", "1", "1"]
+    assert write_png_dir(url, str(root / "pngs"))["skipped"] == 6  # a rerun writes nothing twice
+
+    meta = export_weights(run, str(root / "ema.safetensors"))
+    assert meta["weights"] == "ema" and meta["step"] == 2 and meta["backbone"] == "USiT-tiny"
+    model, got = load_exported(str(root / "ema.safetensors"))
+    ref, _, _ = load_run_model(run, ema=True)
+    assert got == meta and (root / "ema.safetensors.json").exists()
+    for (k, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(ref.state_dict().items())):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match=".safetensors"):
+        export_weights(run, str(root / "ema.pt"))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(root / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a dcae15 weights export"):
+        load_exported(str(root / "other.safetensors"))

@@ -1,0 +1,111 @@
+"""Experiment tracking read back from what each backend wrote: TensorBoard event files (a real training run and
+its evaluation), a W&B offline run directory, an MLflow file store (when mlflow is installed)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import struct
+
+import numpy as np
+import pytest
+
+
+def _tb_scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(folder, size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]}, tags["images"]
+
+
+def test_config_is_checked():
+    from dcae15.tracking import TrackingConfig, open_tracker
+
+    with pytest.raises(ValueError, match="logging.backend='tb'; allowed: none, tensorboard, wandb, mlflow"):
+        TrackingConfig(backend="tb")
+    assert open_tracker({"backend": "tensorboard"}, run_url="/x", run_id="r", rank=1).backend == "none"
+
+
+def test_training_and_evaluation_land_in_tensorboard(tmp_path, tiny_run_factory):
+    from dcae15.tracking import log_evaluation
+
+    run_url = tiny_run_factory(tmp_path, model="SiT-tiny", n=32, global_batch_size=8, steps=4, log_every=2,
+                               logging={"backend": "tensorboard"})
+    grid = np.full((12, 20, 3), 200, np.uint8)
+    assert log_evaluation(run_url, 4, values={"fid": 12.5, "run_id": "x"}, images={"samples": grid}) == "tensorboard"
+    scalars, images = _tb_scalars(str(tmp_path / "run" / "tracking" / "tensorboard"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in scalars["train/loss"]] == [2, 4] == [r["step"] for r in rows]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in rows], rtol=1e-6)
+    for tag in ("train/grad_norm", "train/lr", "train/c_prime", "train/img_per_s"):
+        assert len(scalars[tag]) == 2, tag
+    assert scalars["eval/fid"] == [(4, 12.5)] and images == ["samples"]
+
+
+def _wandb_records(path):
+    """History rows of a W&B offline ``.wandb`` file (LevelDB log format: 32 KiB blocks of CRC/length/type records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert struct.unpack("<4sHB", data[:7])[0] == b":W&B"
+    pos, buf, rows = 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL / LAST
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    return rows
+
+
+def test_wandb_offline_run_dir(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from dcae15.tracking import open_tracker
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with open_tracker({"backend": "wandb", "project": "dcae15-test", "offline": True}, run_url=str(tmp_path / "run"),
+                      run_id="DiT-tiny-abc", config={"lr": 1e-3}) as tr:
+        tr.log_metrics({"loss": 0.5, "lr": 1e-3, "channels": "x"}, 10, prefix="train/")
+        tr.log_metrics({"fid": 7.0}, 20, prefix="eval/")
+        tr.log_image("samples", np.zeros((8, 8, 3), np.uint8), 20)
+    (path,) = glob.glob(str(tmp_path / "run" / "tracking" / "wandb" / "offline-run-*-DiT-tiny-abc" / "run-*.wandb"))
+    rows = _wandb_records(path)
+    assert [(r["_step"], r.get("train/loss"), r.get("eval/fid")) for r in rows] == [(10, 0.5, None), (20, None, 7.0)]
+    assert rows[1]["samples/_type"] == "image-file"
+
+
+def test_mlflow_file_store(tmp_path):
+    pytest.importorskip("mlflow", reason="mlflow is an extra; it does not install next to protobuf 7 here")
+    from mlflow.tracking import MlflowClient
+
+    from dcae15.tracking import open_tracker
+
+    for step in (1, 2):  # a second tracker (the evaluation) finds the same MLflow run by its dcae15 run id
+        with open_tracker({"backend": "mlflow", "project": "dcae15-test"}, run_url=str(tmp_path / "run"),
+                          run_id="r1") as tr:
+            tr.log_metrics({"loss": 1.0 / step}, step, prefix="train/")
+    client = MlflowClient(tracking_uri="file:" + str(tmp_path / "run" / "tracking" / "mlruns"))
+    (run,) = client.search_runs([client.get_experiment_by_name("dcae15-test").experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [(1, 1.0), (2, 0.5)]
+
+
+def test_pipeline_logging_section_feeds_every_trainer():
+    from flows.config import load_config
+
+    cfg = load_config("tiny", {"logging": {"backend": "tensorboard", "project": "lab"}})
+    assert cfg.diffusion.train.logging.backend == "tensorboard"
+    assert {p.logging.project for p in cfg.autoencoder.phases} == {"lab"}
+    from dcae15.diffusion.train import run_id_for
+
+    assert run_id_for(cfg.diffusion.train, "s") == run_id_for(load_config("tiny", {}).diffusion.train, "s")  # operational
+    with pytest.raises(ValueError, match="diffusion.train.logging: logging.backend='tb'"):
+        load_config("tiny", {"diffusion": {"train": {"logging": {"backend": "tb"}}}})

@@ -1,0 +1,94 @@
+"""One writer per artifact in flow runs (flows/claims.py): two flow runs of one artifact on one Prefect API never
+write at once — the second waits in the artifact's concurrency slot / storage lease — and a refusal is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FLOW = textwrap.dedent("""
+    import json, sys, time
+    from prefect import flow, task
+    from flows.claims import ArtifactKey, artifact_stage
+
+    @task
+    @artifact_stage(lambda url, hold: ArtifactKey("test artifact", url, "abc123"))
+    def write(url, hold):
+        t0 = time.time()
+        time.sleep(hold)
+        return [t0, time.time()]
+
+    @flow
+    def two_writers(url: str, hold: float):
+        return write(url, hold)
+
+    print("RESULT " + json.dumps(two_writers(sys.argv[1], float(sys.argv[2]))), flush=True)
+""")
+
+
+def test_two_flow_runs_of_one_artifact_write_one_after_the_other(prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.claims import artifact_limit_name
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": os.getcwd(), "PREFECT_LOGGING_LEVEL": "INFO",
+           "DCAE15_SLOT_WAIT_SECONDS": "60"}
+    art = str(tmp_path / "artifacts" / "one")
+    procs = [subprocess.Popen([sys.executable, "-c", FLOW, art, "3"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    (a0, a1), (b0, b1) = sorted(json.loads(log.strip().splitlines()[-1].removeprefix("RESULT ")) for log in logs)
+    assert a1 <= b0, logs  # never both inside the body
+    # the second said why it waited (on a loaded machine the first may say so too: its first 2 s try can time out)
+    assert any("waiting: another flow run holds the Prefect slot of test artifact abc123" in log for log in logs)
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(artifact_limit_name("test artifact", "abc123"))
+    assert limit.limit == 1 and limit.active_slots == 0
+
+
+def test_two_encode_commands_at_once_one_encodes_the_other_finds_the_store(prefect_api, tmp_path):
+    """The issue's first report: two `dcae15 encode` of one dataset and AE at the same moment (one died with
+    zarr's ContainsArrayError). Now one encodes, the other waits and then finds every unit done."""
+    import torch
+
+    from dcae15.ae.model import StructuredAutoencoder
+    from storage import synthetic
+    from storage.latent_store import LatentStore
+    from storage.layout import Root
+    from storage.shards import pack_image_folder
+
+    root = Root(str(tmp_path / "root"))
+    synthetic.make_shapes_dataset(root.raw_images("shapes"), num_classes=4, per_class=8, size=32, seed=0)
+    dataset = root.dataset("shapes")
+    pack_image_folder(root.raw_images("shapes"), dataset, name="shapes", progress=False)
+    torch.manual_seed(0)
+    ae = StructuredAutoencoder.from_preset("tiny-f8c32").save_pretrained(str(tmp_path / "ae"))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": os.getcwd(), "PREFECT_LOGGING_LEVEL": "INFO",
+           "OMP_NUM_THREADS": "1", "DCAE15_LEASE_SECONDS": "5"}
+    cmd = [sys.executable, "-m", "flows.cli", "encode", "--config", "tiny", "--root", root.url, "--ae", ae,
+           "--dataset", dataset, "--results", str(tmp_path / "results")]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert not any("Traceback" in log or "ContainsArrayError" in log for log in logs), logs
+    # the second waited: in Prefect's queue (the slot) or, past DCAE15_SLOT_WAIT_SECONDS, on the store's lease
+    assert any("waiting: another flow run holds the Prefect slot of latent store" in log
+               or "waiting: latent store" in log for log in logs), logs
+    # one encoded both units, the other (after its wait) found them done
+    assert sorted(("2 of 2 units to encode" in log, "0 of 2 units to encode" in log) for log in logs) == \
+        [(False, True), (True, False)], logs
+    (store_url,) = root.latent_stores()
+    store = LatentStore.open(store_url, read_only=True)
+    assert store.is_complete and store.verify()["ok"]
+    from storage.lease import Lease
+
+    assert Lease(store_url).holder() is None  # released

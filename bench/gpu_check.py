@@ -9,8 +9,8 @@ that fails prints "status": "error" and the next one runs):
              an all-reduce of a device and of a CPU tensor;
   timesteps  the timestep dtype and values a model sharded under the bf16 FSDP2 policy really sees;
   dit_step   DiT-XL on 128x8x8 latents (patch 1; --patch 2: DiT-XL/2) with the trainer's own step (``TrainStep``:
-             device noise, fused AdamW, clip + NaN guard, EMA), eager vs compiled, batch 32 and 256: median / p90 ms, img/s, MFU against the
-             dense bf16 peak (analytic FLOPs), peak GiB, host ms per step, compile seconds;
+             device noise, fused AdamW, clip + NaN guard, EMA), eager vs compiled, batch 32 and 256: median / p90
+             ms, img/s, MFU against the dense bf16 peak (analytic FLOPs), peak GiB, host ms per step, compile s;
   train_e2e  ``train_diffusion`` end to end on a synthetic store: async checkpoint, then a resume;
   encode     the f32c128-1.5 encoder at 256 px, bf16 vs fp32: img/s and the bf16 latents' relative error;
   sampling   sampling img/s: DDPM 50 steps (DiT) and Heun with a guidance interval (SiT), bf16 autocast; decode img/s;

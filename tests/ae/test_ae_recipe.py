@@ -20,7 +20,9 @@ def _cfgs(stand_in_vgg, refine_lr=5.4e-5):
 
 
 def _stamps(path):
-    return {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
+    # Leases (storage.lease: hidden `.<name>.lease` beside an artifact) are the writers' coordination state, renewed
+    # by every claim; only the artifacts themselves must stay untouched.
+    return {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file() and not p.name.endswith(".lease")}
 
 
 def test_chain_resumes_the_killed_phase_and_recomputes_only_a_changed_phase(shapes_dataset, stand_in_vgg, tmp_path):

@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow
 STEPS = 20
 
 
@@ -44,6 +43,7 @@ def _node_agents(node: str) -> list:
     return out
 
 
+@pytest.mark.slow
 def test_two_loopback_nodes_train_resume_after_a_node_is_killed_and_sample(prefect_api, tmp_path, tiny_config,
                                                                            results_dir):
     import torch

@@ -88,6 +88,8 @@ def verdicts(stages: dict, sw: Any) -> dict[str, dict]:
         gain = rh[hi]["psnr"] - rl[lo]["psnr"]
         out["fig1b_recon"].update(psnr={c: col[c]["recon_plain"][c]["psnr"] for c in sw.channels
                                         if col[c]["recon_plain"]}, gain_db=gain,
+                                  rfid={c: col[c]["recon_plain"][c]["proxy-rfid"] for c in sw.channels
+                                        if col[c]["recon_plain"]},
                                   held=bool(gain >= TARGETS["recon_gain_db"]
                                             and rh[hi]["proxy-rfid"] < rl[lo]["proxy-rfid"]))
     fl, fh = col[lo]["final_fid"], col[hi]["final_fid"]
@@ -141,7 +143,7 @@ def _fig1b(col: dict, sw: Any, path: Path) -> None:
     """Reconstruction vs c next to generation vs c (the paper's Figure 1b at toy scale)."""
     plt = RP._plt()
     cs = [c for c in sw.channels if col[c]["recon_plain"]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), gridspec_kw={"wspace": 0.45})
     ax = axes[0]
     ax.plot(cs, [col[c]["recon_plain"][c]["psnr"] for c in cs], "o-", color="tab:blue", label="PSNR (dB)")
     ax.set_xscale("log", base=2)
@@ -161,7 +163,7 @@ def _fig1b(col: dict, sw: Any, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("latent channels c")
         ax.set_ylabel(label)
-        ax.set_title(f"generation after {sw.scale.dit_steps} steps (same backbone, mean ± std over seeds)", fontsize=8)
+        ax.set_title(f"generation after {sw.scale.dit_steps} steps (mean ± std over seeds)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].grid(alpha=0.3)
     fig.suptitle("Figure 1b at toy scale (Fashion-MNIST): reconstruction vs generation as the channel count grows",
@@ -372,7 +374,8 @@ def write_report(root: Path, sw: Any, sweep_name: str, results_dir: Path, *, com
             md.append(f"  Why not judged: {x['reason']}.")
         if key == "fig1b_recon" and "psnr" in x:
             md.append("  Plain-AE full-channel PSNR per c: " + ", ".join(f"c={c}: {p:.2f} dB" for c, p in x["psnr"].items())
-                      + f"; gain {x['gain_db']:+.2f} dB.")
+                      + f"; gain {x['gain_db']:+.2f} dB. proxy-rFID per c: "
+                      + ", ".join(f"c={c}: {r:.3f}" for c, r in x["rfid"].items()) + ".")
         if key == "fig1b_generation" and "final_fid" in x:
             md.append("  Final proxy-FID per c: " + "; ".join(f"c={c}: {_pm(d)}" for c, d in x["final_fid"].items())
                       + ".")
@@ -493,4 +496,11 @@ def _missing(stages: dict, sw: Any, jobs) -> list[str]:
                for a in sw.t5_ae_seeds for k in ("plain", "structured") for adt in (False, True)]}
     if [s for s, _ in jobs(sw)] != list(want):  # the same plan as the workers'
         raise RuntimeError(f"the report's stages {list(want)} differ from experiments.channels.jobs")
-    return [f"{st}: {n}" for st, names in want.items() for n in names if n not in stages]
+    seen: set[str] = set()  # a run two stages need (the structured AE at the largest c) is listed once
+    out = []
+    for st, names in want.items():
+        for n in names:
+            if n not in stages and n not in seen:
+                out.append(f"{st}: {n}")
+            seen.add(n)
+    return out

@@ -9,6 +9,11 @@ import os
 from pathlib import Path
 
 import torch
+import torch_fidelity.feature_extractor_inceptionv3 as fe
+import torchvision
+
+from dcae15.metrics.extractor import INCEPTION_NAME, INCEPTION_WEIGHTS
+from dcae15.metrics.lpips_offline import BACKBONE_FILES
 
 __all__ = ["write_stand_in_inception", "write_stand_in_vgg", "write_stand_in_weights"]
 
@@ -16,10 +21,6 @@ __all__ = ["write_stand_in_inception", "write_stand_in_vgg", "write_stand_in_wei
 def write_stand_in_inception(folder: str | os.PathLike, seed: int = 0) -> Path:
     """``<folder>/weights-inception-2015-12-05-6726825d.pth``: torch-fidelity's InceptionV3 state dict (its 566
     keys and shapes), randomly initialised with ``seed``."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    from dcae15.metrics.extractor import INCEPTION_NAME, INCEPTION_WEIGHTS
-
     class _Unloaded(fe.FeatureExtractorInceptionV3):
         def load_state_dict(self, *args, **kwargs):  # keep the random init: there is no file to load yet
             return None
@@ -37,10 +38,6 @@ def write_stand_in_inception(folder: str | os.PathLike, seed: int = 0) -> Path:
 
 def write_stand_in_vgg(folder: str | os.PathLike, seed: int = 0) -> Path:
     """``<folder>/vgg16-397923af.pth``: torchvision's VGG16 ``features.*`` keys (the trunk LPIPS loads), random."""
-    import torchvision
-
-    from dcae15.metrics.lpips_offline import BACKBONE_FILES
-
     torch.manual_seed(seed)
     trunk = torchvision.models.vgg16().features
     path = Path(folder) / BACKBONE_FILES["vgg"]
@@ -51,9 +48,6 @@ def write_stand_in_vgg(folder: str | os.PathLike, seed: int = 0) -> Path:
 
 def write_stand_in_weights(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Both files in ``folder`` (made once; existing files are kept) — point ``$DCAE15_WEIGHTS`` at it."""
-    from dcae15.metrics.extractor import INCEPTION_WEIGHTS
-    from dcae15.metrics.lpips_offline import BACKBONE_FILES
-
     folder = Path(folder)
     if not (folder / INCEPTION_WEIGHTS).exists():
         write_stand_in_inception(folder, seed)

@@ -61,13 +61,15 @@ def time_trainer_step(cfg, latent: tuple[int, int, int], device: torch.device, *
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
-    apply_parallelism(model, mesh=make_mesh(device, world_size), device=device, mixed_precision=cfg.mixed_precision,
-                      activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+    sharded = world_size > 1 or cfg.fsdp_one_rank  # as the trainer: one rank trains the plain module
+    apply_parallelism(model, mesh=make_mesh(device, world_size) if sharded else None, device=device,
+                      mixed_precision=cfg.mixed_precision, activation_checkpointing=cfg.activation_checkpointing,
+                      compile=cfg.compile, shard=sharded)
     opt = make_optimizer(model, cfg)
     chans = cfg.adt.resolve(c) if cfg.adt.enabled else [c]
     gen = torch.Generator(device=device).manual_seed(0)
     step_fn = TrainStep(model, opt, EMA(model), make_objective(cfg.objective_name), gen, cfg, chans,
-                        mcfg.num_classes, c, 1, device)
+                        mcfg.num_classes, c, 1, device, sharded=sharded)
     x0 = torch.randn(batch, c, h, w, device=device)
     y = torch.randint(0, mcfg.num_classes, (batch,), device=device)
     cuda = device.type == "cuda"
@@ -146,8 +148,8 @@ def synthetic_store(url: str, n: int, latent: tuple[int, int, int], num_classes:
 
 
 def bare_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    """(img/s, thread CPU s per step) of the same model's forward + backward + AdamW step (FSDP2-wrapped, batch
-    resident on the device)."""
+    """(img/s, thread CPU s per step) of the same model's forward + backward + AdamW step (the plain module, as
+    the trainer runs it at one rank; batch resident on the device)."""
     import torch.nn.functional as F
 
     from dcae15.diffusion.train import DiffusionTrainConfig, make_optimizer
@@ -159,7 +161,7 @@ def bare_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -
     try:
         torch.manual_seed(0)
         model = build_model(mcfg)
-        apply_parallelism(model, mesh=make_mesh(device, 1), device=device, mixed_precision="bf16")
+        apply_parallelism(model, mesh=make_mesh(device, 1), device=device, mixed_precision="bf16", shard=False)
         opt = make_optimizer(model, DiffusionTrainConfig())  # the trainer's optimizer (AdamW, fused), same settings
         obj = make_objective(preset("DiT-tiny").objective)
         c, (h, w) = mcfg.in_channels, mcfg.input_size
@@ -183,9 +185,9 @@ def bare_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -
 
 
 def trainer_run(store: str, run: str, model: str, overrides: dict, batch: int, steps: int, warmup: int,
-                profile: bool = False) -> tuple[float, float, dict]:
+                profile: bool = False, **train_kw) -> tuple[float, float, dict]:
     """(img/s, training-thread CPU s per step, profile info) of ``train_diffusion`` after its first ``warmup``
-    steps (metrics rows of ``warmup`` steps each)."""
+    steps (metrics rows of ``warmup`` steps each); ``train_kw``: further DiffusionTrainConfig fields."""
     import cProfile
     import pstats
     import shutil
@@ -196,7 +198,7 @@ def trainer_run(store: str, run: str, model: str, overrides: dict, batch: int, s
     windows = max(1, steps // warmup)
     cfg = DiffusionTrainConfig(model=model, model_overrides=overrides, global_batch_size=batch,
                                steps=warmup * (windows + 1), log_every=warmup, checkpoint_every=10**9,
-                               adt={"enabled": False}, progress=False)
+                               adt={"enabled": False}, progress=False, **train_kw)
     from dcae15.diffusion import data
 
     waits: list[float] = []
@@ -248,7 +250,7 @@ def per_parameter_work(mcfg, device: torch.device, reps: int = 5) -> dict:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = build_model(mcfg)
-        apply_parallelism(model, mesh=make_mesh(device, 1), device=device, mixed_precision="bf16")
+        apply_parallelism(model, mesh=make_mesh(device, 1), device=device, mixed_precision="bf16", shard=False)
         for p in model.parameters():
             p.grad = torch.randn_like(p)
         from dcae15.diffusion.train import DiffusionTrainConfig, make_optimizer

@@ -87,8 +87,8 @@ def checkpoint_block(block: nn.Module) -> nn.Module:
 
 
 def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_precision: str = "bf16",
-                      activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
-    """Shard ``model`` with FSDP2 in place and return it.
+                      activation_checkpointing: bool = False, compile: bool = False, shard: bool = True) -> nn.Module:
+    """Shard ``model`` with FSDP2 in place and return it (``shard=False``: checkpointing and compile only).
 
     Order (torchtitan): activation checkpointing of each block -> ``torch.compile`` of each block with
     ``fullgraph=True`` (a graph break inside a block is an error, not a silent slowdown) -> ``fully_shard`` each
@@ -104,10 +104,12 @@ def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_pre
         mixed_precision: 'bf16' (bf16 params, fp32 reduce; GPU branches only) or 'fp32'.
         activation_checkpointing: recompute each block's activations in the backward pass.
         compile: ``torch.compile`` each block (backend ``dcae15.accel.compile_backend()``).
+        shard: wrap with FSDP2. False leaves plain parameters (one rank: FSDP2's per-block hooks cost more than
+            a small model's compute, bench/RESULTS.md); ``mesh`` and ``mixed_precision`` are then unused (the
+            trainer autocasts a bf16 run instead).
     """
     from torch.distributed.fsdp import fully_shard
 
-    mp = mixed_precision_policy(device, mixed_precision)
     blocks = list(model.blocks_to_shard)
     if activation_checkpointing:
         for blk in blocks:
@@ -116,6 +118,9 @@ def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_pre
         backend = compile_backend()
         for blk in blocks:
             blk.compile(fullgraph=True, backend=backend)
+    if not shard:
+        return model
+    mp = mixed_precision_policy(device, mixed_precision)
     for i, blk in enumerate(blocks):
         # The last block's params are needed right away in backward: keep them gathered after forward.
         fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)

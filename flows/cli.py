@@ -209,6 +209,10 @@ def _print_outputs(summary: dict[str, Any]) -> None:
         print("\n" + summary["table"])
     if summary.get("headline"):
         print("\n" + summary["headline"])
+    if summary.get("stage_seconds"):  # concurrent stages overlap: their times add up to more than the wall time
+        print("\n=== wall time per stage (s) ===")
+        for name, sec in summary["stage_seconds"].items():
+            print(f"{name:>28}: {sec:7.1f}")
 
 
 def _run(args: argparse.Namespace) -> Any:
@@ -374,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dcae15 {args.command}: {exc}", file=sys.stderr)
         return 3
     if args.command in ("demo", "pipeline", "rehearse"):
+        if isinstance(out, dict) and "in the flow" in out.get("stage_seconds", {}):
+            out["stage_seconds"]["Prefect start, imports, exit"] = round(
+                time.perf_counter() - t0 - out["stage_seconds"]["in the flow"], 1)
         _print_outputs(out)
         if "stages" in out:
             print("\n=== stages: wall time and peak RSS (this process and its children) ===\n" + out["stages"])

@@ -205,8 +205,24 @@ class DiffusionSection(LaunchFields):
     defaults to the pipeline's."""
     retries: int = 0
     """Task retries for training; a retry resumes from the last checkpoint."""
+    concurrency: int = 1
+    """Backbones the pipeline trains at the same time, each under torchrun in its own job slot: an equal, disjoint
+    share of this machine's cores (CPU affinity) and GPUs (``CUDA_VISIBLE_DEVICES``; 2 on an 8-GPU node = 4 GPUs
+    per backbone), see flows/slots.py. 1 = one after the other as ``nproc_per_node`` / ``launcher`` say; 0 = as
+    many as the machine holds (``flows.slots.auto_concurrency``: GPUs in equal shares, else a core each). Whenever
+    training runs in other processes, the pipeline samples and scores each checkpoint as it is committed."""
+    poll_seconds: float = 5.0
+    """How often the pipeline looks for newly committed checkpoints while backbones train in other processes."""
 
     def __post_init__(self) -> None:
+        if self.concurrency < 0:
+            raise ValueError(f"diffusion.concurrency must be >= 0 (0 = as many as the machine holds), got "
+                             f"{self.concurrency}")
+        if self.concurrency != 1 and self.nnodes > 1:
+            raise ValueError(f"diffusion.concurrency={self.concurrency} shares one machine between jobs, but "
+                             f"diffusion.nnodes={self.nnodes}: use concurrency 1 for multi-node runs")
+        if not self.poll_seconds > 0:
+            raise ValueError(f"diffusion.poll_seconds must be > 0, got {self.poll_seconds}")
         if not self.backbones:
             raise ValueError("diffusion.backbones must name at least one backbone preset")
         from dcae15.models.registry import PRESETS

@@ -14,7 +14,8 @@ from flows.common import ConfigArg, stage_config
 from flows.events import announce_checkpoints
 from flows.gpu import GPU_TAG, gpu_stage
 from flows.launch import in_process, run_torchrun, write_launch_file
-from flows.pointers import describe_run, describe_store
+from flows.pointers import describe_run, describe_store, run_url_for
+from flows.slots import Slot, slot_launch
 
 __all__ = ["fit_backbone", "train_diffusion"]
 
@@ -30,12 +31,11 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
     ``launch`` (processes, nodes, torchrun arguments) is not part of the cache key; the run id does not depend on
     it either, so a run started on one GPU can be resumed on eight.
     """
-    from dcae15.diffusion.train import DiffusionTrainConfig, run_id_for, train_diffusion as train_fn
-    from storage.layout import Root
+    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion as train_fn
 
     log = get_run_logger()
     cfg = DiffusionTrainConfig.from_dict({"model": backbone, "seed": seed, **train})
-    run_url = Root(root).diffusion_run(run_id_for(cfg, store["store_id"]))
+    run_url = run_url_for(root, store["store_id"], backbone, train, seed)
     log.info("training %s on %s -> %s", backbone, store["url"], run_url)
     if in_process(launch):
         train_fn(cfg, store["url"], run_url)
@@ -48,17 +48,19 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
 @flow(name="train_diffusion", flow_run_name=names.train_name)
 def train_diffusion(store: str, backbone: str, root: str | None = None, config: ConfigArg = "demo",
                     nproc_per_node: int | None = None, nnodes: int | None = None,
-                    torchrun_args: list[str] | None = None) -> dict[str, Any]:
+                    torchrun_args: list[str] | None = None, slot: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train backbone preset ``backbone`` on the latent store at ``store`` into ``<root>/runs/diffusion/<run_id>``.
 
     ``nproc_per_node`` / ``nnodes`` > 1 launch ``torchrun``; ``torchrun_args`` are passed through (rendezvous etc.).
+    ``slot`` (``flows.slots.Slot`` fields: index, cpus, gpus): train under torchrun on that share of the machine
+    only (the pipeline's concurrent backbones, ``diffusion.concurrency``).
     A failed child is a failed flow run whose message holds the child's last lines; rerunning resumes the run.
     """
     over = {k: v for k, v in {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "torchrun_args": torchrun_args}.items()
             if v is not None}
     cfg = stage_config(root, config, **({"diffusion": over} if over else {}))
     d = cfg.diffusion
-    launch = d.launch()
+    launch = d.launch() if slot is None else slot_launch(d.launch(), Slot.from_dict(slot))
     pointer = describe_store(store)
     if not pointer["complete"]:
         raise ValueError(f"latent store {store} is not complete: run encode_latents first")

@@ -106,13 +106,13 @@ def announce_checkpoints(fit: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fit)
     def watched(*args: Any, **kwargs: Any) -> Any:
-        from dcae15.diffusion.train import DiffusionTrainConfig, run_id_for
-        from storage.layout import Root
+        from dcae15.diffusion.train import DiffusionTrainConfig
+        from flows.pointers import run_url_for
 
         a = sig.bind(*args, **kwargs).arguments
-        cfg = DiffusionTrainConfig.from_dict({"model": a["backbone"], "seed": a["seed"], **a["train"]})
-        run_url = Root(a["root"]).diffusion_run(run_id_for(cfg, a["store"]["store_id"]))
-        with watch_training(run_url, root=a["root"], backbone=a["backbone"], steps=cfg.steps):
+        run_url = run_url_for(a["root"], a["store"]["store_id"], a["backbone"], a["train"], a["seed"])
+        steps = DiffusionTrainConfig.from_dict({**a["train"], "model": a["backbone"]}).steps
+        with watch_training(run_url, root=a["root"], backbone=a["backbone"], steps=steps):
             out = fit(*args, **kwargs)
         if isinstance(out, dict) and out.get("url") not in (None, run_url):
             from prefect import get_run_logger

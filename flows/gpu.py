@@ -56,10 +56,14 @@ def _limit_exists(name: str) -> bool:
 
 
 def gpu_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a GPU task body so that it runs inside :func:`gpu_slot` (put it under ``@task(tags=[GPU_TAG])``)."""
+    """Decorate a GPU task body so that it runs inside :func:`gpu_slot` (put it under ``@task(tags=[GPU_TAG])``),
+    unless its ``launch`` names a job slot (flows/slots.py): concurrent jobs on disjoint GPUs, under the one
+    machine slot that the pipeline holds for all of them."""
 
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
+        if (kwargs.get("launch") or {}).get("slot") is not None:
+            return fn(*args, **kwargs)  # a job slot's share of the GPUs: the pipeline holds the machine's slot
         with gpu_slot():
             return fn(*args, **kwargs)
 

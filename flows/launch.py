@@ -62,8 +62,12 @@ def run_streaming(
     log: Callable[[str], None],
     tail: int = 40,
     env: dict[str, str] | None = None,
+    cpus: Sequence[int] | None = None,
 ) -> None:
     """Run ``cmd``, passing every output line to ``log`` as it arrives; raise with the last ``tail`` lines on failure.
+
+    ``cpus``: pin the child to these cores (Linux; set right after it starts, before torchrun spawns its workers,
+    which inherit it). Elsewhere the child's ``OMP_NUM_THREADS`` (in ``env``) is the only bound.
 
     Raises:
         LaunchError: the child exited with a non-zero status (or was killed by a signal).
@@ -73,6 +77,8 @@ def run_streaming(
     with subprocess.Popen(
         list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=child_env
     ) as proc:
+        if cpus and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(proc.pid, set(cpus))
         try:
             for line in proc.stdout or ():
                 line = line.rstrip("\n")
@@ -214,12 +220,16 @@ def in_process(launch: dict) -> bool:
 
 def run_torchrun(launch: dict, module: str, module_args: Sequence[str], *, log: Callable[[str], None]) -> None:
     """``python -m module module_args`` under torchrun as ``launch`` says (processes per node, nodes, who starts
-    each node's command: see the module docstring), its output streamed to ``log``."""
+    each node's command: see the module docstring), its output streamed to ``log``; a job slot's ``launch``
+    (flows/slots.py) adds ``env`` (its GPUs, threads) and ``cpus`` (its cores)."""
     from storage.fingerprint import short_id
 
     cmds = node_commands(launch, module, module_args, rdzv_id=short_id(module, list(module_args)))
-    log("launching " + " ".join(cmds[0]) + (f" on {len(cmds)} local nodes" if len(cmds) > 1 else ""))
+    where = (f" on cores {launch['cpus']}" if launch.get("cpus") else "") + "".join(
+        f" {k}={v}" for k, v in launch.get("env", {}).items())
+    log("launching " + " ".join(cmds[0]) + (f" on {len(cmds)} local nodes" if len(cmds) > 1 else "") + where)
     if len(cmds) > 1:
         run_local_nodes(cmds, log=lambda line: log(f"[torchrun] {line}"))
     else:
-        run_streaming(cmds[0], log=lambda line: log(f"[torchrun] {line}"))
+        run_streaming(cmds[0], log=lambda line: log(f"[torchrun] {line}"), env=launch.get("env"),
+                      cpus=launch.get("cpus"))

@@ -10,7 +10,7 @@ import functools
 from typing import Any, Callable
 
 __all__ = ["pipeline_name", "prepare_name", "autoencoder_name", "evaluate_autoencoder_name", "encode_name",
-           "train_name", "sample_name", "evaluate_name", "evaluate_checkpoint_name", "sweep_name"]
+           "train_name", "train_backbones_name", "sample_name", "evaluate_name", "evaluate_checkpoint_name", "sweep_name"]
 
 
 def _params() -> dict[str, Any]:
@@ -83,6 +83,12 @@ def encode_name(p: dict[str, Any]) -> str:
 @_named("train_diffusion")
 def train_name(p: dict[str, Any]) -> str:
     return f"train {p['backbone']} on {_base(p['store'])}"
+
+
+@_named("train_backbones")
+def train_backbones_name(p: dict[str, Any]) -> str:
+    d = _config(p).diffusion
+    return f"train {', '.join(d.backbones)} on {_base(p['store'])} (concurrency {d.concurrency or 'auto'})"
 
 
 @_named("sample_run")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 __all__ = ["describe_dataset", "describe_ae", "describe_store", "describe_run", "describe_samples", "describe_row",
-           "describe_recon", "describe_figure", "results_url", "validate"]
+           "describe_recon", "describe_figure", "results_url", "run_url_for", "dataset_of", "validate"]
 
 
 def describe_dataset(url: str) -> dict[str, Any]:
@@ -51,6 +51,29 @@ def describe_run(url: str) -> dict[str, Any]:
     step, ckpt_url = latest_checkpoint(url)
     return {"kind": "diffusion_run", "url": url, "run_id": read_run_config(url)["run_id"],
             "step": step, "checkpoint": ckpt_url}
+
+
+def run_url_for(root: str, store_id: str, backbone: str, train: dict[str, Any], seed: int) -> str:
+    """Where the run of (backbone, training config, store) lives: ``<root>/runs/diffusion/<run_id>`` (the
+    trainer's own ``run_id_for``), known before it has written anything."""
+    from dcae15.diffusion.train import DiffusionTrainConfig, run_id_for
+    from storage.layout import Root
+
+    cfg = DiffusionTrainConfig.from_dict({**train, "model": backbone, "seed": seed})
+    return Root(root).diffusion_run(run_id_for(cfg, store_id))
+
+
+def dataset_of(store_url: str, root: str) -> str:
+    """The packed dataset a latent store was encoded from: ``<root>/data/<dataset_name>``, fingerprint checked."""
+    from storage.latent_store import LatentStore
+    from storage.layout import Root
+
+    attrs = LatentStore.open(store_url, read_only=True).attrs
+    url = Root(root).dataset(attrs["dataset_name"])
+    if describe_dataset(url)["fingerprint"] != attrs["dataset_fingerprint"]:
+        raise FileNotFoundError(f"{url} is not the dataset store {store_url} was encoded from "
+                                f"(fingerprint {attrs['dataset_fingerprint']})")
+    return url
 
 
 def describe_samples(url: str) -> dict[str, Any]:

@@ -15,23 +15,10 @@ from prefect import flow, get_run_logger
 from flows import names
 from flows.common import ConfigArg, stage_config
 from flows.evaluate import evaluate_samples
-from flows.pointers import describe_dataset
+from flows.pointers import dataset_of
 from flows.sample import sample_run
 
 __all__ = ["evaluate_checkpoint", "evaluate_new_checkpoints"]
-
-
-def _dataset_of(store_url: str, root: str) -> str:
-    """The packed dataset a latent store was encoded from: ``<root>/data/<dataset_name>``, fingerprint checked."""
-    from storage.latent_store import LatentStore
-    from storage.layout import Root
-
-    attrs = LatentStore.open(store_url, read_only=True).attrs
-    url = Root(root).dataset(attrs["dataset_name"])
-    if describe_dataset(url)["fingerprint"] != attrs["dataset_fingerprint"]:
-        raise FileNotFoundError(f"{url} is not the dataset store {store_url} was encoded from "
-                                f"(fingerprint {attrs['dataset_fingerprint']})")
-    return url
 
 
 @flow(name="evaluate_checkpoint", flow_run_name=names.evaluate_checkpoint_name)
@@ -51,7 +38,7 @@ def evaluate_checkpoint(run: str, step: int, root: str | None = None, config: Co
         get_run_logger().warning("run %s no longer has checkpoint %d (it has %s): not scored; raise "
                                  "diffusion.train.keep_checkpoints to score every checkpoint", run, step, present)
         return {"kind": "skipped", "run": run, "step": step, "reason": "checkpoint pruned"}
-    dataset_url = _dataset_of(read_run_config(run)["store_url"], cfg.root)
+    dataset_url = dataset_of(read_run_config(run)["store_url"], cfg.root)
     samples = sample_run(run=run, root=cfg.root, config=config, checkpoint=step)
     return evaluate_samples(samples=samples["url"], dataset=dataset_url, root=cfg.root, config=config)
 
@@ -71,7 +58,7 @@ def evaluate_new_checkpoints(root: str | None = None, config: ConfigArg = "demo"
     for run_url in Root(cfg.root).diffusion_runs():
         try:
             steps = list_checkpoints(run_url)
-            dataset_url = _dataset_of(read_run_config(run_url)["store_url"], cfg.root)
+            dataset_url = dataset_of(read_run_config(run_url)["store_url"], cfg.root)
         except FileNotFoundError as exc:
             log.info("skipping %s: %s", run_url, exc)  # a run that has not written its config / checkpoint yet
             continue

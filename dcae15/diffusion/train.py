@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -14,12 +15,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dcae15.accel import bf16_autocast, gpu_branches
 from dcae15.claims import rank_zero_claim
 from dcae15.diffusion.adt import ADTConfig, LossNorm, draw_mask, micro_loss
 from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
 from dcae15.diffusion.objectives import make_objective
 from dcae15.ema import EMA, decay_at
-from dcae15.lr_schedule import lr_at
+from dcae15.lr_schedule import SCHEDULES, lr_at
 from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
 from dcae15.tracking import TrackingConfig, config_of, open_tracker
 from dcae15.typed_config import from_dict
@@ -51,7 +53,10 @@ class DiffusionTrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    """Linear lr warm-up from 0; constant afterwards (DiT / U-ViT recipes)."""
+    """Linear lr warm-up from 0; then ``schedule``."""
+    schedule: str = "constant"
+    """After the warm-up: "constant" (the DiT / U-ViT recipes) or "cosine" (to 0 at ``steps``; ``steps`` is then
+    part of the run's identity: a longer run is another run)."""
     grad_clip: float = 1.0
     """Max global grad norm; 0 = no clipping (the norm is still logged)."""
     ema_decay: float = 0.9999
@@ -80,6 +85,10 @@ class DiffusionTrainConfig:
     mixed_precision: str = "bf16"
     """'bf16' (bf16 params, fp32 reduce, fp32 timesteps; on GPU, or on CPU under DCAE15_GPU_BRANCHES=1; else the CPU
     runs fp32) or 'fp32'."""
+    fsdp_one_rank: bool = field(default=False, metadata=OPERATIONAL)
+    """Wrap the model in FSDP2 at world size 1 too. Default False: one rank trains the plain module (FSDP2's
+    per-block hooks cost about as much as a small model's compute there, bench/RESULTS.md; a bf16 run autocasts
+    instead); the checkpoints are the same DCP format either way and resume across the two paths and world sizes."""
     activation_checkpointing: bool = field(default=False, metadata=OPERATIONAL)
     """Recompute each block's activations in backward (forced on by DCAE15_GPU_BRANCHES=1)."""
     compile: bool = field(default=False, metadata=OPERATIONAL)
@@ -129,6 +138,8 @@ class DiffusionTrainConfig:
         if self.normalize not in ("scaling_factor", "channel_stats", "none"):
             raise ValueError(f"DiffusionTrainConfig.normalize={self.normalize!r}; allowed: "
                              "('scaling_factor', 'channel_stats', 'none')")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"DiffusionTrainConfig.schedule={self.schedule!r}; allowed: {SCHEDULES}")
         if self.mixed_precision not in ("bf16", "fp32"):
             raise ValueError(f"DiffusionTrainConfig.mixed_precision={self.mixed_precision!r}; allowed: ('bf16', 'fp32')")
 
@@ -147,8 +158,11 @@ class DiffusionTrainConfig:
     def identity(self) -> dict:
         """The fields that decide what the run computes (``storage.rundir.identity``): neither the operational
         ones (logging, checkpoint cadence, workers, sharding, compile, ...) nor ``steps`` (the lr schedule does not
-        depend on it, so a longer run continues the shorter one)."""
-        return identity(self, self.to_dict())
+        depend on it, so a longer run continues the shorter one) unless the cosine schedule depends on it."""
+        out = identity(self, self.to_dict(), keep_horizon=self.schedule == "cosine")
+        if out["schedule"] == "constant":
+            del out["schedule"]  # constant-lr runs keep the run ids they had before the field existed
+        return out
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -402,11 +416,13 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     # Same-seed init on every rank, then shard: every rank starts from identical weights.
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
-    mesh = make_mesh(device, ws, cfg.hsdp_shard_size or node_shard_size(ws))
+    sharded = ws > 1 or cfg.fsdp_one_rank  # one rank: the plain module, same checkpoint format (fsdp_one_rank)
+    mesh = make_mesh(device, ws, cfg.hsdp_shard_size or node_shard_size(ws)) if sharded else None
     enable_speed_switches(device)  # TF32 for what stays fp32 (mixed_precision 'fp32', the loss, EMA, AdamW)
     forced = forced_gpu_branches()  # DCAE15_GPU_BRANCHES=1: the CPU takes the GPU run's checkpointing + compile
     apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
-                      activation_checkpointing=cfg.activation_checkpointing or forced, compile=cfg.compile or forced)
+                      activation_checkpointing=cfg.activation_checkpointing or forced, compile=cfg.compile or forced,
+                      shard=sharded)
     model.train()
     optimizer = make_optimizer(model, cfg)
     # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
@@ -513,7 +529,8 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     acc = torch.zeros(3, device=device)  # loss, grad norm, c' summed over the log window (local)
     first_bad = torch.zeros((), dtype=torch.long, device=device)
     step_dev = torch.full((), start, dtype=torch.long, device=device)
-    stepper = TrainStep(model, optimizer, ema, objective, gen, cfg, chans, null_class, c, accum, device)
+    stepper = TrainStep(model, optimizer, ema, objective, gen, cfg, chans, null_class, c, accum, device,
+                        sharded=sharded)
     try:
         while step < target:
             batch = next(batches)  # prefetched in the background; non-blocking host-to-device copy
@@ -539,7 +556,8 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 dt = time.perf_counter() - t_log
                 img_s = n_log * cfg.global_batch_size / dt
                 row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m,
-                       "lr": lr_at(step - 1, cfg.lr, warmup_steps=cfg.warmup_steps),
+                       "lr": lr_at(step - 1, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                                   total_steps=cfg.steps),
                        "c_prime": cp_m, "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time(),
                        # CPU time of the training thread per step: its host work on a GPU (must stay below the
                        # step time), everything on CPU; unlike img_per_s, blind to other processes' load
@@ -580,12 +598,17 @@ class TrainStep:
     No host sync: loss, grad norm and c' come back as device tensors."""
 
     def __init__(self, model, optimizer, ema: EMA, objective, gen: torch.Generator, cfg: DiffusionTrainConfig,
-                 chans: list[int], null_class: int, channels: int, accum: int, device: torch.device):
+                 chans: list[int], null_class: int, channels: int, accum: int, device: torch.device, *,
+                 sharded: bool = True):
         self.model, self.optimizer, self.ema, self.objective, self.gen, self.cfg = (model, optimizer, ema,
                                                                                     objective, gen, cfg)
         self.chans = torch.tensor(chans, dtype=torch.long, device=device)
         self.null_class, self.c, self.accum, self.device = null_class, channels, accum, device
         self.max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        # ``sharded`` False: the plain module (one rank), which autocasts where FSDP2's bf16 policy would cast
+        self.sharded = sharded
+        self.amp = lambda: (bf16_autocast(device, "bf16") if not sharded and cfg.mixed_precision == "bf16"
+                            and gpu_branches(device) else contextlib.nullcontext())
 
     def __call__(self, x0: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
         cfg, gen, device, model, accum = self.cfg, self.gen, self.device, self.model, self.accum
@@ -602,15 +625,16 @@ class TrainStep:
         loss = torch.zeros((), device=device)
         for i in range(accum):
             sl = slice(i * micro, (i + 1) * micro)
-            if accum > 1:  # reduce gradients across ranks only once, after the last micro-batch
+            if accum > 1 and self.sharded:  # reduce gradients across ranks only once, after the last micro-batch
                 model.set_requires_gradient_sync(i == accum - 1)
-            part = micro_loss(model, x_t[sl], t[sl], y[sl], tgt[sl], None if mask is None else mask[sl],
-                              cfg.adt, norm)
+            with self.amp():
+                part = micro_loss(model, x_t[sl], t[sl], y[sl], tgt[sl], None if mask is None else mask[sl],
+                                  cfg.adt, norm)
             part.backward()
             loss += part.detach()
         gnorm = _clip_and_guard(model, self.optimizer, self.max_norm)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps)
+            g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, total_steps=cfg.steps)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup))

@@ -62,6 +62,33 @@ def test_exact_resume_world_size_1(latent_store, tmp_path):
     assert {"loss", "grad_norm", "img_per_s", "tokens_per_s"} <= rows[0].keys()
 
 
+def _dcp_keys(run: str, step: int) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(f"{run}/checkpoints/step-{step:07d}").read_metadata().state_dict_metadata
+    return {k: getattr(v, "size", None) for k, v in md.items()}
+
+
+def test_one_rank_plain_and_fsdp_checkpoints_resume_into_each_other(latent_store, tmp_path):
+    """One rank trains the plain module (no FSDP2); its DCP checkpoint has the sharded path's keys and shapes, and a
+    run switched between the two paths midway (either way) ends bit for bit where the unswitched run does."""
+    plain, fsdp = _cfg(adt={"mode": "per_batch"}), _cfg(adt={"mode": "per_batch"}, fsdp_one_rank=True)
+    runs = {k: str(tmp_path / k) for k in ("plain", "fsdp", "plain_to_fsdp", "fsdp_to_plain")}
+    train_diffusion(plain, latent_store, runs["plain"])
+    train_diffusion(fsdp, latent_store, runs["fsdp"], max_steps=3)
+    assert _dcp_keys(runs["plain"], 6).keys() >= {"app.model.blocks.0.attn.qkv.weight", "app.ema.final_layer.linear.weight"}
+    assert _dcp_keys(runs["plain"], 6) == _dcp_keys(runs["fsdp"], 3)  # same names and global shapes
+    train_diffusion(plain, latent_store, runs["plain_to_fsdp"], max_steps=3)
+    train_diffusion(fsdp, latent_store, runs["plain_to_fsdp"])
+    train_diffusion(fsdp, latent_store, runs["fsdp_to_plain"], max_steps=3)
+    train_diffusion(plain, latent_store, runs["fsdp_to_plain"])
+    for other in ("plain_to_fsdp", "fsdp_to_plain"):
+        for which in ("model", "ema"):
+            wa, wb = _weights(runs["plain"], 6, which), _weights(runs[other], 6, which)
+            for k in wa:
+                assert torch.equal(wb[k], wa[k]), f"{other} {which} {k}"
+
+
 def _torchrun(cfg: DiffusionTrainConfig, store: str, run: str, tmp: Path, max_steps: int | None = None) -> None:
     conf = tmp / "run.yaml"
     conf.write_text(yaml.safe_dump({"store_url": store, "run_url": run, "train": cfg.to_dict()}))

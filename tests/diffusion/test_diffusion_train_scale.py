@@ -246,3 +246,15 @@ def test_nan_guard_reads_the_flag_every_log_every_steps(latent_store, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"^step 2: .*stopped at step 4 without saving"):
         train_diffusion(cfg, latent_store, str(tmp_path / "nan"))
     assert read_latest(str(tmp_path / "nan")) is None and not (tmp_path / "nan" / "checkpoints").exists()
+
+
+def test_cosine_schedule_makes_steps_part_of_the_run_identity():
+    from dcae15.diffusion.train import DiffusionTrainConfig, run_id_for
+
+    const = [DiffusionTrainConfig(steps=s) for s in (100, 200)]
+    cos = [DiffusionTrainConfig(steps=s, schedule="cosine") for s in (100, 200)]
+    assert "schedule" not in const[0].identity()  # constant-lr run ids as before the field existed
+    assert run_id_for(const[0], "s") == run_id_for(const[1], "s")  # a longer constant-lr run continues the shorter
+    assert run_id_for(cos[0], "s") != run_id_for(cos[1], "s") != run_id_for(const[1], "s")
+    with pytest.raises(ValueError, match="schedule"):
+        DiffusionTrainConfig(schedule="linear")

@@ -37,4 +37,4 @@ def test_wheel_install_loads_the_demo_config_outside_the_repository(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "['demo', 'imagenet', 'tiny'] ['SiT-tiny', 'USiT-tiny'] 32" in out.stdout
+    assert "['demo', 'imagenet', 'rehearsal', 'tiny'] ['SiT-tiny', 'USiT-tiny'] 32" in out.stdout

@@ -154,7 +154,10 @@ class RunDir:
     def checkpoints(self) -> list[int]:
         """Steps of the checkpoints present, complete or not."""
         try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._path(_CHECKPOINTS), detail=False)]
+            # refresh: other processes (trainers, DCP writers with their own filesystem instance) add checkpoints;
+            # s3fs would answer from a listing cached before they existed.
+            listing = self.fs.ls(self._path(_CHECKPOINTS), detail=False, refresh=True)
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in listing]
         except FileNotFoundError:
             return []
         return sorted(int(m.group(1)) for n in names if (m := self._step_re.match(n)))

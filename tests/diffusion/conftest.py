@@ -48,22 +48,34 @@ def make_store():
     return make_latent_store
 
 
-def train_tiny_run(root, *, model: str = "USiT-tiny", n: int = 64, global_batch_size: int = 16, steps: int = 2,
-                   **train) -> str:
-    """A tiny diffusion run on a store of random latents made for a real tiny-f8c32 AE (saved, so samples decode);
-    returns the run URL."""
+def make_decodable_store(root, *, n: int = 64) -> str:
+    """A store of random latents made for a real tiny-f8c32 AE (saved, so samples decode) under ``root``; returns
+    the store's URL."""
     import torch
 
     from dcae15.ae.model import StructuredAutoencoder
-    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
 
     torch.manual_seed(0)
     ae = StructuredAutoencoder.from_preset("tiny-f8c32")
     ae_url = ae.save_pretrained(str(root / "ae"))
-    store = make_latent_store(str(root / "store"), n=n, c=32, hw=4,
-                              attrs={"ae_fingerprint": ae.fingerprint(), "ae_url": ae_url})
+    return make_latent_store(str(root / "store"), n=n, c=32, hw=4,
+                             attrs={"ae_fingerprint": ae.fingerprint(), "ae_url": ae_url})
+
+
+def train_tiny_run(root, *, model: str = "USiT-tiny", n: int = 64, global_batch_size: int = 16, steps: int = 2,
+                   **train) -> str:
+    """A tiny diffusion run on ``make_decodable_store(root)``; returns the run URL."""
+    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
+
+    store = make_decodable_store(root, n=n)
     cfg = DiffusionTrainConfig(model=model, global_batch_size=global_batch_size, steps=steps, progress=False, **train)
     return train_diffusion(cfg, store, str(root / "run"))["run_url"]
+
+
+@pytest.fixture(scope="session")
+def decodable_store_factory():
+    """``make_decodable_store`` itself (test modules cannot import conftest under --import-mode=importlib)."""
+    return make_decodable_store
 
 
 @pytest.fixture(scope="session")

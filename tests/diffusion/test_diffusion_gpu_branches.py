@@ -158,15 +158,8 @@ def _same_weights(a: str, b: str, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def ae_store(tmp_path_factory, make_store):
-    from dcae15.ae.model import StructuredAutoencoder
-
-    root = tmp_path_factory.mktemp("gpu-branches")
-    torch.manual_seed(0)
-    ae = StructuredAutoencoder.from_preset("tiny-f8c32")
-    ae_url = ae.save_pretrained(str(root / "ae"))
-    return make_store(str(root / "store"), n=64, c=32, hw=4,
-                      attrs={"ae_fingerprint": ae.fingerprint(), "ae_url": ae_url})
+def ae_store(tmp_path_factory, decodable_store_factory):
+    return decodable_store_factory(tmp_path_factory.mktemp("gpu-branches"))
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from dcae15.ae.model import StructuredAutoencoder
 from dcae15.diffusion.checkpoint import load_ema_state, read_run_config
 from dcae15.diffusion.sample import sample_to_store
 from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
@@ -51,14 +50,10 @@ def _weights(run: str, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def store_and_clean_run(tmp_path_factory, make_store):
+def store_and_clean_run(tmp_path_factory, decodable_store_factory):
     """A latent store whose AE exists (sampling decodes), and the reference run trained alone in this process."""
     root = tmp_path_factory.mktemp("one-writer")
-    torch.manual_seed(0)
-    ae = StructuredAutoencoder.from_preset("tiny-f8c32")
-    ae_url = ae.save_pretrained(str(root / "ae"))
-    store = make_store(str(root / "store"), n=64, c=32, hw=4, attrs={"ae_fingerprint": ae.fingerprint(),
-                                                                  "ae_url": ae_url})
+    store = decodable_store_factory(root)
     clean = train_diffusion(DiffusionTrainConfig(**CFG), store, str(root / "clean"))
     return root, store, clean
 

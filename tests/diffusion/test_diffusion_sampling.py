@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dcae15.ae.model import StructuredAutoencoder
-from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
 from dcae15.diffusion.sample import sample_to_store
 from dcae15.metrics.fidelity import uniform_labels
 from dcae15.metrics.labels import make_labels
@@ -17,16 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, make_store):
+def trained_run(tmp_path_factory, tiny_run_factory):
     root = tmp_path_factory.mktemp("samp")
-    torch.manual_seed(0)
-    ae = StructuredAutoencoder.from_preset("tiny-f8c32")
-    ae_url = ae.save_pretrained(str(root / "ae"))
-    store = make_store(str(root / "store"), n=64, c=32, hw=4,
-                              attrs={"ae_fingerprint": ae.fingerprint(), "ae_url": ae_url})
-    cfg = DiffusionTrainConfig(model="USiT-tiny", global_batch_size=16, steps=2, progress=False)
-    out = train_diffusion(cfg, store, str(root / "run"))
-    return root, out["run_url"]
+    return root, tiny_run_factory(root)
 
 
 def test_sample_store_resumes_to_identical_images(trained_run, monkeypatch):

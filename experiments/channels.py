@@ -238,16 +238,20 @@ def jobs(sw: Sweep) -> list[tuple[str, list[tuple[str, Callable[[Worker], Any]]]
 
 def run_worker(root: Path, sw: Sweep, *, worker: int, workers: int, fmnist_dir: str, threads: int = 1,
                stages: tuple[str, ...] | None = None) -> None:
-    """Do this worker's share (every ``workers``-th run, offset ``worker``) of each stage in order."""
+    """Do this worker's share (every ``workers``-th run, offset ``worker``) of each stage, in the order of
+    ``stages`` (default: fig1b, fig2, table5): ``("table5", "fig1b")`` measures the fix before the sweep."""
     import torch
 
+    by_stage = dict(jobs(sw))
+    unknown = [s for s in (stages or ()) if s not in by_stage]
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage(s) {unknown}; choose from {sorted(by_stage)}")
     torch.set_num_threads(threads)
     root.mkdir(parents=True, exist_ok=True)
     w = Worker(root, sw, fmnist_dir, threads)
     w.proxy()
-    for stage, runs in jobs(sw):
-        if stages is not None and stage not in stages:
-            continue
+    for stage in stages or tuple(by_stage):
+        runs = by_stage[stage]
         t0 = time.perf_counter()
         for i, (label, fn) in enumerate(runs):
             if i % workers == worker:
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--fashion-mnist", default=DEFAULT_DIR, help="folder of the Fashion-MNIST idx files")
     ap.add_argument("--worker", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="processes sharing this root (one per core)")
-    ap.add_argument("--stages", default=None, help="comma-separated subset of fig1b,fig2,table5 (default: all)")
+    ap.add_argument("--stages", default=None, help="comma-separated stages of fig1b,fig2,table5, run in that order (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="only write the report from the finished markers")
     ap.add_argument("--results-dir", type=Path, default=None, help="where RESULTS.md and figures/ go")

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -75,14 +77,33 @@ def test_two_encode_commands_at_once_one_encodes_the_other_finds_the_store(prefe
            "OMP_NUM_THREADS": "1", "DCAE15_LEASE_SECONDS": "5"}
     cmd = [sys.executable, "-m", "flows.cli", "encode", "--config", "tiny", "--root", root.url, "--ae", ae,
            "--dataset", dataset, "--results", str(tmp_path / "results")]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    # A tiny encode takes ~2 s, less than a CLI's start: two commands started together need not overlap (on an
+    # idle machine the first finished before the second began). So the test holds the store's lease itself until
+    # a command has reached it and said it waits; both commands then meet at the released lease at once.
+    from flows.claims import latent_store_key
+    from flows.pointers import describe_ae, describe_dataset
+    from storage.lease import LeaseConfig, claim
+
+    key = latent_store_key(root.url, describe_ae(ae), describe_dataset(dataset), {"resolution": 32, "flip": True})
+    logs: list[list[str]] = [[], []]
+    with claim(key.url, what="latent store", config=LeaseConfig(ttl=30)):
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(2)]
+        readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
+                   for p, out in zip(procs, logs)]
+        for r in readers:
+            r.start()
+        deadline = time.time() + 240
+        while not any("waiting: latent store" in line for out in logs for line in list(out)):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), ["".join(o) for o in logs]
+            time.sleep(0.2)
+    for p in procs:
+        p.wait(timeout=300)
+    for r in readers:
+        r.join(timeout=30)
+    logs = ["".join(out) for out in logs]
     assert all(p.returncode == 0 for p in procs), logs
     assert not any("Traceback" in log or "ContainsArrayError" in log for log in logs), logs
-    # the second waited: in Prefect's queue (the slot) or, past DCAE15_SLOT_WAIT_SECONDS, on the store's lease
-    assert any("waiting: another flow run holds the Prefect slot of latent store" in log
-               or "waiting: latent store" in log for log in logs), logs
     # one encoded both units, the other (after its wait) found them done
     assert sorted(("2 of 2 units to encode" in log, "0 of 2 units to encode" in log) for log in logs) == \
         [(False, True), (True, False)], logs

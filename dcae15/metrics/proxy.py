@@ -30,6 +30,7 @@ from dcae15.metrics.extractor import (
 )
 from dcae15.metrics.inputs import dataset_fingerprint, default_cache_url, detect_kind, load_labelled_images
 from storage.fingerprint import fingerprint
+from storage.lease import claim
 
 __all__ = [
     "ProxyConfig",
@@ -215,21 +216,10 @@ def proxy_extractor(
     url = _io.join(cache_url or default_cache_url(dataset_url, storage_options), "proxy", key)
     model_url, info_url = _io.join(url, "model.pt"), _io.join(url, "info.json")
     if not _io.exists(info_url, storage_options):
-        resolution = None if _is_folder(dataset_url, storage_options) else cfg.resolution
-        images, labels, class_names = load_labelled_images(dataset_url, resolution=resolution,
-                                                          storage_options=storage_options)
-        net, info = train_proxy(images, labels, cfg, verbose=verbose)
-        buf = io.BytesIO()
-        torch.save({"config": dataclasses.asdict(cfg), "num_classes": info["num_classes"],
-                    "state_dict": net.state_dict()}, buf)
-        _io.write_atomic(model_url, buf.getvalue(), storage_options)
-        info.update(dataset_url=str(dataset_url), dataset_fingerprint=dataset_fp, config=dataclasses.asdict(cfg),
-                    class_names=list(class_names), weights_sha256=_bytes_hash(buf.getvalue()))
-        _io.write_json_atomic(info_url, info, storage_options)  # completion marker, last
-        if verbose:
-            print(f"proxy classifier {key}: held-out accuracy {info['held_out_accuracy']:.3f} "
-                  f"({info['held_out_accuracy_blur1px']:.3f} blurred 1 px; {info['num_held_out']} images), "
-                  f"trained in {info['train_seconds']:.1f} s")
+        # one trainer per cache entry: a second evaluation waits here, then loads the weights the first wrote
+        with claim(url, what="proxy classifier", storage_options=storage_options):
+            if not _io.exists(info_url, storage_options):
+                _train_and_cache(dataset_url, cfg, key, dataset_fp, model_url, info_url, storage_options, verbose)
     info = _io.read_json(info_url, storage_options)
     return FeatureExtractorSpec(
         name=PROXY_NAME,
@@ -241,6 +231,26 @@ def proxy_extractor(
         info={k: info[k] for k in ("held_out_accuracy", "held_out_accuracy_blur1px", "num_held_out", "num_classes",
                                    "train_seconds") if k in info},
     )
+
+
+def _train_and_cache(dataset_url: str, cfg: ProxyConfig, key: str, dataset_fp: str, model_url: str, info_url: str,
+                     storage_options: dict | None, verbose: bool) -> None:
+    """Train the proxy classifier and write ``model.pt``, then ``info.json`` (the completion marker)."""
+    resolution = None if _is_folder(dataset_url, storage_options) else cfg.resolution
+    images, labels, class_names = load_labelled_images(dataset_url, resolution=resolution,
+                                                      storage_options=storage_options)
+    net, info = train_proxy(images, labels, cfg, verbose=verbose)
+    buf = io.BytesIO()
+    torch.save({"config": dataclasses.asdict(cfg), "num_classes": info["num_classes"],
+                "state_dict": net.state_dict()}, buf)
+    _io.write_atomic(model_url, buf.getvalue(), storage_options)
+    info.update(dataset_url=str(dataset_url), dataset_fingerprint=dataset_fp, config=dataclasses.asdict(cfg),
+                class_names=list(class_names), weights_sha256=_bytes_hash(buf.getvalue()))
+    _io.write_json_atomic(info_url, info, storage_options)  # completion marker, last
+    if verbose:
+        print(f"proxy classifier {key}: held-out accuracy {info['held_out_accuracy']:.3f} "
+              f"({info['held_out_accuracy_blur1px']:.3f} blurred 1 px; {info['num_held_out']} images), "
+              f"trained in {info['train_seconds']:.1f} s")
 
 
 def held_out_split(labels: np.ndarray, cfg: ProxyConfig = ProxyConfig()) -> np.ndarray:

@@ -32,6 +32,7 @@ from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint, default
 from dcae15.parallel import default_device
 from storage.fingerprint import short_id
 from storage.forksafe import in_worker
+from storage.lease import claim
 from storage.images import CENTER_CROP
 
 __all__ = [
@@ -231,7 +232,21 @@ def reference_stats(
     url = reference_url(dataset_url, extractor, cfg, cache_url=cache_url, dataset_fp=fp, storage_options=storage_options)
     if _io.exists(_io.join(url, "attrs.json"), storage_options):
         return url  # complete and keyed by every input: nothing to do
-    ds = as_image_dataset(dataset_url, resolution=resolution, storage_options=storage_options)
+    # one writer: a second evaluation of the same dataset waits here, then finds the statistics (without the claim
+    # the first one's cleanup deleted the parts the second was summing)
+    with claim(url, what="reference statistics", storage_options=storage_options):
+        if not _io.exists(_io.join(url, "attrs.json"), storage_options):
+            _compute_reference(url, dataset_url, fp, cfg, extractor, device=device, num_workers=num_workers,
+                               batch_size=batch_size, storage_options=storage_options, verbose=verbose)
+    return url
+
+
+def _compute_reference(url: str, dataset_url: str, fp: str, cfg: ReferenceConfig, extractor: FeatureExtractorSpec,
+                       *, device: str | None, num_workers: int | None, batch_size: int,
+                       storage_options: dict | None, verbose: bool) -> None:
+    """The body of :func:`reference_stats` under its claim: features block by block (resumable), then the stats."""
+    seed = cfg.seed
+    ds = as_image_dataset(dataset_url, resolution=cfg.resolution, storage_options=storage_options)
     used = _subset(len(ds), cfg.max_samples, seed, 0)
     keep = used[_subset(len(used), cfg.num_features, seed, 1)]  # dataset rows whose features are kept
     dev = default_device(device)
@@ -281,7 +296,6 @@ def reference_stats(
     fs, path = _io.url_to_fs(_io.join(url, "parts"), storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=True)  # the parts are only a restart aid
-    return url
 
 
 def get_reference(dataset_url: str, resolution: int, extractor: FeatureExtractorSpec, **kwargs) -> ReferenceStats:

@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -113,3 +114,69 @@ def test_two_encode_commands_at_once_one_encodes_the_other_finds_the_store(prefe
     from storage.lease import Lease
 
     assert Lease(store_url).holder() is None  # released
+
+
+@pytest.mark.s3
+def test_two_evaluate_commands_of_one_sample_store_on_s3_write_one_row(prefect_api, tmp_path, s3_server):
+    """Two `dcae15 evaluate` of the same checkpoint's samples at once, on the moto S3 server: one computes the
+    reference statistics and scores, the other waits on the evaluation row and then finds it; the results table
+    holds the row once."""
+    import dataclasses
+
+    from dcae15.metrics.inputs import load_labelled_images
+    from dcae15.metrics.results import part_url, read_results
+    from flows.config import load_config
+    from flows.evaluate import _row_key, extractor_for, reference_label
+    from flows.pointers import describe_samples, results_url
+    from storage import synthetic
+    from storage.fingerprint import short_id
+    from storage.lease import LeaseConfig, claim
+    from storage.layout import Root
+    from storage.sample_store import SampleStore
+    from storage.shards import pack_image_folder
+    from storage.urls import join
+
+    root = Root(s3_server.make_bucket() + "/root")
+    src = tmp_path / "shapes"
+    synthetic.make_shapes_dataset(str(src), num_classes=4, per_class=8, size=32, seed=0)
+    dataset = root.dataset("shapes")
+    pack_image_folder(str(src), dataset, name="shapes", progress=False)
+    # a checkpoint's samples: here real images under the attributes the sampler writes (sampling is tested apart)
+    images, labels, _ = load_labelled_images(dataset, resolution=32)
+    samples = join(root.url, "samples", "ckpt-10")
+    store = SampleStore.create(samples, num_samples=len(images), height=32, width=32, chunk_size=16, attrs={
+        "run_id": "run-x", "backbone": "SiT-tiny", "checkpoint_step": 10, "sampler": "heun", "steps": 4,
+        "cfg_scale": 2.0, "labels": "uniform", "seed": 0})
+    for u in range(store.num_units):
+        a, b = store.unit_bounds(u)
+        store.write_unit(u, images[a:b], labels[a:b].astype(np.int64))
+    ev = dataclasses.asdict(load_config("tiny", {"root": root.url}).evaluate)
+    extractor = extractor_for(ev, dataset)  # trains the proxy classifier here, once (its own claim is tested apart)
+    row = short_id(_row_key(describe_samples(samples), extractor.label, reference_label(ev)))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": os.getcwd(), "PREFECT_LOGGING_LEVEL": "INFO",
+           "OMP_NUM_THREADS": "1", "DCAE15_LEASE_SECONDS": "5"}
+    cmd = [sys.executable, "-m", "flows.cli", "evaluate", "--config", "tiny", "--root", root.url,
+           "--samples", samples, "--dataset", dataset]
+    logs: list[list[str]] = [[], []]
+    # as in the encode test: the test holds the row until a command waits for it, so the two always meet
+    with claim(part_url(results_url(root.url), row), what="evaluation row", config=LeaseConfig(ttl=30)):
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(2)]
+        readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
+                   for p, out in zip(procs, logs)]
+        for r in readers:
+            r.start()
+        deadline = time.time() + 240
+        while not any("waiting: evaluation row" in line for out in logs for line in list(out)):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), ["".join(o) for o in logs]
+            time.sleep(0.2)
+    for p in procs:
+        p.wait(timeout=300)
+    for r in readers:
+        r.join(timeout=30)
+    logs = ["".join(out) for out in logs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert not any("Traceback" in log for log in logs), logs
+    assert sorted("scored run-x step 10" in log for log in logs) == [False, True], logs  # one scored, one found it
+    table = read_results(results_url(root.url))
+    assert int(((table["run_id"] == "run-x") & (table["metric"] == "proxy-fid")).sum()) == 1

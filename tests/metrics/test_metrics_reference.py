@@ -4,6 +4,7 @@ extractor, and equal to a direct computation."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -112,3 +113,64 @@ def test_metrics_reference_config_validation():
         ReferenceConfig(resolution=4)
     with pytest.raises(ValueError, match="max_samples"):
         ReferenceConfig(resolution=32, max_samples=1)
+
+
+def test_metrics_two_evaluations_at_once_compute_the_reference_and_proxy_once(shapes_url, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Two evaluations of one dataset at once (two threads: each its own claimant) while the test holds the
+    cache entry: both wait, then one trains the proxy / computes the statistics and the other reads them (issue 24:
+    without the claim the first one's cleanup removed the parts the second was summing)."""
+    import threading
+
+    import dcae15.metrics.proxy as proxy
+    import dcae15.metrics.reference as reference
+    from storage.lease import claim
+
+    monkeypatch.setenv("DCAE15_LEASE_SECONDS", "3")
+    calls = {"proxy": 0, "reference": 0}
+
+    def spy(name, real):
+        def counted(*a, **k):
+            calls[name] += 1
+            return real(*a, **k)
+        return counted
+
+    monkeypatch.setattr(proxy, "_train_and_cache", spy("proxy", proxy._train_and_cache))
+    monkeypatch.setattr(reference, "_compute_reference", spy("reference", reference._compute_reference))
+    cache, cfg = str(tmp_path / "eval"), proxy.ProxyConfig(epochs=1, width=4)
+    # where each artifact lives: a first (discarded) cache tells us the URLs the shared one will use
+    probe = proxy.proxy_extractor(shapes_url, cfg, cache_url=str(tmp_path / "probe"))
+    proxy_url = probe.weights_path.replace(str(tmp_path / "probe"), cache).rsplit("/", 1)[0]
+    ref_url = reference.reference_url(shapes_url, probe, reference.ReferenceConfig(resolution=32, num_features=100),
+                                      cache_url=cache)
+    calls.update(proxy=0, reference=0)
+    out: list = []
+
+    def evaluation():
+        spec = proxy.proxy_extractor(shapes_url, cfg, cache_url=cache)
+        out.append((spec.fingerprint, reference.reference_stats(shapes_url, 32, spec, cache_url=cache,
+                                                                num_features=100, block_size=400)))
+
+    threads, seen = [threading.Thread(target=evaluation) for _ in range(2)], []
+
+    def wait_until_waiting(count: int) -> None:
+        deadline = time.monotonic() + 120
+        while (seen.append(capsys.readouterr().out) or "".join(seen).count("waiting: ")) < count:
+            assert time.monotonic() < deadline, f"the evaluations did not wait: {''.join(seen)}"
+            time.sleep(0.1)
+
+    with claim(proxy_url, what="held by the test"):  # both evaluations meet at the proxy cache entry ...
+        for t in threads:
+            t.start()
+        wait_until_waiting(2)
+        ref_hold = claim(ref_url, what="held by the test")
+        ref_hold.__enter__()
+    try:
+        wait_until_waiting(4)  # ... then (one trained it, the other loaded it) at the reference statistics
+    finally:
+        ref_hold.__exit__(None, None, None)
+    for t in threads:
+        t.join(timeout=240)
+    assert calls == {"proxy": 1, "reference": 1}
+    assert len(out) == 2 and out[0] == out[1] and out[0][0] == probe.fingerprint
+    assert reference.load_reference(out[0][1]).attrs["num_samples"] == 1600

@@ -14,6 +14,8 @@ Stages (every run is a marker ``<root>/stages/<name>.json`` written last; each s
 2. fig2    structured AEs (Eq. 1, c' list by the paper's rule) at every c, for the channel-wise average latents
            and the reconstructions from the first c' channels (Figure 2; drawn by the report).
 3. table5  at the largest c: plain vs SLS vs ADT vs SLS + ADT, 3 diffusion seeds x 2 AE seeds per kind.
+4. table1  at the largest c: plain and structured AEs at longer budgets (``t1_ae_steps``): the budget at which the
+           structured AE's full-channel PSNR comes within 0.5 dB of the plain one's (Table 1), measured, not assumed.
 
 Work is split between ``--workers`` processes by a fixed round-robin over each stage's run list; a run that needs
 another run's output (an AE, a store) reads its marker or, if that run has not started, does it itself: every
@@ -67,6 +69,8 @@ class Sweep:
     dit_seeds: tuple[int, ...] = (0, 1, 2)
     t5_ae_seeds: tuple[int, ...] = (0, 1)
     """AE seeds per kind in Table 5 (seed 0's plain AE is stage 1's)."""
+    t1_ae_steps: tuple[int, ...] = (1000, 2000, 4000)
+    """Longer AE budgets (plain and structured, AE seed 0, at the largest c) for the Table 1 budget probe."""
     recon_images: int = 512
     scale: R.Scale = field(default_factory=R.Scale)
 
@@ -101,7 +105,7 @@ SWEEPS: dict[str, Sweep] = {
     # on 2x2 patches as the demo's. Budgets chosen from a measured probe (RESULTS.md, "Cost").
     "fmnist": Sweep(scale=_SWEEP_SCALE),
     # seconds: the test's setting (numbers meaningless), the same code path
-    "smoke": Sweep(per_class=4, channels=(4, 8), dit_seeds=(0,), t5_ae_seeds=(0,), recon_images=16,
+    "smoke": Sweep(per_class=4, channels=(4, 8), dit_seeds=(0,), t5_ae_seeds=(0,), recon_images=16, t1_ae_steps=(5,),
                    scale=dataclasses.replace(
                        _SWEEP_SCALE, ae_steps=3, ae_batch=8, ae_warmup=1, proxy_epochs=1, proxy_width=4,
                        dit_overrides={"hidden": 32, "depth": 2, "heads": 2}, dit_steps=4, dit_batch=16,
@@ -150,8 +154,9 @@ def _scale_for(sw: Sweep, c: int) -> R.Scale:
     return dataclasses.replace(sw.scale, ae_preset=sweep_preset(c))
 
 
-def ae_name(kind: str, c: int, a: int) -> str:
-    return f"{kind}-c{c}-a{a}"
+def ae_name(kind: str, c: int, a: int, steps: int | None = None) -> str:
+    """``plain-c64-a0``; with ``steps`` (a Table 1 budget other than the sweep's): ``plain-c64-a0-4000st``."""
+    return f"{kind}-c{c}-a{a}" + ("" if steps is None else f"-{steps}st")
 
 
 def _recon(root: Path, sw: Sweep, ds_url: str, ae: dict, channels: tuple[int, ...]) -> dict:
@@ -185,16 +190,16 @@ class Worker:
         ds = self.data()
         return self.stages.run("proxy", lambda: R._proxy(self.root, self.sw.scale, ds["url"]))
 
-    def ae(self, kind: str, c: int, a: int) -> dict:
+    def ae(self, kind: str, c: int, a: int, steps: int | None = None) -> dict:
         ds = self.data()
         self.proxy()
-        name = ae_name(kind, c, a)
-        return self.stages.run(f"ae-{name}", lambda: R._ae(self.root, _scale_for(self.sw, c), ds["url"], kind, a,
-                                                           name))
+        name = ae_name(kind, c, a, steps)
+        scale = _scale_for(self.sw, c) if steps is None else dataclasses.replace(_scale_for(self.sw, c), ae_steps=steps)
+        return self.stages.run(f"ae-{name}", lambda: R._ae(self.root, scale, ds["url"], kind, a, name))
 
-    def recon(self, kind: str, c: int, a: int) -> dict:
-        ae = self.ae(kind, c, a)
-        return self.stages.run(f"recon-{ae_name(kind, c, a)}",
+    def recon(self, kind: str, c: int, a: int, steps: int | None = None) -> dict:
+        ae = self.ae(kind, c, a, steps)
+        return self.stages.run(f"recon-{ae_name(kind, c, a, steps)}",
                                lambda: _recon(self.root, self.sw, self.data()["url"], ae, eval_channels(c)))
 
     def store(self, kind: str, c: int, a: int) -> dict:
@@ -233,7 +238,10 @@ def jobs(sw: Sweep) -> list[tuple[str, list[tuple[str, Callable[[Worker], Any]]]
             lambda w, k=k, adt=adt, a=a, s=s: w.dit(k, adt, cm, a, s))
            for s in sw.dit_seeds for a in sw.t5_ae_seeds for k in R.AE_KINDS for adt in (False, True)
            if (k, adt, a) != ("plain", False, 0)]
-    return [("fig1b", fig1b), ("fig2", fig2), ("table5", t5)]
+    # longest budgets first, so the two workers' shares are even
+    t1 = [(f"ae {k} c{cm} a0 {n} steps", lambda w, k=k, n=n: w.recon(k, cm, 0, n))
+          for n in sorted(sw.t1_ae_steps, reverse=True) for k in R.AE_KINDS]
+    return [("fig1b", fig1b), ("fig2", fig2), ("table5", t5), ("table1", t1)]
 
 
 def run_worker(root: Path, sw: Sweep, *, worker: int, workers: int, fmnist_dir: str, threads: int = 1,
@@ -280,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--fashion-mnist", default=DEFAULT_DIR, help="folder of the Fashion-MNIST idx files")
     ap.add_argument("--worker", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="processes sharing this root (one per core)")
-    ap.add_argument("--stages", default=None, help="comma-separated stages of fig1b,fig2,table5, run in that order (default: all)")
+    ap.add_argument("--stages", default=None, help="comma-separated stages of fig1b,fig2,table5,table1, run in that order (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="only write the report from the finished markers")
     ap.add_argument("--results-dir", type=Path, default=None, help="where RESULTS.md and figures/ go")

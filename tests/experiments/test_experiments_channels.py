@@ -99,10 +99,12 @@ def test_channel_sweep_two_workers_report_and_resume(tmp_path):
     assert set(summary["verdicts"]) >= {"fig1b_recon", "fig1b_generation", "table1", "table5_speed",
                                          "table5_alone", "table5_speed_acc"}
     text = (results / "RESULTS-channels-smoke.md").read_text()
+    assert {"ae-plain-c8-a0-5st", "recon-structured-c8-a0-5st"} <= stages  # the Table 1 budget probe
     for title in ("Figure 1b at toy scale", "Figure 2 at toy scale", "Table 5 at c = 8", "Table 6 analogue",
+                  "Table 1 at c = 8: the AE budget",
                   "No GPU was lent", "## Cost"):
         assert title in text
-    for fig in ("fig1b", "fig1b_curves", "fig2_latent", "fig2_recon", "table5", "samples_per_c"):
+    for fig in ("fig1b", "fig1b_curves", "fig2_latent", "fig2_recon", "table5", "samples_per_c", "table1_budget"):
         assert (results / "figures" / f"channels_smoke_{fig}.png").stat().st_size > 1000
 
     # a rerun skips every finished run

@@ -44,7 +44,8 @@ def test_two_flow_runs_of_one_artifact_write_one_after_the_other(prefect_api, tm
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": os.getcwd(), "PREFECT_LOGGING_LEVEL": "INFO",
            "DCAE15_SLOT_WAIT_SECONDS": "60"}
     art = str(tmp_path / "artifacts" / "one")
-    procs = [subprocess.Popen([sys.executable, "-c", FLOW, art, "3"], env=env, stdout=subprocess.PIPE,
+    # each body holds 15 s: longer than the spread of two Prefect client starts, so the two always meet
+    procs = [subprocess.Popen([sys.executable, "-c", FLOW, art, "15"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs

@@ -79,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", default=None,
                         help=f"object-storage root URL for every artifact (default: the config's root, {DEFAULT_ROOT})")
-    common.add_argument("--config", default="demo",
-                        help=f"a config preset ({', '.join(preset_names())}) or a YAML file (default: demo); "
-                             "sections: data, autoencoder, encode, diffusion, sample, evaluate")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set diffusion.train.steps=200 (repeatable)")
     common.add_argument("--results", default=None, metavar="URL",
@@ -97,9 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     backbones = _backbone_names()
 
-    def add(name: str, help_: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], help=help_, description=help_, epilog=_EPILOG,
-                              aliases=list(aliases), formatter_class=argparse.RawDescriptionHelpFormatter)
+    def add(name: str, help_: str, aliases: tuple[str, ...] = (), config: str = "demo") -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_, epilog=_EPILOG,
+                            aliases=list(aliases), formatter_class=argparse.RawDescriptionHelpFormatter)
+        # --config is each command's own action: a parent's actions are shared objects, so set_defaults on one
+        # subparser changed the default of every command (`dcae15 demo` ran the rehearsal config)
+        sp.add_argument("--config", default=config,
+                        help=f"a config preset ({', '.join(preset_names())}) or a YAML file (default: {config}); "
+                             "sections: data, autoencoder, encode, diffusion, sample, evaluate")
+        return sp
 
     common.add_argument("--through-prefect", action="store_true",
                         help="demo/pipeline: run through Prefect even when an identical finished run's outputs are "
@@ -113,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"backbone presets to train on the one store (default: the config's). Choices: {', '.join(backbones)}")
     p = add("rehearse", "the ImageNet job rehearsed on this machine: --config rehearsal (configs/imagenet.yaml with "
                         "sizes reduced) on a generated ImageNet-shaped tree (1000 wnid folders of JPEGs, a few odd "
-                        "files) with stand-in weight files; prints each stage's time and peak RSS")
-    p.set_defaults(config="rehearsal")
+                        "files) with stand-in weight files; prints each stage's time and peak RSS", config="rehearsal")
     p.add_argument("--per-class", type=int, default=1, help="JPEGs per wnid folder (default 1: 1000 images + 5 odd)")
     add("prepare", "generate (or take --set data.source=URL) images and pack them into shards + an index")
     p = add("train-ae", "train the structured autoencoder on a packed dataset: the config's phases, each cached and "

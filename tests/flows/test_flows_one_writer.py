@@ -36,6 +36,30 @@ FLOW = textwrap.dedent("""
 """)
 
 
+def _two_commands_meeting_at(artifact_url: str, what: str, cmd: list[str], env: dict) -> tuple[list, list[str]]:
+    """Start `cmd` twice while the test holds the artifact's lease; release it once a command says it waits, so
+    both reach the released lease together. Returns the finished processes and their logs."""
+    from storage.lease import LeaseConfig, claim
+
+    logs: list[list[str]] = [[], []]
+    with claim(artifact_url, what=what, config=LeaseConfig(ttl=30)):
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(2)]
+        readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
+                   for p, out in zip(procs, logs)]
+        for r in readers:
+            r.start()
+        deadline = time.time() + 240
+        while not any(f"waiting: {what}" in line for out in logs for line in list(out)):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), ["".join(o) for o in logs]
+            time.sleep(0.2)
+    for p in procs:
+        p.wait(timeout=300)
+    for r in readers:
+        r.join(timeout=30)
+    return procs, ["".join(out) for out in logs]
+
+
 def test_two_flow_runs_of_one_artifact_write_one_after_the_other(prefect_api, tmp_path):
     from prefect.client.orchestration import get_client
 
@@ -84,26 +108,9 @@ def test_two_encode_commands_at_once_one_encodes_the_other_finds_the_store(prefe
     # a command has reached it and said it waits; both commands then meet at the released lease at once.
     from flows.claims import latent_store_key
     from flows.pointers import describe_ae, describe_dataset
-    from storage.lease import LeaseConfig, claim
 
     key = latent_store_key(root.url, describe_ae(ae), describe_dataset(dataset), {"resolution": 32, "flip": True})
-    logs: list[list[str]] = [[], []]
-    with claim(key.url, what="latent store", config=LeaseConfig(ttl=30)):
-        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for _ in range(2)]
-        readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
-                   for p, out in zip(procs, logs)]
-        for r in readers:
-            r.start()
-        deadline = time.time() + 240
-        while not any("waiting: latent store" in line for out in logs for line in list(out)):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), ["".join(o) for o in logs]
-            time.sleep(0.2)
-    for p in procs:
-        p.wait(timeout=300)
-    for r in readers:
-        r.join(timeout=30)
-    logs = ["".join(out) for out in logs]
+    procs, logs = _two_commands_meeting_at(key.url, "latent store", cmd, env)
     assert all(p.returncode == 0 for p in procs), logs
     assert not any("Traceback" in log or "ContainsArrayError" in log for log in logs), logs
     # one encoded both units, the other (after its wait) found them done
@@ -131,7 +138,6 @@ def test_two_evaluate_commands_of_one_sample_store_on_s3_write_one_row(prefect_a
     from flows.pointers import describe_samples, results_url
     from storage import synthetic
     from storage.fingerprint import short_id
-    from storage.lease import LeaseConfig, claim
     from storage.layout import Root
     from storage.sample_store import SampleStore
     from storage.shards import pack_image_folder
@@ -158,24 +164,8 @@ def test_two_evaluate_commands_of_one_sample_store_on_s3_write_one_row(prefect_a
            "OMP_NUM_THREADS": "1", "DCAE15_LEASE_SECONDS": "5"}
     cmd = [sys.executable, "-m", "flows.cli", "evaluate", "--config", "tiny", "--root", root.url,
            "--samples", samples, "--dataset", dataset]
-    logs: list[list[str]] = [[], []]
     # as in the encode test: the test holds the row until a command waits for it, so the two always meet
-    with claim(part_url(results_url(root.url), row), what="evaluation row", config=LeaseConfig(ttl=30)):
-        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for _ in range(2)]
-        readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
-                   for p, out in zip(procs, logs)]
-        for r in readers:
-            r.start()
-        deadline = time.time() + 240
-        while not any("waiting: evaluation row" in line for out in logs for line in list(out)):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), ["".join(o) for o in logs]
-            time.sleep(0.2)
-    for p in procs:
-        p.wait(timeout=300)
-    for r in readers:
-        r.join(timeout=30)
-    logs = ["".join(out) for out in logs]
+    procs, logs = _two_commands_meeting_at(part_url(results_url(root.url), row), "evaluation row", cmd, env)
     assert all(p.returncode == 0 for p in procs), logs
     assert not any("Traceback" in log for log in logs), logs
     assert sorted("scored run-x step 10" in log for log in logs) == [False, True], logs  # one scored, one found it

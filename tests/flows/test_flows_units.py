@@ -43,6 +43,9 @@ def test_cli_parses_every_stage_and_rejects_unknown_backbones(capsys):
 
     p = build_parser()
     assert p.parse_args(["demo"]).command == "demo"
+    # each command's own default: `rehearse` defaults to the rehearsal config, and that never leaks into the others
+    assert [p.parse_args([c]).config for c in ("demo", "pipeline", "rehearse", "prepare")] == \
+        ["demo", "demo", "rehearsal", "demo"]
     a = p.parse_args(["train-diffusion", "--store", "s3://b/latents/x", "--backbone", "USiT-tiny", "--nproc-per-node", "2",
                       "--torchrun-arg=--rdzv-endpoint=h:29500", "--root", "s3://b"])
     assert (a.backbone, a.nproc_per_node, a.torchrun_arg, a.root) == ("USiT-tiny", 2, ["--rdzv-endpoint=h:29500"], "s3://b")

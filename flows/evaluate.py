@@ -16,7 +16,7 @@ from flows.common import ConfigArg, stage_config
 from flows.pointers import (describe_ae, describe_dataset, describe_recon, describe_row, describe_run, describe_samples,
                             results_url)
 
-__all__ = ["extractor_for", "load_reference_for", "reference_label", "score_samples", "evaluate_samples", "reconstruction_scores", "evaluate_autoencoder",
+__all__ = ["extractor_for", "prepare_extractor", "load_reference_for", "reference_label", "score_samples", "evaluate_samples", "reconstruction_scores", "evaluate_autoencoder",
            "checkpoints_to_score", "draw_run_figures", "plot_results"]
 
 
@@ -30,6 +30,28 @@ def extractor_for(ev: dict[str, Any], dataset_url: str) -> Any:
     from dcae15.metrics.fidelity import inception_extractor
 
     return inception_extractor(ev["options"].get("inception_weights"))
+
+
+@task(name="prepare_extractor")
+def prepare_extractor(dataset_url: str, ev: dict[str, Any]) -> str | None:
+    """Train the proxy classifier of ``ev`` into its cache ahead of the scoring that needs it, in a process of its
+    own so that it can run beside the autoencoder's training (both seed torch's global RNG: two threads of one
+    process would mix their draws). Returns the extractor label when it trained one, else None (Inception's weights
+    just load; a cached classifier too)."""
+    import json
+    import sys
+
+    from flows.launch import run_streaming
+
+    from dcae15.metrics.proxy import ProxyConfig, proxy_is_cached
+
+    if ev["extractor"] != "proxy" or proxy_is_cached(dataset_url, ProxyConfig(**ev["options"].get("proxy", {}))):
+        return None  # nothing to train (a rerun): the scoring loads it
+    cmd = [sys.executable, "-m", "dcae15.metrics", "proxy", dataset_url, "--config",
+           json.dumps(ev["options"].get("proxy", {}))]
+    lines: list[str] = []
+    run_streaming(cmd, log=lambda line: (lines.append(line), get_run_logger().info("[proxy] %s", line)))
+    return json.loads(lines[-1])["label"]
 
 
 def reference_label(ev: dict[str, Any]) -> str:

@@ -74,6 +74,9 @@ def run_streaming(
     """
     last: collections.deque[str] = collections.deque(maxlen=tail)
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # A piped tqdm bar turns every refresh (10 a second) into a line, each one a Prefect log record sent to the
+    # API: two demo trainers sent ~20 a second. One refresh per 5 s unless the caller sets its own.
+    child_env.setdefault("TQDM_MININTERVAL", "5")
     with subprocess.Popen(
         list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=child_env
     ) as proc:

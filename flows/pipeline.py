@@ -17,6 +17,7 @@ from flows.common import ConfigArg, stage_config
 from flows.diffusion import train_diffusion
 from flows.encode import encode_latents
 from flows.evaluate import (checkpoints_to_score, draw_run_figures, evaluate_autoencoder, evaluate_samples,
+                            prepare_extractor,
                             plot_results)
 from flows.gpu import gpu_slot
 from flows.launch import in_process
@@ -142,8 +143,12 @@ def run_pipeline(root: str | None = None, config: ConfigArg = "demo", backbones:
 
     with _timed(stages, "data"):
         dataset = prepare_images(root=cfg.root, config=conf)
+    # the evaluation's proxy classifier needs only the images: it trains beside the autoencoder (own process)
+    extractor = prepare_extractor.submit(dataset["url"], dataclasses.asdict(cfg.evaluate))
     with _timed(stages, "autoencoder"):
         ae = train_autoencoder(dataset=dataset["url"], root=cfg.root, config=conf)
+    with _timed(stages, "proxy classifier (after the AE)"):
+        extractor.result()  # its failure stops the pipeline here, with its reason
     if cfg.evaluate.reconstruction:
         with _timed(stages, "evaluate autoencoder"):
             evaluate_autoencoder(ae=ae["url"], dataset=dataset["url"], root=cfg.root, config=conf)

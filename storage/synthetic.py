@@ -81,12 +81,15 @@ BACKGROUNDS = ("gradient", "flat")
 
 
 def _check_look(texture: float, noise: float, scale: tuple[float, float], background: str = "gradient",
-                jitter: float = 1.0) -> tuple[float, float]:
+                jitter: float = 1.0, rotation: float = 1.0) -> tuple[float, float]:
     if background not in BACKGROUNDS:
         raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     if not 0.0 <= jitter <= 1.0:
         raise ValueError(f"jitter (how far the object may move off-centre, 0..1 of the room it has) must be in "
                          f"[0, 1], got {jitter}")
+    if not 0.0 <= rotation <= 1.0:
+        raise ValueError(f"rotation (how far the object may turn, 0 = upright .. 1 = any angle) must be in [0, 1], "
+                         f"got {rotation}")
     lo, hi = (float(v) for v in scale)
     if not 0.0 <= texture <= 1.0:
         raise ValueError(f"texture must be in [0, 1] (0 = flat fill, 1 = full stripes/checks/noise), got {texture}")
@@ -100,7 +103,7 @@ def _check_look(texture: float, noise: float, scale: tuple[float, float], backgr
 
 def render_shape_image(label: int, size: int = 64, seed: int = 0, *, texture: float = 0.2, noise: float = 2.0,
                        scale: tuple[float, float] = (0.28, 0.45), background: str = "gradient",
-                       jitter: float = 1.0) -> np.ndarray:
+                       jitter: float = 1.0, rotation: float = 1.0) -> np.ndarray:
     """Render one image of class ``label`` as uint8 [size, size, 3], deterministic in (label, size, seed, look).
 
     Args:
@@ -109,10 +112,12 @@ def render_shape_image(label: int, size: int = 64, seed: int = 0, *, texture: fl
         scale: (min, max) object radius as a fraction of the image size.
         background: "gradient" (two random colours) or "flat" (one random colour).
         jitter: 1 = the object anywhere it fits, 0 = centred.
+        rotation: 1 = the object turned by any angle, 0 = upright (a square's sides and a cross's arms
+            axis-aligned, a triangle and a star pointing up); in between, up to that fraction of a full turn.
     """
     if not 0 <= label < len(SHAPES):
         raise ValueError(f"label must be in [0, {len(SHAPES)}), got {label}")
-    lo, hi = _check_look(texture, noise, scale, background, jitter)
+    lo, hi = _check_look(texture, noise, scale, background, jitter, rotation)
     rng = np.random.default_rng([seed, label, size])
     ss = 4  # supersampling for anti-aliased edges
     big = size * ss
@@ -128,7 +133,7 @@ def render_shape_image(label: int, size: int = 64, seed: int = 0, *, texture: fl
     # object: shape mask drawn at high resolution then box-downsampled
     r = rng.uniform(lo, hi) * big
     cx, cy = (big / 2 + jitter * (rng.uniform(r, big - r) - big / 2) for _ in range(2))
-    angle = rng.uniform(0, 2 * math.pi)
+    angle = rotation * rng.uniform(0, 2 * math.pi)  # drawn at every rotation: the other draws stay the same
     mask_img = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask_img)
     kind = SHAPES[label]
@@ -165,12 +170,14 @@ def make_shapes_dataset(
     scale: tuple[float, float] = (0.28, 0.45),
     background: str = "gradient",
     jitter: float = 1.0,
+    rotation: float = 1.0,
     storage_options: dict | None = None,
 ) -> str:
     """Write an ImageNet-style class-folder tree ``root/<class>/<class>_<i>.<fmt>`` of generated images.
 
     Deterministic in (num_classes, per_class, size, seed, look). Existing files are overwritten with identical
-    bytes. ``texture``, ``noise``, ``scale``, ``background``, ``jitter``: see :func:`render_shape_image`.
+    bytes. ``texture``, ``noise``, ``scale``, ``background``, ``jitter``, ``rotation``: see
+    :func:`render_shape_image`.
 
     Returns:
         ``root``.
@@ -181,7 +188,7 @@ def make_shapes_dataset(
         raise ValueError(f"fmt must be 'png' or 'jpg', got {fmt!r}")
     if per_class < 1 or size < 8:
         raise ValueError(f"per_class must be >= 1 and size >= 8, got {per_class}, {size}")
-    _check_look(texture, noise, scale, background, jitter)
+    _check_look(texture, noise, scale, background, jitter, rotation)
     import fsspec
 
     fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
@@ -190,7 +197,8 @@ def make_shapes_dataset(
         fs.makedirs(f"{base}/{name}", exist_ok=True)
         for i in range(per_class):
             arr = render_shape_image(label, size=size, seed=seed * 1_000_003 + i, texture=texture, noise=noise,
-                                     scale=scale, background=background, jitter=jitter)
+                                     scale=scale, background=background, jitter=jitter,
+                                     rotation=rotation)
             buf = io.BytesIO()
             if fmt == "png":
                 Image.fromarray(arr).save(buf, format="PNG")

@@ -569,7 +569,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                        "sec": round(time.perf_counter() - t0, 3)}
                 metrics.append(row)
                 tracker.log_metrics(row, done_steps, prefix="ae/")
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)  # shown at the next refresh (mininterval)
             if done_steps % cfg.checkpoint_every == 0 or done_steps == end:
                 if dist_.rank == 0:
                     parts = {"model": model.net.state_dict(), "opt": opt.state_dict(),

@@ -569,7 +569,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                 if rank == 0:
                     metrics.append(row)
                     tracker.log_metrics(row, step, prefix="train/")
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}", refresh=False)
                 t_log, c_log, n_log = time.perf_counter(), time.thread_time(), 0
                 acc.zero_()
             if is_ckpt:

@@ -35,6 +35,7 @@ from storage.lease import claim
 __all__ = [
     "ProxyConfig",
     "class_accuracy",
+    "proxy_is_cached",
     "gaussian_blur",
     "held_out_split",
     "load_proxy_net",
@@ -211,9 +212,7 @@ def proxy_extractor(
         A spec whose metric names are ``proxy-…`` and whose ``info`` holds the held-out accuracy.
     """
     register_proxy_extractor()
-    dataset_fp = dataset_fingerprint(dataset_url, storage_options)
-    key = f"{dataset_fp[:12]}-{fingerprint(cfg, length=8)}"
-    url = _io.join(cache_url or default_cache_url(dataset_url, storage_options), "proxy", key)
+    dataset_fp, key, url = _cache_entry(dataset_url, cfg, cache_url, storage_options)
     model_url, info_url = _io.join(url, "model.pt"), _io.join(url, "info.json")
     if not _io.exists(info_url, storage_options):
         # one trainer per cache entry: a second evaluation waits here, then loads the weights the first wrote
@@ -231,6 +230,22 @@ def proxy_extractor(
         info={k: info[k] for k in ("held_out_accuracy", "held_out_accuracy_blur1px", "num_held_out", "num_classes",
                                    "train_seconds") if k in info},
     )
+
+
+def _cache_entry(dataset_url: str, cfg: ProxyConfig, cache_url: str | None,
+                 storage_options: dict | None) -> tuple[str, str, str]:
+    """(dataset fingerprint, cache key, cache entry URL) of the proxy classifier of ``cfg`` on a dataset."""
+    dataset_fp = dataset_fingerprint(dataset_url, storage_options)
+    key = f"{dataset_fp[:12]}-{fingerprint(cfg, length=8)}"
+    return dataset_fp, key, _io.join(cache_url or default_cache_url(dataset_url, storage_options), "proxy", key)
+
+
+def proxy_is_cached(dataset_url: str, cfg: ProxyConfig = ProxyConfig(), *, cache_url: str | None = None,
+                    storage_options: dict | None = None) -> bool:
+    """Whether the proxy classifier of ``cfg`` on this dataset is complete in its cache (``proxy_extractor`` would
+    only load it)."""
+    url = _cache_entry(dataset_url, cfg, cache_url, storage_options)[2]
+    return _io.exists(_io.join(url, "info.json"), storage_options)
 
 
 def _train_and_cache(dataset_url: str, cfg: ProxyConfig, key: str, dataset_fp: str, model_url: str, info_url: str,

@@ -101,3 +101,25 @@ def test_metrics_proxy_is_blur_robust_and_scores_class_accuracy(proxy_spec, shap
     assert class_accuracy(proxy_spec, images[idx], wrong) < 0.2
     with pytest.raises(ValueError):
         class_accuracy(proxy_spec, images[idx][..., 0], labels[idx])
+
+
+def test_metrics_proxy_trains_into_its_cache_from_the_command_line(tmp_path):
+    """`python -m dcae15.metrics proxy`: what the pipeline runs beside the AE's training, in its own process."""
+    import os
+    import subprocess
+    import sys
+
+    from dcae15.metrics.proxy import ProxyConfig, proxy_extractor, proxy_is_cached
+    from storage.synthetic import make_shapes_dataset
+
+    data = make_shapes_dataset(str(tmp_path / "shapes"), num_classes=4, per_class=16, size=32, seed=0)
+    cfg = ProxyConfig(epochs=1)
+    assert not proxy_is_cached(data, cfg)
+    out = subprocess.run([sys.executable, "-m", "dcae15.metrics", "proxy", data, "--config", '{"epochs": 1}'],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert proxy_is_cached(data, cfg) and not proxy_is_cached(data, ProxyConfig(epochs=2))
+    assert printed["label"] == proxy_extractor(data, cfg).label  # the same entry, now only loaded
+    bad = subprocess.run([sys.executable, "-m", "dcae15.metrics", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "proxy DATASET_URL" in bad.stderr

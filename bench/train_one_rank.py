@@ -6,6 +6,7 @@ alternately in one process (the order rotates every repeat, so the machine's loa
 - ``trainer``: ``train_diffusion`` on a synthetic store (reader, prefetch, device noise, clipping, EMA, NaN guard,
   metrics, checkpoint machinery), at one rank the plain module (no FSDP2);
 - ``trainer_fsdp`` (``--fsdp``): the same with ``fsdp_one_rank=True``, the FSDP2-wrapped path one rank took before;
+- ``trainer_ema_every`` (``--ema-every K``): the trainer with ``ema_every=K`` (the EMA pass every K steps);
 - ``bare``: ``bench/train_step.py``'s bare loop (forward + backward + the trainer's fused AdamW, batch resident);
 - ``reference``: the training loop of facebookresearch/DiT ``train.py`` (Peebles & Xie, CC-BY-NC; reproduced here
   from its published structure, no code copied) without DDP: AdamW(lr=1e-4, weight_decay=0) with torch's default
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     ap.add_argument("--fsdp", action="store_true", help="also the trainer with fsdp_one_rank=True")
+    ap.add_argument("--ema-every", type=int, default=None, metavar="K",
+                    help="also the trainer with ema_every=K (the EMA pass every K steps, decay**K)")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,6 +118,8 @@ def main() -> None:
              "reference": lambda: reference_loop(mcfg, args.batch, args.steps, args.warmup, device)}
     if args.fsdp:
         loops["trainer_fsdp"] = lambda: trainer(fsdp_one_rank=True)
+    if args.ema_every:
+        loops["trainer_ema_every"] = lambda: trainer(ema_every=args.ema_every)
     names = list(loops)
     res: dict[str, list[float]] = {k: [] for k in names}  # img/s
     cpu: dict[str, list[float]] = {k: [] for k in names}  # training-thread CPU s per step
@@ -147,6 +152,10 @@ def main() -> None:
            "cpu_time_trainer_over_reference": round(_median(cpu["reference"]) / _median(cpu["trainer"]), 3),
            **({"cpu_time_trainer_fsdp_over_trainer": round(_median(cpu["trainer"]) / _median(cpu["trainer_fsdp"]), 3)}
               if args.fsdp else {}),
+           **({"ema_every": args.ema_every,
+               "cpu_time_trainer_ema_every_over_bare": round(_median(cpu["bare"]) / _median(cpu["trainer_ema_every"]), 3),
+               "cpu_time_trainer_ema_every_over_reference": round(
+                   _median(cpu["reference"]) / _median(cpu["trainer_ema_every"]), 3)} if args.ema_every else {}),
            "all": {k: [round(x, 1) for x in v] for k, v in res.items()},
            "load_start": load0, "load_end": os.getloadavg()}
     print(json.dumps(out))

@@ -62,6 +62,10 @@ class DiffusionTrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     """decay_t = min(ema_decay, (1 + t) / (10 + t)) so early EMA tracks the model."""
+    ema_every: int = 1
+    """Update the EMA every this many steps, with the decay raised to that power (ema-pytorch's ``update_every``):
+    the update is a pass over every parameter whose cost does not shrink with the batch (15 % of a one-rank CPU
+    step at DiT-S width, batch 8; ~1 % of a GPU step at batch 256), so small-batch runs amortise it."""
     label_dropout: float = 0.1
     adt: ADTConfig = field(default_factory=ADTConfig)
     seed: int = 0
@@ -131,6 +135,8 @@ class DiffusionTrainConfig:
             raise ValueError(f"DiffusionTrainConfig.lr={self.lr!r} must be > 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"DiffusionTrainConfig.ema_decay={self.ema_decay!r} must be in [0, 1)")
+        if int(self.ema_every) < 1:
+            raise ValueError(f"DiffusionTrainConfig.ema_every={self.ema_every!r} must be >= 1 (1 = every step)")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"DiffusionTrainConfig.label_dropout={self.label_dropout!r} must be in [0, 1)")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -162,6 +168,8 @@ class DiffusionTrainConfig:
         out = identity(self, self.to_dict(), keep_horizon=self.schedule == "cosine")
         if out["schedule"] == "constant":
             del out["schedule"]  # constant-lr runs keep the run ids they had before the field existed
+        if out["ema_every"] == 1:
+            del out["ema_every"]  # likewise
         return out
 
 
@@ -637,7 +645,8 @@ class TrainStep:
             g["lr"] = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, total_steps=cfg.steps)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup))
+        if (step + 1) % cfg.ema_every == 0:  # the update that produces step + 1 (every step by default)
+            self.ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup) ** cfg.ema_every)
         return loss, gnorm, cprime
 
 

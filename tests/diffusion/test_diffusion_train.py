@@ -156,3 +156,31 @@ def test_operational_fields_and_more_steps_continue_the_same_run(latent_store, t
     assert json.loads(Path(run, "done.json").read_text())["steps"] == 4
     with pytest.raises(ValueError, match="belongs to another run"):  # the identity check of the run directory
         train_diffusion(_cfg(steps=2, lr=2e-3), latent_store, run)
+
+
+def test_ema_every_k_steps_is_the_decay_to_the_kth_power_and_resumes_exactly(latent_store, tmp_path):
+    """ema_every=3 (ema-pytorch's update_every): the EMA moves only at steps 3 and 6, by decay**3 toward the
+    weights of that step; resuming at step 4 gives the same run; 1 (the default) keeps the run ids of before."""
+    from dcae15.diffusion.train import run_id_for
+
+    assert run_id_for(_cfg(), "s") == run_id_for(_cfg(ema_every=1), "s") != run_id_for(_cfg(ema_every=3), "s")
+    cfg = _cfg(ema_every=3, ema_warmup=False, checkpoint_every=1, keep_checkpoints=10)
+    full = train_diffusion(cfg, latent_store, str(tmp_path / "a"))
+    run = str(tmp_path / "a")
+    ema = {s: _weights(run, s, "ema") for s in range(1, 7)}
+    model = {s: _weights(run, s, "model") for s in range(1, 7)}
+    init = _weights(run, 2, "ema")  # steps 1-2 leave the EMA at the initial weights
+    for k in init:
+        if not init[k].is_floating_point():
+            continue
+        assert torch.equal(ema[1][k], init[k]) and torch.equal(ema[4][k], ema[3][k])
+        for s in (3, 6):
+            expect = ema[s - 1][k] + (1 - 0.9 ** 3) * (model[s][k] - ema[s - 1][k])
+            torch.testing.assert_close(ema[s][k], expect, rtol=1e-5, atol=1e-6)
+    part = train_diffusion(cfg, latent_store, str(tmp_path / "b"), max_steps=4)
+    assert part["step"] == 4
+    train_diffusion(cfg, latent_store, str(tmp_path / "b"))
+    _assert_same_run(run, str(tmp_path / "b"), 6)
+    assert full["done"]
+    with pytest.raises(ValueError, match="ema_every"):
+        _cfg(ema_every=0)

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from dcae15.metrics.proxy import ProxyConfig, proxy_extractor
 from dcae15.metrics.results import results_cli
 
 __all__ = ["main"]
@@ -18,8 +19,6 @@ USAGE = ("usage: python -m dcae15.metrics results TABLE_URL [--plot OUT_URL] [--
 
 def proxy_cli(argv: list[str]) -> int:
     """Train the proxy classifier of a dataset into its cache (or find it there); print its spec as JSON."""
-    from dcae15.metrics.proxy import ProxyConfig, proxy_extractor
-
     ap = argparse.ArgumentParser(prog="python -m dcae15.metrics proxy")
     ap.add_argument("dataset", help="a packed dataset or class-folder tree URL")
     ap.add_argument("--config", default="{}", help="ProxyConfig fields as JSON, e.g. '{\"epochs\": 10}'")

@@ -33,25 +33,23 @@ def extractor_for(ev: dict[str, Any], dataset_url: str) -> Any:
 
 
 @task(name="prepare_extractor")
-def prepare_extractor(dataset_url: str, ev: dict[str, Any]) -> str | None:
+def prepare_extractor(dataset_url: str, ev: dict[str, Any]) -> bool:
     """Train the proxy classifier of ``ev`` into its cache ahead of the scoring that needs it, in a process of its
     own so that it can run beside the autoencoder's training (both seed torch's global RNG: two threads of one
-    process would mix their draws). Returns the extractor label when it trained one, else None (Inception's weights
-    just load; a cached classifier too)."""
+    process would mix their draws). Returns whether it trained one (not for Inception, whose weights just load,
+    nor for a classifier already cached)."""
     import json
     import sys
 
+    from dcae15.metrics.proxy import ProxyConfig, proxy_is_cached
     from flows.launch import run_streaming
 
-    from dcae15.metrics.proxy import ProxyConfig, proxy_is_cached
-
-    if ev["extractor"] != "proxy" or proxy_is_cached(dataset_url, ProxyConfig(**ev["options"].get("proxy", {}))):
-        return None  # nothing to train (a rerun): the scoring loads it
-    cmd = [sys.executable, "-m", "dcae15.metrics", "proxy", dataset_url, "--config",
-           json.dumps(ev["options"].get("proxy", {}))]
-    lines: list[str] = []
-    run_streaming(cmd, log=lambda line: (lines.append(line), get_run_logger().info("[proxy] %s", line)))
-    return json.loads(lines[-1])["label"]
+    options = ev["options"].get("proxy", {})
+    if ev["extractor"] != "proxy" or proxy_is_cached(dataset_url, ProxyConfig(**options)):
+        return False  # nothing to train (a rerun): the scoring loads it
+    run_streaming([sys.executable, "-m", "dcae15.metrics", "proxy", dataset_url, "--config", json.dumps(options)],
+                  log=lambda line: get_run_logger().info("[proxy] %s", line))
+    return True
 
 
 def reference_label(ev: dict[str, Any]) -> str:

@@ -1,17 +1,24 @@
 """The GPU check: one command, <= 8 minutes on one H100/H200, one flushed JSON line per section, in priority order.
 
-    python bench/gpu_check.py                 # on the GPU machine (writes nothing outside a temp dir)
-    python bench/gpu_check.py --cpu-smoke     # every section at tiny sizes on CPU (CI: it must never rot)
+    bash bench/gpu_check.sh                   # on the GPU machine, from the root of a copied tree: no install
+    bash bench/gpu_check.sh --cpu-smoke       # every section at tiny sizes on CPU (CI rehearses the GPU machine)
+
+``bench/gpu_check.sh`` puts the repository root on ``PYTHONPATH`` and installs the wheels that
+``scripts/fetch_gpu_wheels.sh`` prepared (what the GPU image lacks) into a temporary folder; this file can also
+be run directly where dcae15 is importable.
 
 Sections (each with its own deadline; a section that runs out prints what it has with "status": "timeout", one
 that fails prints "status": "error" and the next one runs):
   env        torch / CUDA / NCCL versions, the device, the process group (backend, device_id, timeouts), TF32 flags,
              an all-reduce of a device and of a CPU tensor;
   timesteps  the timestep dtype and values a model sharded under the bf16 FSDP2 policy really sees;
-  dit_step   DiT-XL on 128x8x8 latents (patch 1; --patch 2: DiT-XL/2) with the trainer's own step (``TrainStep``:
-             device noise, fused AdamW, clip + NaN guard, EMA), eager vs compiled, batch 32 and 256: median / p90
-             ms, img/s, MFU against the dense bf16 peak (analytic FLOPs), peak GiB, host ms per step, compile s;
-  train_e2e  ``train_diffusion`` end to end on a synthetic store: async checkpoint, then a resume;
+  dit_step   DiT-XL on 128x8x8 latents (patch 1; --patch 2: DiT-XL/2) with the trainer's own set-up and step
+             (``build_training_model``, ``TrainStep``: device noise, fused AdamW, clip + NaN guard, EMA), eager vs
+             compiled (each batch size compiled fresh, static shapes), batch 32 and 256, plus the FSDP2-sharded
+             step at one rank (``fsdp_one_rank``): median / p90 ms, img/s, MFU against the dense bf16 peak
+             (analytic FLOPs), peak GiB, host ms per step, compile s;
+  train_e2e  ``train_diffusion`` end to end on a synthetic store: the plain module with an async checkpoint,
+             then a resume of it as an FSDP2-sharded model (``fsdp_one_rank``) that saves a sharded checkpoint;
   encode     the f32c128-1.5 encoder at 256 px, bf16 vs fp32: img/s and the bf16 latents' relative error;
   sampling   sampling img/s: DDPM 50 steps (DiT) and Heun with a guidance interval (SiT), bf16 autocast; decode img/s;
   ae_step    one f32c128-1.5 AE training step at 256 px (L1 + LPIPS, bf16 autocast): seconds and peak GiB;
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers (train_step.synthetic_store)
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_BENCH, os.path.dirname(_BENCH)]  # bench/ helpers (train_step), then the repository root (dcae15)
 
 
 class SectionTimeout(Exception):
@@ -79,7 +88,7 @@ GPU = Sizes(model="DiT-XL", overrides={}, latent=(128, 8, 8), batches=(32, 256),
             ae_preset="dc-ae-f32c128-1.5", resolution=256, enc_batch=64, enc_reps=5,
             sample_model="DiT-XL", sample_overrides={}, sample_batch=256, ddpm_steps=50, heun_steps=25,
             ae_batch=8, reader_batch=256, reader_batches=60, reader_workers=4,
-            deadlines={"env": 30, "timesteps": 30, "dit_step": 180, "train_e2e": 70, "encode": 40, "sampling": 45,
+            deadlines={"env": 30, "timesteps": 30, "dit_step": 210, "train_e2e": 80, "encode": 40, "sampling": 45,
                        "ae_step": 30, "reader": 25})
 SMOKE = Sizes(model="DiT-tiny", overrides={"hidden": 32, "depth": 2, "heads": 2}, latent=(32, 4, 4), batches=(4, 8),
               steps=2, warmup=1, e2e_model="DiT-tiny", e2e_overrides={"hidden": 32, "depth": 2, "heads": 2},
@@ -139,8 +148,9 @@ def env_section(rec: dict, S: Sizes, device: torch.device, ctx: dict) -> None:
                    / 2**30, 1), bf16=torch.cuda.is_bf16_supported(), nccl=str(torch.cuda.nccl.version()),
                    bf16_dense_peak_tflops=(dense_bf16_peak_flops(device) or 0) / 1e12)
     enable_speed_switches(device, conv=True)
-    rec.update(matmul_fp32_precision=torch.backends.cuda.matmul.fp32_precision,
-               cudnn_conv_fp32_precision=torch.backends.cudnn.conv.fp32_precision,
+    # the legacy getters inductor reads: they raise if the TF32 switches were set through both APIs
+    rec.update(float32_matmul_precision=torch.get_float32_matmul_precision(),
+               matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32, cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
                cudnn_benchmark=torch.backends.cudnn.benchmark)
     for where in ([device, torch.device("cpu")] if device.type == "cuda" else [device]):
         x = torch.ones(1 << 20, device=where)
@@ -160,7 +170,7 @@ def timesteps_section(rec: dict, S: Sizes, device: torch.device, ctx: dict) -> N
 
     c, h, w = S.latent
     torch.manual_seed(0)
-    model = build_model(model_config(S.model, in_channels=c, input_size=(h, w), **S.overrides)).to(device)
+    model = build_model(model_config(S.model, in_channels=c, input_size=(h, w), **S.overrides))
     apply_parallelism(model, mesh=make_mesh(device, dist.get_world_size()), device=device, mixed_precision="bf16")
     mp = mixed_precision_policy(device, "bf16")
     t = torch.tensor([997.0, 998.0, 999.0, 501.0, 990.0, 999.75, 0.5, 3.25], device=device)
@@ -190,18 +200,21 @@ def dit_step_section(rec: dict, S: Sizes, device: torch.device, ctx: dict) -> No
     peak = dense_bf16_peak_flops(device)
     rec.update(model=S.model, latent=list(S.latent), runs=[],
                peak_flops=peak, peak_source="datasheet dense bf16" if peak else None)
-    for compiled in (False, True):
-        for batch in S.batches:
-            cfg = _train_cfg(S, S.model, S.overrides, batch, compile=compiled, patch_size=ctx["patch"])
-            r = time_trainer_step(cfg, S.latent, device, steps=S.steps, warmup=S.warmup, peak=peak,
-                                  world_size=dist.get_world_size(), deadline=ctx["deadline_at"])
-            rec["runs"].append(r)
-            if compiled or "step_img_s" not in ctx:
-                ctx["step_img_s"] = r["img_per_s"]  # the fastest configuration measured so far: what the reader feeds
-    eager = {r["batch"]: r for r in rec["runs"] if not r["compile"]}
+    plain = [(compiled, batch, False) for compiled in (False, True) for batch in S.batches]
+    for compiled, batch, fsdp in [*plain, (False, S.batches[0], True)]:  # + the sharded step at one rank
+        cfg = _train_cfg(S, S.model, S.overrides, batch, compile=compiled, patch_size=ctx["patch"],
+                         fsdp_one_rank=fsdp)
+        r = time_trainer_step(cfg, S.latent, device, steps=S.steps, warmup=S.warmup, peak=peak,
+                              world_size=dist.get_world_size(), deadline=ctx["deadline_at"])
+        rec["runs"].append(r)
+        if not fsdp and (compiled or "step_img_s" not in ctx):
+            ctx["step_img_s"] = r["img_per_s"]  # the fastest configuration measured so far: what the reader feeds
+    eager = {r["batch"]: r for r in rec["runs"] if not r["compile"] and not r["fsdp"]}
     rec["compiled_over_eager_img_s"] = {b: round(r["img_per_s"] / eager[b]["img_per_s"], 3)
                                         for b, r in ((r["batch"], r) for r in rec["runs"] if r["compile"])
                                         if b in eager}
+    rec["fsdp_over_plain_img_s"] = {r["batch"]: round(r["img_per_s"] / eager[r["batch"]]["img_per_s"], 3)
+                                    for r in rec["runs"] if r["fsdp"] and r["batch"] in eager}
 
 
 def train_e2e_section(rec: dict, S: Sizes, device: torch.device, ctx: dict) -> None:
@@ -215,14 +228,15 @@ def train_e2e_section(rec: dict, S: Sizes, device: torch.device, ctx: dict) -> N
     cfg = _train_cfg(S, S.e2e_model, S.e2e_overrides, S.e2e_batch, steps=S.e2e_steps, checkpoint_every=half,
                      log_every=max(1, half // 2), async_checkpoint=True)
     t0 = time.perf_counter()
-    first = train_diffusion(cfg, store, run, max_steps=half)
+    first = train_diffusion(cfg, store, run, max_steps=half)  # the plain module (one rank)
     t1 = time.perf_counter()
-    second = train_diffusion(cfg, store, run)
+    # the same run resumed sharded: fsdp_one_rank is operational (same run id, same checkpoint format)
+    second = train_diffusion(dataclasses.replace(cfg, fsdp_one_rank=True), store, run)
     t2 = time.perf_counter()
     rows = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl")).read().splitlines()]
     ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(first["checkpoint"]) for f in fs)
     rec.update(model=S.e2e_model, overrides=S.e2e_overrides, batch=S.e2e_batch, steps=S.e2e_steps,
-               first_call_s=round(t1 - t0, 2), resumed_call_s=round(t2 - t1, 2), resumed_at=first["step"],
+               first_call_s=round(t1 - t0, 2), resumed_sharded_call_s=round(t2 - t1, 2), resumed_at=first["step"],
                finished_step=second["step"], done=second["done"], checkpoint_gib=round(ckpt_bytes / 2**30, 3),
                img_per_s=[round(r["img_per_s"], 1) for r in rows], mfu=[r.get("mfu") for r in rows],
                loss=[round(r["loss"], 5) for r in rows], finite=all(map(lambda r: r["loss"] == r["loss"], rows)))
@@ -233,9 +247,10 @@ def encode_section(rec: dict, S: Sizes, device: torch.device, ctx: dict) -> None
 
     from dcae15.ae.encode import encode_images
     from dcae15.ae.model import StructuredAutoencoder
+    from dcae15.parallel import place
 
     torch.manual_seed(0)
-    enc = StructuredAutoencoder.from_preset(S.ae_preset).net.encoder.to(device).eval().requires_grad_(False)
+    enc = place(StructuredAutoencoder.from_preset(S.ae_preset).net.encoder, device).eval().requires_grad_(False)
     images = np.random.default_rng(0).integers(0, 256, (S.enc_batch, S.resolution, S.resolution, 3), dtype=np.uint8)
     rec.update(preset=S.ae_preset, resolution=S.resolution, batch=S.enc_batch)
     z = {}
@@ -258,12 +273,13 @@ def sampling_section(rec: dict, S: Sizes, device: torch.device, ctx: dict) -> No
     from dcae15.diffusion.objectives import make_objective
     from dcae15.diffusion.samplers import sample_latents
     from dcae15.models import build_model, model_config
+    from dcae15.parallel import place
 
     c, h, w = S.latent
     n = S.sample_batch
     torch.manual_seed(0)
-    model = build_model(model_config(S.sample_model, in_channels=c, input_size=(h, w),
-                                     **S.sample_overrides)).to(device).eval()
+    model = place(build_model(model_config(S.sample_model, in_channels=c, input_size=(h, w),
+                                           **S.sample_overrides)), device).eval()
     y = torch.arange(n, device=device) % model.cfg.num_classes
     rec.update(model=S.sample_model, batch=n)
     runs = (("ddpm", "ddpm-linear", S.ddpm_steps, (0.0, 1.0)), ("heun", "flow", S.heun_steps, (0.2, 0.8)))
@@ -281,7 +297,7 @@ def sampling_section(rec: dict, S: Sizes, device: torch.device, ctx: dict) -> No
             sync(device)
             rec[f"{sampler}_{steps}_img_s"] = round(n / (time.perf_counter() - t0), 1)
         rec["guidance_interval_heun"] = list(runs[1][3])
-        ae = StructuredAutoencoder.from_preset(S.ae_preset).to(device).eval()
+        ae = place(StructuredAutoencoder.from_preset(S.ae_preset), device).eval()
         if ae.latent_channels == c:
             ae.decode(z[:2].float())  # warm-up
             sync(device)
@@ -296,10 +312,11 @@ def ae_step_section(rec: dict, S: Sizes, device: torch.device, ctx: dict) -> Non
     from dcae15.ae.model import StructuredAutoencoder
     from dcae15.ae.train import _Reconstruct, ae_loss
     from dcae15.metrics.lpips_offline import build_lpips
+    from dcae15.parallel import place
 
     torch.manual_seed(0)
-    ae = StructuredAutoencoder.from_preset(S.ae_preset).to(device).train()
-    lp = build_lpips("vgg", random_backbone=True).to(device)  # speed only: an un-pretrained trunk, no download
+    ae = place(StructuredAutoencoder.from_preset(S.ae_preset), device).train()
+    lp = place(build_lpips("vgg", random_backbone=True), device)  # speed only: an un-pretrained trunk, no download
     recon = _Reconstruct(ae)
     opt = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=6.4e-5, weight_decay=0.1)
     x = torch.rand(S.ae_batch, 3, S.resolution, S.resolution, device=device) * 2 - 1

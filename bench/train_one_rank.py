@@ -37,6 +37,7 @@ import torch
 
 from bench.train_step import SIZES, bare_loop, synthetic_store, trainer_run
 from dcae15.models import build_model, model_config
+from dcae15.parallel import place
 
 
 def reference_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
@@ -45,7 +46,7 @@ def reference_loop(mcfg, batch: int, steps: int, warmup: int, device: torch.devi
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    model = build_model(mcfg).to(device)
+    model = place(build_model(mcfg), device)
     ema = copy.deepcopy(model)
     for p in ema.parameters():
         p.requires_grad_(False)

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dcae15.accel import dense_bf16_peak_flops
+from dcae15.accel import dense_bf16_peak_flops, forced_gpu_branches
 from dcae15.diffusion.objectives import make_objective
 from dcae15.diffusion.train import DiffusionTrainConfig, _flops_per_image, _init_distributed, train_flops_per_image
 from dcae15.models import build_model, model_config, preset
@@ -49,22 +49,18 @@ def time_trainer_step(cfg, latent: tuple[int, int, int], device: torch.device, *
     ``deadline`` (``time.monotonic()``) stops the timed loop early (at least 2 steps).
     """
     from dcae15.diffusion.objectives import make_objective
-    from dcae15.diffusion.train import TrainStep, make_optimizer
+    from dcae15.diffusion.train import TrainStep, build_training_model, make_optimizer
     from dcae15.ema import EMA
     from dcae15.models.flops import train_flops_per_image_analytic
-    from dcae15.parallel import make_mesh
 
     c, h, w = latent
     mcfg = model_config(cfg.model, in_channels=c, input_size=(h, w), patch_size=cfg.patch_size,
                         **cfg.model_overrides)
     batch = cfg.global_batch_size // world_size
-    torch.manual_seed(cfg.seed)
-    model = build_model(mcfg)
+    if cfg.compile:
+        torch._dynamo.reset()  # each batch size compiles fresh: the graph the trainer builds, its compile time
+    model, sharded = build_training_model(cfg, mcfg, device, world_size)  # the trainer's own set-up and placement
     n_params = sum(p.numel() for p in model.parameters())
-    sharded = world_size > 1 or cfg.fsdp_one_rank  # as the trainer: one rank trains the plain module
-    apply_parallelism(model, mesh=make_mesh(device, world_size) if sharded else None, device=device,
-                      mixed_precision=cfg.mixed_precision, activation_checkpointing=cfg.activation_checkpointing,
-                      compile=cfg.compile, shard=sharded)
     opt = make_optimizer(model, cfg)
     chans = cfg.adt.resolve(c) if cfg.adt.enabled else [c]
     gen = torch.Generator(device=device).manual_seed(0)
@@ -105,8 +101,10 @@ def time_trainer_step(cfg, latent: tuple[int, int, int], device: torch.device, *
     passes = 2 if cfg.adt.enabled and cfg.adt.include_full else 1
     flops = train_flops_per_image_analytic(mcfg, passes)
     out = {"model": cfg.model, "params_M": round(n_params / 1e6, 2), "batch": cfg.global_batch_size,
-           "batch_per_rank": batch, "latent": list(latent), "patch": cfg.patch_size, "compile": cfg.compile,
+           "batch_per_rank": batch, "latent": list(latent), "patch": cfg.patch_size,
+           "compile": cfg.compile, "forced_gpu_branches": forced_gpu_branches(),  # forced: every run compiles
            "activation_checkpointing": cfg.activation_checkpointing,
+           "fsdp": sharded,
            "adt": "off" if not cfg.adt.enabled else f"{cfg.adt.mode}{'+full' if cfg.adt.include_full else ''}",
            "steps_timed": len(times), "median_ms": round(1e3 * med, 3), "p90_ms": round(1e3 * p90, 3),
            "img_per_s": round(img_s, 1), "host_ms_per_step": round(1e3 * quantile(host, 0.5), 3),

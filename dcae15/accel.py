@@ -58,18 +58,19 @@ def bf16_autocast(device: torch.device | str, precision: str = "auto"):
 
 
 def enable_speed_switches(device: torch.device | str, *, conv: bool = False) -> None:
-    """On CUDA: TF32 for the fp32 matmuls and convolutions that remain (bf16 paths are unaffected; TF32 keeps
-    fp32's range with a 10-bit mantissa, what every DiT/ADM recipe trains with), and with ``conv`` cuDNN
-    autotuning (``cudnn.benchmark``: the conv-only AE sees a few fixed shapes, so the search pays once).
-    No-op elsewhere (the flags only steer CUDA kernels, so tests set them on CPU too). Process-wide, idempotent."""
+    """On CUDA: TF32 for the fp32 matmuls that remain (bf16 paths are unaffected; TF32 keeps fp32's range with a
+    10-bit mantissa, what every DiT/ADM recipe trains with), and with ``conv`` cuDNN autotuning
+    (``cudnn.benchmark``: the conv-only AE sees a few fixed shapes, so the search pays once). No-op elsewhere.
+    Process-wide, idempotent.
+
+    TF32 goes through one API only, ``torch.set_float32_matmul_precision('high')``: since torch 2.9 setting the
+    new ``fp32_precision`` attributes makes the legacy getters (``allow_tf32``,
+    ``get_float32_matmul_precision``) raise "mix of the legacy and new APIs", and inductor reads those getters
+    while it compiles for CUDA. cuDNN convolutions keep their default (TF32 allowed).
+    """
     if torch.device(device).type != "cuda":
         return
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: mixing in the legacy flags errs
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
     if conv:
         torch.backends.cudnn.benchmark = True
 

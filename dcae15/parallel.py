@@ -9,8 +9,8 @@ from torch import nn
 
 from dcae15.accel import compile_backend, gpu_branches
 
-__all__ = ["apply_parallelism", "checkpoint_block", "default_device", "forward_inputs_seen", "local_device",
-           "make_mesh", "mixed_precision_policy"]
+__all__ = ["apply_parallelism", "check_placement", "checkpoint_block", "default_device", "forward_inputs_seen",
+           "local_device", "make_mesh", "misplaced", "mixed_precision_policy", "place"]
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -27,6 +27,61 @@ def local_device(rank: int) -> torch.device:
     local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
+
+
+# ------------------------------------------------------------------------------------------------ placement
+# The one placement rule, for every entry point (trainers, sampling, encoding, evaluation, bench, the GPU check):
+# a module is built on the host with the run's seed (so its initial weights are the same on every rank and on
+# every kind of device), then ``place(module, device)`` moves it before anything else touches it (an optimizer,
+# an EMA copy, FSDP2, a forward). ``check_placement`` is the guard the trainers run after set-up and on their
+# first batch: on a CPU the weights sit where the batch is whether or not they were moved, so only a check of
+# where each tensor *is* against where it *should be* catches a missing move before a GPU does.
+def place(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Move ``module``'s parameters and buffers to ``device`` (in place) and return it."""
+    return module.to(torch.device(device))
+
+
+def _same_device(t: torch.Tensor, device: torch.device) -> bool:
+    d = t.device
+    if hasattr(t, "device_mesh") and hasattr(t, "to_local"):  # a DTensor: its local shard is what computes
+        d = t.to_local().device
+    return d.type == device.type and (device.index is None or d.index is None or d.index == device.index)
+
+
+def _named_tensors(name: str, obj) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        return [(name, obj)]
+    if isinstance(obj, nn.Module):
+        return [(f"{name}.{n}", t) for n, t in [*obj.named_parameters(), *obj.named_buffers()]]
+    if isinstance(obj, torch.optim.Optimizer):
+        return [(f"{name}.state[{i}].{k}", v) for i, st in enumerate(obj.state.values())
+                for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0]  # 0-d `step` may be CPU
+    if isinstance(obj, dict):
+        return [pair for k, v in obj.items() for pair in _named_tensors(f"{name}.{k}", v)]
+    if isinstance(obj, (list, tuple)):
+        return [pair for i, v in enumerate(obj) for pair in _named_tensors(f"{name}[{i}]", v)]
+    return []
+
+
+def misplaced(device: torch.device | str, **things) -> list[str]:
+    """'name (device)' of every tensor in ``things`` (modules: parameters and buffers; optimizers: their state;
+    dicts / lists / tensors) that does not sit on ``device``."""
+    device = torch.device(device)
+    return [f"{n} ({t.device})" for key, obj in things.items() for n, t in _named_tensors(key, obj)
+            if not _same_device(t, device)]
+
+
+def check_placement(device: torch.device | str, **things) -> None:
+    """Raise if any tensor in ``things`` is not on ``device`` (see ``misplaced``).
+
+    Raises:
+        RuntimeError: naming the first misplaced tensors and how many there are.
+    """
+    bad = misplaced(device, **things)
+    if bad:
+        raise RuntimeError(f"{len(bad)} tensor(s) are not on {torch.device(device)}: {', '.join(bad[:5])}"
+                           f"{' ...' if len(bad) > 5 else ''}. Every model must go through "
+                           "dcae15.parallel.place(module, device) before its optimizer, EMA or first forward.")
 
 
 def make_mesh(device: torch.device, world_size: int, shard_size: int | None = None):
@@ -100,7 +155,7 @@ def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_pre
         model: a backbone exposing ``blocks_to_shard`` (its transformer blocks).
         mesh: a 1-D ``DeviceMesh`` over all ranks (FSDP) or a 2-D ``(replicate, shard)`` one (HSDP), see
             ``make_mesh``.
-        device: where the parameters live.
+        device: where the parameters live: ``place`` moves the model there first (FSDP2 keeps it there).
         mixed_precision: 'bf16' (bf16 params, fp32 reduce; GPU branches only) or 'fp32'.
         activation_checkpointing: recompute each block's activations in the backward pass.
         compile: ``torch.compile`` each block (backend ``dcae15.accel.compile_backend()``).
@@ -110,6 +165,7 @@ def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_pre
     """
     from torch.distributed.fsdp import fully_shard
 
+    place(model, device)  # the placement rule: FSDP2 would move a sharded model, nothing moves a plain one
     blocks = list(model.blocks_to_shard)
     if activation_checkpointing:
         for blk in blocks:
@@ -117,7 +173,8 @@ def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_pre
     if compile:
         backend = compile_backend()
         for blk in blocks:
-            blk.compile(fullgraph=True, backend=backend)
+            # static shapes: the trainer's batch never changes, and a dynamic graph is slower and compiles twice
+            blk.compile(fullgraph=True, dynamic=False, backend=backend)
     if not shard:
         return model
     mp = mixed_precision_policy(device, mixed_precision)

@@ -25,7 +25,7 @@ import torch
 from dcae15.ae.model import StructuredAutoencoder
 from storage.layout import AE_MODEL, Root
 from storage.rundir import RunDir
-from dcae15.parallel import default_device
+from dcae15.parallel import default_device, place
 from dcae15.pixels import from_uint8_nhwc
 from storage.images import CENTER_CROP
 
@@ -265,7 +265,7 @@ def load_encoder(ae_url: str, device: torch.device, *, ae_fingerprint: str | Non
         enable_speed_switches(device, conv=True)  # TF32 for fp32 encodes; cuDNN autotuning of the conv encoder
         ae = StructuredAutoencoder.from_pretrained(ae_url, storage_options=storage_options)
         fp = ae_fingerprint or ae.fingerprint()
-        encoder = ae.net.encoder.to(device).eval().requires_grad_(False)  # only the encoder goes to the device
+        encoder = place(ae.net.encoder, device).eval().requires_grad_(False)  # only the encoder goes to the device
         del ae
         _ENCODERS.clear()  # one AE per worker at a time: a new one replaces the old (device memory)
         _ENCODERS[key] = (encoder, fp)

@@ -11,7 +11,7 @@ import torch
 
 from dcae15.ae.model import StructuredAutoencoder
 from dcae15.metrics.image_quality import LPIPSMetric, psnr, ssim
-from dcae15.parallel import default_device
+from dcae15.parallel import default_device, place
 from dcae15.pixels import from_uint8_nhwc, to_uint8, to_uint8_nhwc
 
 __all__ = ["ReconEvalConfig", "default_eval_channels", "evaluate_reconstruction", "format_table"]
@@ -141,7 +141,7 @@ def evaluate_reconstruction(ae_url: str, dataset_url: str, out_url: str | None, 
     scorer = _Scorer(dataset, cfg, device, lpips, feat_net)
 
     grid: dict[str, Any] = {}
-    rows = scorer.rows(ae.to(device).eval(), channels, grid)
+    rows = scorer.rows(place(ae, device).eval(), channels, grid)
     for r in rows:
         r["setting"] = "as_trained"
     if cfg.finetune is not None:
@@ -152,7 +152,7 @@ def evaluate_reconstruction(ae_url: str, dataset_url: str, out_url: str | None, 
             ptr = finetune_decoder(ae_url, dataset_url, ft_url, channels=c, train=train, ae_fingerprint=ae_fp,
                                    dataset=dataset, storage_options=storage_options)
             ft = StructuredAutoencoder.from_pretrained(ptr["model_url"], storage_options=storage_options)
-            for r in scorer.rows(ft.to(device).eval(), (c,), None):
+            for r in scorer.rows(place(ft, device).eval(), (c,), None):
                 rows.append({**r, "setting": "decoder_finetuned", "finetune_steps": int(ptr["steps"]),
                              "finetune_model_url": ptr["model_url"]})
     out = []

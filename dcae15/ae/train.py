@@ -31,6 +31,7 @@ from storage.rundir import HORIZON, OPERATIONAL, RunDir, identity
 from storage.urls import put_atomic, url_to_fs
 from dcae15.ema import EMA
 from dcae15.lr_schedule import SCHEDULES, lr_at
+from dcae15.parallel import check_placement, place
 from dcae15.tracking import TrackingConfig, config_of, open_tracker
 from dcae15.typed_config import from_dict
 
@@ -366,7 +367,7 @@ def _build_lpips(cfg: AETrainConfig, device: torch.device) -> nn.Module | None:
     from dcae15.metrics.lpips_offline import build_lpips
 
     net = cfg.perceptual.split("-", 1)[1]
-    return build_lpips(net, weights=cfg.lpips_weights, random_backbone=cfg.lpips_random_backbone).to(device)
+    return place(build_lpips(net, weights=cfg.lpips_weights, random_backbone=cfg.lpips_random_backbone), device)
 
 
 def _local(ch: int | torch.Tensor | None, rows: slice) -> int | torch.Tensor | None:
@@ -446,7 +447,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
         return finished  # a longer run (more steps, same identity) continues from the last checkpoint below
 
     device = dist_.device
-    model = _build_model(cfg, storage_options).to(device).train()
+    model = place(_build_model(cfg, storage_options), device).train()
     params = trainable_parameters(model, cfg.phase)
     sampling = None
     if cfg.finetune_channels is not None:
@@ -467,7 +468,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
     disc = disc_opt = None
     if cfg.w_gan > 0:
         torch.manual_seed(cfg.seed + 1)
-        disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(device).train()
+        disc = place(NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers), device).train()
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
     ema = EMA(model.net, buffers=True) if cfg.ema_decay else None  # buffers: BatchNorm statistics too
     lpips_net = _build_lpips(cfg, device)
@@ -491,6 +492,8 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
             print(f"AE run {run.url}: resuming step {start} at world size {dist_.world} (checkpoint written at "
                   f"{ckpt.get('world_size', 1)}): same images and draws per step, different reduction order")
 
+    check_placement(device, model=model, optimizer=opt, ema=ema.shadow if ema is not None else {}, disc=disc,
+                    disc_optimizer=disc_opt, lpips=lpips_net)
     # DDP wraps the step's forward (trainable AE parameters) and the discriminator, after any checkpoint load
     recon = _ddp(_Reconstruct(model), dist_)
     disc_ddp = _ddp(disc, dist_) if disc is not None else None

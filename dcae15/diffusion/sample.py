@@ -20,6 +20,7 @@ from dcae15.diffusion.objectives import make_objective
 from dcae15.diffusion.samplers import SAMPLERS, sample_latents
 from dcae15.metrics.labels import make_labels  # the one label rule: samples and their evaluation agree
 from dcae15.models.registry import ModelConfig, build_model
+from dcae15.parallel import place
 from dcae15.pixels import to_uint8_nhwc
 from storage.fingerprint import fingerprint
 
@@ -70,7 +71,7 @@ def load_run_model(run_url: str, *, checkpoint: int | str | None = None, ema: bo
     step, url = _resolve_checkpoint(run_url, checkpoint, storage_options)
     model = build_model(ModelConfig(**conf["model_config"]))
     load_ema_state(url, model, which="ema" if ema else "model", storage_options=storage_options)
-    return model.to(device).eval(), conf, step
+    return place(model, device).eval(), conf, step
 
 
 def denormalize(z: torch.Tensor, norm: dict) -> torch.Tensor:
@@ -96,7 +97,7 @@ def _load_ae(conf: dict, ae_url: str | None, device, storage_options):
     if fp != conf["ae_fingerprint"]:
         raise ValueError(f"autoencoder at {url!r} has fingerprint {fp!r} but the run was trained on latents of "
                          f"{conf['ae_fingerprint']!r}; decode with the store's autoencoder")
-    return ae.to(device).eval()
+    return place(ae, device).eval()
 
 
 @torch.no_grad()

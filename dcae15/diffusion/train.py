@@ -30,8 +30,8 @@ from storage.layout import Root
 from storage.rundir import HORIZON, OPERATIONAL, identity
 from storage.urls import url_to_fs
 
-__all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "train_diffusion", "run_id_for", "node_shard_size", "store_info",
-           "latest_checkpoint", "train_flops_per_image", "make_optimizer", "TrainStep",
+__all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "build_training_model", "train_diffusion", "run_id_for",
+           "node_shard_size", "store_info", "latest_checkpoint", "train_flops_per_image", "make_optimizer", "TrainStep",
            "main"]
 
 @dataclass(kw_only=True)
@@ -251,6 +251,26 @@ def _peak_flops(cfg: DiffusionTrainConfig, device: torch.device) -> float | None
     return cfg.peak_tflops * 1e12 if cfg.peak_tflops else dense_bf16_peak_flops(device)
 
 
+def build_training_model(cfg: DiffusionTrainConfig, mcfg, device: torch.device, world_size: int
+                         ) -> tuple[torch.nn.Module, bool]:
+    """(model, sharded): the backbone built with the run's seed (identical weights on every rank), placed on
+    ``device`` and parallelised as the trainer runs it — FSDP2 when ``world_size > 1`` or ``fsdp_one_rank``,
+    else the plain module (one rank); checkpointing and compile per config or ``DCAE15_GPU_BRANCHES``. The one
+    set-up the trainer, ``bench/`` and the GPU check share."""
+    from dcae15.accel import forced_gpu_branches
+    from dcae15.parallel import apply_parallelism, make_mesh
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg)
+    sharded = world_size > 1 or cfg.fsdp_one_rank  # one rank: the plain module, same checkpoint format
+    mesh = make_mesh(device, world_size, cfg.hsdp_shard_size or node_shard_size(world_size)) if sharded else None
+    forced = forced_gpu_branches()  # DCAE15_GPU_BRANCHES=1: the CPU takes the GPU run's checkpointing + compile
+    apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
+                      activation_checkpointing=cfg.activation_checkpointing or forced, compile=cfg.compile or forced,
+                      shard=sharded)
+    return model.train(), sharded
+
+
 def make_optimizer(model: torch.nn.Module, cfg: DiffusionTrainConfig) -> torch.optim.Optimizer:
     """AdamW, fused (one kernel over all parameters, DTensors included) where the device supports it: the
     per-parameter loop costs ~6x more on CPU at DiT-S size and is pure host overhead on a GPU."""
@@ -396,10 +416,10 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from dcae15.accel import enable_speed_switches, forced_gpu_branches
+    from dcae15.accel import enable_speed_switches
     from dcae15.diffusion.data import DevicePrefetcher, RankBatches, layout_ranks
     from dcae15.distributed import new_io_group
-    from dcae15.parallel import apply_parallelism, make_mesh
+    from dcae15.parallel import check_placement
     from storage.reader import LatentStreamDataset
 
     if cfg.global_batch_size % ws:
@@ -421,20 +441,12 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
         if latest is not None:
             run.drop_partial(int(latest["step"]))
 
-    # Same-seed init on every rank, then shard: every rank starts from identical weights.
-    torch.manual_seed(cfg.seed)
-    model = build_model(mcfg)
-    sharded = ws > 1 or cfg.fsdp_one_rank  # one rank: the plain module, same checkpoint format (fsdp_one_rank)
-    mesh = make_mesh(device, ws, cfg.hsdp_shard_size or node_shard_size(ws)) if sharded else None
     enable_speed_switches(device)  # TF32 for what stays fp32 (mixed_precision 'fp32', the loss, EMA, AdamW)
-    forced = forced_gpu_branches()  # DCAE15_GPU_BRANCHES=1: the CPU takes the GPU run's checkpointing + compile
-    apply_parallelism(model, mesh=mesh, device=device, mixed_precision=cfg.mixed_precision,
-                      activation_checkpointing=cfg.activation_checkpointing or forced, compile=cfg.compile or forced,
-                      shard=sharded)
-    model.train()
+    model, sharded = build_training_model(cfg, mcfg, device, ws)
     optimizer = make_optimizer(model, cfg)
     # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
     ema = EMA(model)
+    check_placement(device, model=model, ema=ema.shadow)
     train_state: dict = {"step": 0, "world_size": ws, "data_world_size": ws, "readers": None, "gens": None}
     app = _AppState(model, optimizer, ema.shadow, train_state)
     # The noise / timestep / dropout / c' generator lives on the device (no host draws, no copies); its state
@@ -546,6 +558,8 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
             x0 = batch["latents"].float()  # no-op for fp32 batches
             y = batch["labels"]
             loss, gnorm, cprime = stepper(x0, y, step)
+            if step == start:  # once: the first batch and the optimizer state it created sit with the weights
+                check_placement(device, batch=[x0, y], optimizer=optimizer)
             # Device-side bookkeeping, read every log_every steps (no per-step host sync).
             step_dev += 1
             stats = torch.stack([loss, gnorm.float(), cprime.float().mean()])

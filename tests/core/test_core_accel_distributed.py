@@ -126,3 +126,26 @@ def test_init_distributed_sets_the_device_before_the_group(monkeypatch):
         d.init_distributed()
     kw = calls[1][1]
     assert kw["backend"] == "cpu:gloo,cuda:nccl" and (kw["rank"], kw["world_size"]) == (0, 1) and "store" in kw
+
+
+def test_tf32_through_one_api_every_getter_still_answers():
+    """``enable_speed_switches`` for CUDA (it only sets flags, so a CPU runs it): the legacy getters that inductor
+    reads while it compiles must answer after it (setting the new ``fp32_precision`` API makes them raise)."""
+    import torch
+
+    from dcae15.accel import enable_speed_switches
+
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
+    try:
+        enable_speed_switches("cuda", conv=True)
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert torch.backends.cudnn.allow_tf32 is True  # cuDNN left at its default
+        assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # the new getters agree
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        enable_speed_switches("cpu")  # no-op elsewhere
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]

@@ -1,4 +1,4 @@
-"""bench/gpu_check.py --cpu-smoke: every section of the GPU check runs (tiny sizes, the GPU branches on CPU)."""
+"""bash bench/gpu_check.sh --cpu-smoke (the documented command): every section of the GPU check runs (tiny sizes, the GPU branches on CPU)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_gpu_check_cpu_smoke_runs_every_section():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("DCAE15_GPU_BRANCHES", None)
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--cpu-smoke"], cwd=REPO, env=env,
+    # the documented command; its python3 is this interpreter, as the image's python3 is the one with torch
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for var in ("DCAE15_GPU_BRANCHES", "PYTHONPATH"):
+        env.pop(var, None)
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     by = {r["section"]: r for r in lines}
@@ -28,9 +30,13 @@ def test_gpu_check_cpu_smoke_runs_every_section():
     assert by["env"]["gpu_branches"] and by["env"]["pg_backend"] == "gloo"
     assert by["timesteps"]["ok"] and by["timesteps"]["param_dtype"] == "torch.bfloat16"
     runs = by["dit_step"]["runs"]
-    assert [(r["compile"], r["batch"]) for r in runs] == [(False, 4), (False, 8), (True, 4), (True, 8)]
+    assert [(r["compile"], r["batch"], r["fsdp"]) for r in runs] == [(False, 4, False), (False, 8, False),
+                                                                     (True, 4, False), (True, 8, False),
+                                                                     (False, 4, True)]  # + the sharded step
+    assert by["env"]["float32_matmul_precision"] in ("highest", "high")  # the legacy getters answer
     assert all(r["loss_finite"] and r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in runs)
     assert by["train_e2e"]["resumed_at"] == 2 and by["train_e2e"]["done"] and by["train_e2e"]["finite"]
+    assert by["train_e2e"]["resumed_sharded_call_s"] > 0
     assert 0 < by["encode"]["bf16_latent_rel_error"] < 0.05
     assert by["sampling"]["ddpm_3_img_s"] > 0 and by["sampling"]["heun_2_img_s"] > 0
     assert by["reader"]["feed_img_s"] > 0 and by["total"]["failures"] == 0

@@ -88,7 +88,7 @@ GPU = Sizes(model="DiT-XL", overrides={}, latent=(128, 8, 8), batches=(32, 256),
             ae_preset="dc-ae-f32c128-1.5", resolution=256, enc_batch=64, enc_reps=5,
             sample_model="DiT-XL", sample_overrides={}, sample_batch=256, ddpm_steps=50, heun_steps=25,
             ae_batch=8, reader_batch=256, reader_batches=60, reader_workers=4,
-            deadlines={"env": 30, "timesteps": 30, "dit_step": 210, "train_e2e": 80, "encode": 40, "sampling": 45,
+            deadlines={"env": 30, "timesteps": 30, "dit_step": 200, "train_e2e": 75, "encode": 40, "sampling": 45,
                        "ae_step": 30, "reader": 25})
 SMOKE = Sizes(model="DiT-tiny", overrides={"hidden": 32, "depth": 2, "heads": 2}, latent=(32, 4, 4), batches=(4, 8),
               steps=2, warmup=1, e2e_model="DiT-tiny", e2e_overrides={"hidden": 32, "depth": 2, "heads": 2},

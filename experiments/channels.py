@@ -31,19 +31,14 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from experiments import replicate as R
+from experiments.channels_plan import (CLAIMS, STAGES, SWEEPS, TARGETS, Sweep, ae_name, eval_channels,
+                                       paper_channel_choices)
 
 __all__ = ["CLAIMS", "TARGETS", "Sweep", "SWEEPS", "paper_channel_choices", "sweep_preset", "jobs", "run_worker", "main"]
-
-
-def paper_channel_choices(c: int) -> tuple[int, ...]:
-    """The paper's c' list rule (c = 128 uses 16, 20, ..., 128): from c/8 in steps of c/32 (integer, >= 1)."""
-    lo, step = max(1, c // 8), max(1, c // 32)
-    return tuple(range(lo, c + 1, step)) if (c - lo) % step == 0 else (*range(lo, c + 1, step), c)
 
 
 def sweep_preset(c: int) -> str:
@@ -56,61 +51,6 @@ def sweep_preset(c: int) -> str:
         AE_PRESETS[name] = dataclasses.replace(AE_PRESETS["tiny-f4c8"], name=name, latent_channels=c,
                                                channel_choices=paper_channel_choices(c))
     return name
-
-
-@dataclass(frozen=True, kw_only=True)
-class Sweep:
-    """One setting of the experiment: the data, the channel sweep and the budgets (``scale``: replicate's fields,
-    identical for every AE and every diffusion run)."""
-
-    per_class: int = 600
-    """Fashion-MNIST training images per class (10 classes)."""
-    channels: tuple[int, ...] = (8, 16, 32, 64)
-    dit_seeds: tuple[int, ...] = (0, 1, 2)
-    t5_ae_seeds: tuple[int, ...] = (0, 1)
-    """AE seeds per kind in Table 5 (seed 0's plain AE is stage 1's)."""
-    t1_ae_steps: tuple[int, ...] = (1000, 2000, 4000)
-    """Longer AE budgets (plain and structured, AE seed 0, at the largest c) for the Table 1 budget probe."""
-    recon_images: int = 512
-    scale: R.Scale = field(default_factory=R.Scale)
-
-    @property
-    def c_max(self) -> int:
-        return max(self.channels)
-
-
-#: The verdicts, declared before any run (issue 21) and not tuned toward; the report evaluates exactly these.
-CLAIMS = {
-    "fig1b_recon": "reconstruction improves with c: the plain AE's full-channel PSNR at the largest c is >= "
-                   "{recon_gain_db} dB above the smallest c's, and its proxy-rFID is lower",
-    "fig1b_generation": "generation gets worse as c grows: the final proxy-FID (mean over diffusion seeds) at the "
-                        "largest c is above the smallest c's by more than the sum of their seed std's, and the "
-                        "final class accuracy is below it by more than the sum of their std's",
-    "table1": "at the largest c, the structured AE's full-channel PSNR is within {full_psnr_gap_db} dB of the plain "
-              "AE's (mean over AE seeds)",
-    "table5_speed": "at the largest c, SLS + ADT reaches the baseline's final proxy-FID (class accuracy) in <= "
-                    "1/{speedup} of the steps the baseline first needs (mean over 2 AE seeds x 3 diffusion seeds)",
-    "table5_alone": "at the largest c, neither SLS nor ADT alone does so",
-}
-TARGETS = {"recon_gain_db": 1.0, "full_psnr_gap_db": 0.5, "speedup": 2.0}
-
-_SWEEP_SCALE = R.Scale(
-    resolution=32, ae_preset="sweep-f4c8", ae_steps=500, ae_batch=32, ae_lr=2e-3, ae_warmup=100,
-    ae_schedule="cosine", proxy_epochs=6, proxy_width=16, dit_model="SiT-tiny", dit_patch=2, dit_steps=600,
-    dit_batch=64, dit_lr=2e-3, dit_warmup=50, dit_ema=0.99, eval_every=200, eval_samples=256, sampler="heun",
-    sample_steps=16, cfg_scale=2.5, structure_eval=False, seeds=(0, 1, 2))
-
-SWEEPS: dict[str, Sweep] = {
-    # the issue's setting: Fashion-MNIST 6000 images padded to 32 px; f4 AEs c = 8..64 (8x8xc latents); SiT-tiny
-    # on 2x2 patches as the demo's. Budgets chosen from a measured probe (RESULTS.md, "Cost").
-    "fmnist": Sweep(scale=_SWEEP_SCALE),
-    # seconds: the test's setting (numbers meaningless), the same code path
-    "smoke": Sweep(per_class=4, channels=(4, 8), dit_seeds=(0,), t5_ae_seeds=(0,), recon_images=16, t1_ae_steps=(5,),
-                   scale=dataclasses.replace(
-                       _SWEEP_SCALE, ae_steps=3, ae_batch=8, ae_warmup=1, proxy_epochs=1, proxy_width=4,
-                       dit_overrides={"hidden": 32, "depth": 2, "heads": 2}, dit_steps=4, dit_batch=16,
-                       dit_warmup=0, eval_every=2, eval_samples=16, sample_steps=2, seeds=(0, 1))),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,11 +94,6 @@ def _scale_for(sw: Sweep, c: int) -> R.Scale:
     return dataclasses.replace(sw.scale, ae_preset=sweep_preset(c))
 
 
-def ae_name(kind: str, c: int, a: int, steps: int | None = None) -> str:
-    """``plain-c64-a0``; with ``steps`` (a Table 1 budget other than the sweep's): ``plain-c64-a0-4000st``."""
-    return f"{kind}-c{c}-a{a}" + ("" if steps is None else f"-{steps}st")
-
-
 def _recon(root: Path, sw: Sweep, ds_url: str, ae: dict, channels: tuple[int, ...]) -> dict:
     """PSNR / SSIM / proxy-rFID of the reconstructions from the first c' channels (no fine-tune)."""
     from dcae15.ae.recon_eval import ReconEvalConfig, evaluate_reconstruction
@@ -169,11 +104,6 @@ def _recon(root: Path, sw: Sweep, ds_url: str, ae: dict, channels: tuple[int, ..
                                    extractor=R._extractor(root, sw.scale, ds_url), print_table=False)
     keep = ("channels", "num_images", "psnr", "ssim", "proxy-rfid")
     return {"rows": [{k: r[k] for k in keep if k in r} for r in rows]}
-
-
-def eval_channels(c: int) -> tuple[int, ...]:
-    """The c' at which reconstruction is scored: c/8, c/4, c/2, c."""
-    return tuple(sorted({max(1, c // 8), max(1, c // 4), max(1, c // 2), c}))
 
 
 class Worker:
@@ -241,7 +171,7 @@ def jobs(sw: Sweep) -> list[tuple[str, list[tuple[str, Callable[[Worker], Any]]]
     # shortest budgets first: a run stopped early still leaves the trend's first points
     t1 = [(f"ae {k} c{cm} a0 {n} steps", lambda w, k=k, n=n: w.recon(k, cm, 0, n))
           for n in sorted(sw.t1_ae_steps) for k in R.AE_KINDS]
-    return [("fig1b", fig1b), ("fig2", fig2), ("table5", t5), ("table1", t1)]
+    return list(zip(STAGES, (fig1b, fig2, t5, t1)))
 
 
 def run_worker(root: Path, sw: Sweep, *, worker: int, workers: int, fmnist_dir: str, threads: int = 1,

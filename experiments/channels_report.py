@@ -1,7 +1,8 @@
 """Issue 21's report: Figure 1b (the channel sweep), Figure 2, Tables 1 / 5 at the largest c, Table 6 (the control).
 
 Everything is read from the run markers under the root; a run that has no marker is listed as "not yet run", never
-estimated. The verdicts are ``experiments.channels.CLAIMS`` with ``TARGETS``.
+estimated. The verdicts are ``experiments.channels_plan.CLAIMS`` with ``TARGETS``; this module reads the plan and the
+markers only (it never imports the runner, ``experiments.channels``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from experiments import report as RP
+from experiments.channels_plan import CLAIMS, TARGETS, ae_name, eval_channels, planned_markers
 
 __all__ = ["collect", "verdicts", "write_report"]
 
@@ -39,8 +41,6 @@ def _curve(stages: dict, name: str, key: str) -> list[tuple[int, float]] | None:
 
 def collect(stages: dict, sw: Any) -> dict:
     """Per c: the plain AE's reconstruction rows, its floor, the diffusion curves per seed; structured rows."""
-    from experiments.channels import ae_name
-
     out: dict[int, dict] = {}
     for c in sw.channels:
         e: dict[str, Any] = {"curves": {}, "acc": {}}
@@ -64,8 +64,6 @@ def collect(stages: dict, sw: Any) -> dict:
 def table1_budget(stages: dict, sw: Any) -> list[dict]:
     """At the largest c, AE seed 0: per AE budget (the sweep's and ``t1_ae_steps``) the plain and structured AEs'
     PSNR at c'= c/8 and c, and the full-channel gap (structured − plain); budgets with both AEs only."""
-    from experiments.channels import ae_name
-
     hi, out = sw.c_max, []
     for n in sorted({sw.scale.ae_steps, *sw.t1_ae_steps}):
         steps = None if n == sw.scale.ae_steps else n
@@ -100,8 +98,6 @@ def _t1_budget_fig(rows: list[dict], sw: Any, path: Path) -> None:
 
 def _t5_curves(stages: dict, sw: Any, key: str) -> dict:
     """{(kind, adt): {a*1000 + seed: curve}} at the largest c (RP._speed_verdicts's input)."""
-    from experiments.channels import ae_name
-
     cur: dict = {}
     for kind in ("plain", "structured"):
         for adt in (False, True):
@@ -115,8 +111,6 @@ def _t5_curves(stages: dict, sw: Any, key: str) -> dict:
 
 def verdicts(stages: dict, sw: Any) -> dict[str, dict]:
     """Each claim of ``CLAIMS``: its numbers and ``held`` (True / False / None = not (fully) measured)."""
-    from experiments.channels import CLAIMS, TARGETS, ae_name
-
     col = collect(stages, sw)
     lo, hi = min(sw.channels), sw.c_max
     out: dict[str, dict] = {k: {"claim": v.format(**TARGETS), "held": None} for k, v in CLAIMS.items()}
@@ -248,7 +242,6 @@ def _fig2(stages: dict, sw: Any, ds_url: str, path_latent: Path, path_recon: Pat
     import torch
 
     from dcae15.ae.model import StructuredAutoencoder
-    from experiments.channels import ae_name, eval_channels
     from experiments.recon import reconstruct_grid
 
     images = _images(ds_url, sw.scale.resolution, n)
@@ -365,8 +358,6 @@ def _learns_verdicts() -> list[str]:
 
 def write_report(root: Path, sw: Any, sweep_name: str, results_dir: Path, *, command: str, machine: str) -> dict:
     """``RESULTS.md`` (sweep ``fmnist``) or ``RESULTS-channels-<sweep>.md`` and ``figures/channels_<sweep>_*.png``."""
-    from experiments.channels import ae_name, jobs
-
     stages = RP_stages(root)
     results_dir.mkdir(parents=True, exist_ok=True)
     figs = results_dir / "figures"
@@ -376,8 +367,6 @@ def write_report(root: Path, sw: Any, sweep_name: str, results_dir: Path, *, com
     col = collect(stages, sw)
     v = verdicts(stages, sw)
     sc = sw.scale
-    from experiments.channels import TARGETS
-
     TARGETS_T1 = TARGETS["full_psnr_gap_db"]  # noqa: N806 - the declared target, as in the verdict
     lo, hi = min(sw.channels), sw.c_max
     md = [f"# DC-AE 1.5 where its claim lives: many latent channels, on Fashion-MNIST (issue 21, `--sweep {sweep_name}`)",
@@ -528,7 +517,7 @@ def write_report(root: Path, sw: Any, sweep_name: str, results_dir: Path, *, com
     for st in ("prep", "fig1b", "fig2", "table5", "table1"):
         n = sum(1 for k in stages if _stage_of(k) == st)
         md.append(f"| {st} | {n} | {by_stage.get(st, 0.0):.0f} |")
-    missing = _missing(stages, sw, jobs)
+    missing = _missing(stages, sw)
     md += ["", "## Not yet run", ""]
     md += [f"- {m}" for m in missing] if missing else ["Nothing: every run of the plan has finished."]
     md += ["", "<details><summary>Run times</summary>", "", "| run | seconds |", "|---|---|"]
@@ -545,21 +534,9 @@ def RP_stages(root: Path) -> dict:
     return Stages(root).all()
 
 
-def _missing(stages: dict, sw: Any, jobs) -> list[str]:
-    """The plan's runs (``jobs``) without their markers, by stage."""
-    from experiments.channels import ae_name
-
-    cm = sw.c_max
-    want = {"fig1b": [f"ae-{ae_name('plain', c, 0)}" for c in sw.channels]
-            + [f"dit-{ae_name('plain', c, 0)}-noadt-s{s}" for s in sw.dit_seeds for c in sw.channels],
-            "fig2": [f"ae-{ae_name('structured', c, 0)}" for c in sw.channels],
-            "table5": [f"ae-{ae_name(k, cm, a)}" for a in sw.t5_ae_seeds for k in ("plain", "structured")]
-            + [f"dit-{ae_name(k, cm, a)}-{'adt' if adt else 'noadt'}-s{s}" for s in sw.dit_seeds
-               for a in sw.t5_ae_seeds for k in ("plain", "structured") for adt in (False, True)],
-            "table1": [f"recon-{ae_name(k, cm, 0, n)}" for n in sorted(sw.t1_ae_steps, reverse=True)
-                       for k in ("plain", "structured")]}
-    if [s for s, _ in jobs(sw)] != list(want):  # the same plan as the workers'
-        raise RuntimeError(f"the report's stages {list(want)} differ from experiments.channels.jobs")
+def _missing(stages: dict, sw: Any) -> list[str]:
+    """The plan's runs without their markers, by stage."""
+    want = planned_markers(sw)
     seen: set[str] = set()  # a run two stages need (the structured AE at the largest c) is listed once
     out = []
     for st, names in want.items():

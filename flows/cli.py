@@ -1,4 +1,9 @@
-"""The ``dcae15`` command: one subcommand per pipeline stage, ``pipeline`` (also spelled ``demo``) and ``results``."""
+"""The ``dcae15`` command: one subcommand per pipeline stage, ``pipeline`` (also spelled ``demo``) and ``results``.
+
+Building the parser imports no torch, Prefect or Zarr (``dcae15 --help`` and ``dcae15 results`` answer in about a
+second): each command imports what it needs inside its own function, and the backbone choices are read from the
+model registry only when a backbone name is checked or a subcommand's help is printed.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from flows.config import preset_names
+from flows.config_files import preset_names, read_raw_config
 
 __all__ = ["build_parser", "main"]
 
@@ -28,10 +33,19 @@ reuses every finished stage (cached); a killed run continues where it stopped.
 """
 
 
-def _backbone_names() -> list[str]:
-    from dcae15.models.registry import PRESETS
+class _BackboneNames:
+    """The backbone presets as argparse ``choices``, read from the model registry (which imports torch) on first use."""
 
-    return sorted(PRESETS)
+    def _names(self) -> list[str]:
+        from dcae15.models.registry import PRESETS
+
+        return sorted(PRESETS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Any:
+        return iter(self._names())
 
 
 def _int_list(text: str) -> list[int]:
@@ -92,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    backbones = _backbone_names()
+    backbones = _BackboneNames()
 
     def add(name: str, help_: str, aliases: tuple[str, ...] = (), config: str = "demo") -> argparse.ArgumentParser:
         sp = sub.add_parser(name, parents=[common], help=help_, description=help_, epilog=_EPILOG,
@@ -113,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a generated shapes dataset, a tiny AE and two tiny backbones on CPU (≈10 min first time, "
                         "seconds when rerun)", aliases=("demo",))
     p.add_argument("--backbones", nargs="+", choices=backbones, metavar="NAME",
-                   help=f"backbone presets to train on the one store (default: the config's). Choices: {', '.join(backbones)}")
+                   help="backbone presets to train on the one store (default: the config's). Choices: %(choices)s")
     p = add("rehearse", "the ImageNet job rehearsed on this machine: --config rehearsal (configs/imagenet.yaml with "
                         "sizes reduced) on a generated ImageNet-shaped tree (1000 wnid folders of JPEGs, a few odd "
                         "files) with stand-in weight files; prints each stage's time and peak RSS", config="rehearsal")
@@ -132,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
     p = add("train-diffusion", "train one backbone on a latent store (in-process, or torchrun when asked; resumes)")
     p.add_argument("--store", required=True, help="URL of a complete latent store (<root>/latents/<store_id>)")
-    p.add_argument("--backbone", required=True, choices=backbones, metavar="NAME", help=f"one of: {', '.join(backbones)}")
+    p.add_argument("--backbone", required=True, choices=backbones, metavar="NAME", help="one of: %(choices)s")
     p.add_argument("--nproc-per-node", type=int, default=None, help="> 1 launches torchrun with that many processes")
     p.add_argument("--nnodes", type=int, default=None, help="number of nodes for torchrun")
     p.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG",
@@ -308,13 +322,15 @@ def _pipeline_or_shortcut(args: argparse.Namespace, root: str, config: dict[str,
 
 
 def _results(args: argparse.Namespace) -> None:
-    from flows.config import load_config
     from flows.env import local_root
     from flows.report import outputs_summary
 
-    overrides = {"root": args.root} if args.root else {}
-    root = local_root(load_config(args.config, overrides).root)
-    _print_outputs(outputs_summary(root))
+    # only the root is needed: read from the config file, not the typed config (which imports torch)
+    try:
+        root = args.root or read_raw_config(args.config).get("root") or DEFAULT_ROOT
+    except ValueError as exc:
+        raise SystemExit(f"dcae15 {args.command}: config error: {exc}") from None
+    _print_outputs(outputs_summary(local_root(root)))
 
 
 def _export_npz(args: argparse.Namespace) -> dict[str, Any]:

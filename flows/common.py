@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flows.config import PipelineConfig, load_config
 from flows.env import local_root
+
+if TYPE_CHECKING:
+    from flows.config import PipelineConfig
 
 __all__ = ["ConfigArg", "stage_config"]
 
@@ -15,6 +17,8 @@ ConfigArg = str | dict[str, Any] | None
 
 def stage_config(root: str | None, config: ConfigArg, **overrides: Any) -> PipelineConfig:
     """Load the config, put ``root`` (made absolute when local) and any nested overrides in, validate."""
+    from flows.config import load_config  # here, not at the top: keeps the flows' module-level import chains short
+
     extra: dict[str, Any] = dict(overrides)
     if root:
         extra["root"] = root

@@ -32,7 +32,7 @@ def local_device_cluster(envs: list[dict[str, str]], *, threads_per_worker: int 
 
     Uses dask-cuda's ``LocalCUDACluster`` when it is installed (it pins workers the same way and adds NVML-aware
     placement); otherwise a ``SpecCluster`` of ``Nanny`` workers, each with its own ``CUDA_VISIBLE_DEVICES``
-    (dask-cuda does not install next to this project's pinned dask here, see README).
+    (dask-cuda does not install next to this project's pinned dask here, see docs/imagenet.md).
     """
     from distributed import Nanny, Scheduler, SpecCluster
 

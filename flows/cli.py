@@ -34,6 +34,16 @@ def _backbone_names() -> list[str]:
     return sorted(PRESETS)
 
 
+def _backbone(text: str) -> str:
+    """A preset name or an import path ``package.module:factory`` (checked at parse time, imported later)."""
+    from dcae15.models.registry import check_backbone_name
+
+    try:
+        return check_backbone_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -112,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "then print where everything is. With the default --config demo (also spelled `dcae15 demo`): "
                         "a generated shapes dataset, a tiny AE and two tiny backbones on CPU (≈10 min first time, "
                         "seconds when rerun)", aliases=("demo",))
-    p.add_argument("--backbones", nargs="+", choices=backbones, metavar="NAME",
-                   help=f"backbone presets to train on the one store (default: the config's). Choices: {', '.join(backbones)}")
+    p.add_argument("--backbones", nargs="+", type=_backbone, metavar="NAME",
+                   help=f"backbones to train on the one store (default: the config's): presets {', '.join(backbones)} "
+                        "or import paths package.module:factory (docs/backbones.md)")
     p = add("rehearse", "the ImageNet job rehearsed on this machine: --config rehearsal (configs/imagenet.yaml with "
                         "sizes reduced) on a generated ImageNet-shaped tree (1000 wnid folders of JPEGs, a few odd "
                         "files) with stand-in weight files; prints each stage's time and peak RSS", config="rehearsal")
@@ -132,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
     p = add("train-diffusion", "train one backbone on a latent store (in-process, or torchrun when asked; resumes)")
     p.add_argument("--store", required=True, help="URL of a complete latent store (<root>/latents/<store_id>)")
-    p.add_argument("--backbone", required=True, choices=backbones, metavar="NAME", help=f"one of: {', '.join(backbones)}")
+    p.add_argument("--backbone", required=True, type=_backbone, metavar="NAME",
+                   help=f"one of: {', '.join(backbones)}, or an import path package.module:factory (needs "
+                        "--set diffusion.train.objective=...; docs/backbones.md)")
     p.add_argument("--nproc-per-node", type=int, default=None, help="> 1 launches torchrun with that many processes")
     p.add_argument("--nnodes", type=int, default=None, help="number of nodes for torchrun")
     p.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG",

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, task
 from flows import names
 from flows.artifacts import publish_pointer
 from flows.claims import artifact_stage, diffusion_run_key
-from flows.caching import run_cached, stage_cache
+from flows.caching import BackboneSource, run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.events import announce_checkpoints
 from flows.gpu import GPU_TAG, gpu_stage
@@ -20,7 +20,7 @@ from flows.slots import Slot, slot_launch
 __all__ = ["fit_backbone", "train_diffusion"]
 
 
-@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json", tags=[GPU_TAG])
+@task(cache_policy=stage_cache("launch") + BackboneSource(), persist_result=True, result_serializer="json", tags=[GPU_TAG])
 @announce_checkpoints  # checkpoint events + a progress artifact while it trains (flows/events.py)
 @artifact_stage(diffusion_run_key)  # one writer per run, before the GPU slot (flows/claims.py)
 @gpu_stage  # one GPU job per machine unless asked (flows/gpu.py)

@@ -36,12 +36,13 @@ def _backbone_names() -> list[str]:
 
 def _backbone(text: str) -> str:
     """A preset name or an import path ``package.module:factory`` (checked at parse time, imported later)."""
-    from dcae15.models.registry import check_backbone_name
+    from dcae15.models.registry import PRESETS, check_backbone_name
 
     try:
         return check_backbone_name(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(sorted(PRESETS))}, or "
+                                         "an import path package.module:factory)") from None
 
 
 def _int_list(text: str) -> list[int]:

@@ -155,6 +155,7 @@ def _weights(run: str, step: int, which: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_lightning_dit_example_trains_resumes_samples_and_exports_like_a_preset(decodable_store_factory, tmp_path):
     """The example plug-in through the tiny pipeline: ADT + EMA on one rank, an FSDP2 (per-block) first half
     resumed bit for bit by the plain path, sampling + grid + export rebuilt from the run directory alone."""
@@ -236,3 +237,16 @@ def test_plain_loop_example_resumes_the_exact_sequence(make_store, tmp_path):
     wb = torch.load(tmp_path / "split.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert len((Path(__file__).parents[2] / "examples" / "plain_loop.py").read_text().splitlines()) <= 60
+
+
+@pytest.mark.slow
+def test_lightning_dit_example_takes_the_gpu_branches_on_cpu(latent_store, tmp_path, monkeypatch):
+    """Under DCAE15_GPU_BRANCHES=1 (bf16 FSDP2 policy whose root leaves the inputs fp32, per-block activation
+    checkpointing and fullgraph compile) the plug-in trains: it casts x to its parameters' dtype itself."""
+    from dcae15.accel import COMPILE_BACKEND_ENV, GPU_BRANCHES_ENV
+
+    monkeypatch.setenv(GPU_BRANCHES_ENV, "1")
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")  # the same graphs, no code generation
+    out = train_diffusion(_cfg(EXAMPLE, steps=1, fsdp_one_rank=True), latent_store, str(tmp_path / "run"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert out["done"] and rows[-1]["step"] == 1 and torch.isfinite(torch.tensor(rows[-1]["loss"]))

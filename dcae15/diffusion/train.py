@@ -125,6 +125,9 @@ class DiffusionTrainConfig:
         if ":" in self.model and self.objective is None:
             raise ValueError(f"DiffusionTrainConfig.objective is required for the import-path backbone "
                              f"{self.model!r} (diffusion.train.objective); allowed: {OBJECTIVES}")
+        if ":" in self.model and int(self.patch_size) != 1:
+            raise ValueError(f"DiffusionTrainConfig.patch_size={self.patch_size} is a preset field; an import-path "
+                             f"backbone ({self.model!r}) takes its patch size from model_overrides, if any")
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise ValueError(f"DiffusionTrainConfig.objective={self.objective!r}; allowed: {OBJECTIVES} or None")
         for name in ("global_batch_size", "steps", "checkpoint_every", "log_every", "patch_size",

@@ -143,6 +143,8 @@ def test_plugin_config_errors():
         DiffusionTrainConfig(model=EXAMPLE)
     with pytest.raises(ValueError, match="package.module:factory"):
         DiffusionTrainConfig(model="examples/lightning_dit.py")
+    with pytest.raises(ValueError, match="patch_size=2 is a preset field"):
+        DiffusionTrainConfig(model=EXAMPLE, objective="flow", patch_size=2)
     with pytest.raises(ValueError, match="model_overrides"):
         from dcae15.models import model_config
 

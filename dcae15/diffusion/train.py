@@ -22,6 +22,7 @@ from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
 from dcae15.diffusion.objectives import make_objective
 from dcae15.ema import EMA, decay_at
 from dcae15.lr_schedule import SCHEDULES, lr_at
+from dcae15.models.plugin import is_import_path
 from dcae15.models.registry import OBJECTIVES, build_model, check_backbone_name, model_config, preset
 from dcae15.tracking import TrackingConfig, config_of, open_tracker
 from dcae15.typed_config import from_dict
@@ -122,10 +123,11 @@ class DiffusionTrainConfig:
             self.logging = TrackingConfig(**self.logging)
         self.betas = tuple(float(b) for b in self.betas)
         check_backbone_name(self.model, "DiffusionTrainConfig.model")  # unknown names fail here with the allowed set
-        if ":" in self.model and self.objective is None:
+        plugin = is_import_path(self.model)
+        if plugin and self.objective is None:
             raise ValueError(f"DiffusionTrainConfig.objective is required for the import-path backbone "
                              f"{self.model!r} (diffusion.train.objective); allowed: {OBJECTIVES}")
-        if ":" in self.model and int(self.patch_size) != 1:
+        if plugin and int(self.patch_size) != 1:
             raise ValueError(f"DiffusionTrainConfig.patch_size={self.patch_size} is a preset field; an import-path "
                              f"backbone ({self.model!r}) takes its patch size from model_overrides, if any")
         if self.objective is not None and self.objective not in OBJECTIVES:
@@ -229,7 +231,7 @@ def run_id_for(cfg: DiffusionTrainConfig, store_id: str) -> str:
     """Deterministic run id from the config's identity (``DiffusionTrainConfig.identity``) and the store; for an
     import-path backbone also the fingerprint of its module's source file (edited model code = a new run), the
     id then starts with the factory's name."""
-    from dcae15.models.plugin import is_import_path, source_fingerprint
+    from dcae15.models.plugin import source_fingerprint
 
     if is_import_path(cfg.model):
         src = source_fingerprint(cfg.model)
@@ -247,7 +249,7 @@ def _model_config(cfg: DiffusionTrainConfig, info: dict):
 def check_plugin(cfg: DiffusionTrainConfig, info: dict) -> None:
     """For an import-path backbone: build it once on the CPU and run ``dcae15.models.check_backbone`` (one tiny
     forward), so a bad plug-in fails before any process group, run directory or data loader exists."""
-    from dcae15.models.plugin import check_backbone, is_import_path
+    from dcae15.models.plugin import check_backbone
 
     if is_import_path(cfg.model):
         mcfg = _model_config(cfg, info)

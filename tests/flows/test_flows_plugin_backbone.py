@@ -30,3 +30,19 @@ def test_training_cache_key_follows_the_plugin_source(tmp_path, monkeypatch):
     before = key(None, {"backbone": "cache_key_net:make"}, {})
     src.write_text(src.read_text() + "# edited\n")
     assert key(None, {"backbone": "cache_key_net:make"}, {}) != before != ""
+
+
+def test_rerun_record_key_follows_the_plugin_source(tmp_path, monkeypatch):
+    """The CLI's Prefect-free rerun shortcut is keyed by the plug-in's source too (presets keep their keys)."""
+    from flows import rerun
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = tmp_path / "rerun_key_net.py"
+    src.write_text("def make(**kw):\n    raise NotImplementedError\n")
+    config = {"diffusion": {"backbones": ["SiT-tiny", "rerun_key_net:make"]}}
+    before = rerun.record_key("pipeline", config, {"backbones": None})
+    assert rerun.record_key("pipeline", config, {"backbones": None}) == before
+    src.write_text(src.read_text() + "# edited\n")
+    assert rerun.record_key("pipeline", config, {"backbones": None}) != before
+    presets = {"diffusion": {"backbones": ["SiT-tiny"]}}
+    assert rerun._plugin_sources(presets, {}) == {}

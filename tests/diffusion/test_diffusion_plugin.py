@@ -252,3 +252,24 @@ def test_lightning_dit_example_takes_the_gpu_branches_on_cpu(latent_store, tmp_p
     out = train_diffusion(_cfg(EXAMPLE, steps=1, fsdp_one_rank=True), latent_store, str(tmp_path / "run"))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert out["done"] and rows[-1]["step"] == 1 and torch.isfinite(torch.tensor(rows[-1]["loss"]))
+
+
+@pytest.mark.slow
+def test_lightning_dit_example_trains_on_two_ranks_and_resumes_on_one(latent_store, tmp_path):
+    """torchrun with 2 gloo ranks (FSDP2, one shard per block per rank) to step 1, then one rank to step 2: the
+    plug-in's DCP checkpoint reshards like a preset's; the child imports the plug-in from PYTHONPATH."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg, run = _cfg(EXAMPLE), str(tmp_path / "run")
+    conf = tmp_path / "run.yaml"
+    conf.write_text(yaml.safe_dump({"store_url": latent_store, "run_url": run, "train": cfg.to_dict()}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dcae15.diffusion.train", "--config", str(conf), "--max-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = train_diffusion(cfg, latent_store, run)
+    assert out["step"] == 2 and out["done"] and out["run_id"] == run_id_for(cfg, store_info(latent_store)["store_id"])
+    assert all(torch.isfinite(v).all() for v in _weights(run, 2, "ema").values())

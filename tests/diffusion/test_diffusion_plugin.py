@@ -225,15 +225,16 @@ def test_editing_the_plugin_source_starts_a_new_run_and_sampling_names_a_missing
         load_run_model(run)
 
 
-def test_plain_loop_example_resumes_the_exact_sequence(make_store, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_plain_loop_example_resumes_the_exact_sequence(make_store, tmp_path, workers):
     """examples/plain_loop.py: 4 steps at once == 2 steps, then 2 more from its checkpoint (same batches, same
-    weights)."""
+    weights), with the DataLoader reading in this process or in a worker (the batch's ``state`` is the cursor)."""
     from examples.plain_loop import train
 
     store = make_store(str(tmp_path / "store"), n=64, c=8, hw=4, unit=16)
-    whole = train(store, 4, str(tmp_path / "whole.pt"), batch_size=8)
-    first = train(store, 2, str(tmp_path / "split.pt"), batch_size=8)
-    rest = train(store, 4, str(tmp_path / "split.pt"), batch_size=8)
+    whole = train(store, 4, str(tmp_path / "whole.pt"), batch_size=8, num_workers=workers)
+    first = train(store, 2, str(tmp_path / "split.pt"), batch_size=8, num_workers=workers)
+    rest = train(store, 4, str(tmp_path / "split.pt"), batch_size=8, num_workers=workers)
     assert len(whole) == 4 and first + rest == whole
     wa = torch.load(tmp_path / "whole.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "split.pt", weights_only=True)["model"]

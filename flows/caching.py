@@ -16,7 +16,8 @@ from flows import forksafe
 
 forksafe.install()  # DataLoader workers forked in a flow run must not die at exit (see flows/forksafe.py)
 
-__all__ = ["BackboneSource", "CodeVersion", "STAGE_CACHE", "stage_cache", "code_version", "result_storage_for", "run_cached"]
+__all__ = ["BackboneSource", "CodeVersion", "STAGE_CACHE", "stage_cache", "code_version", "result_storage_for",
+           "run_cached"]
 
 _LIB_DIRS = ("storage", "dcae15", "flows")
 

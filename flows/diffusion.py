@@ -20,7 +20,8 @@ from flows.slots import Slot, slot_launch
 __all__ = ["fit_backbone", "train_diffusion"]
 
 
-@task(cache_policy=stage_cache("launch") + BackboneSource(), persist_result=True, result_serializer="json", tags=[GPU_TAG])
+@task(cache_policy=stage_cache("launch") + BackboneSource(), persist_result=True, result_serializer="json",
+      tags=[GPU_TAG])
 @announce_checkpoints  # checkpoint events + a progress artifact while it trains (flows/events.py)
 @artifact_stage(diffusion_run_key)  # one writer per run, before the GPU slot (flows/claims.py)
 @gpu_stage  # one GPU job per machine unless asked (flows/gpu.py)

@@ -129,7 +129,8 @@ def model_config(name: str, *, in_channels: int, input_size: tuple[int, int], nu
             raise ValueError(f"patch_size={patch_size} is a preset field; give a plug-in backbone's patch size in "
                              f"model_overrides (backbone {name!r})")
         return PluginConfig(factory=name, in_channels=in_channels, input_size=tuple(input_size),
-                            num_classes=num_classes, kwargs=dict(overrides), source_fingerprint=source_fingerprint(name))
+                            num_classes=num_classes, kwargs=dict(overrides),
+                            source_fingerprint=source_fingerprint(name))
     p = preset(name)
     fields = dict(arch=p.arch, hidden=p.hidden, depth=p.depth, heads=p.heads, qkv_bias=p.qkv_bias,
                   label_embed_std=p.label_embed_std,

@@ -152,7 +152,8 @@ def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_pre
     compiled graphs (dynamo skips them).
 
     Args:
-        model: a backbone exposing ``blocks_to_shard`` (its transformer blocks).
+        model: a backbone, optionally exposing ``blocks_to_shard`` (its transformer blocks); without it FSDP2
+            wraps the whole module as one unit and there are no blocks to checkpoint or compile.
         mesh: a 1-D ``DeviceMesh`` over all ranks (FSDP) or a 2-D ``(replicate, shard)`` one (HSDP), see
             ``make_mesh``.
         device: where the parameters live: ``place`` moves the model there first (FSDP2 keeps it there).
@@ -166,7 +167,7 @@ def apply_parallelism(model: nn.Module, *, mesh, device: torch.device, mixed_pre
     from torch.distributed.fsdp import fully_shard
 
     place(model, device)  # the placement rule: FSDP2 would move a sharded model, nothing moves a plain one
-    blocks = list(model.blocks_to_shard)
+    blocks = list(getattr(model, "blocks_to_shard", ()))  # none (a plug-in without it): the root is the one unit
     if activation_checkpointing:
         for blk in blocks:
             checkpoint_block(blk)

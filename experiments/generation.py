@@ -23,10 +23,10 @@ def sample_images(run_url: str, step: int, *, ae: Any, scaling_factor: float, nu
     from dcae15.diffusion.samplers import sample_latents
     from dcae15.metrics.fidelity import uniform_labels
     from dcae15.metrics.image_quality import to_uint8
-    from dcae15.models.registry import ModelConfig, build_model
+    from dcae15.models.registry import build_model, config_from_dict
 
     cfg = read_run_config(run_url)
-    mcfg = ModelConfig(**cfg["model_config"])
+    mcfg = config_from_dict(cfg["model_config"])
     model = build_model(mcfg)
     load_ema_state(checkpoint_url(run_url, step), model)
     model.eval()

@@ -16,7 +16,8 @@ from flows import forksafe
 
 forksafe.install()  # DataLoader workers forked in a flow run must not die at exit (see flows/forksafe.py)
 
-__all__ = ["CodeVersion", "STAGE_CACHE", "stage_cache", "code_version", "result_storage_for", "run_cached"]
+__all__ = ["BackboneSource", "CodeVersion", "STAGE_CACHE", "stage_cache", "code_version", "result_storage_for",
+           "run_cached"]
 
 _LIB_DIRS = ("storage", "dcae15", "flows")
 
@@ -43,6 +44,17 @@ class CodeVersion(CachePolicy):
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
         return code_version()
+
+
+class BackboneSource(CachePolicy):
+    """A cache-key component: the source fingerprint of an import-path ``backbone`` input (empty for a preset),
+    so that editing the user's model code trains a new run instead of returning the cached pointer of the old."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        from dcae15.models.plugin import is_import_path, source_fingerprint
+
+        backbone = inputs.get("backbone")
+        return source_fingerprint(backbone) if is_import_path(backbone) else ""
 
 
 def stage_cache(*exclude: str) -> CachePolicy:

@@ -33,19 +33,15 @@ reuses every finished stage (cached); a killed run continues where it stopped.
 """
 
 
-class _BackboneNames:
-    """The backbone presets as argparse ``choices``, read from the model registry (which imports torch) on first use."""
+def _backbone(text: str) -> str:
+    """A preset name or an import path ``package.module:factory`` (checked at parse time, imported later)."""
+    from dcae15.models.registry import PRESETS, check_backbone_name
 
-    def _names(self) -> list[str]:
-        from dcae15.models.registry import PRESETS
-
-        return sorted(PRESETS)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names()
-
-    def __iter__(self) -> Any:
-        return iter(self._names())
+    try:
+        return check_backbone_name(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(sorted(PRESETS))}, or "
+                                         "an import path package.module:factory)") from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -106,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    backbones = _BackboneNames()
 
     def add(name: str, help_: str, aliases: tuple[str, ...] = (), config: str = "demo") -> argparse.ArgumentParser:
         sp = sub.add_parser(name, parents=[common], help=help_, description=help_, epilog=_EPILOG,
@@ -126,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "then print where everything is. With the default --config demo (also spelled `dcae15 demo`): "
                         "a generated shapes dataset, a tiny AE and two tiny backbones on CPU (≈10 min first time, "
                         "seconds when rerun)", aliases=("demo",))
-    p.add_argument("--backbones", nargs="+", choices=backbones, metavar="NAME",
-                   help="backbone presets to train on the one store (default: the config's). Choices: %(choices)s")
+    p.add_argument("--backbones", nargs="+", type=_backbone, metavar="NAME",
+                   help="backbones to train on the one store (default: the config's): presets (DiT-XL, SiT-XL, "
+                        "UViT-H, USiT-H, ... the tiny ones for CPU) or import paths package.module:factory "
+                        "(docs/backbones.md)")
     p = add("rehearse", "the ImageNet job rehearsed on this machine: --config rehearsal (configs/imagenet.yaml with "
                         "sizes reduced) on a generated ImageNet-shaped tree (1000 wnid folders of JPEGs, a few odd "
                         "files) with stand-in weight files; prints each stage's time and peak RSS", config="rehearsal")
@@ -146,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
     p = add("train-diffusion", "train one backbone on a latent store (in-process, or torchrun when asked; resumes)")
     p.add_argument("--store", required=True, help="URL of a complete latent store (<root>/latents/<store_id>)")
-    p.add_argument("--backbone", required=True, choices=backbones, metavar="NAME", help="one of: %(choices)s")
+    p.add_argument("--backbone", required=True, type=_backbone, metavar="NAME",
+                   help="a preset (DiT-XL, SiT-XL, UViT-H, USiT-H, ... the tiny ones for CPU; a wrong name lists "
+                        "them all) or an import path package.module:factory (needs --set diffusion.train.objective="
+                        "...; docs/backbones.md)")
     p.add_argument("--nproc-per-node", type=int, default=None, help="> 1 launches torchrun with that many processes")
     p.add_argument("--nnodes", type=int, default=None, help="number of nodes for torchrun")
     p.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG",

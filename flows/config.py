@@ -187,7 +187,8 @@ class DiffusionSection(LaunchFields):
     """Diffusion backbones trained on the one latent store."""
 
     backbones: list[str] = field(default_factory=lambda: ["DiT-tiny", "USiT-tiny"])
-    """Names from ``dcae15.models`` presets; each gets its own run on the same store."""
+    """Names from ``dcae15.models`` presets, or import paths ``package.module:factory`` of your own backbones
+    (docs/backbones.md; they need ``train.objective``); each gets its own run on the same store."""
     train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
     """The training config shared by all backbones: ``model`` is replaced by each name of ``backbones``; ``seed``
     defaults to the pipeline's."""
@@ -213,11 +214,17 @@ class DiffusionSection(LaunchFields):
             raise ValueError(f"diffusion.poll_seconds must be > 0, got {self.poll_seconds}")
         if not self.backbones:
             raise ValueError("diffusion.backbones must name at least one backbone preset")
-        from dcae15.models.registry import PRESETS
+        from dcae15.models.plugin import is_import_path
+        from dcae15.models.registry import OBJECTIVES, PRESETS
 
-        unknown = [b for b in self.backbones if b not in PRESETS]
+        unknown = [b for b in self.backbones if b not in PRESETS and not is_import_path(b)]
         if unknown:
-            raise ValueError(f"diffusion.backbones: unknown presets {unknown}; allowed: {', '.join(sorted(PRESETS))}")
+            raise ValueError(f"diffusion.backbones: unknown presets {unknown}; allowed: {', '.join(sorted(PRESETS))} "
+                             "or an import path 'package.module:factory' (docs/backbones.md)")
+        plugins = [b for b in self.backbones if is_import_path(b)]
+        if plugins and self.train.objective is None:
+            raise ValueError(f"diffusion.train.objective is required with import-path backbones {plugins}; allowed: "
+                             f"{', '.join(OBJECTIVES)} (it then applies to every backbone of the list)")
         self.check_launch("diffusion")
 
 

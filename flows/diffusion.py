@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, task
 from flows import names
 from flows.artifacts import publish_pointer
 from flows.claims import artifact_stage, diffusion_run_key
-from flows.caching import run_cached, stage_cache
+from flows.caching import BackboneSource, run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.events import announce_checkpoints
 from flows.gpu import GPU_TAG, gpu_stage
@@ -20,7 +20,8 @@ from flows.slots import Slot, slot_launch
 __all__ = ["fit_backbone", "train_diffusion"]
 
 
-@task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json", tags=[GPU_TAG])
+@task(cache_policy=stage_cache("launch") + BackboneSource(), persist_result=True, result_serializer="json",
+      tags=[GPU_TAG])
 @announce_checkpoints  # checkpoint events + a progress artifact while it trains (flows/events.py)
 @artifact_stage(diffusion_run_key)  # one writer per run, before the GPU slot (flows/claims.py)
 @gpu_stage  # one GPU job per machine unless asked (flows/gpu.py)
@@ -31,7 +32,7 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
     ``launch`` (processes, nodes, torchrun arguments) is not part of the cache key; the run id does not depend on
     it either, so a run started on one GPU can be resumed on eight.
     """
-    from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion as train_fn
+    from dcae15.diffusion.train import DiffusionTrainConfig, check_plugin, store_info, train_diffusion as train_fn
 
     log = get_run_logger()
     cfg = DiffusionTrainConfig.from_dict({"model": backbone, "seed": seed, **train})
@@ -40,6 +41,8 @@ def fit_backbone(root: str, store: dict[str, Any], backbone: str, train: dict[st
     if in_process(launch):
         train_fn(cfg, store["url"], run_url)
     else:  # one run file: torchrun's own parser would take the trainer's --store / --run for its abbreviated options
+        if ":" in backbone:  # an import-path backbone: a bad plug-in fails here, in one line, not in N children
+            check_plugin(cfg, store_info(store["url"]))
         run_file = write_launch_file(run_url, {"store_url": store["url"], "run_url": run_url, "train": cfg.to_dict()})
         run_torchrun(launch, "dcae15.diffusion.train", ["--config", run_file], log=log.info)
     return describe_run(run_url)

@@ -65,12 +65,31 @@ def recorded() -> list[dict[str, Any]]:
     return list(_LEDGER)
 
 
+def _plugin_sources(config: dict[str, Any], extra: dict[str, Any]) -> dict[str, str | None]:
+    """Source fingerprints of the import-path backbones the command trains (None: not found; the run will say)."""
+    from dcae15.models.plugin import BackboneError, is_import_path, source_fingerprint
+
+    diffusion = config.get("diffusion") if isinstance(config.get("diffusion"), dict) else {}
+    out: dict[str, str | None] = {}
+    for name in [*(diffusion.get("backbones") or []), *(extra.get("backbones") or [])]:
+        if is_import_path(name):
+            try:
+                out[name] = source_fingerprint(name)
+            except BackboneError:
+                out[name] = None
+    return out
+
+
 def record_key(command: str, config: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
-    """Identity of a command: its name, the resolved config, extra arguments and the library code version."""
+    """Identity of a command: its name, the resolved config, extra arguments, the library code version and the
+    source files of its import-path backbones (an edited plug-in is never answered from an old record)."""
     from flows.caching import code_version
 
-    blob = json.dumps({"command": command, "config": config, "extra": extra or {}, "code": code_version()},
-                      sort_keys=True, default=str)
+    doc = {"command": command, "config": config, "extra": extra or {}, "code": code_version()}
+    plugins = _plugin_sources(config, extra or {})
+    if plugins:  # absent for presets only: their records keep their keys
+        doc["backbone_sources"] = plugins
+    blob = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -58,10 +58,20 @@ def evaluate_new_checkpoints(root: str | None = None, config: ConfigArg = "demo"
     for run_url in Root(cfg.root).diffusion_runs():
         try:
             steps = list_checkpoints(run_url)
-            dataset_url = dataset_of(read_run_config(run_url)["store_url"], cfg.root)
+            conf = read_run_config(run_url)
+            dataset_url = dataset_of(conf["store_url"], cfg.root)
         except FileNotFoundError as exc:
             log.info("skipping %s: %s", run_url, exc)  # a run that has not written its config / checkpoint yet
             continue
+        factory = conf["model_config"].get("factory")
+        if factory is not None:  # a backbone by import path: this process must be able to import it
+            from dcae15.models.plugin import BackboneError, resolve_factory
+
+            try:
+                resolve_factory(factory)
+            except BackboneError as exc:
+                log.warning("skipping %s: %s", run_url, exc)  # the other runs are still scored
+                continue
         for step in steps:
             samples = sample_run(run=run_url, root=cfg.root, config=config, checkpoint=step)
             rows.append(evaluate_samples(samples=samples["url"], dataset=dataset_url, root=cfg.root, config=config))

@@ -53,7 +53,7 @@ def load_exported(url: str, *, storage_options: dict | None = None) -> tuple[tor
     """
     from safetensors.torch import load
 
-    from dcae15.models.registry import ModelConfig, build_model
+    from dcae15.models.registry import build_model, config_from_dict
     from storage.urls import read_bytes
 
     blob = read_bytes(url, storage_options)
@@ -63,6 +63,6 @@ def load_exported(url: str, *, storage_options: dict | None = None) -> tuple[tor
     if raw is None or json.loads(raw).get("format") != FORMAT:
         raise ValueError(f"{url} is not a dcae15 weights export ({FORMAT}): no 'dcae15' metadata")
     meta = json.loads(raw)
-    model = build_model(ModelConfig(**meta["model_config"]))
+    model = build_model(config_from_dict(meta["model_config"]))
     model.load_state_dict(tensors)
     return model.eval(), meta

@@ -19,7 +19,7 @@ from dcae15.diffusion.checkpoint import checkpoint_url, load_ema_state, read_lat
 from dcae15.diffusion.objectives import make_objective
 from dcae15.diffusion.samplers import SAMPLERS, sample_latents
 from dcae15.metrics.labels import make_labels  # the one label rule: samples and their evaluation agree
-from dcae15.models.registry import ModelConfig, build_model
+from dcae15.models.registry import build_model, config_from_dict
 from dcae15.parallel import place
 from dcae15.pixels import to_uint8_nhwc
 from storage.fingerprint import fingerprint
@@ -69,7 +69,7 @@ def load_run_model(run_url: str, *, checkpoint: int | str | None = None, ema: bo
     """(model in eval mode, run config dict, step) for a run's checkpoint (latest by default), EMA weights."""
     conf = read_run_config(run_url, storage_options)
     step, url = _resolve_checkpoint(run_url, checkpoint, storage_options)
-    model = build_model(ModelConfig(**conf["model_config"]))
+    model = build_model(config_from_dict(conf["model_config"]))  # a preset, or a plug-in by import path
     load_ema_state(url, model, which="ema" if ema else "model", storage_options=storage_options)
     return place(model, device).eval(), conf, step
 

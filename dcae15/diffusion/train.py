@@ -22,7 +22,8 @@ from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
 from dcae15.diffusion.objectives import make_objective
 from dcae15.ema import EMA, decay_at
 from dcae15.lr_schedule import SCHEDULES, lr_at
-from dcae15.models.registry import OBJECTIVES, build_model, model_config, preset
+from dcae15.models.plugin import is_import_path
+from dcae15.models.registry import OBJECTIVES, build_model, check_backbone_name, model_config, preset
 from dcae15.tracking import TrackingConfig, config_of, open_tracker
 from dcae15.typed_config import from_dict
 from storage.fingerprint import fingerprint, short_id
@@ -31,7 +32,8 @@ from storage.rundir import HORIZON, OPERATIONAL, identity
 from storage.urls import url_to_fs
 
 __all__ = ["DiffusionTrainConfig", "NonFiniteLossError", "build_training_model", "train_diffusion", "run_id_for",
-           "node_shard_size", "store_info", "latest_checkpoint", "train_flops_per_image", "make_optimizer", "TrainStep",
+           "check_plugin", "node_shard_size", "store_info", "latest_checkpoint", "train_flops_per_image",
+           "make_optimizer", "TrainStep",
            "main"]
 
 @dataclass(kw_only=True)
@@ -39,12 +41,15 @@ class DiffusionTrainConfig:
     """One diffusion training run (the store supplies channels, latent size and the class count)."""
 
     model: str = "DiT-tiny"
-    """Preset name (dcae15.models.PRESETS): DiT-XL, SiT-XL, UViT-H, USiT-H, UViT-2B, USiT-2B, USiT-3B, *-tiny."""
+    """Preset name (dcae15.models.PRESETS): DiT-XL, SiT-XL, UViT-H, USiT-H, UViT-2B, USiT-2B, USiT-3B, *-tiny; or
+    a backbone by import path ``package.module:factory`` (docs/backbones.md)."""
     objective: str | None = None
-    """None = the preset's ('ddpm-linear' DiT, 'ddpm-scaled-linear' UViT, 'flow' SiT/USiT)."""
+    """None = the preset's ('ddpm-linear' DiT, 'ddpm-scaled-linear' UViT, 'flow' SiT/USiT); required for an
+    import-path backbone."""
     patch_size: int = 1
     model_overrides: dict = field(default_factory=dict)
-    """Extra ModelConfig fields (e.g. {'hidden': 64, 'depth': 2})."""
+    """Extra ModelConfig fields (e.g. {'hidden': 64, 'depth': 2}); for an import-path backbone, extra keyword
+    arguments of its factory."""
     num_classes: int | None = None
     """None = from the store (attrs 'num_classes', else max label + 1)."""
     global_batch_size: int = 32
@@ -117,7 +122,14 @@ class DiffusionTrainConfig:
         if isinstance(self.logging, dict):
             self.logging = TrackingConfig(**self.logging)
         self.betas = tuple(float(b) for b in self.betas)
-        preset(self.model)  # unknown names fail here with the allowed set
+        check_backbone_name(self.model, "DiffusionTrainConfig.model")  # unknown names fail here with the allowed set
+        plugin = is_import_path(self.model)
+        if plugin and self.objective is None:
+            raise ValueError(f"DiffusionTrainConfig.objective is required for the import-path backbone "
+                             f"{self.model!r} (diffusion.train.objective); allowed: {OBJECTIVES}")
+        if plugin and int(self.patch_size) != 1:
+            raise ValueError(f"DiffusionTrainConfig.patch_size={self.patch_size} is a preset field; an import-path "
+                             f"backbone ({self.model!r}) takes its patch size from model_overrides, if any")
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise ValueError(f"DiffusionTrainConfig.objective={self.objective!r}; allowed: {OBJECTIVES} or None")
         for name in ("global_batch_size", "steps", "checkpoint_every", "log_every", "patch_size",
@@ -216,8 +228,33 @@ def node_shard_size(world_size: int) -> int | None:
 
 
 def run_id_for(cfg: DiffusionTrainConfig, store_id: str) -> str:
-    """Deterministic run id from the config's identity (``DiffusionTrainConfig.identity``) and the store."""
+    """Deterministic run id from the config's identity (``DiffusionTrainConfig.identity``) and the store; for an
+    import-path backbone also the fingerprint of its module's source file (edited model code = a new run), the
+    id then starts with the factory's name."""
+    from dcae15.models.plugin import source_fingerprint
+
+    if is_import_path(cfg.model):
+        src = source_fingerprint(cfg.model)
+        return f"{cfg.model.rpartition(':')[2]}-{short_id('diffusion-run', cfg.identity(), store_id, src)}"
     return f"{cfg.model}-{short_id('diffusion-run', cfg.identity(), store_id)}"
+
+
+def _model_config(cfg: DiffusionTrainConfig, info: dict):
+    """The model config of ``cfg`` on the store described by ``info`` (``store_info``)."""
+    return model_config(cfg.model, in_channels=info["channels"], input_size=(info["height"], info["width"]),
+                        patch_size=cfg.patch_size, num_classes=cfg.num_classes or info["num_classes"],
+                        **cfg.model_overrides)
+
+
+def check_plugin(cfg: DiffusionTrainConfig, info: dict) -> None:
+    """For an import-path backbone: build it once on the CPU and run ``dcae15.models.check_backbone`` (one tiny
+    forward), so a bad plug-in fails before any process group, run directory or data loader exists."""
+    from dcae15.models.plugin import check_backbone
+
+    if is_import_path(cfg.model):
+        mcfg = _model_config(cfg, info)
+        torch.manual_seed(cfg.seed)
+        check_backbone(build_model(mcfg), mcfg)
 
 
 def _flops_per_image(mcfg, tokens: int, params: int, passes: int) -> float:
@@ -236,12 +273,17 @@ def train_flops_per_image(mcfg, batch: int, passes: int = 1) -> float:
 
     c, (h, w) = mcfg.in_channels, mcfg.input_size
     n = batch * passes
-    with torch.device("meta"):
-        model = build_model(mcfg)
-        x, t = torch.randn(n, c, h, w), torch.full((n,), 500.0)
-        y = torch.zeros(n, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        model(x, t, y).float().square().mean().backward()
+    try:
+        with torch.device("meta"):
+            model = build_model(mcfg)
+            x, t = torch.randn(n, c, h, w), torch.full((n,), 500.0)
+            y = torch.zeros(n, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, y).float().square().mean().backward()
+    except Exception:  # noqa: BLE001 - a plug-in whose forward needs real data (e.g. .item()): no MFU, no failure
+        if getattr(mcfg, "arch", None) != "plugin":
+            raise
+        return float("nan")
     return counter.get_total_flops() / batch
 
 
@@ -373,6 +415,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, store_url: str, run_url: str, *, 
     if not info["is_complete"]:
         raise ValueError(f"latent store {store_url!r} is not complete (units missing or not finalized); "
                          "finish encoding before training")
+    check_plugin(cfg, info)  # an import-path backbone: one tiny forward before anything starts
 
     rank, ws, device, created = _init_distributed()
     threads_before = torch.get_num_threads()
@@ -431,8 +474,7 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
                          f"(global_batch_size {cfg.global_batch_size} / {ws} ranks)")
     micro = local_bs // accum
     c, h, w = info["channels"], info["height"], info["width"]
-    mcfg = model_config(cfg.model, in_channels=c, input_size=(h, w), patch_size=cfg.patch_size,
-                        num_classes=cfg.num_classes or info["num_classes"], **cfg.model_overrides)
+    mcfg = _model_config(cfg, info)
     chans = cfg.adt.resolve(c, info["channel_choices"]) if cfg.adt.enabled else [c]
     objective = make_objective(cfg.objective_name)
     run = open_run(run_url, storage_options)

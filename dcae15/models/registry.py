@@ -1,4 +1,5 @@
-"""Named backbone presets (paper names) -> typed ModelConfig; ``build_model`` instantiates DiT or UViT."""
+"""Named backbone presets (paper names) -> typed ModelConfig; ``build_model`` instantiates DiT or UViT, or a
+backbone given by import path (``package.module:factory``, ``dcae15.models.plugin``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["ModelConfig", "Preset", "PRESETS", "ARCHS", "OBJECTIVES", "preset", "model_config", "build_model"]
+from dcae15.models.plugin import PLUGIN_ARCH, PluginConfig, build_plugin, is_import_path, source_fingerprint
+
+__all__ = ["ModelConfig", "PluginConfig", "Preset", "PRESETS", "ARCHS", "OBJECTIVES", "preset", "check_backbone_name",
+           "model_config", "config_from_dict", "build_model"]
 
 ARCHS = ("dit", "uvit")
 OBJECTIVES = ("ddpm-linear", "ddpm-scaled-linear", "flow")
@@ -101,9 +105,32 @@ def preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def check_backbone_name(name: str, where: str = "backbone") -> str:
+    """``name`` if it is a preset or spells an import path (``package.module:factory``; not imported here).
+
+    Raises:
+        ValueError: neither, naming ``where`` and the allowed presets.
+    """
+    if name in PRESETS or is_import_path(name):
+        return name
+    raise ValueError(f"{where}={name!r}: unknown model preset; allowed: {sorted(PRESETS)} or an import path "
+                     "'package.module:factory' (docs/backbones.md)")
+
+
 def model_config(name: str, *, in_channels: int, input_size: tuple[int, int], num_classes: int = 1000,
-                 patch_size: int = 1, **overrides) -> ModelConfig:
-    """ModelConfig for preset ``name`` on data of shape (in_channels, *input_size); ``overrides`` any field."""
+                 patch_size: int = 1, **overrides) -> ModelConfig | PluginConfig:
+    """ModelConfig for preset ``name`` on data of shape (in_channels, *input_size); ``overrides`` any field.
+
+    An import path ``name`` gives a PluginConfig: ``overrides`` become the factory's extra keyword arguments and
+    the module's source fingerprint is recorded (``BackboneError`` if it cannot be found).
+    """
+    if is_import_path(name):
+        if int(patch_size) != 1:
+            raise ValueError(f"patch_size={patch_size} is a preset field; give a plug-in backbone's patch size in "
+                             f"model_overrides (backbone {name!r})")
+        return PluginConfig(factory=name, in_channels=in_channels, input_size=tuple(input_size),
+                            num_classes=num_classes, kwargs=dict(overrides),
+                            source_fingerprint=source_fingerprint(name))
     p = preset(name)
     fields = dict(arch=p.arch, hidden=p.hidden, depth=p.depth, heads=p.heads, qkv_bias=p.qkv_bias,
                   label_embed_std=p.label_embed_std,
@@ -115,8 +142,15 @@ def model_config(name: str, *, in_channels: int, input_size: tuple[int, int], nu
     return ModelConfig(**fields)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def config_from_dict(d: dict) -> ModelConfig | PluginConfig:
+    """The model config a run's ``config.yaml`` records under ``model_config`` (a preset's or a plug-in's)."""
+    return PluginConfig(**d) if d.get("arch") == PLUGIN_ARCH else ModelConfig(**d)
+
+
+def build_model(cfg: ModelConfig | PluginConfig) -> nn.Module:
     """Instantiate the backbone for ``cfg`` (respects the default device, e.g. ``torch.device('meta')``)."""
+    if isinstance(cfg, PluginConfig):
+        return build_plugin(cfg)
     from dcae15.models.dit import DiT
     from dcae15.models.uvit import UViT
 

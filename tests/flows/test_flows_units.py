@@ -54,6 +54,11 @@ def test_cli_parses_every_stage_and_rejects_unknown_backbones(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["train-diffusion", "--store", "x", "--backbone", "DiT-huge"])
     assert "invalid choice" in capsys.readouterr().err
+    # a backbone by import path (issue 33): parsed, imported only when the run starts
+    a = p.parse_args(["train-diffusion", "--store", "x", "--backbone", "examples.lightning_dit:lightning_dit_tiny"])
+    assert a.backbone == "examples.lightning_dit:lightning_dit_tiny"
+    two = ["SiT-tiny", "my_lab.nets:make"]
+    assert p.parse_args(["demo", "--backbones", *two]).backbones == two
 
 
 def test_cli_set_overrides_become_nested_yaml_values():

@@ -1,0 +1,48 @@
+"""Import-path backbones in the flows (issue 33): the config accepts them beside presets (objective required), and
+the training task's cache key follows the plug-in's source file."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.config import load_config
+
+PLUGIN = "examples.lightning_dit:lightning_dit_tiny"
+
+
+def test_config_takes_a_plugin_beside_a_preset_and_requires_the_objective():
+    cfg = load_config({"diffusion": {"backbones": ["SiT-tiny", PLUGIN], "train": {"objective": "flow"}}})
+    assert cfg.diffusion.backbones == ["SiT-tiny", PLUGIN]
+    with pytest.raises(ValueError, match=r"diffusion\.train\.objective is required .*lightning_dit_tiny"):
+        load_config({"diffusion": {"backbones": ["SiT-tiny", PLUGIN]}})
+    with pytest.raises(ValueError, match="unknown presets.*package.module:factory"):
+        load_config({"diffusion": {"backbones": ["lightning_dit.py"]}})
+
+
+def test_training_cache_key_follows_the_plugin_source(tmp_path, monkeypatch):
+    from flows.caching import BackboneSource
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = tmp_path / "cache_key_net.py"
+    src.write_text("def make(**kw):\n    raise NotImplementedError\n")
+    key = BackboneSource().compute_key
+    assert key(None, {"backbone": "DiT-tiny"}, {}) == ""
+    before = key(None, {"backbone": "cache_key_net:make"}, {})
+    src.write_text(src.read_text() + "# edited\n")
+    assert key(None, {"backbone": "cache_key_net:make"}, {}) != before != ""
+
+
+def test_rerun_record_key_follows_the_plugin_source(tmp_path, monkeypatch):
+    """The CLI's Prefect-free rerun shortcut is keyed by the plug-in's source too (presets keep their keys)."""
+    from flows import rerun
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = tmp_path / "rerun_key_net.py"
+    src.write_text("def make(**kw):\n    raise NotImplementedError\n")
+    config = {"diffusion": {"backbones": ["SiT-tiny", "rerun_key_net:make"]}}
+    before = rerun.record_key("pipeline", config, {"backbones": None})
+    assert rerun.record_key("pipeline", config, {"backbones": None}) == before
+    src.write_text(src.read_text() + "# edited\n")
+    assert rerun.record_key("pipeline", config, {"backbones": None}) != before
+    presets = {"diffusion": {"backbones": ["SiT-tiny"]}}
+    assert rerun._plugin_sources(presets, {}) == {}

@@ -239,6 +239,8 @@ def _run(args: argparse.Namespace) -> Any:
         made = prepare_rehearsal(root, per_class=args.per_class, size=cfg.resolution)
         os.environ["DCAE15_WEIGHTS"] = made["weights"]
         overrides.setdefault("data", {})["source"] = made["source"]
+        if load_config(args.config, overrides).evaluate.pr_reference:  # the user's VIRTUAL batch: a stand-in
+            overrides.setdefault("evaluate", {})["pr_reference"] = made["virtual"]
         cfg = load_config(args.config, overrides)
     apply_prefect_defaults(root)
     apply_cpu_defaults()

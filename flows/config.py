@@ -347,6 +347,18 @@ class EvalSection:
     checkpoints: str = "all"
     """Which checkpoints of each run the pipeline samples and scores: ``all`` it keeps (``diffusion.train.
     keep_checkpoints``), so the results plot shows curves, or only the ``latest``."""
+    protocol: str = "auto"
+    """The protocol of a published table the numbers follow (``dcae15.metrics.protocols.PROTOCOLS``; recorded in
+    every result row): ``dc-gen`` (the DC-AE / DC-AE 1.5 tables: FID against the train split's statistics, IS over
+    10 shuffled splits, precision/recall against ``pr_reference``), ``adm`` (the DiT / SiT / LightningDiT / REPA-E
+    tables: everything against the ADM reference batch ``reference``, IS over unshuffled 5 000-image splits, ADM's
+    fp16 precision/recall), ``proxy`` (the demo's proxy classifier) or ``torch-fidelity`` (torch-fidelity's formulas
+    against the train split: no paper's table). ``auto``: ``proxy`` for the proxy extractor, ``adm`` with an ADM
+    reference batch, else ``torch-fidelity``."""
+    pr_reference: str | None = None
+    """``dc-gen`` only: the ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``) whose 10 000 images
+    precision/recall compares with (DC-Gen's ``precision_recall_ref_path``); None: no precision/recall, as DC-Gen
+    computes none without it."""
     grid_classes: list[int] | None = None
     """Class indices the sample grid of each run shows (a row each, at most 100); None = all of up to 16 classes,
     else 16 spread over the class list, so a 1000-class figure stays small."""
@@ -369,6 +381,37 @@ class EvalSection:
         if self.reference != "train" and self.extractor == "proxy":
             raise ValueError("evaluate.reference: an ADM reference batch holds Inception statistics; set "
                              "evaluate.extractor: inception (or auto with real data)")
+        from dcae15.metrics.protocols import PROTOCOLS
+
+        if self.protocol != "auto" and self.protocol not in PROTOCOLS:
+            raise ValueError(f"evaluate.protocol must be 'auto' or one of {', '.join(PROTOCOLS)}; got {self.protocol!r}")
+        if self.pr_reference is not None and not str(self.pr_reference).endswith(".npz"):
+            raise ValueError(f"evaluate.pr_reference must be null or an ADM reference batch (.npz), got "
+                             f"{self.pr_reference!r}")
+
+    def resolve_protocol(self) -> None:
+        """Turn ``protocol: auto`` into a name (once ``extractor`` is resolved) and check that the protocol's
+        reference, feature network and precision/recall reference are what the section names.
+
+        Raises:
+            ValueError: naming the field and what the protocol needs.
+        """
+        from dcae15.metrics.protocols import get_protocol
+
+        npz = self.reference != "train"
+        if self.protocol == "auto":
+            self.protocol = "proxy" if self.extractor == "proxy" else "adm" if npz else "torch-fidelity"
+        proto = get_protocol(self.protocol)
+        if proto.extractor != self.extractor:
+            raise ValueError(f"evaluate.protocol {proto.name} needs evaluate.extractor: {proto.extractor}, got "
+                             f"{self.extractor!r}")
+        if (proto.reference == "adm-batch") != npz:
+            need = "an ADM reference batch (VIRTUAL_imagenet256_labeled.npz)" if not npz else "train"
+            raise ValueError(f"evaluate.protocol {proto.name} needs evaluate.reference: {need}, got {self.reference!r}")
+        if self.pr_reference is not None and proto.name != "dc-gen":
+            raise ValueError(f"evaluate.pr_reference is DC-Gen's precision/recall batch: set evaluate.protocol: "
+                             f"dc-gen, or leave it null (protocol {proto.name} takes precision/recall from "
+                             f"{'evaluate.reference' if npz else 'the train split'})")
 
 
 @dataclass(kw_only=True)
@@ -399,6 +442,7 @@ class PipelineConfig:
             raise ValueError(f"resolution must be >= 8, got {self.resolution}")
         if self.evaluate.extractor == "auto":  # real data gets the standard extractor; the demo keeps its proxy
             self.evaluate.extractor = "inception" if self.data.source is not None else "proxy"
+        self.evaluate.resolve_protocol()
         if self.evaluate.options.reconstruction is None:
             self.evaluate.options.reconstruction = ReconEvalConfig(resolution=self.resolution)
         if self.data.source is None:

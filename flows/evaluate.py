@@ -16,7 +16,7 @@ from flows.common import ConfigArg, stage_config
 from flows.pointers import (describe_ae, describe_dataset, describe_recon, describe_row, describe_run, describe_samples,
                             results_url)
 
-__all__ = ["extractor_for", "prepare_extractor", "load_reference_for", "reference_label", "score_samples", "evaluate_samples", "reconstruction_scores", "evaluate_autoencoder",
+__all__ = ["extractor_for", "prepare_extractor", "load_reference_for", "reference_label", "protocol_of", "score_samples", "evaluate_samples", "reconstruction_scores", "evaluate_autoencoder",
            "checkpoints_to_score", "draw_run_figures", "plot_results"]
 
 
@@ -70,10 +70,42 @@ def load_reference_for(ev: dict[str, Any], dataset_url: str, resolution: int, ex
     return get_reference(dataset_url, resolution, extractor, **ev["options"].get("reference_stats", {}))
 
 
-def _row_key(samples: dict[str, Any], extractor_label: str, reference: str = "train-split") -> dict[str, Any]:
-    """The context columns that identify one scoring: (run, checkpoint, sample store, feature extractor, reference)."""
+def protocol_of(ev: dict[str, Any]) -> str:
+    """The evaluation protocol an ``evaluate`` section names (``EvalSection.resolve_protocol`` has resolved
+    ``auto``; a section written before protocols existed scored with torch-fidelity's formulas, or the proxy's)."""
+    name = ev.get("protocol") or "auto"
+    if name == "auto":
+        return "proxy" if ev.get("extractor") == "proxy" else "torch-fidelity"
+    return name
+
+
+def _row_key(samples: dict[str, Any], extractor_label: str, reference: str = "train-split",
+             protocol: str = "torch-fidelity") -> dict[str, Any]:
+    """The context columns that identify one scoring: (run, checkpoint, sample store, feature extractor, reference,
+    protocol)."""
     return {"run_id": samples["run_id"], "step": samples["step"], "samples_url": samples["url"],
-            "feature_extractor": extractor_label, "reference": reference}
+            "feature_extractor": extractor_label, "reference": reference, "protocol": protocol}
+
+
+def _protocol_metrics(ev: dict[str, Any], protocol: str, num_samples: int) -> dict[str, Any]:
+    """The generation options under ``protocol``: ``dc-gen`` compares precision/recall with
+    ``evaluate.pr_reference`` and, without one, computes none (as DC-Gen does)."""
+    from dcae15.metrics.fidelity import DEFAULT_METRICS
+    from dcae15.metrics.protocols import get_protocol
+
+    log = get_run_logger()
+    options = dict(ev["options"].get("generation", {}))
+    proto = get_protocol(protocol)
+    if proto.num_samples and num_samples != proto.num_samples:
+        log.warning("protocol %s scores %d samples; this sample store holds %d: not the table's number",
+                    protocol, proto.num_samples, num_samples)
+    if protocol != "dc-gen" or ev.get("pr_reference"):
+        return options
+    metrics = tuple(options.get("metrics", DEFAULT_METRICS))
+    if {"precision", "recall"} & set(metrics):
+        log.warning("protocol dc-gen: no evaluate.pr_reference (ADM's VIRTUAL batch), so no precision/recall")
+        options["metrics"] = [m for m in metrics if m not in ("precision", "recall")]
+    return options
 
 
 @task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
@@ -86,20 +118,27 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
 
     log = get_run_logger()
     extractor = extractor_for(ev, dataset["url"])
-    key = _row_key(samples, extractor.label, reference_label(ev))
+    protocol = protocol_of(ev)
+    key = _row_key(samples, extractor.label, reference_label(ev), protocol)
     # one evaluator per row: a second one (the sweep racing an event) waits, then finds the row (flows/claims.py)
     with artifact_claim(ArtifactKey("evaluation row", part_url(results_url(root), short_id(key)), short_id(key))):
         if not describe_row(root, key)["complete"]:  # a rerun after a kill between append and cache write: no copy
             with reference_progress(dataset["url"], extractor.label):
                 ref = load_reference_for(ev, dataset["url"], resolution, extractor)
+                options, pr_ref = _protocol_metrics(ev, protocol, int(samples["num_samples"])), None
+                if protocol == "dc-gen" and ev.get("pr_reference"):  # DC-Gen: precision/recall vs the VIRTUAL batch
+                    from dcae15.metrics.adm import adm_reference
+
+                    pr_ref = adm_reference(ev["pr_reference"], extractor)
             values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
-                                        **ev["options"].get("generation", {}))
+                                        protocol=protocol, pr_reference=pr_ref, **options)
             if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
                 values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
             context = {"backbone": samples["backbone"], "sampler": samples["sampler"],
                        "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
                        "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"],
                        "extractor_fingerprint": extractor.fingerprint, "reference_url": ref.url or "",
+                       "pr_reference": f"adm:{ev['pr_reference']}" if pr_ref is not None else "",
                        **samples.get("sampling", {})}
             # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
             append_results(results_url(root), [{**key, **context, **values}], part_id=short_id(key))

@@ -126,3 +126,31 @@ def test_cli_refuses_a_bad_set_before_prefect_is_imported():
     for _, words in cases:
         for w in words:
             assert w in out, (w, out)
+
+
+def test_evaluate_protocol_fixes_reference_and_extractor():
+    """``evaluate.protocol`` (issue 31): ImageNet's default is the DC-AE 1.5 paper's (dc-gen), the demo's proxy stays
+    proxy, ``auto`` picks adm for an ADM reference batch, and a protocol with the wrong reference or network is
+    refused naming the field."""
+    cfg = load_config("imagenet")
+    assert (cfg.evaluate.protocol, cfg.evaluate.reference) == ("dc-gen", "train")
+    assert cfg.evaluate.pr_reference.endswith("VIRTUAL_imagenet256_labeled.npz")
+    assert load_config("tiny").evaluate.protocol == "proxy"
+    adm = load_config("imagenet", {"evaluate": {"protocol": "auto", "pr_reference": None,
+                                                "reference": "/w/VIRTUAL_imagenet256_labeled.npz"}})
+    assert adm.evaluate.protocol == "adm"
+    assert load_config(adm.to_dict()).evaluate.protocol == "adm"  # a resolved name loads back
+    for raw, words in [
+        ({"evaluate": {"protocol": "fid50k"}}, ["evaluate.protocol", "dc-gen", "adm"]),
+        ({"evaluate": {"protocol": "adm", "pr_reference": None}}, ["evaluate.protocol adm", "evaluate.reference",
+                                                                    "VIRTUAL"]),
+        ({"evaluate": {"protocol": "dc-gen", "reference": "/w/v.npz"}}, ["evaluate.reference: train"]),
+        ({"evaluate": {"protocol": "adm", "reference": "/w/v.npz"}}, ["evaluate.pr_reference", "dc-gen"]),
+        ({"evaluate": {"pr_reference": "/w/v.txt"}}, ["evaluate.pr_reference", ".npz"]),
+    ]:
+        with pytest.raises(ValueError) as err:
+            load_config("imagenet", raw)
+        for w in words:
+            assert w in str(err.value), (w, str(err.value))
+    with pytest.raises(ValueError, match="evaluate.extractor: inception"):
+        load_config("tiny", {"evaluate": {"protocol": "dc-gen"}})

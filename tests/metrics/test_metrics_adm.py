@@ -117,6 +117,15 @@ def test_metrics_adm_reference_equals_statistics_of_its_images(tmp_path, stand_i
     # the same images against their own statistics: zero up to round-off (stand-in weights give tiny features)
     assert abs(out["fid"]) <= 1e-4 * np.trace(ours.sigma) and abs(out["sfid"]) <= 1e-4 * np.trace(ours.sigma_s)
     assert out["precision"] == 1.0
+    # by protocol (issue 31): adm takes everything from the batch, dc-gen FID from the train split and
+    # precision/recall from the batch; both with the sqrtm FID
+    adm = generation_metrics(plain, ref_full, extractor=spec, metrics=("fid", "is", "precision", "recall"),
+                             device="cpu", protocol="adm")
+    assert abs(adm["fid"]) <= 1e-4 * np.trace(ours.sigma) and adm["precision"] == adm["recall"] == 1.0
+    assert adm["is"] >= 1.0 - 1e-9
+    dcgen = generation_metrics(plain, ours, extractor=spec, metrics=("fid", "precision", "recall"), device="cpu",
+                               protocol="dc-gen", pr_reference=ref_full)
+    assert abs(dcgen["fid"]) <= 1e-4 * np.trace(ours.sigma) and dcgen["precision"] == dcgen["recall"] == 1.0
     with pytest.raises(ReferenceMismatchError, match="standard Inception"):
         ours.attrs = {**ref_full.attrs, "extractor_fingerprint": "other"}
         ours.check_extractor(spec)

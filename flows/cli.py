@@ -51,7 +51,7 @@ def _float_pair(text: str) -> list[float]:
 
 _SAMPLE_FLAGS = {"num_samples": "num_samples", "sampler": "sampler", "steps": "steps", "classes": "classes",
                  "cfg": "cfg_scale", "guidance_interval": "guidance_interval", "labels": "labels", "seed": "seed",
-                 "grid": "grid", "png_dir": "png_dir"}  # `dcae15 sample` flag -> sample section field
+                 "grid": "grid", "png_dir": "png_dir", "shift": "shift"}  # `dcae15 sample` flag -> sample section field
 
 
 def sample_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -142,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
     # each flag is a field of the config's sample section (the same names in YAML / --set sample.<field>=...)
     p.add_argument("--num-samples", type=int, default=None, help="sample.num_samples (50000 for FID-50K)")
-    p.add_argument("--sampler", default=None, help="sample.sampler (ddpm/ddim, euler/heun/dopri5)")
+    p.add_argument("--sampler", default=None, help="sample.sampler (ddpm/ddim, euler/heun/dopri5/sde)")
     p.add_argument("--steps", type=int, default=None, help="sample.steps")
+    p.add_argument("--shift", type=float, default=None,
+                   help="sample.shift: flow models' timestep shift t' = s t / (1 + (s-1) t) (LightningDiT; 1 = none)")
     p.add_argument("--classes", type=_int_list, default=None, metavar="C,C,...",
                    help="sample.classes: class ids to sample, e.g. 207,360,387 (default: all)")
     p.add_argument("--cfg", type=float, default=None, help="sample.cfg_scale (1.0 = no guidance)")

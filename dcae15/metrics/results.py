@@ -39,7 +39,7 @@ CONTEXT_COLUMNS = {
     "num_samples": "int64", "feature_extractor": "string", "step": "int64", "dataset_fingerprint": "string",
     "reference": "string", "reference_url": "string", "extractor_fingerprint": "string",
     "labels": "string", "classes": "string", "guidance_interval": "string", "seed": "int64",
-    "protocol": "string", "pr_reference": "string",
+    "protocol": "string", "pr_reference": "string", "shift": "float64",
 }
 _BASE_METRICS = ("fid", "sfid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "psnr", "ssim", "lpips",
                  "classifier_accuracy", "class_accuracy")

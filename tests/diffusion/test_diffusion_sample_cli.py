@@ -91,3 +91,27 @@ def test_given_classes_grid_png_dir_and_export(tiny_run):
     save_file({"x": torch.zeros(1)}, str(root / "other.safetensors"))
     with pytest.raises(ValueError, match="not a dcae15 weights export"):
         load_exported(str(root / "other.safetensors"))
+
+
+def test_sde_sampler_and_shift_reach_the_sample_store(tiny_run):
+    """Issue 31: ``--sampler sde --shift S`` are sample-section fields, enter the sample spec only when not the
+    default (an unshifted store keeps its id), and are recorded in the store it writes."""
+    from dcae15.diffusion.sample import sample_to_store
+    from flows.cli import build_parser, sample_overrides
+    from flows.config import load_config
+    from storage.sample_store import SampleStore
+
+    over = sample_overrides(build_parser().parse_args(["sample", "--run", "r", "--sampler", "sde", "--shift", "3"]))
+    assert over == {"sampler": "sde", "shift": 3.0}
+    spec = load_config("tiny", {"sample": over}).sample.spec()
+    assert spec["sampler"] == "sde" and spec["shift"] == 3.0
+    assert "shift" not in load_config("tiny", {}).sample.spec()
+    with pytest.raises(ValueError, match="sample.shift must be > 0"):
+        load_config("tiny", {"sample": {"shift": 0}})
+    root, run = tiny_run
+    url = sample_to_store(run, str(root / "sde"), num_samples=3, sampler="sde", steps=3, shift=3.0, batch_size=4,
+                          chunk_size=4, progress=False)
+    store = SampleStore.open(url)
+    assert (store.attrs["sampler"], store.attrs["shift"]) == ("sde", 3.0)
+    images, _ = store.read_all()
+    assert images.shape[0] == 3 and images.std() > 0

@@ -77,6 +77,9 @@ class DataSection:
     """Dask scheduler address to pack on a running cluster instead (``workers`` is then ignored)."""
     read_threads: int = 16
     """Concurrent image reads per packing process (hides S3 latency; harmless on local disk)."""
+    class_names: str | None = None
+    """A ``LOC_synset_mapping.txt``-style file (``<wnid> <name>, <synonym>, ...`` per line) whose names label the
+    sample grid's rows; None: the rows show the class folder names (wnids). Output only: no id depends on it."""
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.read_threads < 1:

@@ -155,7 +155,7 @@ def _track(root: str, run_id: str, step: int, **logged: Any) -> None:
     try:
         log_evaluation(Root(root).diffusion_run(run_id), int(step), **logged)
     except FileNotFoundError:  # samples of a run kept outside this root: its tracker is not known here
-        get_run_logger().info("run %s is not under %s: evaluation not mirrored to a tracker", run_id, root)
+        _logger().info("run %s is not under %s: evaluation not mirrored to a tracker", run_id, root)
 
 
 def _sample_class_accuracy(extractor: Any, samples_url: str, block: int = 1024) -> float:
@@ -244,12 +244,19 @@ def checkpoints_to_score(run_url: str, which: str) -> list[int]:
 
 @task
 def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str,
-                     classes: list[int] | None = None) -> list[str]:
-    """A run's loss curve and a grid of its samples (a row per shown class: ``classes``, default a bounded spread of
-    them, see ``dcae15.diffusion.plots.grid_classes``), under ``<root>/eval/figures``. The store is read unit by
-    unit and only the grid's images are kept."""
+                     classes: list[int] | None = None, class_names: str | None = None) -> list[str]:
+    """A run's loss curve and a grid of its samples under ``<root>/eval/figures``: a row per shown class
+    (``classes``, default a bounded spread of them, see ``dcae15.diffusion.plots.grid_classes``), each of
+    ``GRID_PER_CLASS`` images, named by ``class_names`` (a ``LOC_synset_mapping.txt``-style file) or the wnid.
+
+    The rows come from the scored store when it holds enough images of every shown class (read unit by unit, only
+    the grid's images kept); otherwise (1000 classes with uniform labels leave most rows short) the grid classes get
+    samples of their own, drawn as DiT's ``sample.py`` draws its figure (given class labels) with the scored store's
+    checkpoint, sampler, guidance and seed, into a small sample store under ``<root>/eval/grid-samples/`` that a
+    rerun finds complete."""
     from dcae15.diffusion.checkpoint import open_run
-    from dcae15.diffusion.plots import collect_grid_images, grid_classes, loss_curve_png, sample_grid_png
+    from dcae15.diffusion.plots import (GRID_PER_CLASS, collect_grid_images, display_names, grid_classes,
+                                        loss_curve_png, read_class_names, rows_filled, sample_grid_png)
     from storage.layout import Root
     from storage.sample_store import SampleStore
     from storage.shards import open_dataset
@@ -258,12 +265,19 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
     store = SampleStore.open(samples_url, read_only=True)
     a = store.attrs
     run_id = a["run_id"]
-    names = list(open_dataset(dataset_url).class_names)
-    rows = grid_classes(len(names), classes)
-    images, labels = collect_grid_images(store.iter_units(), rows)
-    grid = sample_grid_png(images, labels, names, classes=rows,
+    wnids = list(open_dataset(dataset_url).class_names)
+    rows = grid_classes(len(wnids), classes)
+    images, labels = collect_grid_images(store.iter_units(), rows, per_class=GRID_PER_CLASS)
+    source = "the scored samples"
+    if not rows_filled(labels, rows, GRID_PER_CLASS):
+        grid_store = _grid_samples(root, run_url, samples_url, a, rows, GRID_PER_CLASS)
+        images, labels = collect_grid_images(SampleStore.open(grid_store, read_only=True).iter_units(), rows,
+                                             per_class=GRID_PER_CLASS)
+        source = "class-conditional grid samples"
+    names = display_names(wnids, read_class_names(class_names) if class_names else None)
+    grid = sample_grid_png(images, labels, names, classes=rows, per_class=GRID_PER_CLASS,
                            title=f"{run_id} step {a['checkpoint_step']}: {a['sampler']} {a['steps']} steps, "
-                                 f"CFG {a['cfg_scale']}")
+                                 f"CFG {a['cfg_scale']} ({source})")
     rows = open_run(run_url).metrics()
     loss = loss_curve_png(rows, title=f"{run_id}: training loss (EMA weights are sampled)")
     _track(root, run_id, int(a["checkpoint_step"]), images={"samples": grid})
@@ -273,6 +287,40 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
         write_atomic(url, data)
         out.append(url)
     return out
+
+
+def _logger():
+    """The Prefect run's logger inside a flow or task run, else this module's (a task body called directly)."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def _grid_samples(root: str, run_url: str, samples_url: str, attrs: dict[str, Any], rows: list[int],
+                  per_class: int) -> str:
+    """``per_class`` class-conditional samples of each grid class, drawn like the scored store (same checkpoint,
+    sampler, steps, guidance, seed, shift) into ``<sample id>-grid-<key>``; resumes like any sample store."""
+    from dcae15.diffusion.sample import sample_to_store
+    from storage.fingerprint import short_id
+    from storage.layout import Root
+    from storage.urls import join
+
+    sample_id = attrs.get("sample_id") or samples_url.rstrip("/").rsplit("/", 1)[-1]
+    # under eval/, not samples/: the scored stores stay the only sample stores a root lists
+    url = join(Root(root).eval(), "grid-samples", f"{sample_id}-grid-{short_id(rows, per_class)}")
+    n = len(rows) * per_class
+    _logger().info("grid: %d classes x %d class-conditional samples into %s", len(rows), per_class, url)
+    return sample_to_store(run_url, url, num_samples=n, sampler=attrs["sampler"], steps=int(attrs["steps"]),
+                           cfg_scale=float(attrs["cfg_scale"]), seed=int(attrs.get("seed", 0)),
+                           checkpoint=int(attrs["checkpoint_step"]),
+                           guidance_interval=tuple(attrs.get("guidance_interval", (0.0, 1.0))), labels="given",
+                           classes=rows, batch_size=min(n, 64), chunk_size=n, ema=bool(attrs.get("ema", True)),
+                           shift=float(attrs.get("shift", 1.0)), progress=False)
 
 
 def reference_lines(root: str) -> dict[str, dict[str, float]]:

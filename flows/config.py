@@ -245,6 +245,10 @@ class SampleSection:
     """None = the backbone's default (DDPM for epsilon models, Heun for flow models); flow models also take
     ``euler``, ``dopri5`` (DC-Gen's USiT configs) and ``sde`` (Euler–Maruyama with SiT's / REPA-E's last step)."""
     steps: int = 50
+    atol: float = 1e-5
+    """dopri5's absolute tolerance (DC-Gen evaluates USiT with SiT's ``sample_ode`` defaults: atol 1e-6)."""
+    rtol: float = 1e-5
+    """dopri5's relative tolerance (DC-Gen: 1e-3)."""
     shift: float = 1.0
     """Flow models' timestep shift (LightningDiT's ``timestep_shift``): the sampler's times t become
     shift·t / (1 + (shift - 1)·t) (1 = noise), so shift > 1 spends more steps near the noise; 1 = none."""
@@ -275,7 +279,8 @@ class SampleSection:
         """The keyword arguments of ``sample_to_store`` (what decides the images; the outputs left out)."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.OUTPUT_FIELDS}
         # fields at sample_to_store's defaults are left out: the sample id of an unchanged config stays the same
-        for k, default in (("classes", None), ("labels", "uniform"), ("guidance_interval", [0.0, 1.0]), ("shift", 1.0)):
+        for k, default in (("classes", None), ("labels", "uniform"), ("guidance_interval", [0.0, 1.0]), ("shift", 1.0),
+                           ("atol", 1e-5), ("rtol", 1e-5)):
             if out[k] == default:
                 del out[k]
         return out
@@ -303,6 +308,8 @@ class SampleSection:
                              "default); DDPM models take ddpm/ddim, flow models euler/heun/dopri5/sde")
         if not self.shift > 0:
             raise ValueError(f"sample.shift must be > 0 (1 = no timestep shift), got {self.shift}")
+        if not (self.atol > 0 and self.rtol > 0):
+            raise ValueError(f"sample.atol and sample.rtol must be > 0, got {self.atol}, {self.rtol}")
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError(f"sample.num_samples, steps, batch_size, chunk_size must be >= 1, got {self.num_samples}, "
                              f"{self.steps}, {self.batch_size}, {self.chunk_size}")

@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="URL of a latent store encoded with it")
     p.add_argument("--out", required=True, help="the directory to write")
     p = add("score-npz", "FID / sFID / IS / precision / recall of an ADM sample batch (.npz) against an ADM reference "
-                         "batch, with the Inception network from local weights; starts no Prefect API")
+                         "batch by ADM's evaluator rules (protocol adm: unshuffled 5000-image IS splits, fp16 precision/recall), with the "
+                         "Inception network from local weights; starts no Prefect API")
     p.add_argument("samples", help="ADM sample batch (.npz with arr_0), e.g. from export-npz or another project")
     p.add_argument("--reference", required=True, help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("--inception-weights", default=None,
@@ -355,8 +356,8 @@ def _score_npz(args: argparse.Namespace) -> dict[str, Any]:
     extractor = inception_extractor(args.inception_weights)
     ref = adm_reference(args.reference, extractor, batch_size=args.batch_size, device=args.device)
     values = generation_metrics(args.samples, ref, extractor=extractor, batch_size=args.batch_size,
-                                device=args.device)
-    return {"samples": args.samples, "reference": ref.describe(), "feature_extractor": extractor.label,
+                                device=args.device, protocol="adm")  # an ADM batch against an ADM reference
+    return {"samples": args.samples, "reference": ref.describe(), "protocol": "adm", "feature_extractor": extractor.label,
             "extractor_fingerprint": extractor.fingerprint, **values}
 
 

@@ -338,7 +338,8 @@ class EvalOptions:
         from dcae15.metrics.reference import reference_stats
 
         self.generation = check_kwargs(generation_metrics, self.generation, "evaluate.options.generation",
-                                       exclude=("samples", "reference", "extractor", "resolution"))
+                                       exclude=("samples", "reference", "extractor", "resolution", "protocol",
+                                                "pr_reference", "isc_extractor"))  # evaluate.protocol decides
         self.reference_stats = check_kwargs(reference_stats, self.reference_stats, "evaluate.options.reference_stats",
                                       exclude=("dataset_url", "resolution", "extractor", "storage_options"))
 

@@ -22,14 +22,16 @@ __all__ = ["extractor_for", "prepare_extractor", "load_reference_for", "referenc
 
 def extractor_for(ev: dict[str, Any], dataset_url: str) -> Any:
     """The feature network the config names: the demo's proxy classifier (trained and cached on first use) or
-    the standard Inception network from local weights (``evaluate.options.inception_weights`` / $DCAE15_WEIGHTS)."""
+    the standard Inception network from local weights (``evaluate.options.inception_weights`` / $DCAE15_WEIGHTS),
+    fed as DC-Gen feeds it under ``protocol: dc-gen`` (its FID and precision/recall features)."""
     if ev["extractor"] == "proxy":
         from dcae15.metrics.proxy import ProxyConfig, proxy_extractor
 
         return proxy_extractor(dataset_url, ProxyConfig(**ev["options"].get("proxy", {})))
     from dcae15.metrics.fidelity import inception_extractor
 
-    return inception_extractor(ev["options"].get("inception_weights"))
+    pipeline = "pytorch-fid" if protocol_of(ev) == "dc-gen" else "torch-fidelity"
+    return inception_extractor(ev["options"].get("inception_weights"), input=pipeline)
 
 
 @task(name="prepare_extractor")
@@ -130,8 +132,13 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
                     from dcae15.metrics.adm import adm_reference
 
                     pr_ref = adm_reference(ev["pr_reference"], extractor)
+            isc = None
+            if protocol == "dc-gen":  # DC-Gen's IS: torch-fidelity's Inception with its own input
+                from dcae15.metrics.fidelity import inception_extractor
+
+                isc = inception_extractor(ev["options"].get("inception_weights"))
             values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
-                                        protocol=protocol, pr_reference=pr_ref, **options)
+                                        protocol=protocol, pr_reference=pr_ref, isc_extractor=isc, **options)
             if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
                 values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
             context = {"backbone": samples["backbone"], "sampler": samples["sampler"],

@@ -134,6 +134,7 @@ def generation_metrics(
     seed: int = 2020,
     protocol: str | None = None,
     pr_reference: ReferenceStats | None = None,
+    isc_extractor: FeatureExtractorSpec | None = None,
     verbose: bool = False,
 ) -> dict[str, float]:
     """FID / IS / precision / recall / KID of ``samples`` against ``reference``, by the rules of ``protocol``.
@@ -156,6 +157,8 @@ def generation_metrics(
             None: ``proxy`` for the proxy extractor, ``torch-fidelity`` for Inception.
         pr_reference: the reference of precision/recall when it is not ``reference`` (``dc-gen``: the ADM VIRTUAL
             batch, ``dcae15.metrics.adm.adm_reference``).
+        isc_extractor: the network of IS when it is not ``extractor`` (``dc-gen``: DC-Gen takes FID and
+            precision/recall features from its pytorch-fid-style input, IS from torch-fidelity's own Inception).
 
     Returns:
         ``{name: value}`` with names prefixed by ``extractor.prefix`` (``fid`` or ``proxy-fid``); IS also reports
@@ -173,11 +176,15 @@ def generation_metrics(
                          f"{prc_neighborhood}, {prc_batch_size}")
     families = list(dict.fromkeys(_LAYER_FOR[m] for m in metrics))
     dev = default_device(device)
-    net = extractor.build([extractor.layers[f] for f in families], dev)
+    own = [f for f in families if not (f == "isc" and isc_extractor is not None)]
+    net = extractor.build([extractor.layers[f] for f in own], dev) if own else None
     feats = extract_features(
-        samples, extractor, families=families, batch_size=batch_size, device=dev, resolution=resolution,
+        samples, extractor, families=own, batch_size=batch_size, device=dev, resolution=resolution,
         feature_net=net, verbose=verbose,
-    )
+    ) if own else {}
+    if len(own) < len(families):  # IS from its own network (a second pass over the samples)
+        feats["isc"] = extract_features(samples, isc_extractor, families=["isc"], batch_size=batch_size, device=dev,
+                                        resolution=resolution, verbose=verbose)["isc"]
     ref_families = [f for f in families if f != "isc"]
     ref_s: tuple[np.ndarray, np.ndarray] | None = None
     ref, ref_mu, ref_sigma = {}, None, None

@@ -252,3 +252,32 @@ def test_metrics_protocols_registry_and_mismatches_are_refused():
                               metrics=("fid",), protocol="adm")
     with pytest.raises(ValueError, match="rule must be"):
         manifold_precision_recall(np.ones((5, 2)), np.ones((5, 2)), rule="fp64")
+
+
+def test_metrics_protocols_dcgen_inception_input_is_dcgens(stand_in_inception):
+    """DC-Gen's FID code feeds its Inception ``x / 255``, ``Normalize(0.5, 0.5)``, bilinear to 299
+    (``dc_gen/apps/metrics/fid/fid.py`` ``add_data``): the ``pytorch-fid`` input pipeline's first convolution sees
+    exactly that tensor; the standard one sees torch-fidelity's TF1-style input, and the features differ."""
+    import torch.nn.functional as F
+    import torchvision.transforms as T
+
+    from dcae15.metrics.fidelity import inception_extractor
+
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 32, 40), dtype=np.uint8))
+    want = F.interpolate(T.Normalize(mean=0.5, std=0.5)(x / 255), size=(299, 299), mode="bilinear",
+                         align_corners=False)  # DC-Gen's steps, in its order
+    seen, feats = {}, {}
+    for pipeline in ("pytorch-fid", "torch-fidelity"):
+        spec = inception_extractor(stand_in_inception, input=pipeline)
+        net = spec.build(["2048"])
+        net.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, a, p=pipeline: seen.__setitem__(p, a[0].clone()))
+        with torch.no_grad():
+            feats[pipeline] = net(x)[0]
+    torch.testing.assert_close(seen["pytorch-fid"], want, rtol=0, atol=1e-6)
+    assert (seen["torch-fidelity"] - want).abs().max() > 1e-3  # TF1 resize, (x - 128) / 128
+    diff = (feats["pytorch-fid"] - feats["torch-fidelity"]).abs().max()
+    assert diff > 1e-3 * feats["torch-fidelity"].abs().max()  # stand-in weights: tiny features, compare relatively
+    a, b = inception_extractor(stand_in_inception), inception_extractor(stand_in_inception, input="pytorch-fid")
+    assert a.fingerprint != b.fingerprint and a.label != b.label and not b.has_sfid  # references cached apart
+    with pytest.raises(ValueError, match="input must be"):
+        inception_extractor(stand_in_inception, input="tf")

@@ -24,6 +24,7 @@ The formulas below take stored activations (numpy or torch) and are checked agai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -222,6 +223,25 @@ def manifold_precision_recall(ref_features: torch.Tensor | np.ndarray, sample_fe
         raise ValueError(f"k, row_batch_size and col_batch_size must be >= 1, got {k}, {row_batch_size}, "
                          f"{col_batch_size}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    with _full_fp32_matmul():  # TF32 (switched on for sampling) would round the fp32 dot products of both rules
+        return _precision_recall(ref_features, sample_features, k, rule, row_batch_size, col_batch_size, dev)
+
+
+@contextlib.contextmanager
+def _full_fp32_matmul():
+    """float32 matmuls in full precision (no TF32) inside, whatever the process switched on; restored after."""
+    old = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old[0])
+        torch.backends.cuda.matmul.allow_tf32 = old[1]
+
+
+def _precision_recall(ref_features, sample_features, k: int, rule: str, row_batch_size: int, col_batch_size: int,
+                      dev: torch.device) -> dict[str, float]:
     ref = torch.as_tensor(np.asarray(ref_features) if not torch.is_tensor(ref_features) else ref_features)
     smp = torch.as_tensor(np.asarray(sample_features) if not torch.is_tensor(sample_features) else sample_features)
     ref, smp = ref.to(dev, torch.float32), smp.to(dev, torch.float32)

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BACKENDS", "Tracker", "TrackingConfig", "log_evaluation", "open_tracker", "tracking_dir"]
+__all__ = ["BACKENDS", "EVAL_PREFIX", "EVAL_STEP", "Tracker", "TrackingConfig", "log_evaluation", "open_tracker",
+           "tracking_dir"]
 
 BACKENDS = ("none", "tensorboard", "wandb", "mlflow")
 _EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
@@ -141,17 +142,37 @@ class _Wandb(Tracker):
         self.run = wandb.init(project=cfg.project, name=cfg.run_name or run_id, id=_wandb_id(run_id), dir=folder,
                               config=config, mode="offline" if cfg.offline else "online", resume="allow",
                               settings=wandb.Settings(silent=True, console="off"))
+        # Evaluations come from other processes, after training has moved on, and out of order (a sweep scores an
+        # older checkpoint after an event scored a newer one); W&B drops a row logged with a step lower than the
+        # run's current one. So ``eval/*`` is plotted against its own step metric, ``eval/step`` (the checkpoint's
+        # training step), and logged without ``step=``: W&B appends it at its next internal step.
+        self.run.define_metric(EVAL_STEP)
+        self.run.define_metric(f"{EVAL_PREFIX}*", step_metric=EVAL_STEP)
+
+    def _log(self, data, step):
+        if not data:
+            return
+        if all(k.startswith(EVAL_PREFIX) for k in data):
+            self.run.log({**data, EVAL_STEP: int(step)})
+        else:
+            self.run.log(data, step=int(step))
 
     def log_metrics(self, row, step, prefix=""):
-        self.run.log({f"{prefix}{k}": v for k, v in _scalars(row).items()}, step=int(step))
+        self._log({f"{prefix}{k}": v for k, v in _scalars(row).items()}, step)
 
     def log_image(self, tag, image, step):
-        self.run.log({tag: self.wandb.Image(_image_array(image))}, step=int(step))
+        self._log({tag: self.wandb.Image(_image_array(image))}, step)
 
     def close(self):
         self.run.finish()
         # finish() returns before W&B's service process has written the offline file; teardown waits for it
         self.wandb.teardown()
+
+
+EVAL_PREFIX = "eval/"
+"""Evaluation numbers and images are logged under this prefix (``log_evaluation``)."""
+EVAL_STEP = "eval/step"
+"""W&B's step metric of ``eval/*``: the evaluated checkpoint's training step."""
 
 
 def _wandb_id(run_id: str) -> str:
@@ -223,8 +244,12 @@ def config_of(obj: Any) -> dict[str, Any]:
 
 def log_evaluation(run_url: str, step: int, *, values: dict[str, Any] | None = None,
                    images: dict[str, Any] | None = None, storage_options: dict | None = None) -> str:
-    """Log an evaluation of a diffusion run's checkpoint ``step`` (result values under ``eval/``, images such as
-    the sample grid) to the tracker its training used (``train.logging`` in its ``config.yaml``).
+    """Log an evaluation of a diffusion run's checkpoint ``step`` (result values and images such as the sample grid,
+    all under ``eval/``) to the tracker its training used (``train.logging`` in its ``config.yaml``).
+
+    Evaluations arrive from other processes and out of step order: TensorBoard keeps every (tag, step) of separate
+    writers (its event files are version 2: nothing is purged without a restart marker); W&B plots ``eval/*``
+    against ``eval/step``, so no evaluation row is dropped for a step lower than the run's.
 
     Returns:
         The backend written to (``none`` when the run tracks nothing).
@@ -235,7 +260,7 @@ def log_evaluation(run_url: str, step: int, *, values: dict[str, Any] | None = N
     cfg = (conf.get("train") or {}).get("logging") or {}
     with open_tracker(cfg, run_url=run_url, run_id=conf["run_id"]) as tracker:
         if values:
-            tracker.log_metrics(values, step, prefix="eval/")
+            tracker.log_metrics(values, step, prefix=EVAL_PREFIX)
         for tag, image in (images or {}).items():
-            tracker.log_image(tag, image, step)
+            tracker.log_image(f"{EVAL_PREFIX}{tag}", image, step)
         return tracker.backend

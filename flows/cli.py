@@ -61,7 +61,7 @@ def _float_pair(text: str) -> list[float]:
 
 _SAMPLE_FLAGS = {"num_samples": "num_samples", "sampler": "sampler", "steps": "steps", "classes": "classes",
                  "cfg": "cfg_scale", "guidance_interval": "guidance_interval", "labels": "labels", "seed": "seed",
-                 "grid": "grid", "png_dir": "png_dir"}  # `dcae15 sample` flag -> sample section field
+                 "grid": "grid", "png_dir": "png_dir", "shift": "shift"}  # `dcae15 sample` flag -> sample section field
 
 
 def sample_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
     # each flag is a field of the config's sample section (the same names in YAML / --set sample.<field>=...)
     p.add_argument("--num-samples", type=int, default=None, help="sample.num_samples (50000 for FID-50K)")
-    p.add_argument("--sampler", default=None, help="sample.sampler (ddpm/ddim, euler/heun/dopri5)")
+    p.add_argument("--sampler", default=None, help="sample.sampler (ddpm/ddim, euler/heun/dopri5/sde)")
     p.add_argument("--steps", type=int, default=None, help="sample.steps")
+    p.add_argument("--shift", type=float, default=None,
+                   help="sample.shift: flow models' timestep shift t' = s t / (1 + (s-1) t) (LightningDiT; 1 = none)")
     p.add_argument("--classes", type=_int_list, default=None, metavar="C,C,...",
                    help="sample.classes: class ids to sample, e.g. 207,360,387 (default: all)")
     p.add_argument("--cfg", type=float, default=None, help="sample.cfg_scale (1.0 = no guidance)")
@@ -197,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="URL of a latent store encoded with it")
     p.add_argument("--out", required=True, help="the directory to write")
     p = add("score-npz", "FID / sFID / IS / precision / recall of an ADM sample batch (.npz) against an ADM reference "
-                         "batch, with the Inception network from local weights; starts no Prefect API")
+                         "batch by ADM's evaluator rules (protocol adm: unshuffled 5000-image IS splits, fp16 precision/recall), with the "
+                         "Inception network from local weights; starts no Prefect API")
     p.add_argument("samples", help="ADM sample batch (.npz with arr_0), e.g. from export-npz or another project")
     p.add_argument("--reference", required=True, help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("--inception-weights", default=None,
@@ -253,6 +256,8 @@ def _run(args: argparse.Namespace) -> Any:
         made = prepare_rehearsal(root, per_class=args.per_class, size=cfg.resolution)
         os.environ["DCAE15_WEIGHTS"] = made["weights"]
         overrides.setdefault("data", {})["source"] = made["source"]
+        if load_config(args.config, overrides).evaluate.pr_reference:  # the user's VIRTUAL batch: a stand-in
+            overrides.setdefault("evaluate", {})["pr_reference"] = made["virtual"]
         cfg = load_config(args.config, overrides)
     apply_prefect_defaults(root)
     apply_cpu_defaults()
@@ -367,8 +372,8 @@ def _score_npz(args: argparse.Namespace) -> dict[str, Any]:
     extractor = inception_extractor(args.inception_weights)
     ref = adm_reference(args.reference, extractor, batch_size=args.batch_size, device=args.device)
     values = generation_metrics(args.samples, ref, extractor=extractor, batch_size=args.batch_size,
-                                device=args.device)
-    return {"samples": args.samples, "reference": ref.describe(), "feature_extractor": extractor.label,
+                                device=args.device, protocol="adm")  # an ADM batch against an ADM reference
+    return {"samples": args.samples, "reference": ref.describe(), "protocol": "adm", "feature_extractor": extractor.label,
             "extractor_fingerprint": extractor.fingerprint, **values}
 
 

@@ -65,6 +65,9 @@ class DataSection:
     """Dask scheduler address to pack on a running cluster instead (``workers`` is then ignored)."""
     read_threads: int = 16
     """Concurrent image reads per packing process (hides S3 latency; harmless on local disk)."""
+    class_names: str | None = None
+    """A ``LOC_synset_mapping.txt``-style file (``<wnid> <name>, <synonym>, ...`` per line) whose names label the
+    sample grid's rows; None: the rows show the class folder names (wnids). Output only: no id depends on it."""
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.read_threads < 1:
@@ -234,8 +237,16 @@ class SampleSection:
 
     num_samples: int = 512
     sampler: str | None = None
-    """None = the backbone's default (DDPM for epsilon models, Euler/Heun for flow models)."""
+    """None = the backbone's default (DDPM for epsilon models, Heun for flow models); flow models also take
+    ``euler``, ``dopri5`` (DC-Gen's USiT configs) and ``sde`` (Euler–Maruyama with SiT's / REPA-E's last step)."""
     steps: int = 50
+    atol: float = 1e-5
+    """dopri5's absolute tolerance (DC-Gen evaluates USiT with SiT's ``sample_ode`` defaults: atol 1e-6)."""
+    rtol: float = 1e-5
+    """dopri5's relative tolerance (DC-Gen: 1e-3)."""
+    shift: float = 1.0
+    """Flow models' timestep shift (LightningDiT's ``timestep_shift``): the sampler's times t become
+    shift·t / (1 + (shift - 1)·t) (1 = noise), so shift > 1 spends more steps near the noise; 1 = none."""
     cfg_scale: float = 1.5
     seed: int = 0
     batch_size: int = 64
@@ -263,7 +274,8 @@ class SampleSection:
         """The keyword arguments of ``sample_to_store`` (what decides the images; the outputs left out)."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.OUTPUT_FIELDS}
         # fields at sample_to_store's defaults are left out: the sample id of an unchanged config stays the same
-        for k, default in (("classes", None), ("labels", "uniform"), ("guidance_interval", [0.0, 1.0])):
+        for k, default in (("classes", None), ("labels", "uniform"), ("guidance_interval", [0.0, 1.0]), ("shift", 1.0),
+                           ("atol", 1e-5), ("rtol", 1e-5)):
             if out[k] == default:
                 del out[k]
         return out
@@ -288,7 +300,11 @@ class SampleSection:
         known = [name for names in SAMPLERS.values() for name in names]
         if self.sampler is not None and self.sampler not in known:
             raise ValueError(f"sample.sampler={self.sampler!r}; allowed: {', '.join(known)} or null (the model's "
-                             "default); DDPM models take ddpm/ddim, flow models euler/heun/dopri5")
+                             "default); DDPM models take ddpm/ddim, flow models euler/heun/dopri5/sde")
+        if not self.shift > 0:
+            raise ValueError(f"sample.shift must be > 0 (1 = no timestep shift), got {self.shift}")
+        if not (self.atol > 0 and self.rtol > 0):
+            raise ValueError(f"sample.atol and sample.rtol must be > 0, got {self.atol}, {self.rtol}")
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError(f"sample.num_samples, steps, batch_size, chunk_size must be >= 1, got {self.num_samples}, "
                              f"{self.steps}, {self.batch_size}, {self.chunk_size}")
@@ -317,7 +333,8 @@ class EvalOptions:
         from dcae15.metrics.reference import reference_stats
 
         self.generation = check_kwargs(generation_metrics, self.generation, "evaluate.options.generation",
-                                       exclude=("samples", "reference", "extractor", "resolution"))
+                                       exclude=("samples", "reference", "extractor", "resolution", "protocol",
+                                                "pr_reference", "isc_extractor"))  # evaluate.protocol decides
         self.reference_stats = check_kwargs(reference_stats, self.reference_stats, "evaluate.options.reference_stats",
                                       exclude=("dataset_url", "resolution", "extractor", "storage_options"))
 
@@ -342,6 +359,18 @@ class EvalSection:
     checkpoints: str = "all"
     """Which checkpoints of each run the pipeline samples and scores: ``all`` it keeps (``diffusion.train.
     keep_checkpoints``), so the results plot shows curves, or only the ``latest``."""
+    protocol: str = "auto"
+    """The protocol of a published table the numbers follow (``dcae15.metrics.protocols.PROTOCOLS``; recorded in
+    every result row): ``dc-gen`` (the DC-AE / DC-AE 1.5 tables: FID against the train split's statistics, IS over
+    10 shuffled splits, precision/recall against ``pr_reference``), ``adm`` (the DiT / SiT / LightningDiT / REPA-E
+    tables: everything against the ADM reference batch ``reference``, IS over unshuffled 5 000-image splits, ADM's
+    fp16 precision/recall), ``proxy`` (the demo's proxy classifier) or ``torch-fidelity`` (torch-fidelity's formulas
+    against the train split: no paper's table). ``auto``: ``proxy`` for the proxy extractor, ``adm`` with an ADM
+    reference batch, else ``torch-fidelity``."""
+    pr_reference: str | None = None
+    """``dc-gen`` only: the ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``) whose 10 000 images
+    precision/recall compares with (DC-Gen's ``precision_recall_ref_path``); None: no precision/recall, as DC-Gen
+    computes none without it."""
     grid_classes: list[int] | None = None
     """Class indices the sample grid of each run shows (a row each, at most 100); None = all of up to 16 classes,
     else 16 spread over the class list, so a 1000-class figure stays small."""
@@ -364,6 +393,37 @@ class EvalSection:
         if self.reference != "train" and self.extractor == "proxy":
             raise ValueError("evaluate.reference: an ADM reference batch holds Inception statistics; set "
                              "evaluate.extractor: inception (or auto with real data)")
+        from dcae15.metrics.protocols import PROTOCOLS
+
+        if self.protocol != "auto" and self.protocol not in PROTOCOLS:
+            raise ValueError(f"evaluate.protocol must be 'auto' or one of {', '.join(PROTOCOLS)}; got {self.protocol!r}")
+        if self.pr_reference is not None and not str(self.pr_reference).endswith(".npz"):
+            raise ValueError(f"evaluate.pr_reference must be null or an ADM reference batch (.npz), got "
+                             f"{self.pr_reference!r}")
+
+    def resolve_protocol(self) -> None:
+        """Turn ``protocol: auto`` into a name (once ``extractor`` is resolved) and check that the protocol's
+        reference, feature network and precision/recall reference are what the section names.
+
+        Raises:
+            ValueError: naming the field and what the protocol needs.
+        """
+        from dcae15.metrics.protocols import get_protocol
+
+        npz = self.reference != "train"
+        if self.protocol == "auto":
+            self.protocol = "proxy" if self.extractor == "proxy" else "adm" if npz else "torch-fidelity"
+        proto = get_protocol(self.protocol)
+        if proto.extractor != self.extractor:
+            raise ValueError(f"evaluate.protocol {proto.name} needs evaluate.extractor: {proto.extractor}, got "
+                             f"{self.extractor!r}")
+        if (proto.reference == "adm-batch") != npz:
+            need = "an ADM reference batch (VIRTUAL_imagenet256_labeled.npz)" if not npz else "train"
+            raise ValueError(f"evaluate.protocol {proto.name} needs evaluate.reference: {need}, got {self.reference!r}")
+        if self.pr_reference is not None and proto.name != "dc-gen":
+            raise ValueError(f"evaluate.pr_reference is DC-Gen's precision/recall batch: set evaluate.protocol: "
+                             f"dc-gen, or leave it null (protocol {proto.name} takes precision/recall from "
+                             f"{'evaluate.reference' if npz else 'the train split'})")
 
 
 @dataclass(kw_only=True)
@@ -394,6 +454,7 @@ class PipelineConfig:
             raise ValueError(f"resolution must be >= 8, got {self.resolution}")
         if self.evaluate.extractor == "auto":  # real data gets the standard extractor; the demo keeps its proxy
             self.evaluate.extractor = "inception" if self.data.source is not None else "proxy"
+        self.evaluate.resolve_protocol()
         if self.evaluate.options.reconstruction is None:
             self.evaluate.options.reconstruction = ReconEvalConfig(resolution=self.resolution)
         if self.data.source is None:

@@ -16,20 +16,22 @@ from flows.common import ConfigArg, stage_config
 from flows.pointers import (describe_ae, describe_dataset, describe_recon, describe_row, describe_run, describe_samples,
                             results_url)
 
-__all__ = ["extractor_for", "prepare_extractor", "load_reference_for", "reference_label", "score_samples", "evaluate_samples", "reconstruction_scores", "evaluate_autoencoder",
+__all__ = ["extractor_for", "prepare_extractor", "load_reference_for", "reference_label", "protocol_of", "score_samples", "evaluate_samples", "reconstruction_scores", "evaluate_autoencoder",
            "checkpoints_to_score", "draw_run_figures", "plot_results"]
 
 
 def extractor_for(ev: dict[str, Any], dataset_url: str) -> Any:
     """The feature network the config names: the demo's proxy classifier (trained and cached on first use) or
-    the standard Inception network from local weights (``evaluate.options.inception_weights`` / $DCAE15_WEIGHTS)."""
+    the standard Inception network from local weights (``evaluate.options.inception_weights`` / $DCAE15_WEIGHTS),
+    fed as DC-Gen feeds it under ``protocol: dc-gen`` (its FID and precision/recall features)."""
     if ev["extractor"] == "proxy":
         from dcae15.metrics.proxy import ProxyConfig, proxy_extractor
 
         return proxy_extractor(dataset_url, ProxyConfig(**ev["options"].get("proxy", {})))
     from dcae15.metrics.fidelity import inception_extractor
 
-    return inception_extractor(ev["options"].get("inception_weights"))
+    pipeline = "pytorch-fid" if protocol_of(ev) == "dc-gen" else "torch-fidelity"
+    return inception_extractor(ev["options"].get("inception_weights"), input=pipeline)
 
 
 @task(name="prepare_extractor")
@@ -70,10 +72,42 @@ def load_reference_for(ev: dict[str, Any], dataset_url: str, resolution: int, ex
     return get_reference(dataset_url, resolution, extractor, **ev["options"].get("reference_stats", {}))
 
 
-def _row_key(samples: dict[str, Any], extractor_label: str, reference: str = "train-split") -> dict[str, Any]:
-    """The context columns that identify one scoring: (run, checkpoint, sample store, feature extractor, reference)."""
+def protocol_of(ev: dict[str, Any]) -> str:
+    """The evaluation protocol an ``evaluate`` section names (``EvalSection.resolve_protocol`` has resolved
+    ``auto``; a section written before protocols existed scored with torch-fidelity's formulas, or the proxy's)."""
+    name = ev.get("protocol") or "auto"
+    if name == "auto":
+        return "proxy" if ev.get("extractor") == "proxy" else "torch-fidelity"
+    return name
+
+
+def _row_key(samples: dict[str, Any], extractor_label: str, reference: str = "train-split",
+             protocol: str = "torch-fidelity") -> dict[str, Any]:
+    """The context columns that identify one scoring: (run, checkpoint, sample store, feature extractor, reference,
+    protocol)."""
     return {"run_id": samples["run_id"], "step": samples["step"], "samples_url": samples["url"],
-            "feature_extractor": extractor_label, "reference": reference}
+            "feature_extractor": extractor_label, "reference": reference, "protocol": protocol}
+
+
+def _protocol_metrics(ev: dict[str, Any], protocol: str, num_samples: int) -> dict[str, Any]:
+    """The generation options under ``protocol``: ``dc-gen`` compares precision/recall with
+    ``evaluate.pr_reference`` and, without one, computes none (as DC-Gen does)."""
+    from dcae15.metrics.fidelity import DEFAULT_METRICS
+    from dcae15.metrics.protocols import get_protocol
+
+    log = get_run_logger()
+    options = dict(ev["options"].get("generation", {}))
+    proto = get_protocol(protocol)
+    if proto.num_samples and num_samples != proto.num_samples:
+        log.warning("protocol %s scores %d samples; this sample store holds %d: not the table's number",
+                    protocol, proto.num_samples, num_samples)
+    if protocol != "dc-gen" or ev.get("pr_reference"):
+        return options
+    metrics = tuple(options.get("metrics", DEFAULT_METRICS))
+    if {"precision", "recall"} & set(metrics):
+        log.warning("protocol dc-gen: no evaluate.pr_reference (ADM's VIRTUAL batch), so no precision/recall")
+        options["metrics"] = [m for m in metrics if m not in ("precision", "recall")]
+    return options
 
 
 @task(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
@@ -86,20 +120,32 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
 
     log = get_run_logger()
     extractor = extractor_for(ev, dataset["url"])
-    key = _row_key(samples, extractor.label, reference_label(ev))
+    protocol = protocol_of(ev)
+    key = _row_key(samples, extractor.label, reference_label(ev), protocol)
     # one evaluator per row: a second one (the sweep racing an event) waits, then finds the row (flows/claims.py)
     with artifact_claim(ArtifactKey("evaluation row", part_url(results_url(root), short_id(key)), short_id(key))):
         if not describe_row(root, key)["complete"]:  # a rerun after a kill between append and cache write: no copy
             with reference_progress(dataset["url"], extractor.label):
                 ref = load_reference_for(ev, dataset["url"], resolution, extractor)
+                options, pr_ref = _protocol_metrics(ev, protocol, int(samples["num_samples"])), None
+                if protocol == "dc-gen" and ev.get("pr_reference"):  # DC-Gen: precision/recall vs the VIRTUAL batch
+                    from dcae15.metrics.adm import adm_reference
+
+                    pr_ref = adm_reference(ev["pr_reference"], extractor)
+            isc = None
+            if protocol == "dc-gen":  # DC-Gen's IS: torch-fidelity's Inception with its own input
+                from dcae15.metrics.fidelity import inception_extractor
+
+                isc = inception_extractor(ev["options"].get("inception_weights"))
             values = generation_metrics(samples["url"], ref, extractor=extractor, resolution=resolution,
-                                        **ev["options"].get("generation", {}))
+                                        protocol=protocol, pr_reference=pr_ref, isc_extractor=isc, **options)
             if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
                 values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
             context = {"backbone": samples["backbone"], "sampler": samples["sampler"],
                        "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
                        "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"],
                        "extractor_fingerprint": extractor.fingerprint, "reference_url": ref.url or "",
+                       "pr_reference": f"adm:{ev['pr_reference']}" if pr_ref is not None else "",
                        **samples.get("sampling", {})}
             # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
             append_results(results_url(root), [{**key, **context, **values}], part_id=short_id(key))
@@ -116,7 +162,7 @@ def _track(root: str, run_id: str, step: int, **logged: Any) -> None:
     try:
         log_evaluation(Root(root).diffusion_run(run_id), int(step), **logged)
     except FileNotFoundError:  # samples of a run kept outside this root: its tracker is not known here
-        get_run_logger().info("run %s is not under %s: evaluation not mirrored to a tracker", run_id, root)
+        _logger().info("run %s is not under %s: evaluation not mirrored to a tracker", run_id, root)
 
 
 def _sample_class_accuracy(extractor: Any, samples_url: str, block: int = 1024) -> float:
@@ -205,12 +251,19 @@ def checkpoints_to_score(run_url: str, which: str) -> list[int]:
 
 @task
 def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str,
-                     classes: list[int] | None = None) -> list[str]:
-    """A run's loss curve and a grid of its samples (a row per shown class: ``classes``, default a bounded spread of
-    them, see ``dcae15.diffusion.plots.grid_classes``), under ``<root>/eval/figures``. The store is read unit by
-    unit and only the grid's images are kept."""
+                     classes: list[int] | None = None, class_names: str | None = None) -> list[str]:
+    """A run's loss curve and a grid of its samples under ``<root>/eval/figures``: a row per shown class
+    (``classes``, default a bounded spread of them, see ``dcae15.diffusion.plots.grid_classes``), each of
+    ``GRID_PER_CLASS`` images, named by ``class_names`` (a ``LOC_synset_mapping.txt``-style file) or the wnid.
+
+    The rows come from the scored store when it holds enough images of every shown class (read unit by unit, only
+    the grid's images kept); otherwise (1000 classes with uniform labels leave most rows short) the grid classes get
+    samples of their own, drawn as DiT's ``sample.py`` draws its figure (given class labels) with the scored store's
+    checkpoint, sampler, guidance and seed, into a small sample store under ``<root>/eval/grid-samples/`` that a
+    rerun finds complete."""
     from dcae15.diffusion.checkpoint import open_run
-    from dcae15.diffusion.plots import collect_grid_images, grid_classes, loss_curve_png, sample_grid_png
+    from dcae15.diffusion.plots import (GRID_PER_CLASS, collect_grid_images, display_names, grid_classes,
+                                        loss_curve_png, read_class_names, rows_filled, sample_grid_png)
     from storage.layout import Root
     from storage.sample_store import SampleStore
     from storage.shards import open_dataset
@@ -219,12 +272,19 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
     store = SampleStore.open(samples_url, read_only=True)
     a = store.attrs
     run_id = a["run_id"]
-    names = list(open_dataset(dataset_url).class_names)
-    rows = grid_classes(len(names), classes)
-    images, labels = collect_grid_images(store.iter_units(), rows)
-    grid = sample_grid_png(images, labels, names, classes=rows,
+    wnids = list(open_dataset(dataset_url).class_names)
+    rows = grid_classes(len(wnids), classes)
+    images, labels = collect_grid_images(store.iter_units(), rows, per_class=GRID_PER_CLASS)
+    source = "the scored samples"
+    if not rows_filled(labels, rows, GRID_PER_CLASS):
+        grid_store = _grid_samples(root, run_url, samples_url, a, rows, GRID_PER_CLASS)
+        images, labels = collect_grid_images(SampleStore.open(grid_store, read_only=True).iter_units(), rows,
+                                             per_class=GRID_PER_CLASS)
+        source = "class-conditional grid samples"
+    names = display_names(wnids, read_class_names(class_names) if class_names else None)
+    grid = sample_grid_png(images, labels, names, classes=rows, per_class=GRID_PER_CLASS,
                            title=f"{run_id} step {a['checkpoint_step']}: {a['sampler']} {a['steps']} steps, "
-                                 f"CFG {a['cfg_scale']}")
+                                 f"CFG {a['cfg_scale']} ({source})")
     rows = open_run(run_url).metrics()
     loss = loss_curve_png(rows, title=f"{run_id}: training loss (EMA weights are sampled)")
     _track(root, run_id, int(a["checkpoint_step"]), images={"samples": grid})
@@ -234,6 +294,40 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
         write_atomic(url, data)
         out.append(url)
     return out
+
+
+def _logger():
+    """The Prefect run's logger inside a flow or task run, else this module's (a task body called directly)."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def _grid_samples(root: str, run_url: str, samples_url: str, attrs: dict[str, Any], rows: list[int],
+                  per_class: int) -> str:
+    """``per_class`` class-conditional samples of each grid class, drawn like the scored store (same checkpoint,
+    sampler, steps, guidance, seed, shift) into ``<sample id>-grid-<key>``; resumes like any sample store."""
+    from dcae15.diffusion.sample import sample_to_store
+    from storage.fingerprint import short_id
+    from storage.layout import Root
+    from storage.urls import join
+
+    sample_id = attrs.get("sample_id") or samples_url.rstrip("/").rsplit("/", 1)[-1]
+    # under eval/, not samples/: the scored stores stay the only sample stores a root lists
+    url = join(Root(root).eval(), "grid-samples", f"{sample_id}-grid-{short_id(rows, per_class)}")
+    n = len(rows) * per_class
+    _logger().info("grid: %d classes x %d class-conditional samples into %s", len(rows), per_class, url)
+    return sample_to_store(run_url, url, num_samples=n, sampler=attrs["sampler"], steps=int(attrs["steps"]),
+                           cfg_scale=float(attrs["cfg_scale"]), seed=int(attrs.get("seed", 0)),
+                           checkpoint=int(attrs["checkpoint_step"]),
+                           guidance_interval=tuple(attrs.get("guidance_interval", (0.0, 1.0))), labels="given",
+                           classes=rows, batch_size=min(n, 64), chunk_size=n, ema=bool(attrs.get("ema", True)),
+                           shift=float(attrs.get("shift", 1.0)), progress=False)
 
 
 def reference_lines(root: str) -> dict[str, dict[str, float]]:

@@ -91,11 +91,11 @@ def describe_samples(url: str) -> dict[str, Any]:
 
 def _sampling_columns(a: dict[str, Any]) -> dict[str, Any]:
     """How the samples were drawn, as the results table's scalar context columns (``labels``, ``classes``,
-    ``guidance_interval``, ``seed``)."""
+    ``guidance_interval``, ``seed``, ``shift``: the flow samplers' timestep shift, 1 when the store records none)."""
     classes = a.get("classes")
     return {"labels": str(a.get("labels", "uniform")), "classes": "all" if classes is None else ",".join(map(str, classes)),
             "guidance_interval": ",".join(str(float(v)) for v in a.get("guidance_interval", (0.0, 1.0))),
-            "seed": int(a.get("seed", 0))}
+            "seed": int(a.get("seed", 0)), "shift": float(a.get("shift", 1.0))}
 
 
 def results_url(root: str) -> str:

@@ -54,4 +54,5 @@ def prepare_images(root: str | None = None, config: ConfigArg = "demo") -> dict[
     cfg = stage_config(root, config)
     data = dataclasses.asdict(cfg.data)
     where = {k: data.pop(k) for k in _WHERE}
+    data.pop("class_names")  # labels figures only: packing (and its cache key) never sees it
     return publish_pointer("prepare", run_cached(pack_images, root=cfg.root, data=data, where=where))

@@ -19,7 +19,8 @@ def prepare_rehearsal(root: str, *, num_classes: int = 1000, per_class: int = 1,
     ``storage.synthetic.make_imagenet_tree``) and ``<root>/weights`` (stand-in Inception and VGG files).
 
     Returns:
-        ``{"source": tree URL, "weights": folder for $DCAE15_WEIGHTS}``.
+        ``{"source": tree URL, "weights": folder for $DCAE15_WEIGHTS, "virtual": a stand-in ADM VIRTUAL batch for
+        ``evaluate.pr_reference``}``.
     """
     from dcae15.metrics.stand_in import write_stand_in_weights
     from storage.layout import Root
@@ -36,7 +37,32 @@ def prepare_rehearsal(root: str, *, num_classes: int = 1000, per_class: int = 1,
     weights = (os.path.join(local_path(root), "weights") if is_local(root)
                else os.path.join(os.path.expanduser("~/.cache"), "dcae15", "stand-in-weights"))
     write_stand_in_weights(weights)
-    return {"source": source, "weights": weights}
+    return {"source": source, "weights": weights, "virtual": _stand_in_virtual_batch(root, source, size)}
+
+
+def _stand_in_virtual_batch(root: str, source: str, size: int, num_images: int = 64) -> str:
+    """A stand-in for ADM's ``VIRTUAL_imagenet256_labeled.npz`` (which the user supplies like the weights): the ADM
+    layout with ``num_images`` centre-cropped images of the tree, no statistics (``evaluate.pr_reference`` of the
+    ``dc-gen`` protocol needs only its images). Written once."""
+    import numpy as np
+
+    from dcae15.metrics.adm import write_adm_npz
+    from dcae15.metrics.inputs import as_image_dataset
+    from storage.layout import Root
+    from storage.urls import exists
+
+    url = Root(root).raw_images(f"VIRTUAL_stand_in_{size}px.npz")
+    if not exists(url):
+        ds, images = as_image_dataset(source, resolution=size), []
+        for i in range(len(ds)):
+            try:
+                images.append(np.asarray(ds[i]).transpose(1, 2, 0))
+            except OSError:  # the tree's truncated / empty files
+                continue
+            if len(images) == num_images:
+                break
+        write_adm_npz(url, [np.stack(images).astype(np.uint8)], len(images))
+    return url
 
 
 class MemoryMonitor:

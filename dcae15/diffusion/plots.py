@@ -10,13 +10,47 @@ import numpy as np
 
 from dcae15.figures import png_bytes, pyplot
 
-__all__ = ["GRID_CLASSES", "MAX_GRID_CLASSES", "grid_classes", "collect_grid_images", "sample_grid_png",
-           "loss_curve_png"]
+__all__ = ["GRID_CLASSES", "GRID_PER_CLASS", "MAX_GRID_CLASSES", "grid_classes", "collect_grid_images",
+           "display_names", "read_class_names", "rows_filled", "sample_grid_png", "loss_curve_png"]
 
 GRID_CLASSES = 16
 """Rows of a sample grid by default: every class up to this many, else this many spread over the class list."""
 MAX_GRID_CLASSES = 100
 """The most rows a grid draws: the canvas (and the PNG) stays a bounded size whatever the class count."""
+GRID_PER_CLASS = 10
+"""Images in every row of a run's sample grid."""
+
+
+def read_class_names(url: str, storage_options: dict | None = None) -> dict[str, str]:
+    """A ``LOC_synset_mapping.txt``-style file (``<wnid> <name>[, <synonym>...]`` per line, as ImageNet's devkit and
+    Kaggle's copy of it ship) as ``{wnid: first name}`` (``n01440764 tench, Tinca tinca`` -> ``tench``).
+
+    Raises:
+        ValueError: a non-empty line without a name after its id (names the line).
+    """
+    from storage.urls import read_bytes
+
+    out: dict[str, str] = {}
+    for i, line in enumerate(read_bytes(url, storage_options).decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        wnid, _, names = line.strip().partition(" ")
+        name = names.split(",")[0].strip()
+        if not name:
+            raise ValueError(f"{url} line {i}: expected '<wnid> <name>[, ...]', got {line!r}")
+        out[wnid] = name
+    return out
+
+
+def display_names(class_ids: Sequence[str], mapping: dict[str, str] | None = None) -> list[str]:
+    """The label of each class in figures: its human-readable name where ``mapping`` has one, else its id (wnid)."""
+    return [mapping.get(str(c), str(c)) if mapping else str(c) for c in class_ids]
+
+
+def rows_filled(labels: np.ndarray, classes: Sequence[int], per_class: int) -> bool:
+    """Whether every one of ``classes`` has at least ``per_class`` of ``labels``."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=max(classes) + 1) if len(labels) else None
+    return counts is not None and all(counts[c] >= per_class for c in classes)
 
 
 def grid_classes(num_classes: int, classes: Sequence[int] | None = None) -> list[int]:

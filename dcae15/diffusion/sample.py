@@ -105,6 +105,7 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
                     cfg_scale: float = 1.0, seed: int = 0, checkpoint: int | str | None = None,
                     guidance_interval: tuple[float, float] = (0.0, 1.0), labels: str = "uniform",
                     classes: list[int] | None = None, batch_size: int = 64, chunk_size: int = 256, ema: bool = True, ae_url: str | None = None,
+                    shift: float = 1.0, atol: float = 1e-5, rtol: float = 1e-5,
                     device: str | torch.device | None = None, precision: str = "auto", progress: bool = True,
                     storage_options: dict | None = None) -> str:
     """Generate ``num_samples`` images into the sample store at ``out_url``; a rerun writes only missing units.
@@ -116,8 +117,10 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
 
     Args:
         run_url: a diffusion run directory.
-        sampler: 'ddpm'/'ddim' (epsilon models) or 'euler'/'heun'/'dopri5' (flow); None = ddpm / heun.
-        steps: sampler steps (respaced DDPM steps, ODE steps); ignored by dopri5.
+        sampler: 'ddpm'/'ddim' (epsilon models) or 'euler'/'heun'/'dopri5'/'sde' (flow); None = ddpm / heun.
+        steps: sampler steps (respaced DDPM steps, ODE steps, SDE model evaluations); ignored by dopri5.
+        shift: flow models' timestep shift (``dcae15.diffusion.samplers.shift_time``); 1 = none.
+        atol, rtol: dopri5's tolerances (DC-Gen's USiT evaluation: 1e-6, 1e-3).
         cfg_scale, guidance_interval: classifier-free guidance and its normalised-time window (1 = noise).
         checkpoint: step number, checkpoint URL, or None for ``latest``.
         labels: 'uniform' or 'balanced' class labels (over ``classes`` when given), or 'given': ``classes`` in
@@ -139,12 +142,15 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
         raise ValueError(f"guidance_interval={guidance_interval!r} must satisfy 0 <= lo <= hi <= 1")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; allowed: {PRECISIONS}")
+    if not shift > 0:
+        raise ValueError(f"shift={shift} must be > 0 (1 = no timestep shift)")
     rank, world, device, created = _distributed(None if device is None else torch.device(device))
     try:
         with rank_zero_claim(out_url, what="sample store", storage_options=storage_options):  # one writer per store
             return _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, checkpoint, (lo, hi),
                            (labels, None if classes is None else [int(c) for c in classes]), batch_size, chunk_size,
-                           ema, ae_url, device, precision, progress, storage_options, rank, world)
+                           ema, ae_url, device, precision, progress, storage_options, rank, world, shift=float(shift),
+                           tol=(float(atol), float(rtol)))
     finally:
         if created:
             import torch.distributed as dist
@@ -153,7 +159,8 @@ def sample_to_store(run_url: str, out_url: str, *, num_samples: int, sampler: st
 
 
 def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, checkpoint, interval, labels, batch_size,
-            chunk_size, ema, ae_url, device, precision, progress, storage_options, rank, world) -> str:
+            chunk_size, ema, ae_url, device, precision, progress, storage_options, rank, world, *,
+            shift: float = 1.0, tol: tuple[float, float] = (1e-5, 1e-5)) -> str:
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
@@ -179,7 +186,9 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
     spec = {"run_id": conf["run_id"], "backbone": conf["train"]["model"], "store_id": conf["store_id"],
             "checkpoint_step": step, "sampler": sampler, "steps": int(steps),
             "cfg_scale": float(cfg_scale), "guidance_interval": [lo, hi], "seed": int(seed), "labels": labels,
-            **({"classes": classes} if classes is not None else {}), "ema": bool(ema), "ae_fingerprint": conf["ae_fingerprint"]}
+            **({"classes": classes} if classes is not None else {}), "ema": bool(ema), "ae_fingerprint": conf["ae_fingerprint"],
+            **({"shift": shift} if shift != 1.0 else {}),  # absent at 1: an unshifted store keeps its fingerprint
+            **({"atol": tol[0], "rtol": tol[1]} if sampler == "dopri5" and tol != (1e-5, 1e-5) else {})}
 
     def create():
         return SampleStore.create(out_url, num_samples=num_samples, height=res, width=res, chunk_size=chunk_size,
@@ -211,7 +220,8 @@ def _sample(run_url, out_url, num_samples, sampler, steps, cfg_scale, seed, chec
             with _autocast(device, precision):
                 z = sample_latents(model, objective, shape=(len(y), *shape), labels=y, sampler=sampler,
                                    steps=steps, generator=gen, cfg_scale=cfg_scale, guidance_interval=(lo, hi),
-                                   null_class=mc["num_classes"], device=device)
+                                   null_class=mc["num_classes"], shift=shift, atol=tol[0], rtol=tol[1],
+                                   device=device)
                 images.append(to_uint8_nhwc(ae.decode(denormalize(z.float(), conf["latent_norm"]))))
         # the marker says who drew the unit: rank, and torchrun's node rank (GROUP_RANK) across nodes
         store.write_unit(unit, np.concatenate(images), all_labels[a:b],

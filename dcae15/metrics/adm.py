@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dcae15.metrics import _io
-from dcae15.metrics.extractor import INCEPTION_NAME, FeatureExtractorSpec
+from dcae15.metrics.extractor import INCEPTION_NAME, INCEPTION_NETWORKS, FeatureExtractorSpec
 from dcae15.metrics.fidelity import extract_features, feature_stats
 from dcae15.metrics.inputs import NpzImages, _open_zip, read_npz_array
 from dcae15.metrics.reference import ReferenceMismatchError, ReferenceStats
@@ -175,14 +175,17 @@ def adm_reference(url: str, extractor: FeatureExtractorSpec, *, cache_url: str |
         FileNotFoundError / ValueError: missing file, no ``arr_0``, truncated arrays, statistics of the wrong size.
         ReferenceMismatchError: ``extractor`` is not the Inception network.
     """
-    if extractor.name != INCEPTION_NAME:
+    if extractor.name not in INCEPTION_NETWORKS:
         raise ReferenceMismatchError(f"ADM reference batch {url} is in TF-Inception feature space; this evaluation "
                                      f"uses {extractor.label}: set evaluate.extractor: inception")
     images = NpzImages(url, storage_options=storage_options)
     f, zf = _open_zip(url, storage_options)
     with f, zf:
         present = {n[:-4] for n in zf.namelist()}
-    stats = {k: read_npz_array(url, k, storage_options) for k in _STAT_KEYS if k in present}
+    # the file's statistics are TF Inception's: another input pipeline (DC-Gen's, for precision/recall) gets
+    # statistics of its own features of the images instead
+    from_file = extractor.name == INCEPTION_NAME
+    stats = {k: read_npz_array(url, k, storage_options) for k in _STAT_KEYS if k in present and from_file}
     for mu, sigma, dim in (("mu", "sigma", 2048), ("mu_s", "sigma_s", 2023)):
         if (mu in stats) != (sigma in stats):
             raise ValueError(f"{url} has {mu if mu in stats else sigma} but not {sigma if mu in stats else mu}")
@@ -212,7 +215,8 @@ def adm_reference(url: str, extractor: FeatureExtractorSpec, *, cache_url: str |
             "kind": "adm", "source_url": str(url), "num_images": len(images), "num_features": n,
             "extractor_label": extractor.label, "extractor_fingerprint": extractor.fingerprint,
             "layer": extractor.layers["fid"], "statistics_from": sorted(stats) or "computed from arr_0",
-            "computed": sorted(computed), "created": time.time()}, storage_options)  # the completion marker, last
+            "computed": sorted(computed), "statistics_from_file": from_file,
+            "created": time.time()}, storage_options)  # the completion marker, last
     attrs = _io.read_json(_io.join(cache, "attrs.json"), storage_options)
     z = _io.read_npz(_io.join(cache, "stats.npz"), storage_options)
     merged = {**{k: z[k] for k in _STAT_KEYS if k in z}, **stats}  # the file's own statistics win

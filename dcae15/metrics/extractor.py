@@ -29,10 +29,13 @@ from storage.urls import read_bytes
 
 __all__ = [
     "INCEPTION_NAME",
+    "INCEPTION_NETWORKS",
     "INCEPTION_WEIGHTS",
+    "PYTORCH_FID_INPUT_NAME",
     "PROXY_NAME",
     "SPATIAL",
     "FeatureExtractorSpec",
+    "InceptionPytorchFidInput",
     "InceptionWithSpatial",
     "MissingWeightsError",
     "ProxyFeatureExtractor",
@@ -46,6 +49,8 @@ INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 PROXY_NAME = "dcae15-proxy"  # torch-fidelity registry name; the weights file says which trained classifier
 SPATIAL = "spatial"  # ADM's sFID features (see InceptionWithSpatial)
 _INCEPTION_SPATIAL_NAME = "dcae15-inception-v3-compat-spatial"  # registry name of InceptionWithSpatial
+PYTORCH_FID_INPUT_NAME = "dcae15-inception-v3-pytorch-fid-input"  # InceptionPytorchFidInput: DC-Gen's FID input
+INCEPTION_NETWORKS = (INCEPTION_NAME, PYTORCH_FID_INPUT_NAME)  # the same 2015-12-05 weights, two input pipelines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +98,9 @@ class FeatureExtractorSpec:
         name = self.name
         if name == INCEPTION_NAME:  # the same network and weights, plus the sFID features when asked for
             name = _register_inception_spatial()
+        elif name == PYTORCH_FID_INPUT_NAME:
+            if name not in FEATURE_EXTRACTORS_REGISTRY:
+                register_feature_extractor(name, InceptionPytorchFidInput)
         else:
             register_proxy_extractor()
         # torch-fidelity itself unpickles with weights_only=False; load safely here and hand it a clean buffer.
@@ -121,16 +129,31 @@ def _file_hash(path: Path) -> str:
     return _FILE_HASHES[key]
 
 
-def inception_extractor(weights: str | os.PathLike | None = None) -> FeatureExtractorSpec:
+def inception_extractor(weights: str | os.PathLike | None = None, *, input: str = "torch-fidelity") -> FeatureExtractorSpec:
     """The standard InceptionV3 (torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``), found offline.
 
     Args:
         weights: explicit file (or folder holding it); else ``$DCAE15_WEIGHTS``, then ``$TORCH_HOME/hub/checkpoints``.
+        input: ``torch-fidelity`` (its TF1-style resize to 299 and ``(x - 128) / 128``: the TF graph ADM runs) or
+            ``pytorch-fid`` (DC-Gen's FID input, :class:`InceptionPytorchFidInput`: the same weights, another label
+            and fingerprint, so its reference statistics are cached apart; no sFID features).
 
     Raises:
         MissingWeightsError: naming the file and the places searched (nothing is ever downloaded).
+        ValueError: an unknown ``input``.
     """
+    if input not in ("torch-fidelity", "pytorch-fid"):
+        raise ValueError(f"input must be 'torch-fidelity' or 'pytorch-fid', got {input!r}")
     path = find_weights(INCEPTION_WEIGHTS, explicit=weights, what="InceptionV3 for FID/IS/precision/recall (torch-fidelity)")
+    if input == "pytorch-fid":
+        return FeatureExtractorSpec(
+            name=PYTORCH_FID_INPUT_NAME,
+            label=f"{INCEPTION_NAME}/pytorch-fid-input",
+            prefix="",
+            fingerprint=f"{_file_hash(path)}-ptfid",
+            weights_path=str(path),
+            layers={"fid": "2048", "isc": "logits_unbiased", "prc": "2048", "kid": "2048"},
+        )
     return FeatureExtractorSpec(
         name=INCEPTION_NAME,
         label=INCEPTION_NAME,
@@ -179,6 +202,36 @@ class InceptionWithSpatial(FeatureExtractorInceptionV3):
     @staticmethod
     def get_provided_features_list():
         return (*FeatureExtractorInceptionV3.get_provided_features_list(), SPATIAL)
+
+
+class InceptionPytorchFidInput(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 fed the way DC-Gen's FID code feeds its pytorch-fid InceptionV3
+    (``dc_gen/apps/metrics/fid/fid.py`` ``FIDStats.add_data``): ``x / 255``, ``Normalize(0.5, 0.5)``, then, unless
+    already 299 px, ``F.interpolate(..., (299, 299), mode="bilinear", align_corners=False)``.
+
+    Both projects ship the same 2015-12-05 weights file; only the input differs (torch-fidelity resizes like TF1 and
+    scales by ``(x - 128) / 128``). The parent's preprocessing still runs; a pre-hook on the first convolution swaps
+    its result for DC-Gen's tensor, so every layer after it is torch-fidelity's.
+    """
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list, **kwargs)
+        self._raw: torch.Tensor | None = None
+        self.Conv2d_1a_3x3.register_forward_pre_hook(self._dcgen_input)
+
+    def _dcgen_input(self, _module, args):
+        x = (self._raw.to(torch.float32) / 255 - 0.5) / 0.5  # (B, 3, H, W) in [-1, 1]
+        if list(x.shape[-2:]) != [self.INPUT_IMAGE_SIZE, self.INPUT_IMAGE_SIZE]:
+            x = F.interpolate(x, size=(self.INPUT_IMAGE_SIZE, self.INPUT_IMAGE_SIZE), mode="bilinear",
+                              align_corners=False)  # (B, 3, 299, 299)
+        return (x.to(args[0].dtype),)
+
+    def forward(self, x):
+        self._raw = x
+        try:
+            return super().forward(x)
+        finally:
+            self._raw = None
 
 
 def _register_inception_spatial() -> str:

@@ -31,6 +31,12 @@ from dcae15.metrics.extractor import (
 )
 from dcae15.metrics.inputs import as_image_dataset
 from dcae15.metrics.labels import NUM_SAMPLES, uniform_labels
+from dcae15.metrics.protocols import (
+    frechet_distance_sqrtm,
+    get_protocol,
+    inception_score_unshuffled,
+    manifold_precision_recall,
+)
 from dcae15.metrics.reference import ReferenceStats
 from dcae15.parallel import default_device
 
@@ -47,6 +53,7 @@ __all__ = [
     "frechet_distance",
     "generation_metrics",
     "inception_extractor",
+    "metrics_from_features",
     "uniform_labels",
 ]
 
@@ -125,9 +132,12 @@ def generation_metrics(
     kid_subset_size: int = 1000,
     prc_batch_size: int = 1000,
     seed: int = 2020,
+    protocol: str | None = None,
+    pr_reference: ReferenceStats | None = None,
+    isc_extractor: FeatureExtractorSpec | None = None,
     verbose: bool = False,
 ) -> dict[str, float]:
-    """FID / IS / precision / recall / KID of ``samples`` against ``reference``, via torch-fidelity.
+    """FID / IS / precision / recall / KID of ``samples`` against ``reference``, by the rules of ``protocol``.
 
     Args:
         samples: generated images: a uint8 array/tensor [N,H,W,3], a torch Dataset of uint8 [3,H,W], or the URL
@@ -140,7 +150,15 @@ def generation_metrics(
         resolution: centre-crop size for folder / packed-dataset inputs.
         prc_batch_size: rows of each block of pairwise feature distances for precision/recall (the same numbers
             for any size; memory ~ 3 x 4 B x ``prc_batch_size`` x N: torch-fidelity's 10 000 took ~3 GB at N =
-            20 000, bench/RESULTS.md).
+            20 000, bench/RESULTS.md); torch-fidelity's formulas only (``adm`` / ``dc-gen`` use the reference
+            code's 10 000-row blocks).
+        protocol: a name of ``dcae15.metrics.protocols.PROTOCOLS`` (``dc-gen``, ``adm``, ``torch-fidelity``,
+            ``proxy``): which IS split rule, precision/recall rule and FID formula apply (``metrics_from_features``);
+            None: ``proxy`` for the proxy extractor, ``torch-fidelity`` for Inception.
+        pr_reference: the reference of precision/recall when it is not ``reference`` (``dc-gen``: the ADM VIRTUAL
+            batch, ``dcae15.metrics.adm.adm_reference``).
+        isc_extractor: the network of IS when it is not ``extractor`` (``dc-gen``: DC-Gen takes FID and
+            precision/recall features from its pytorch-fid-style input, IS from torch-fidelity's own Inception).
 
     Returns:
         ``{name: value}`` with names prefixed by ``extractor.prefix`` (``fid`` or ``proxy-fid``); IS also reports
@@ -158,13 +176,20 @@ def generation_metrics(
                          f"{prc_neighborhood}, {prc_batch_size}")
     families = list(dict.fromkeys(_LAYER_FOR[m] for m in metrics))
     dev = default_device(device)
-    net = extractor.build([extractor.layers[f] for f in families], dev)
+    own = [f for f in families if not (f == "isc" and isc_extractor is not None)]
+    net = extractor.build([extractor.layers[f] for f in own], dev) if own else None
     feats = extract_features(
-        samples, extractor, families=families, batch_size=batch_size, device=dev, resolution=resolution,
+        samples, extractor, families=own, batch_size=batch_size, device=dev, resolution=resolution,
         feature_net=net, verbose=verbose,
-    )
+    ) if own else {}
+    if len(own) < len(families):  # IS from its own network (a second pass over the samples)
+        feats["isc"] = extract_features(samples, isc_extractor, families=["isc"], batch_size=batch_size, device=dev,
+                                        resolution=resolution, verbose=verbose)["isc"]
     ref_families = [f for f in families if f != "isc"]
     ref_s: tuple[np.ndarray, np.ndarray] | None = None
+    ref, ref_mu, ref_sigma = {}, None, None
+    if pr_reference is not None:
+        pr_reference.check_extractor(extractor)
     if isinstance(reference, ReferenceStats):
         reference.check_extractor(extractor)
         ref = {f: reference.features for f in ref_families if f not in ("fid", "sfid")}
@@ -181,6 +206,51 @@ def generation_metrics(
         )
         ref_mu, ref_sigma = feature_stats(ref["fid"]) if "fid" in ref else (None, None)
         ref_s = feature_stats(ref["sfid"]) if "sfid" in ref else None
+    sample_feats = {f: feats[f] for f in feats}
+    ref_feats = {f: ref[f] for f in ref_families if f not in ("fid", "sfid")}
+    return metrics_from_features(
+        sample_feats, ref_feats, (ref_mu, ref_sigma), extractor=extractor, metrics=metrics, ref_spatial=ref_s,
+        protocol=protocol, pr_features=None if pr_reference is None else pr_reference.features,
+        isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size, prc_batch_size=prc_batch_size, seed=seed, device=dev, verbose=verbose)
+
+
+def metrics_from_features(
+    feats: dict[str, Any],
+    ref: dict[str, Any],
+    ref_stats: tuple[np.ndarray | None, np.ndarray | None],
+    *,
+    extractor: FeatureExtractorSpec,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    ref_spatial: tuple[np.ndarray, np.ndarray] | None = None,
+    protocol: str | None = None,
+    pr_features: Any = None,
+    isc_splits: int = 10,
+    prc_neighborhood: int = 3,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    prc_batch_size: int = 1000,
+    seed: int = 2020,
+    device: str | torch.device | None = None,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """The numbers of ``generation_metrics`` from stored activations, by the rules of ``protocol``.
+
+    Args:
+        feats: the samples' features by family (``fid``, ``sfid``, ``isc`` (logits), ``prc``, ``kid``).
+        ref: the reference's features by family (``prc``, ``kid``) when those metrics are asked for.
+        ref_stats: the reference's (mu, sigma) for FID.
+        ref_spatial: its (mu_s, sigma_s) for sFID.
+        protocol: ``dcae15.metrics.protocols.PROTOCOLS``: ``adm`` takes ADM's unshuffled 5 000-image IS splits and
+            its fp16 precision/recall, ``dc-gen`` DC-Gen's fp32 precision/recall, both the sqrtm FID;
+            ``torch-fidelity`` / ``proxy`` torch-fidelity's formulas.
+        pr_features: reference features for precision/recall instead of ``ref["prc"]`` (``dc-gen``: the ADM
+            VIRTUAL batch's images while FID compares with the train split).
+    """
+    proto = get_protocol(protocol or ("proxy" if extractor.prefix == "proxy-" else "torch-fidelity"))
+    if (proto.extractor == "proxy") != (extractor.prefix == "proxy-"):
+        raise ValueError(f"protocol {proto.name!r} needs the {proto.extractor} feature network, got {extractor.label}")
+    fid_fn = frechet_distance_sqrtm if proto.fid_rule == "sqrtm" else frechet_distance
     tf_kwargs = dict(
         isc_splits=isc_splits, prc_neighborhood=prc_neighborhood, kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size, rng_seed=seed, save_cpu_ram=True, prc_batch_size=prc_batch_size,
@@ -189,20 +259,29 @@ def generation_metrics(
     out: dict[str, float] = {}
     name = extractor.metric_name
     if "fid" in metrics:
-        out[name("fid")] = frechet_distance(*feature_stats(feats["fid"]), ref_mu, ref_sigma)
+        out[name("fid")] = fid_fn(*feature_stats(feats["fid"]), *ref_stats)
     if "sfid" in metrics:
-        out[name("sfid")] = frechet_distance(*feature_stats(feats["sfid"]), *ref_s)
+        out[name("sfid")] = fid_fn(*feature_stats(feats["sfid"]), *ref_spatial)
     if "is" in metrics:
-        isc = isc_features_to_metric(feats["isc"], isc_splits, True, seed)
+        logits = torch.as_tensor(feats["isc"])
+        if proto.is_rule == "unshuffled-5000":  # ADM: consecutive 5 000-image splits, no permutation
+            isc = inception_score_unshuffled(logits, split_size=5000)
+        else:  # torch-fidelity / DC-Gen: ``isc_splits`` splits after a RandomState(seed) permutation
+            isc = isc_features_to_metric(logits, isc_splits, True, seed)
         out[name("is")] = isc["inception_score_mean"]
         out[name("is_std")] = isc["inception_score_std"]
     if "precision" in metrics or "recall" in metrics:
-        prc = prc_features_to_metric(feats["prc"].float(), torch.as_tensor(ref["prc"]).float(), **tf_kwargs)
+        pr_ref = torch.as_tensor(pr_features if pr_features is not None else ref["prc"]).float()
+        smp = torch.as_tensor(feats["prc"]).float()
+        if proto.pr_rule in ("fp16-fallback", "fp32"):
+            prc = manifold_precision_recall(pr_ref, smp, k=prc_neighborhood, rule=proto.pr_rule, device=device)
+        else:
+            prc = prc_features_to_metric(smp, pr_ref, **tf_kwargs)
         for m in ("precision", "recall"):
             if m in metrics:
                 out[name(m)] = float(prc[m])
     if "kid" in metrics:
-        f1, f2 = feats["kid"].float(), torch.as_tensor(ref["kid"]).float()
+        f1, f2 = torch.as_tensor(feats["kid"]).float(), torch.as_tensor(ref["kid"]).float()
         size = min(kid_subset_size, len(f1), len(f2))  # small evaluations: subsets as large as the sets allow
         kid = kid_features_to_metric(f1, f2, **{**tf_kwargs, "kid_subset_size": size})
         out[name("kid")] = kid["kernel_inception_distance_mean"]

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dcae15.metrics import _io
-from dcae15.metrics.extractor import INCEPTION_NAME, FeatureExtractorSpec
+from dcae15.metrics.extractor import INCEPTION_NAME, INCEPTION_NETWORKS, FeatureExtractorSpec
 from dcae15.metrics.inputs import as_image_dataset, dataset_fingerprint, default_cache_url
 from dcae15.parallel import default_device
 from storage.fingerprint import short_id
@@ -112,7 +112,9 @@ class ReferenceStats:
     def check_extractor(self, extractor: FeatureExtractorSpec) -> None:
         """Refuse to compare features from different networks (names both fingerprints)."""
         if self.kind == "adm":  # its mu/sigma come from ADM's TF Inception graph, which only the Inception port matches
-            if extractor.name != INCEPTION_NAME or self.attrs.get("extractor_fingerprint") != extractor.fingerprint:
+            ok = extractor.name == INCEPTION_NAME or (extractor.name in INCEPTION_NETWORKS
+                                                      and not self.attrs.get("statistics_from_file", True))
+            if not ok or self.attrs.get("extractor_fingerprint") != extractor.fingerprint:
                 raise ReferenceMismatchError(
                     f"ADM reference batch {self.attrs.get('source_url')} holds statistics of the TF InceptionV3 and "
                     f"features of extractor {self.attrs.get('extractor_fingerprint')}, but this evaluation uses "

@@ -4,13 +4,15 @@ Rows are long: one (context, ``metric``, ``value``) row per number. Context colu
 ``run_id``, ``backbone``, ``autoencoder``, ``store``, ``samples_url``, ``sampler``, ``sampling_steps``,
 ``cfg_scale``, ``num_samples``, ``feature_extractor`` (+ ``extractor_fingerprint``), ``reference`` (``train-split`` or
 ``adm:<npz>``, + ``reference_url``), ``step`` (training step), ``dataset_fingerprint``, the sampling fields ``labels``,
-``classes``, ``guidance_interval``, ``seed``, ``time``;
+``classes``, ``guidance_interval``, ``seed``, ``time``, ``protocol`` (``dcae15.metrics.protocols``: ``dc-gen``,
+``adm``, ``proxy``, ``torch-fidelity``; empty in rows written before protocols existed) and ``pr_reference``;
 any other scalar a caller adds becomes a column too. Appending writes a new ``part-<time>-<uuid>.parquet`` object,
 so concurrent evaluators never read-modify-write a shared object; reading concatenates the parts.
 
 Metric names carry their feature network: ``fid``/``is``/... come from Inception, ``proxy-fid``/... from the demo's
 proxy classifier; the ``feature_extractor`` column names the exact network. Plots draw one figure per feature
-extractor, so proxy and Inception numbers never share axes.
+extractor, so proxy and Inception numbers never share axes, and one line per (run, protocol), so numbers of
+different protocols never share a line.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ CONTEXT_COLUMNS = {
     "num_samples": "int64", "feature_extractor": "string", "step": "int64", "dataset_fingerprint": "string",
     "reference": "string", "reference_url": "string", "extractor_fingerprint": "string",
     "labels": "string", "classes": "string", "guidance_interval": "string", "seed": "int64",
+    "protocol": "string", "pr_reference": "string", "shift": "float64",
 }
 _BASE_METRICS = ("fid", "sfid", "is", "is_std", "precision", "recall", "kid", "kid_std", "rfid", "psnr", "ssim", "lpips",
                  "classifier_accuracy", "class_accuracy")
@@ -222,7 +225,7 @@ def has_result(table_url: str, *, storage_options: dict | None = None, **match: 
 
 
 _SHOW = ("run_id", "backbone", "step", "sampler", "sampling_steps", "cfg_scale", "num_samples", "feature_extractor",
-         "metric", "value")
+         "protocol", "metric", "value")
 
 
 def format_table(table: ResultsTable, columns: Sequence[str] = _SHOW) -> str:
@@ -233,7 +236,7 @@ def format_table(table: ResultsTable, columns: Sequence[str] = _SHOW) -> str:
     rows = table.rows()
     rows.sort(key=lambda r: tuple(str(r.get(c) if r.get(c) is not None else "")
                                   if c != "step" else f"{r.get(c) or 0:012d}"
-                                  for c in ("feature_extractor", "metric", "run_id", "step")))
+                                  for c in ("feature_extractor", "protocol", "metric", "run_id", "step")))
 
     def fmt(v: Any) -> str:
         if v is None:
@@ -273,12 +276,14 @@ def plot_results(table_url: str, out_url: str, *, references: Mapping[str, Mappi
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
             m = sub.select(np.array([v == metric for v in sub["metric"]]))
-            for run in sorted({str(v) for v in m["run_id"]}):
-                r = m.select(np.array([str(v) == run for v in m["run_id"]]))
+            lines = sorted({(str(v), str(p or "")) for v, p in zip(m["run_id"], m["protocol"])})
+            for run, protocol in lines:  # a line never mixes protocols
+                r = m.select(np.array([str(v) == run and str(p or "") == protocol
+                                       for v, p in zip(m["run_id"], m["protocol"])]))
                 steps = np.array([s if s is not None else 0 for s in r["step"]], dtype=np.int64)
                 order = np.argsort(steps, kind="stable")
                 backbone = next((str(b) for b in r["backbone"] if b), "")
-                label = f"{backbone} {run[:10]}".strip()
+                label = f"{backbone} {run[:10]}".strip() + (f" [{protocol}]" if protocol else "")
                 ax.plot(steps[order], np.asarray(r["value"], dtype=float)[order], marker="o", label=label)
             if metric in refs:
                 ax.axhline(refs[metric], color="k", ls="--", lw=1, label="AE reconstructions")

@@ -74,7 +74,8 @@ def _expected_mean(obj, sampler, mu, s):
 
 # (objective, sampler, steps): every sampler, both DDPM beta schedules
 SAMPLERS = [("ddpm-linear", "ddpm", 100), ("ddpm-linear", "ddim", 50), ("ddpm-scaled-linear", "ddpm", 100),
-            ("ddpm-scaled-linear", "ddim", 50), ("flow", "euler", 100), ("flow", "heun", 30), ("flow", "dopri5", 1)]
+            ("ddpm-scaled-linear", "ddim", 50), ("flow", "euler", 100), ("flow", "heun", 30), ("flow", "dopri5", 1),
+            ("flow", "sde", 100)]
 
 
 @pytest.mark.parametrize("name,sampler,steps", SAMPLERS)

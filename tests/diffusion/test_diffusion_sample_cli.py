@@ -91,3 +91,65 @@ def test_given_classes_grid_png_dir_and_export(tiny_run):
     save_file({"x": torch.zeros(1)}, str(root / "other.safetensors"))
     with pytest.raises(ValueError, match="not a dcae15 weights export"):
         load_exported(str(root / "other.safetensors"))
+
+
+def test_sde_sampler_and_shift_reach_the_sample_store(tiny_run):
+    """Issue 31: ``--sampler sde --shift S`` are sample-section fields, enter the sample spec only when not the
+    default (an unshifted store keeps its id), and are recorded in the store it writes."""
+    from dcae15.diffusion.sample import sample_to_store
+    from flows.cli import build_parser, sample_overrides
+    from flows.config import load_config
+    from storage.sample_store import SampleStore
+
+    over = sample_overrides(build_parser().parse_args(["sample", "--run", "r", "--sampler", "sde", "--shift", "3"]))
+    assert over == {"sampler": "sde", "shift": 3.0}
+    spec = load_config("tiny", {"sample": over}).sample.spec()
+    assert spec["sampler"] == "sde" and spec["shift"] == 3.0
+    assert "shift" not in load_config("tiny", {}).sample.spec()
+    with pytest.raises(ValueError, match="sample.shift must be > 0"):
+        load_config("tiny", {"sample": {"shift": 0}})
+    root, run = tiny_run
+    url = sample_to_store(run, str(root / "sde"), num_samples=3, sampler="sde", steps=3, shift=3.0, batch_size=4,
+                          chunk_size=4, progress=False)
+    store = SampleStore.open(url)
+    assert (store.attrs["sampler"], store.attrs["shift"]) == ("sde", 3.0)
+    images, _ = store.read_all()
+    assert images.shape[0] == 3 and images.std() > 0
+
+
+def test_grid_at_1000_classes_gets_class_conditional_rows_with_names(tmp_path, tiny_run_factory, monkeypatch):
+    """Issue 31 item 6: 24 uniform samples over 1000 classes fill almost no grid row; the figure task then draws
+    ``GRID_PER_CLASS`` class-conditional samples of every grid class (as DiT's sample.py), so no row is empty, and
+    names the rows from a LOC_synset_mapping.txt-style file (the wnid where the file has no name)."""
+    import storage.shards
+    from dcae15.diffusion import plots
+    from dcae15.diffusion.sample import sample_to_store
+    from flows.evaluate import draw_run_figures
+    from storage.sample_store import SampleStore
+
+    root = tmp_path / "root"
+    run = tiny_run_factory(tmp_path / "run1000", num_classes=1000, steps=2, log_every=1)
+    samples = sample_to_store(run, str(root / "samples" / "uniform"), num_samples=24, sampler="euler", steps=2,
+                              cfg_scale=1.5, batch_size=24, chunk_size=24, progress=False)
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    mapping = tmp_path / "LOC_synset_mapping.txt"
+    mapping.write_text("".join(f"{w} class {i}, synonym\n" for i, w in enumerate(wnids) if i != 333))
+    monkeypatch.setattr(storage.shards, "open_dataset", lambda url: type("DS", (), {"class_names": wnids})())
+    drawn = {}
+    real = plots.sample_grid_png
+
+    def spy(images, labels, names, **kw):
+        drawn.update(labels=np.asarray(labels), names=list(names), **kw)
+        return real(images, labels, names, **kw)
+
+    monkeypatch.setattr(plots, "sample_grid_png", spy)
+    pngs = draw_run_figures.fn(str(root), run, samples, "unused", classes=[0, 88, 333, 999],
+                               class_names=str(mapping))
+    assert len(pngs) == 2
+    counts = np.bincount(drawn["labels"], minlength=1000)
+    assert [counts[c] for c in (0, 88, 333, 999)] == [plots.GRID_PER_CLASS] * 4  # every row full, fixed count
+    assert [drawn["names"][c] for c in (0, 88, 333, 999)] == ["class 0", "class 88", "n00000333", "class 999"]
+    grid_store = [p for p in (root / "eval" / "grid-samples").iterdir() if p.name.startswith("uniform-grid-")]
+    assert len(grid_store) == 1 and SampleStore.open(str(grid_store[0])).attrs["labels"] == "given"
+    # a store that already holds enough of every grid class is drawn from as it is
+    assert plots.rows_filled(np.repeat([0, 1], 10), [0, 1], 10) and not plots.rows_filled(np.array([0]), [0, 1], 1)

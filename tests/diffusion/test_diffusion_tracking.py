@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import struct
 
 import numpy as np
@@ -41,10 +42,10 @@ def test_training_and_evaluation_land_in_tensorboard(tmp_path, tiny_run_factory)
     np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in rows], rtol=1e-6)
     for tag in ("train/grad_norm", "train/lr", "train/c_prime", "train/img_per_s"):
         assert len(scalars[tag]) == 2, tag
-    assert scalars["eval/fid"] == [(4, 12.5)] and images == ["samples"]
+    assert scalars["eval/fid"] == [(4, 12.5)] and images == ["eval/samples"]
 
 
-def _wandb_records(path):
+def _wandb_records(path, metrics=None):
     """History rows of a W&B offline ``.wandb`` file (LevelDB log format: 32 KiB blocks of CRC/length/type records)."""
     from wandb.proto import wandb_internal_pb2
 
@@ -64,6 +65,8 @@ def _wandb_records(path):
             buf = b""
             if rec.WhichOneof("record_type") == "history":
                 rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+            elif rec.WhichOneof("record_type") == "metric" and metrics is not None:
+                metrics[rec.metric.glob_name or rec.metric.name] = rec.metric.step_metric
     return rows
 
 
@@ -76,11 +79,51 @@ def test_wandb_offline_run_dir(tmp_path, monkeypatch):
                       run_id="DiT-tiny-abc", config={"lr": 1e-3}) as tr:
         tr.log_metrics({"loss": 0.5, "lr": 1e-3, "channels": "x"}, 10, prefix="train/")
         tr.log_metrics({"fid": 7.0}, 20, prefix="eval/")
-        tr.log_image("samples", np.zeros((8, 8, 3), np.uint8), 20)
+        tr.log_image("eval/samples", np.zeros((8, 8, 3), np.uint8), 20)
     (path,) = glob.glob(str(tmp_path / "run" / "tracking" / "wandb" / "offline-run-*-DiT-tiny-abc" / "run-*.wandb"))
-    rows = _wandb_records(path)
-    assert [(r["_step"], r.get("train/loss"), r.get("eval/fid")) for r in rows] == [(10, 0.5, None), (20, None, 7.0)]
-    assert rows[1]["samples/_type"] == "image-file"
+    metrics = {}
+    rows = _wandb_records(path, metrics)
+    # W&B may put an eval row into the row of the pending training step; what counts is that it is not logged at
+    # an explicit (droppable) step and carries its checkpoint as eval/step
+    assert [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r] == [(10, 0.5)]
+    assert [(r["eval/fid"], r["eval/step"]) for r in rows if "eval/fid" in r] == [(7.0, 20)]
+    assert [(r["eval/samples/_type"], r["eval/step"]) for r in rows if "eval/samples/_type" in r] == [("image-file", 20)]
+    assert metrics["eval/*"] == "eval/step"  # eval numbers are plotted against the checkpoint step
+
+
+def test_evaluations_out_of_order_survive_in_wandb_and_tensorboard(tmp_path, monkeypatch):
+    """Issue 31 item 5: training logs steps 10..30, then two evaluation writers (other processes in real life)
+    log checkpoint 20 and then checkpoint 10, lower than the run's step. W&B: each evaluation row carries its
+    checkpoint as ``eval/step`` and no explicit step (W&B drops explicit steps lower than the run's), in every
+    writer's offline file; TensorBoard: every (tag, step) of the three writers reads back."""
+    pytest.importorskip("wandb")
+    from dcae15.tracking import open_tracker
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for backend in ("wandb", "tensorboard"):
+        cfg = {"backend": backend, "project": "dcae15-test", "offline": True}
+        run = str(tmp_path / backend / "run")
+        with open_tracker(cfg, run_url=run, run_id="USiT-tiny-ooo") as tr:
+            for step in (10, 20, 30):
+                tr.log_metrics({"loss": 1.0 / step}, step, prefix="train/")
+        for step, fid in ((20, 5.0), (10, 9.0)):  # the sweep scores the older checkpoint last
+            with open_tracker(cfg, run_url=run, run_id="USiT-tiny-ooo") as tr:
+                tr.log_metrics({"fid": fid}, step, prefix="eval/")
+                tr.log_image("eval/samples", np.full((4, 4, 3), step, np.uint8), step)
+    files = sorted(glob.glob(str(tmp_path / "wandb" / "run" / "tracking" / "wandb" / "offline-run-*" / "run-*.wandb")),
+                   key=lambda f: os.path.getmtime(f))
+    assert len(files) == 3  # one offline run file per writer, all for the same W&B run id
+    rows, metrics = [], {}
+    for f in files:
+        rows += _wandb_records(f, metrics)
+    train = [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    evals = [(r["eval/step"], r["eval/fid"]) for r in rows if "eval/fid" in r]
+    assert [s for s, _ in train] == [10, 20, 30] and np.allclose([v for _, v in train], [0.1, 0.05, 1.0 / 30])
+    assert sorted(evals) == [(10, 9.0), (20, 5.0)]
+    assert metrics["eval/*"] == "eval/step"
+    scalars, images = _tb_scalars(str(tmp_path / "tensorboard" / "run" / "tracking" / "tensorboard"))
+    assert sorted(scalars["eval/fid"]) == [(10, 9.0), (20, 5.0)] and len(scalars["train/loss"]) == 3
+    assert images == ["eval/samples"]
 
 
 def test_mlflow_file_store(tmp_path):

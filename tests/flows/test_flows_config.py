@@ -126,3 +126,83 @@ def test_cli_refuses_a_bad_set_before_prefect_is_imported():
     for _, words in cases:
         for w in words:
             assert w in out, (w, out)
+
+
+def test_evaluate_protocol_fixes_reference_and_extractor():
+    """``evaluate.protocol`` (issue 31): ImageNet's default is the DC-AE 1.5 paper's (dc-gen), the demo's proxy stays
+    proxy, ``auto`` picks adm for an ADM reference batch, and a protocol with the wrong reference or network is
+    refused naming the field."""
+    cfg = load_config("imagenet")
+    assert (cfg.evaluate.protocol, cfg.evaluate.reference) == ("dc-gen", "train")
+    assert cfg.evaluate.pr_reference.endswith("VIRTUAL_imagenet256_labeled.npz")
+    assert load_config("tiny").evaluate.protocol == "proxy"
+    adm = load_config("imagenet", {"evaluate": {"protocol": "auto", "pr_reference": None,
+                                                "reference": "/w/VIRTUAL_imagenet256_labeled.npz"}})
+    assert adm.evaluate.protocol == "adm"
+    assert load_config(adm.to_dict()).evaluate.protocol == "adm"  # a resolved name loads back
+    for raw, words in [
+        ({"evaluate": {"protocol": "fid50k"}}, ["evaluate.protocol", "dc-gen", "adm"]),
+        ({"evaluate": {"protocol": "adm", "pr_reference": None}}, ["evaluate.protocol adm", "evaluate.reference",
+                                                                    "VIRTUAL"]),
+        ({"evaluate": {"protocol": "dc-gen", "reference": "/w/v.npz"}}, ["evaluate.reference: train"]),
+        ({"evaluate": {"protocol": "adm", "reference": "/w/v.npz"}}, ["evaluate.pr_reference", "dc-gen"]),
+        ({"evaluate": {"pr_reference": "/w/v.txt"}}, ["evaluate.pr_reference", ".npz"]),
+    ]:
+        with pytest.raises(ValueError) as err:
+            load_config("imagenet", raw)
+        for w in words:
+            assert w in str(err.value), (w, str(err.value))
+    with pytest.raises(ValueError, match="evaluate.extractor: inception"):
+        load_config("tiny", {"evaluate": {"protocol": "dc-gen"}})
+
+
+def _tagged_fields(path: Path) -> dict[str, str]:
+    """``{dotted.path: tag}`` of every ``key: value  # [tag] ...`` line of a YAML file (block mappings only: the
+    items of a list are skipped)."""
+    import re
+
+    out, stack, skip_below = {}, [], None
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if skip_below is not None:
+            if indent > skip_below:
+                continue
+            skip_below = None
+        if line.lstrip().startswith("-"):  # a list under the last key: its items are not fields of the section
+            skip_below = stack[-1][0] if stack else 0
+            continue
+        m = re.match(r"^(\s*)([A-Za-z_][\w]*):\s*(.*)$", line)
+        if not m:
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m.group(2)))
+        tag = re.search(r"#\s*\[(\w+)\]", m.group(3))
+        if tag:
+            out[".".join(k for _, k in stack)] = tag.group(1)
+    return out
+
+
+def test_imagenet_tags_machine_fields_enter_no_run_or_sample_id():
+    """Issue 31 item 3: a ``[machine]`` field of imagenet.yaml changes no result, so it is in no id: not in the
+    diffusion run's identity, not in an autoencoder phase's, not in the sample spec the sample id is made from."""
+    from flows.config import CONFIG_DIR
+
+    tags = _tagged_fields(CONFIG_DIR / "imagenet.yaml")
+    assert tags["sample.sampler"] == "official" and tags["sample.precision"] != "machine"
+    assert tags["diffusion.train.ema_warmup"] == "ours"
+    assert set(tags.values()) <= {"paper", "official", "ours", "machine"}, set(tags.values())
+    cfg = load_config("imagenet")
+    machine = [p for p, t in tags.items() if t == "machine"]
+    assert machine, "the tag parser found no [machine] field"
+    ids = {"diffusion.train.": set(cfg.diffusion.train.identity()), "sample.": set(cfg.sample.spec()),
+           "autoencoder.train.": set().union(*(set(p.identity()) for p in cfg.autoencoder.phases))}
+    for path in machine:
+        for prefix, fields in ids.items():
+            if path.startswith(prefix):
+                assert path[len(prefix):] not in fields, f"{path} is tagged [machine] but enters an id"
+    # the other way round: every field a sample id is made of is tagged something else
+    for field in cfg.sample.spec():
+        assert tags.get(f"sample.{field}", "untagged") != "machine", field

@@ -126,7 +126,9 @@ def test_rehearsal_smaller_variant_runs_every_stage(tmp_path, prefect_api, capsy
                   "evaluate_samples", "draw_run_figures"):
         assert stage in out.split("=== stages")[1], stage
     rows = read_results(Root(str(root)).results()).rows()
-    assert {r["feature_extractor"] for r in rows} == {"inception-v3-compat"}
+    # imagenet.yaml's protocol is the DC-AE 1.5 paper's (dc-gen): Inception fed as DC-Gen feeds it
+    assert {r["feature_extractor"] for r in rows} == {"inception-v3-compat/pytorch-fid-input"}
+    assert {r["protocol"] for r in rows} == {"dc-gen"} and all(r["pr_reference"].startswith("adm:") for r in rows)
     got = {(r["step"], r["metric"]) for r in rows if math.isfinite(r["value"])}
     assert {(s, m) for s in (2, 4) for m in ("fid", "is", "precision", "recall")} <= got  # every kept checkpoint
     assert "checkpoint events: 2" in out and "0 new result rows" in out  # the event-triggered evaluation's path

@@ -117,6 +117,26 @@ def test_metrics_adm_reference_equals_statistics_of_its_images(tmp_path, stand_i
     # the same images against their own statistics: zero up to round-off (stand-in weights give tiny features)
     assert abs(out["fid"]) <= 1e-4 * np.trace(ours.sigma) and abs(out["sfid"]) <= 1e-4 * np.trace(ours.sigma_s)
     assert out["precision"] == 1.0
+    # by protocol (issue 31): adm takes everything from the batch, dc-gen FID from the train split and
+    # precision/recall from the batch; both with the sqrtm FID
+    adm = generation_metrics(plain, ref_full, extractor=spec, metrics=("fid", "is", "precision", "recall"),
+                             device="cpu", protocol="adm")
+    assert abs(adm["fid"]) <= 1e-4 * np.trace(ours.sigma) and adm["precision"] == adm["recall"] == 1.0
+    assert adm["is"] >= 1.0 - 1e-9
+    # dc-gen: FID and precision/recall features through DC-Gen's input pipeline (references cached apart; the
+    # batch's own TF statistics are not used with it), IS through torch-fidelity's own Inception
+    dg = inception_extractor(stand_in_inception, input="pytorch-fid")
+    ours_dg = get_reference(str(tmp_path / "train"), 32, dg, cache_url=str(tmp_path / "cache"))
+    pr_dg = adm_reference(full, dg)
+    assert pr_dg.attrs["statistics_from_file"] is False and pr_dg.url != ref_full.url
+    with pytest.raises(ReferenceMismatchError):
+        ours.check_extractor(dg)
+    dcgen = generation_metrics(plain, ours_dg, extractor=dg, metrics=("fid", "is", "precision", "recall"),
+                               device="cpu", protocol="dc-gen", pr_reference=pr_dg, isc_extractor=spec, isc_splits=2)
+    assert abs(dcgen["fid"]) <= 1e-4 * np.trace(ours_dg.sigma) and dcgen["precision"] == dcgen["recall"] == 1.0
+    std_is = generation_metrics(plain, ours, extractor=spec, metrics=("is",), device="cpu", protocol="dc-gen",
+                                isc_splits=2)
+    assert np.isfinite(dcgen["is"]) and dcgen["is"] == pytest.approx(std_is["is"], rel=1e-9)  # IS from the standard input either way
     with pytest.raises(ReferenceMismatchError, match="standard Inception"):
         ours.attrs = {**ref_full.attrs, "extractor_fingerprint": "other"}
         ours.check_extractor(spec)

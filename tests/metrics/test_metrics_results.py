@@ -66,3 +66,28 @@ def test_metrics_results_print_plot_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "20" in out and "proxy-fid" not in out.split("wrote")[0] and "results-proxy-abc.png" in out
     assert main(["nope"]) == 2
+
+
+def test_metrics_results_protocols_never_share_a_plot_line(tmp_path, monkeypatch):
+    """Rows of one run scored under two protocols (issue 31) are two lines, each labelled with its protocol; the
+    protocol is a column of every row."""
+    import matplotlib.axes
+
+    from dcae15.metrics.results import append_results, plot_results, read_results
+
+    url = str(tmp_path / "results")
+    for protocol, fid in (("dc-gen", 2.0), ("adm", 2.5)):
+        for step in (10, 20):
+            append_results(url, [{"run_id": "r1", "backbone": "USiT-H", "step": step, "protocol": protocol,
+                                  "feature_extractor": "inception-v3-compat", "fid": fid + step / 100}])
+    assert sorted({r["protocol"] for r in read_results(url).rows()}) == ["adm", "dc-gen"]
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(self, x, y, *args, **kwargs):
+        drawn.append((kwargs.get("label"), list(x), list(y)))
+        return real_plot(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    assert plot_results(url, str(tmp_path / "plots"))
+    assert sorted(drawn) == [("USiT-H r1 [adm]", [10, 20], [2.6, 2.7]), ("USiT-H r1 [dc-gen]", [10, 20], [2.1, 2.2])]

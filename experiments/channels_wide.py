@@ -1,0 +1,422 @@
+"""Issue 32: the channel sweep without its confound — a backbone wider than the token at every c, an independent
+judge, CFG 1 beside CFG 2.5, and the paper's recipe knobs (literal c' list, include_full) at the largest c.
+
+Run from the repository root (two workers share the machine's two cores; a rerun skips finished runs):
+
+    .venv/bin/python -m experiments.channels_wide --root /work/exp32 --worker 0 --workers 2 &
+    .venv/bin/python -m experiments.channels_wide --root /work/exp32 --worker 1 --workers 2 &
+    wait; .venv/bin/python -m experiments.channels_wide --root /work/exp32 --report-only --results-dir experiments
+    .venv/bin/python -m experiments.diagnostics --root /work/exp32        # and --root <an old fmnist root>
+
+The decision rules are declared in ``claims-wide.md`` / ``claims_wide.CLAIMS_WIDE`` (committed before any run).
+Data, AEs and their budgets are the ``fmnist`` sweep's (``experiments.channels``); every run is a marker
+``<root>/stages/<name>.json`` written last. Stages, in their default order:
+
+1. wfig1b   plain AEs c = 8, 16, 32, 64 and the wide backbone on each, 3 diffusion seeds (Figure 1b).
+2. wtable5  at c = 64: + ADT, SLS, SLS + ADT with the ``fmnist`` sweep's scaled c' list (Table 5).
+3. wrecipe  at c = 64: the paper's recipe — structured AE with c' in {16, 20, ..., 64} and a full-channel pass
+            every step (``include_full``), ADT with the same list and ½ (L_full + L_c'): + ADT, SLS, SLS + ADT;
+            and AE seed 1 of plain / structured / recipe for Table 1's spread.
+4. wtable6  at c = 8: structured AE (c' = 1..8) + ADT vs the plain one of stage 1 (Table 6 on Fashion-MNIST).
+
+Every diffusion run is three markers: ``dit-<run>`` (train, then CFG 2.5 samples scored by the proxy, as
+``experiments.replicate``), ``cfg1-<run>`` (the same checkpoints at CFG 1, same noise and labels), ``judge-<run>``
+(both sample sets re-scored by the independent judge). Each AE gets ``recon-``, ``encode-``, ``floor-`` (proxy) and
+``jfloor-`` (judge) markers.
+
+Cost of ``fmnist-wide`` (see ``WIDE_COST``; measured by ``--time-probe`` beside the ``fmnist`` setting on the same
+machine, then scaled by the ``fmnist`` sweep's idle-machine times in RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dcae15.metrics.proxy import ProxyConfig
+from experiments import channels as C
+from experiments import replicate as R
+from experiments.claims_wide import reading_key, run_name
+
+__all__ = ["WideSweep", "WIDE_SWEEPS", "JUDGE", "ADT_TAGS", "recipe_channels", "recipe_preset", "backbone_hidden",
+           "jobs", "run_worker", "collect", "main"]
+
+#: The independent judge: the proxy classifier's network without the rotation / blur / noise augmentations, wider
+#: features (4 x 32 = 128-d). Trained on the sweep's own images (80 %), accuracy on the other 20 %.
+JUDGE = ProxyConfig(resolution=32, width=32, epochs=10, blur=0.0, noise=0.0, rotate=False)
+
+#: adt tag of a run name -> (ADT on, the c' list rule, include_full)
+ADT_TAGS = {"noadt": (False, "scaled", False), "adt": (True, "scaled", False), "adtfull": (True, "literal", True)}
+
+
+def recipe_channels(c: int) -> tuple[int, ...]:
+    """The paper's literal c' list {16, 20, ..., c} (``dcae15.diffusion.adt.default_channel_list``)."""
+    from dcae15.diffusion.adt import default_channel_list
+
+    return tuple(default_channel_list(c))
+
+
+def recipe_preset(c: int) -> str:
+    """Register (once per process) and name the recipe AE: ``sweep-f4c{c}`` with the literal c' list."""
+    from dcae15.ae.model import AE_PRESETS
+
+    name = f"sweep-f4c{c}-literal"
+    if name not in AE_PRESETS:
+        AE_PRESETS[name] = dataclasses.replace(AE_PRESETS[C.sweep_preset(c)], name=name,
+                                               channel_choices=recipe_channels(c))
+    return name
+
+
+def backbone_hidden(sc: R.Scale) -> int:
+    """The diffusion backbone's hidden width (preset, then ``dit_overrides``)."""
+    from dcae15.models.registry import preset
+
+    return int(sc.dit_overrides.get("hidden", preset(sc.dit_model).hidden))
+
+
+@dataclass(frozen=True, kw_only=True)
+class WideSweep:
+    """One setting of issue 32: the ``fmnist`` sweep's data / AEs / budgets (``sweep``) with a backbone wider than
+    the token at every c, extra CFG scales, the judge, and the recipe and Table 6 variants."""
+
+    sweep: C.Sweep
+    extra_cfg: tuple[float, ...] = (1.0,)
+    """CFG scales sampled beside ``sweep.scale.cfg_scale`` from the same checkpoints (same noise and labels)."""
+    judge: ProxyConfig = field(default_factory=lambda: JUDGE)
+    t1_ae_seeds: tuple[int, ...] = (0, 1)
+    """AE seeds of the Table 1 comparison (plain / structured / recipe at the largest c)."""
+    small_c: int = 8
+    """Table 6's c (structured AE with the scaled list 1..c, + ADT, against stage 1's plain model)."""
+    min_eval_points: int = 6
+
+    def __post_init__(self) -> None:
+        sc = self.sweep.scale
+        h = backbone_hidden(sc)
+        narrow = [c for c in (*self.sweep.channels, self.small_c) if sc.dit_patch ** 2 * c >= h]
+        if narrow:
+            raise ValueError(f"WideSweep: backbone hidden width {h} must exceed the token dimension p²c = "
+                             f"{sc.dit_patch}² x c at every c; not at c = {narrow}")
+        points = sc.dit_steps // sc.eval_every
+        if points < self.min_eval_points:
+            raise ValueError(f"WideSweep: {points} evaluation points per run (dit_steps {sc.dit_steps} / eval_every "
+                             f"{sc.eval_every}); need >= {self.min_eval_points}")
+        if self.small_c not in self.sweep.channels:
+            raise ValueError(f"WideSweep.small_c={self.small_c} must be one of the sweep's channels "
+                             f"{self.sweep.channels} (Table 6 compares against stage 1's plain model)")
+
+    @property
+    def cfg_scales(self) -> tuple[float, ...]:
+        return (self.sweep.scale.cfg_scale, *self.extra_cfg)
+
+
+# fmnist's scale with SiT-tiny on 1x1 patches: 64 tokens of c numbers; hidden 96 > c at every c <= 64.
+# 6 evaluation points (every 100 of 600 steps); Heun 8 steps (the demo's) to pay for twice the sampling.
+_WIDE_SCALE = dataclasses.replace(C._SWEEP_SCALE, dit_patch=1, eval_every=100, sample_steps=8)
+
+WIDE_SWEEPS: dict[str, WideSweep] = {
+    "fmnist-wide": WideSweep(sweep=dataclasses.replace(C.SWEEPS["fmnist"], scale=_WIDE_SCALE)),
+    # seconds: the test's setting (numbers meaningless), the same code path; c' recipe list needs c > 16
+    "smoke-wide": WideSweep(
+        sweep=dataclasses.replace(C.SWEEPS["smoke"], channels=(4, 20), t1_ae_steps=(),
+                                  scale=dataclasses.replace(C.SWEEPS["smoke"].scale, dit_patch=1, eval_every=2)),
+        judge=dataclasses.replace(JUDGE, width=4, epochs=1), t1_ae_seeds=(0, 1), small_c=4, min_eval_points=2),
+}
+
+#: Measured cost of ``fmnist-wide`` (``--time-probe``; see the module docstring and the report).
+WIDE_COST = """filled in from the probe: see channels_wide.estimate()"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _eval_cfg(root: Path, sc: R.Scale, dit: dict, name: str, cfg_scale: float) -> dict:
+    """Sample every checkpoint of a finished run at ``cfg_scale`` (the same noise and labels as the main
+    evaluation), score with the proxy, keep the samples for the judge. Cached per checkpoint."""
+    import numpy as np
+
+    from dcae15.ae.model import StructuredAutoencoder
+    from dcae15.diffusion.checkpoint import list_checkpoints, read_run_config
+    from dcae15.metrics.reference import load_reference
+    from experiments.generation import checkpoint_proxy_fid, proxy_class_accuracy, sample_images
+    from experiments.recon import ProxyPerceptual
+    from storage.latent_store import LatentStore
+
+    st = LatentStore.open(read_run_config(dit["run_url"])["store_url"])
+    ae = StructuredAutoencoder.from_pretrained(st.attrs["ae_url"]).eval()
+    spec = R._extractor(root, sc, R._ds_url(root))
+    classifier = ProxyPerceptual(spec).net
+    ref = load_reference(R._stages(root).get("proxy")["result"]["reference_url"])
+    eval_dir = root / "eval" / "gen" / f"{name}-cfg{cfg_scale:g}"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    curve = []
+    for step in list_checkpoints(dit["run_url"]):
+        if step > sc.dit_steps:
+            continue
+        marker, saved = eval_dir / f"step-{step:07d}.json", eval_dir / f"samples-{step:07d}.npz"
+        if not marker.exists() or not saved.exists():
+            images, labels = sample_images(dit["run_url"], step, ae=ae, scaling_factor=float(st.scaling_factor),
+                                           num_samples=sc.eval_samples, seed=10_000, sampler=sc.sampler,
+                                           sample_steps=sc.sample_steps, cfg_scale=cfg_scale)
+            with open(saved.with_suffix(".tmp"), "wb") as f:
+                np.savez(f, images=images, labels=labels)
+            os.replace(saved.with_suffix(".tmp"), saved)
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step, "proxy-fid": checkpoint_proxy_fid(images, ref, spec),
+                                       "proxy-acc": proxy_class_accuracy(images, labels, classifier)}))
+            os.replace(tmp, marker)
+        curve.append(json.loads(marker.read_text()))
+    return {"cfg_scale": cfg_scale, "curve": curve, "eval_dir": str(eval_dir)}
+
+
+def _judge_spec(root: Path, ws: WideSweep, ds_url: str):
+    from dcae15.metrics.proxy import proxy_extractor
+
+    return proxy_extractor(ds_url, ws.judge, cache_url=str(root / "eval"))
+
+
+def _judge(root: Path, ws: WideSweep, ds_url: str) -> dict:
+    """Train (or load) the judge and its reference statistics on the sweep's images."""
+    from dcae15.metrics.proxy import proxy_extractor
+    from dcae15.metrics.reference import reference_stats
+
+    spec = proxy_extractor(ds_url, ws.judge, cache_url=str(root / "eval"), verbose=True)
+    ref = reference_stats(ds_url, ws.sweep.scale.resolution, spec, cache_url=str(root / "eval"))
+    return {"reference_url": ref, "extractor_label": spec.label, "config": dataclasses.asdict(ws.judge),
+            **dict(spec.info)}
+
+
+def _judge_run(root: Path, ws: WideSweep, name: str, dit: dict, extra: dict[float, dict]) -> dict:
+    """Re-score every saved sample set of a run (all CFG scales) with the judge; all four readings' curves and
+    the run's head shape (for the head-width rule)."""
+    import numpy as np
+
+    from dcae15.diffusion.checkpoint import read_run_config
+    from dcae15.metrics.reference import load_reference
+    from experiments.generation import checkpoint_proxy_fid, proxy_class_accuracy
+    from experiments.recon import ProxyPerceptual
+
+    sc = ws.sweep.scale
+    spec = _judge_spec(root, ws, R._ds_url(root))
+    net = ProxyPerceptual(spec).net
+    ref = load_reference(R._stages(root).get("judge")["result"]["reference_url"])
+    dirs = {sc.cfg_scale: root / "eval" / "gen" / name, **{g: Path(e["eval_dir"]) for g, e in extra.items()}}
+    curves = {reading_key("proxy", sc.cfg_scale): [{"step": p["step"], "fid": p["proxy-fid"], "acc": p["proxy-acc"]}
+                                                   for p in dit["curve"]]}
+    for g, e in extra.items():
+        curves[reading_key("proxy", g)] = [{"step": p["step"], "fid": p["proxy-fid"], "acc": p["proxy-acc"]}
+                                           for p in e["curve"]]
+    for g, d in dirs.items():
+        pts = []
+        for f in sorted(d.glob("samples-*.npz")):
+            step = int(f.stem.split("-")[1])
+            if step > sc.dit_steps:
+                continue
+            z = np.load(f)
+            pts.append({"step": step, "fid": checkpoint_proxy_fid(z["images"], ref, spec),
+                        "acc": proxy_class_accuracy(z["images"], z["labels"], net)})
+        curves[reading_key("judge", g)] = pts
+    mc = read_run_config(dit["run_url"])["model_config"]
+    return {"curves": curves, "head": {"hidden": int(mc["hidden"]), "patch": int(mc["patch_size"]),
+                                       "channels": int(mc["in_channels"])}, "dit_steps": sc.dit_steps}
+
+
+def _judge_floor(root: Path, ws: WideSweep, ds_url: str, ae: dict) -> dict:
+    """The judge's FID / accuracy of the AE's reconstructions (and of the real images): the floor a perfect
+    diffusion model on this AE would reach, as the judge sees it."""
+    import numpy as np
+
+    from dcae15.ae.model import StructuredAutoencoder
+    from dcae15.metrics.reference import load_reference
+    from experiments.generation import checkpoint_proxy_fid, proxy_class_accuracy
+    from experiments.recon import ProxyPerceptual, reconstruct_grid
+    from storage.shards import open_dataset
+
+    sc = ws.sweep.scale
+    ds = open_dataset(ds_url)
+    images, labels, valid = ds.read_range(0, min(ds.num_samples, sc.eval_samples), sc.resolution)
+    keep = np.asarray(valid, bool)
+    images, labels = images[keep], np.asarray(labels)[keep]
+    c = StructuredAutoencoder.from_pretrained(ae["model_url"]).latent_channels
+    recon = np.concatenate([reconstruct_grid(ae["model_url"], images[a:a + 256], c)
+                            for a in range(0, len(images), 256)])
+    spec = _judge_spec(root, ws, ds_url)
+    net = ProxyPerceptual(spec).net
+    ref = load_reference(R._stages(root).get("judge")["result"]["reference_url"])
+    return {"reconstruction_judge_fid": checkpoint_proxy_fid(recon, ref, spec),
+            "real_images_judge_fid": checkpoint_proxy_fid(images, ref, spec),
+            "reconstruction_judge_acc": proxy_class_accuracy(recon, labels, net),
+            "real_images_judge_acc": proxy_class_accuracy(images, labels, net), "num_images": int(len(images))}
+
+
+class WideWorker(C.Worker):
+    """``experiments.channels.Worker`` plus the recipe AE kind, the judge, and the three-marker diffusion runs."""
+
+    def __init__(self, root: Path, ws: WideSweep, fmnist_dir: str, threads: int) -> None:
+        super().__init__(root, ws.sweep, fmnist_dir, threads)
+        self.ws = ws
+
+    def ae(self, kind: str, c: int, a: int, steps: int | None = None) -> dict:
+        if kind != "recipe":
+            return super().ae(kind, c, a, steps)
+        ds = self.data()
+        self.proxy()
+        name = C.ae_name(kind, c, a, steps)
+        sc = dataclasses.replace(self.sw.scale, ae_preset=recipe_preset(c),
+                                 **({} if steps is None else {"ae_steps": steps}))
+        return self.stages.run(f"ae-{name}", lambda: R._ae(self.root, sc, ds["url"], kind, a, name,
+                                                           include_full=True))
+
+    def judge(self) -> dict:
+        ds = self.data()
+        return self.stages.run("judge", lambda: _judge(self.root, self.ws, ds["url"]))
+
+    def judge_floor(self, kind: str, c: int, a: int) -> dict:
+        ae = self.ae(kind, c, a)
+        self.judge()
+        return self.stages.run(f"jfloor-{C.ae_name(kind, c, a)}",
+                               lambda: _judge_floor(self.root, self.ws, self.data()["url"], ae))
+
+    def prep(self, kind: str, c: int, a: int) -> None:
+        """Everything an AE of a diffusion run needs, and its reconstruction numbers and floors."""
+        self.recon(kind, c, a)
+        self.store(kind, c, a)
+        self.floor(kind, c, a)
+        self.judge_floor(kind, c, a)
+
+    def wdit(self, kind: str, adt: str, c: int, seed: int) -> dict:
+        """One diffusion run: train + CFG-main proxy curve, the extra-CFG curves, the judge's re-scoring."""
+        enabled, rule, include_full = ADT_TAGS[adt]
+        st = self.store(kind, c, 0)
+        self.judge()
+        name = run_name(kind, c, 0, adt, seed)
+        sc = self.sw.scale
+        chans = list(C.paper_channel_choices(c) if rule == "scaled" else recipe_channels(c))
+        steps_ok = lambda r: r["config"]["steps"] == sc.dit_steps  # noqa: E731
+        dit = self.stages.run(f"dit-{name}", lambda: R._dit(self.root, sc, st, kind, enabled, seed, chans,
+                                                            self.threads, name=name, include_full=include_full),
+                              valid=steps_ok)
+        extra = {g: self.stages.run(f"cfg{g:g}-{name}", lambda g=g: _eval_cfg(self.root, sc, dit, name, g),
+                                    valid=lambda r: r["curve"] and r["curve"][-1]["step"] == sc.dit_steps)
+                 for g in self.ws.extra_cfg}
+        return self.stages.run(f"judge-{name}", lambda: _judge_run(self.root, self.ws, name, dit, extra),
+                               valid=lambda r: r.get("dit_steps") == sc.dit_steps)
+
+
+def jobs(ws: WideSweep) -> list[tuple[str, list[tuple[str, Callable[[WideWorker], Any]]]]]:
+    """[(stage, [(run label, fn(worker))])] in the order they run; diffusion runs seed-major (every variant has
+    seed 0 before any has seed 1)."""
+    sw = ws.sweep
+    cs, cm, seeds = sw.channels, sw.c_max, sw.dit_seeds
+
+    def prep(kind: str, c: int, a: int = 0) -> tuple[str, Callable]:
+        return f"ae {kind} c{c} a{a}", lambda w: w.prep(kind, c, a)
+
+    def dit(kind: str, adt: str, c: int, s: int) -> tuple[str, Callable]:
+        return f"dit {run_name(kind, c, 0, adt, s)}", lambda w: w.wdit(kind, adt, c, s)
+
+    wfig1b = [prep("plain", c) for c in cs] + [dit("plain", "noadt", c, s) for s in seeds for c in cs]
+    wtable5 = [prep("structured", cm)] + [dit(k, t, cm, s) for s in seeds
+                                          for k, t in (("plain", "adt"), ("structured", "noadt"), ("structured", "adt"))]
+    wrecipe = [prep("recipe", cm)] + [dit(k, t, cm, s) for s in seeds
+                                      for k, t in (("plain", "adtfull"), ("recipe", "noadt"), ("recipe", "adtfull"))]
+    wrecipe += [(f"ae {k} c{cm} a{a} (Table 1)", lambda w, k=k, a=a: w.recon(k, cm, a))
+                for a in ws.t1_ae_seeds if a != 0 for k in ("plain", "structured", "recipe")]
+    wtable6 = [prep("structured", ws.small_c)] + [dit("structured", "adt", ws.small_c, s) for s in seeds]
+    return [("wfig1b", wfig1b), ("wtable5", wtable5), ("wrecipe", wrecipe), ("wtable6", wtable6)]
+
+
+def run_worker(root: Path, ws: WideSweep, *, worker: int, workers: int, fmnist_dir: str, threads: int = 1,
+               stages: tuple[str, ...] | None = None) -> None:
+    """Do this worker's share (every ``workers``-th run, offset ``worker``) of each stage, in ``stages``' order."""
+    import torch
+
+    by_stage = dict(jobs(ws))
+    unknown = [s for s in (stages or ()) if s not in by_stage]
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage(s) {unknown}; choose from {list(by_stage)}")
+    torch.set_num_threads(threads)
+    root.mkdir(parents=True, exist_ok=True)
+    w = WideWorker(root, ws, fmnist_dir, threads)
+    w.proxy()
+    w.judge()
+    for stage in stages or tuple(by_stage):
+        t0 = time.perf_counter()
+        for i, (label, fn) in enumerate(by_stage[stage]):
+            if i % workers == worker:
+                print(f"[wide w{worker}] {stage}: {label}", flush=True)
+                fn(w)
+        print(f"[wide w{worker}] {stage} share done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markers -> the recorded inputs of claims_wide.evaluate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def collect(stages: dict[str, dict]) -> dict:
+    """``claims_wide``'s recorded shape from a root's markers ({name: {"result", "seconds"}})."""
+    rec: dict = {"curves": {}, "psnr": {}, "judge": None, "heads": {}, "floors": {}}
+    for name, m in stages.items():
+        r = m["result"]
+        if name.startswith("judge-"):
+            rec["curves"][name[len("judge-"):]] = r["curves"]
+            rec["heads"][name[len("judge-"):]] = r["head"]
+        elif name.startswith("recon-"):
+            rows = r["rows"]
+            full = max(rows, key=lambda x: x["channels"])
+            rec["psnr"][name[len("recon-"):]] = float(full["psnr"])
+        elif name == "judge":
+            rec["judge"] = {"held_out_accuracy": float(r["held_out_accuracy"]), "label": r["extractor_label"]}
+        elif name.startswith(("floor-", "jfloor-")):
+            rec["floors"].setdefault(name.split("-", 1)[1], {}).update(r)
+    return rec
+
+
+def evaluate_root(root: Path, ws: WideSweep) -> dict:
+    from experiments.claims_wide import evaluate
+
+    return evaluate(collect(R.Stages(root).all()), channels=ws.sweep.channels, seeds=ws.sweep.dit_seeds,
+                    ae_seeds=ws.t1_ae_seeds, small_c=ws.small_c)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    from experiments.fashion_mnist import DEFAULT_DIR
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", required=True, type=Path, help="output folder (rerun with the same root to continue)")
+    ap.add_argument("--sweep", default="fmnist-wide", choices=sorted(WIDE_SWEEPS), help="setting (see WIDE_SWEEPS)")
+    ap.add_argument("--fashion-mnist", default=DEFAULT_DIR, help="folder of the Fashion-MNIST idx files")
+    ap.add_argument("--worker", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, help="processes sharing this root (one per core)")
+    ap.add_argument("--stages", default=None, help="comma-separated of wfig1b,wtable5,wrecipe,wtable6 (default: all)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report-only", action="store_true", help="only evaluate the rules on the finished markers")
+    ap.add_argument("--results-dir", type=Path, default=None, help="where RESULTS-wide.md goes")
+    args = ap.parse_args(argv)
+    if not 0 <= args.worker < args.workers:
+        raise SystemExit(f"--worker must be in 0..{args.workers - 1}, got {args.worker}")
+    ws = WIDE_SWEEPS[args.sweep]
+    if not args.report_only:
+        C.check_data(args.fashion_mnist)
+        run_worker(args.root, ws, worker=args.worker, workers=args.workers, fmnist_dir=args.fashion_mnist,
+                   threads=args.threads, stages=None if args.stages is None else tuple(args.stages.split(",")))
+    verdicts = evaluate_root(args.root, ws)
+    if args.results_dir is not None:
+        from experiments.channels_wide_report import write_report
+
+        write_report(args.root, ws, args.sweep, args.results_dir, verdicts)
+    print(json.dumps({k: v["held"] for k, v in verdicts.items()}, indent=1))
+    return verdicts
+
+
+if __name__ == "__main__":
+    main()

@@ -117,7 +117,7 @@ def write_report(root: Path, ws: Any, sweep_name: str, results_dir: Path, verdic
           f"{sc.sample_steps} steps) at CFG {', '.join(f'{g:g}' for g in ws.cfg_scales)}; diffusion seeds "
           f"{list(sw.dit_seeds)}.",
           f"- Judge: `{json.dumps(dataclasses.asdict(ws.judge))}`; "
-          f"held-out accuracy {rec['judge']['held_out_accuracy'] if rec['judge'] else '—'}.", "",
+          f"held-out accuracy {format(rec['judge']['held_out_accuracy'], '.3f') if rec['judge'] else '—'}.", "",
           "## Verdicts", ""]
     for k, v in verdicts.items():
         line = f"- `{k}` — **{_word(v['held'])}**"

@@ -19,13 +19,34 @@ Data, AEs and their budgets are the ``fmnist`` sweep's (``experiments.channels``
             and AE seed 1 of plain / structured / recipe for Table 1's spread.
 4. wtable6  at c = 8: structured AE (c' = 1..8) + ADT vs the plain one of stage 1 (Table 6 on Fashion-MNIST).
 
-Every diffusion run is three markers: ``dit-<run>`` (train, then CFG 2.5 samples scored by the proxy, as
-``experiments.replicate``), ``cfg1-<run>`` (the same checkpoints at CFG 1, same noise and labels), ``judge-<run>``
-(both sample sets re-scored by the independent judge). Each AE gets ``recon-``, ``encode-``, ``floor-`` (proxy) and
-``jfloor-`` (judge) markers.
+Every diffusion run is three markers: ``dit-<run>`` (train, then CFG 1 samples at all 6 checkpoints scored by the
+proxy, as ``experiments.replicate``), ``cfg2.5-<run>`` (checkpoints 200 / 400 / 600 at CFG 2.5, same noise and
+labels), ``judge-<run>`` (both sample sets re-scored by the independent judge). Each AE gets ``recon-``,
+``encode-``, ``floor-`` (proxy) and ``jfloor-`` (judge) markers. The judge trains once (``judge`` marker) on its own
+2000 images per class.
 
-Cost of ``fmnist-wide`` (see ``WIDE_COST``; measured by ``--time-probe`` beside the ``fmnist`` setting on the same
-machine, then scaled by the ``fmnist`` sweep's idle-machine times in RESULTS.md).
+Cost of ``fmnist-wide`` (``--time-probe`` measures the per-step and per-evaluation numbers below; measured
+2026-12-05 on this 2-core machine shared with six other sessions, load average 6-10, one torch thread):
+
+    SiT-tiny, batch 64, 8x8xc latents       c = 64               c = 8
+      old p = 2 (16 tokens), train step     84 ms                61 ms
+      old eval (256, Heun 16, CFG 2.5)      10.6 s               4.9 s
+      new p = 1 (64 tokens), train step     603 ms               481 ms
+      new eval Heun 8, CFG 1 / CFG 2.5      12.2 s / 29.7 s      6.0 s / 28.5 s
+
+    one wide run = 600 x step + 6 x CFG-1 eval + 3 x CFG-2.5 eval + ~50 s (decode, 2 judges, checkpoints;
+                   the old runs spent ~25 s beyond the same compute)
+                 = 361 + 73 + 89 + 50 ~ 575 s (c = 64),  289 + 36 + 85 + 50 ~ 460 s (c = 8), ~500 s (c = 16, 32)
+    runs         = 21 at c = 64, 3 + 3 at c = 16 / 32, 6 at c = 8  ->  21 x 575 + 6 x 500 + 6 x 460 ~ 17 800 s
+    AEs etc.     = 7 x ~60 s + 3 recipe AEs x ~90 s (include_full: 2 decoder passes) + recon / encode / floors
+                   ~250 s + proxy ~60 s + judge ~JUDGE_S s
+    total        ~ 19 000 + judge core-seconds ~ 2.7 h on 2 cores (two workers)
+    per stage    wfig1b ~55 min, wtable5 ~45 min, wrecipe ~46 min, wtable6 ~12 min (2 workers)
+
+So the whole plan is ~40 min over the issue's 2 h: the stages run in order of what decides the confound (Figure 1b,
+then Table 5, then the recipe, then Table 6); a stop at 2 h leaves the first two and most of the recipe, and a
+rerun with the same root continues. The training step dominates (64 tokens instead of 16: the price of a head wider
+than the token with the same backbone at every c).
 """
 
 from __future__ import annotations
@@ -45,12 +66,12 @@ from experiments import replicate as R
 from experiments.claims_wide import reading_key, run_name
 
 __all__ = ["WideSweep", "WIDE_SWEEPS", "JUDGE", "ADT_TAGS", "recipe_channels", "recipe_preset", "backbone_hidden",
-           "jobs", "run_worker", "collect", "main"]
+           "jobs", "time_probe", "run_worker", "collect", "evaluate_root", "main"]
 
 #: The independent judge: the proxy classifier's network without the rotation / blur / noise augmentations, wider
 #: features (4 x 32 = 128-d). Trained on its own Fashion-MNIST set (``WideSweep.judge_per_class``; 80 %),
 #: accuracy on the other 20 %; its reference statistics are the sweep's images, as the proxy's.
-JUDGE = ProxyConfig(resolution=32, width=32, epochs=10, blur=0.0, noise=0.0, rotate=False)
+JUDGE = ProxyConfig(resolution=32, width=32, epochs=8, blur=0.0, noise=0.0, rotate=False)
 
 #: adt tag of a run name -> (ADT on, the c' list rule, include_full)
 ADT_TAGS = {"noadt": (False, "scaled", False), "adt": (True, "scaled", False), "adtfull": (True, "literal", True)}
@@ -87,8 +108,12 @@ class WideSweep:
     the token at every c, extra CFG scales, the judge, and the recipe and Table 6 variants."""
 
     sweep: C.Sweep
-    extra_cfg: tuple[float, ...] = (1.0,)
-    """CFG scales sampled beside ``sweep.scale.cfg_scale`` from the same checkpoints (same noise and labels)."""
+    extra_cfg: tuple[float, ...] = (2.5,)
+    """CFG scales sampled beside ``sweep.scale.cfg_scale`` (the primary one, at every checkpoint) from the same
+    checkpoints with the same noise and labels."""
+    extra_eval_every: int = 200
+    """The extra CFG scales are scored at the checkpoints that are multiples of this (the old sweep's grid: CFG 2.5
+    costs 2.4x CFG 1's sampling, see ``WIDE_COST``)."""
     judge: ProxyConfig = field(default_factory=lambda: JUDGE)
     judge_per_class: int = 2000
     """Fashion-MNIST training images per class the judge learns from (its own set: the first ``judge_per_class``
@@ -120,8 +145,9 @@ class WideSweep:
 
 
 # fmnist's scale with SiT-tiny on 1x1 patches: 64 tokens of c numbers; hidden 96 > c at every c <= 64.
-# 6 evaluation points (every 100 of 600 steps); Heun 8 steps (the demo's) to pay for twice the sampling.
-_WIDE_SCALE = dataclasses.replace(C._SWEEP_SCALE, dit_patch=1, eval_every=100, sample_steps=8)
+# CFG 1 (primary) at 6 points (every 100 of 600 steps), CFG 2.5 at 200 / 400 / 600 (the old grid); Heun 8 steps
+# (the demo's) to pay for the extra sampling.
+_WIDE_SCALE = dataclasses.replace(C._SWEEP_SCALE, dit_patch=1, eval_every=100, sample_steps=8, cfg_scale=1.0)
 
 WIDE_SWEEPS: dict[str, WideSweep] = {
     "fmnist-wide": WideSweep(sweep=dataclasses.replace(C.SWEEPS["fmnist"], scale=_WIDE_SCALE)),
@@ -129,11 +155,9 @@ WIDE_SWEEPS: dict[str, WideSweep] = {
     "smoke-wide": WideSweep(
         sweep=dataclasses.replace(C.SWEEPS["smoke"], channels=(4, 20), t1_ae_steps=(),
                                   scale=dataclasses.replace(C.SWEEPS["smoke"].scale, dit_patch=1, eval_every=2)),
-        judge=dataclasses.replace(JUDGE, width=4, epochs=1), judge_per_class=4, t1_ae_seeds=(0, 1), small_c=4, min_eval_points=2),
+        judge=dataclasses.replace(JUDGE, width=4, epochs=1), judge_per_class=4, extra_eval_every=2, t1_ae_seeds=(0, 1), small_c=4, min_eval_points=2),
 }
 
-#: Measured cost of ``fmnist-wide`` (``--time-probe``; see the module docstring and the report).
-WIDE_COST = """filled in from the probe: see channels_wide.estimate()"""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,9 +165,10 @@ WIDE_COST = """filled in from the probe: see channels_wide.estimate()"""
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _eval_cfg(root: Path, sc: R.Scale, dit: dict, name: str, cfg_scale: float) -> dict:
-    """Sample every checkpoint of a finished run at ``cfg_scale`` (the same noise and labels as the main
-    evaluation), score with the proxy, keep the samples for the judge. Cached per checkpoint."""
+def _eval_cfg(root: Path, sc: R.Scale, dit: dict, name: str, cfg_scale: float, every: int) -> dict:
+    """Sample the checkpoints of a finished run that are multiples of ``every`` at ``cfg_scale`` (the same noise
+    and labels as the main evaluation), score with the proxy, keep the samples for the judge. Cached per
+    checkpoint."""
     import numpy as np
 
     from dcae15.ae.model import StructuredAutoencoder
@@ -162,7 +187,7 @@ def _eval_cfg(root: Path, sc: R.Scale, dit: dict, name: str, cfg_scale: float) -
     eval_dir.mkdir(parents=True, exist_ok=True)
     curve = []
     for step in list_checkpoints(dit["run_url"]):
-        if step > sc.dit_steps:
+        if step > sc.dit_steps or step % every:
             continue
         marker, saved = eval_dir / f"step-{step:07d}.json", eval_dir / f"samples-{step:07d}.npz"
         if not marker.exists() or not saved.exists():
@@ -299,17 +324,16 @@ class WideWorker(C.Worker):
                                lambda: _judge_floor(self.root, self.ws, self.data()["url"], ae))
 
     def prep(self, kind: str, c: int, a: int) -> None:
-        """Everything an AE of a diffusion run needs, and its reconstruction numbers and floors."""
+        """Everything an AE of a diffusion run needs, its reconstruction numbers and proxy floor (the judge's
+        floor is a job of its own at the end of the stage: the judge trains while the other worker trains)."""
         self.recon(kind, c, a)
         self.store(kind, c, a)
         self.floor(kind, c, a)
-        self.judge_floor(kind, c, a)
 
     def wdit(self, kind: str, adt: str, c: int, seed: int) -> dict:
         """One diffusion run: train + CFG-main proxy curve, the extra-CFG curves, the judge's re-scoring."""
         enabled, rule, include_full = ADT_TAGS[adt]
         st = self.store(kind, c, 0)
-        self.judge()
         name = run_name(kind, c, 0, adt, seed)
         sc = self.sw.scale
         chans = list(C.paper_channel_choices(c) if rule == "scaled" else recipe_channels(c))
@@ -317,9 +341,11 @@ class WideWorker(C.Worker):
         dit = self.stages.run(f"dit-{name}", lambda: R._dit(self.root, sc, st, kind, enabled, seed, chans,
                                                             self.threads, name=name, include_full=include_full),
                               valid=steps_ok)
-        extra = {g: self.stages.run(f"cfg{g:g}-{name}", lambda g=g: _eval_cfg(self.root, sc, dit, name, g),
+        extra = {g: self.stages.run(f"cfg{g:g}-{name}", lambda g=g: _eval_cfg(self.root, sc, dit, name, g,
+                                                                          self.ws.extra_eval_every),
                                     valid=lambda r: r["curve"] and r["curve"][-1]["step"] == sc.dit_steps)
                  for g in self.ws.extra_cfg}
+        self.judge()
         return self.stages.run(f"judge-{name}", lambda: _judge_run(self.root, self.ws, name, dit, extra),
                                valid=lambda r: r.get("dit_steps") == sc.dit_steps)
 
@@ -333,18 +359,70 @@ def jobs(ws: WideSweep) -> list[tuple[str, list[tuple[str, Callable[[WideWorker]
     def prep(kind: str, c: int, a: int = 0) -> tuple[str, Callable]:
         return f"ae {kind} c{c} a{a}", lambda w: w.prep(kind, c, a)
 
+    def jfloor(kind: str, c: int, a: int = 0) -> tuple[str, Callable]:
+        return f"judge floor {kind} c{c} a{a}", lambda w: w.judge_floor(kind, c, a)
+
     def dit(kind: str, adt: str, c: int, s: int) -> tuple[str, Callable]:
         return f"dit {run_name(kind, c, 0, adt, s)}", lambda w: w.wdit(kind, adt, c, s)
 
     wfig1b = [prep("plain", c) for c in cs] + [dit("plain", "noadt", c, s) for s in seeds for c in cs]
+    wfig1b += [jfloor("plain", c) for c in cs]
     wtable5 = [prep("structured", cm)] + [dit(k, t, cm, s) for s in seeds
                                           for k, t in (("plain", "adt"), ("structured", "noadt"), ("structured", "adt"))]
+    wtable5 += [jfloor("structured", cm)]
     wrecipe = [prep("recipe", cm)] + [dit(k, t, cm, s) for s in seeds
                                       for k, t in (("plain", "adtfull"), ("recipe", "noadt"), ("recipe", "adtfull"))]
     wrecipe += [(f"ae {k} c{cm} a{a} (Table 1)", lambda w, k=k, a=a: w.recon(k, cm, a))
                 for a in ws.t1_ae_seeds if a != 0 for k in ("plain", "structured", "recipe")]
+    wrecipe += [jfloor("recipe", cm)]
     wtable6 = [prep("structured", ws.small_c)] + [dit("structured", "adt", ws.small_c, s) for s in seeds]
+    wtable6 += [jfloor("structured", ws.small_c)]
     return [("wfig1b", wfig1b), ("wtable5", wtable5), ("wrecipe", wrecipe), ("wtable6", wtable6)]
+
+
+def time_probe(ws: WideSweep, *, steps: int = 12) -> list[dict]:
+    """Seconds per training step and per evaluation of the sweep's backbone and of the old ``fmnist`` one (patch 2)
+    at the smallest and largest c, on random latents (the numbers in the module docstring)."""
+    import torch
+
+    from dcae15.diffusion.objectives import make_objective
+    from dcae15.diffusion.samplers import sample_latents
+    from dcae15.models.registry import build_model, model_config
+
+    sc, old = ws.sweep.scale, C.SWEEPS["fmnist"].scale
+    obj = make_objective("flow")
+    rows = []
+    for label, s in (("old", old), ("new", sc)):
+        for c in (min(ws.sweep.channels), ws.sweep.c_max):
+            torch.manual_seed(0)
+            m = build_model(model_config(s.dit_model, in_channels=c, input_size=(8, 8), num_classes=10,
+                                         patch_size=s.dit_patch, **s.dit_overrides))
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+            x, y = torch.randn(s.dit_batch, c, 8, 8), torch.randint(10, (s.dit_batch,))
+
+            def step() -> None:
+                t, e = torch.rand(len(x)).view(-1, 1, 1, 1), torch.randn_like(x)
+                loss = (m((1 - t) * x + t * e, t.flatten(), y) - (e - x)).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+            step()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            row = {"backbone": label, "c": c, "patch": s.dit_patch, "train_step_s": (time.perf_counter() - t0) / steps}
+            m.eval()
+            for g in sorted({s.cfg_scale, *(ws.extra_cfg if label == "new" else ())}):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    sample_latents(m, obj, shape=(s.eval_samples, c, 8, 8), labels=torch.arange(s.eval_samples) % 10,
+                                   sampler=s.sampler, steps=s.sample_steps, generator=torch.Generator().manual_seed(0),
+                                   null_class=10, cfg_scale=g)
+                row[f"eval_cfg{g:g}_s"] = time.perf_counter() - t0
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
 
 
 def run_worker(root: Path, ws: WideSweep, *, worker: int, workers: int, fmnist_dir: str, threads: int = 1,
@@ -360,7 +438,6 @@ def run_worker(root: Path, ws: WideSweep, *, worker: int, workers: int, fmnist_d
     root.mkdir(parents=True, exist_ok=True)
     w = WideWorker(root, ws, fmnist_dir, threads)
     w.proxy()
-    w.judge()
     for stage in stages or tuple(by_stage):
         t0 = time.perf_counter()
         for i, (label, fn) in enumerate(by_stage[stage]):
@@ -415,7 +492,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="only evaluate the rules on the finished markers")
     ap.add_argument("--results-dir", type=Path, default=None, help="where RESULTS-wide.md goes")
+    ap.add_argument("--time-probe", action="store_true", help="only time a few training steps and one evaluation of "
+                    "the new and the old backbone (random latents; --root unused)")
     args = ap.parse_args(argv)
+    if args.time_probe:
+        time_probe(WIDE_SWEEPS[args.sweep])
+        return None
     if not 0 <= args.worker < args.workers:
         raise SystemExit(f"--worker must be in 0..{args.workers - 1}, got {args.worker}")
     ws = WIDE_SWEEPS[args.sweep]

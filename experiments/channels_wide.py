@@ -18,6 +18,9 @@ Data, AEs and their budgets are the ``fmnist`` sweep's (``experiments.channels``
             every step (``include_full``), ADT with the same list and ½ (L_full + L_c'): + ADT, SLS, SLS + ADT;
             and AE seed 1 of plain / structured / recipe for Table 1's spread.
 4. wtable6  at c = 8: structured AE (c' = 1..8) + ADT vs the plain one of stage 1 (Table 6 on Fashion-MNIST).
+5. wold     the old backbone (SiT-tiny, 2x2 patches) on stage 1's stores, seed 0: checkpoints for the head
+            diagnostic of the old setting (its own checkpoints are gone) and a check against the old numbers
+            (4 runs x ~80 s).
 
 Every diffusion run is three markers: ``dit-<run>`` (train, then CFG 1 samples at all 6 checkpoints scored by the
 proxy, as ``experiments.replicate``), ``cfg2.5-<run>`` (checkpoints 200 / 400 / 600 at CFG 2.5, same noise and
@@ -41,7 +44,7 @@ Cost of ``fmnist-wide`` (``--time-probe`` measures the per-step and per-evaluati
     AEs etc.     = 7 x ~60 s + 3 recipe AEs x ~90 s (include_full: 2 decoder passes) + recon / encode / floors
                    ~250 s + proxy ~60 s + judge ~JUDGE_S s
     total        ~ 19 000 + judge core-seconds ~ 2.7 h on 2 cores (two workers)
-    per stage    wfig1b ~55 min, wtable5 ~45 min, wrecipe ~46 min, wtable6 ~12 min (2 workers)
+    per stage    wfig1b ~55 min, wtable5 ~45 min, wrecipe ~46 min, wtable6 ~12 min, wold ~3 min (2 workers)
 
 So the whole plan is ~40 min over the issue's 2 h: the stages run in order of what decides the confound (Figure 1b,
 then Table 5, then the recipe, then Table 6); a stop at 2 h leaves the first two and most of the recipe, and a
@@ -113,7 +116,7 @@ class WideSweep:
     checkpoints with the same noise and labels."""
     extra_eval_every: int = 200
     """The extra CFG scales are scored at the checkpoints that are multiples of this (the old sweep's grid: CFG 2.5
-    costs 2.4x CFG 1's sampling, see ``WIDE_COST``)."""
+    costs 2.4x CFG 1's sampling; see the module docstring)."""
     judge: ProxyConfig = field(default_factory=lambda: JUDGE)
     judge_per_class: int = 2000
     """Fashion-MNIST training images per class the judge learns from (its own set: the first ``judge_per_class``
@@ -123,6 +126,8 @@ class WideSweep:
     small_c: int = 8
     """Table 6's c (structured AE with the scaled list 1..c, + ADT, against stage 1's plain model)."""
     min_eval_points: int = 6
+    old_scale: R.Scale = field(default_factory=lambda: C.SWEEPS["fmnist"].scale)
+    """The old setting's scale (its backbone: SiT-tiny on 2x2 patches), for the ``wold`` stage."""
 
     def __post_init__(self) -> None:
         sc = self.sweep.scale
@@ -155,7 +160,8 @@ WIDE_SWEEPS: dict[str, WideSweep] = {
     "smoke-wide": WideSweep(
         sweep=dataclasses.replace(C.SWEEPS["smoke"], channels=(4, 20), t1_ae_steps=(),
                                   scale=dataclasses.replace(C.SWEEPS["smoke"].scale, dit_patch=1, eval_every=2)),
-        judge=dataclasses.replace(JUDGE, width=4, epochs=1), judge_per_class=4, extra_eval_every=2, t1_ae_seeds=(0, 1), small_c=4, min_eval_points=2),
+        judge=dataclasses.replace(JUDGE, width=4, epochs=1), judge_per_class=4, extra_eval_every=2, t1_ae_seeds=(0, 1),
+        small_c=4, min_eval_points=2, old_scale=C.SWEEPS["smoke"].scale),
 }
 
 
@@ -350,6 +356,17 @@ class WideWorker(C.Worker):
                                valid=lambda r: r.get("dit_steps") == sc.dit_steps)
 
 
+    def old_dit(self, c: int) -> dict:
+        """The old ``fmnist`` backbone (SiT-tiny on 2x2 patches) on this root's plain c store, seed 0: checkpoints
+        for the head diagnostic (``experiments.diagnostics``) and a reproduction of the old sweep's numbers."""
+        st = self.store("plain", c, 0)
+        sc = self.ws.old_scale
+        name = f"old-p2-{C.ae_name('plain', c, 0)}-s0"
+        return self.stages.run(f"dit-{name}", lambda: R._dit(self.root, sc, st, "plain", False, 0,
+                                                             list(C.paper_channel_choices(c)), self.threads, name=name),
+                               valid=lambda r: r["config"]["steps"] == sc.dit_steps)
+
+
 def jobs(ws: WideSweep) -> list[tuple[str, list[tuple[str, Callable[[WideWorker], Any]]]]]:
     """[(stage, [(run label, fn(worker))])] in the order they run; diffusion runs seed-major (every variant has
     seed 0 before any has seed 1)."""
@@ -377,7 +394,8 @@ def jobs(ws: WideSweep) -> list[tuple[str, list[tuple[str, Callable[[WideWorker]
     wrecipe += [jfloor("recipe", cm)]
     wtable6 = [prep("structured", ws.small_c)] + [dit("structured", "adt", ws.small_c, s) for s in seeds]
     wtable6 += [jfloor("structured", ws.small_c)]
-    return [("wfig1b", wfig1b), ("wtable5", wtable5), ("wrecipe", wrecipe), ("wtable6", wtable6)]
+    wold = [(f"old backbone plain c{c} s0", lambda w, c=c: w.old_dit(c)) for c in cs]
+    return [("wfig1b", wfig1b), ("wtable5", wtable5), ("wrecipe", wrecipe), ("wtable6", wtable6), ("wold", wold)]
 
 
 def time_probe(ws: WideSweep, *, steps: int = 12) -> list[dict]:
@@ -488,7 +506,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--fashion-mnist", default=DEFAULT_DIR, help="folder of the Fashion-MNIST idx files")
     ap.add_argument("--worker", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="processes sharing this root (one per core)")
-    ap.add_argument("--stages", default=None, help="comma-separated of wfig1b,wtable5,wrecipe,wtable6 (default: all)")
+    ap.add_argument("--stages", default=None,
+                    help="comma-separated of wfig1b,wtable5,wrecipe,wtable6,wold, run in that order (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="only evaluate the rules on the finished markers")
     ap.add_argument("--results-dir", type=Path, default=None, help="where RESULTS-wide.md goes")

@@ -43,7 +43,9 @@ def test_job_list_is_exactly_what_the_rules_read():
               ("plain", "adtfull"), ("recipe", "noadt"), ("recipe", "adtfull"))}
     need |= {run_name("structured", 8, 0, "adt", s) for s in seeds}  # Table 6 on Fashion-MNIST
     stages = dict(jobs(ws))
-    assert list(stages) == ["wfig1b", "wtable5", "wrecipe", "wtable6"]
+    assert list(stages) == ["wfig1b", "wtable5", "wrecipe", "wtable6", "wold"]
+    assert [label for label, _ in stages["wold"]] == [f"old backbone plain c{c} s0" for c in cs]
+    assert ws.old_scale.dit_patch == 2  # the confounded backbone, for the head diagnostic only
     dits = [label.split(" ", 1)[1] for runs in stages.values() for label, _ in runs if label.startswith("dit ")]
     assert sorted(dits) == sorted(need) and len(dits) == len(set(dits)) == 33
     aes = {label for runs in stages.values() for label, _ in runs if label.startswith("ae ")}

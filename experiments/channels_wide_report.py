@@ -103,7 +103,7 @@ def write_report(root: Path, ws: Any, sweep_name: str, results_dir: Path, verdic
     """Write ``<results_dir>/RESULTS-wide.md`` (+ figures/) from the root's markers and the verdicts."""
     from experiments import replicate as R
     from experiments.channels_wide import backbone_hidden, collect
-    from experiments.diagnostics import bound_markdown
+    from experiments.diagnostics import bound_markdown, diagnose_root, rows_markdown
 
     rec = collect(R.Stages(root).all())
     sw, sc = ws.sweep, ws.sweep.scale
@@ -143,10 +143,13 @@ def write_report(root: Path, ws: Any, sweep_name: str, results_dir: Path, verdic
         names = [run_name(kind, sw.c_max, 0, adt, s) for s in sw.dit_seeds]
         md.append(f"| {kind} {adt} | " + " | ".join(_pm(_final(rec, names, k, "fid")) for k in keys) + " |")
     md += ["", "## Head width: output directions a `Linear(H → p²c)` head leaves constant", "",
-           *bound_markdown(tuple(sw.channels), {"old SiT-tiny p=2": (96, 2),
+           *bound_markdown(tuple(sw.channels), {f"old {ws.old_scale.dit_model} p={ws.old_scale.dit_patch}":
+                                                (backbone_hidden(ws.old_scale), ws.old_scale.dit_patch),
                                                 f"new {sc.dit_model} p={sc.dit_patch}": (backbone_hidden(sc),
                                                                                          sc.dit_patch)}),
-           "", "The measured variance share per run: `python -m experiments.diagnostics --root <root>`.", ""]
+           "", "Measured: the share of each run's latent variance (its own store, patchified as its backbone sees it) "
+           "outside the column space of its final layer (last checkpoint's EMA weights; `old-p2-*` = the old "
+           "backbone on the same stores, stage `wold`):", "", *rows_markdown(diagnose_root(root)), ""]
     fig = results_dir / "figures" / f"{sweep_name}_tradeoff.png"
     if _tradeoff_plot(rec, ws, fig, reading_key(*READINGS[0])):
         md += ["## Reconstruction vs generation", "", f"![trade-off](figures/{fig.name})", ""]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["head_bound", "bound_table", "bound_markdown", "patchify", "outside_share", "run_diagnostic",
-           "diagnose_root", "main"]
+           "diagnose_root", "rows_markdown", "main"]
 
 
 def head_bound(hidden: int, patch: int, channels: int) -> float:
@@ -140,7 +140,8 @@ def diagnose_root(root: Path, *, max_tokens: int = 200_000) -> list[dict]:
     return rows
 
 
-def _markdown(rows: list[dict]) -> list[str]:
+def rows_markdown(rows: list[dict]) -> list[str]:
+    """``diagnose_root``'s rows as a markdown table."""
     lines = ["| run | c | patch | D = p²c | H | rank(W) | share outside span(W) | bound (D−H)/D |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not (args.root / "stages").is_dir():
         raise SystemExit(f"experiments.diagnostics: {args.root} has no stages/ folder (not a sweep root)")
     rows = diagnose_root(args.root, max_tokens=args.max_tokens)
-    print("\n".join(_markdown(rows) if rows else ["no finished diffusion run under " + str(args.root)]))
+    print("\n".join(rows_markdown(rows) if rows else ["no finished diffusion run under " + str(args.root)]))
     print()
     print("\n".join(bound_markdown((8, 16, 32, 64), {"SiT-tiny p=2 (fmnist)": (96, 2),
                                                       "SiT-tiny p=1 (fmnist-wide)": (96, 1)})))

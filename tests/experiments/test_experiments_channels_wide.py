@@ -27,6 +27,8 @@ def test_fmnist_wide_backbone_is_wider_than_every_token_and_evaluates_often():
     # the old setting (SiT-tiny on 2x2 patches: 4c > 96 at c = 32, 64) is refused
     with pytest.raises(ValueError, match="exceed the token dimension"):
         WideSweep(sweep=C.SWEEPS["fmnist"])
+    with pytest.raises(ValueError, match="CFG scales"):
+        dataclasses.replace(ws, extra_cfg=(1.0,))
     with pytest.raises(ValueError, match="evaluation points"):
         WideSweep(sweep=dataclasses.replace(ws.sweep, scale=dataclasses.replace(sc, eval_every=200)))
 

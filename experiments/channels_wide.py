@@ -415,7 +415,7 @@ def time_probe(ws: WideSweep, *, steps: int = 12) -> list[dict]:
     from dcae15.diffusion.samplers import sample_latents
     from dcae15.models.registry import build_model, model_config
 
-    sc, old = ws.sweep.scale, C.SWEEPS["fmnist"].scale
+    sc, old = ws.sweep.scale, ws.old_scale
     obj = make_objective("flow")
     rows = []
     for label, s in (("old", old), ("new", sc)):

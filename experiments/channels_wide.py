@@ -159,7 +159,7 @@ class WideSweep:
 # fmnist's scale with SiT-tiny on 1x1 patches: 64 tokens of c numbers; hidden 96 > c at every c <= 64.
 # CFG 1 (primary) at 6 points (every 100 of 600 steps), CFG 2.5 at 200 / 400 / 600 (the old grid); Heun 8 steps
 # (the demo's) to pay for the extra sampling.
-_WIDE_SCALE = dataclasses.replace(C._SWEEP_SCALE, dit_patch=1, eval_every=100, sample_steps=8, cfg_scale=1.0)
+_WIDE_SCALE = dataclasses.replace(C.SWEEPS["fmnist"].scale, dit_patch=1, eval_every=100, sample_steps=8, cfg_scale=1.0)
 
 WIDE_SWEEPS: dict[str, WideSweep] = {
     "fmnist-wide": WideSweep(sweep=dataclasses.replace(C.SWEEPS["fmnist"], scale=_WIDE_SCALE)),

@@ -67,9 +67,10 @@ from dcae15.metrics.proxy import ProxyConfig
 from experiments import channels as C
 from experiments import replicate as R
 from experiments.claims_wide import reading_key, run_name
+from experiments.diagnostics import backbone_hidden
 
 __all__ = ["WideSweep", "WIDE_SWEEPS", "JUDGE", "ADT_TAGS", "recipe_channels", "recipe_preset", "backbone_hidden",
-           "jobs", "time_probe", "run_worker", "collect", "evaluate_root", "main"]
+           "jobs", "time_probe", "run_worker", "evaluate_root", "main"]
 
 #: The independent judge: the proxy classifier's network without the rotation / blur / noise augmentations, wider
 #: features (4 x 32 = 128-d). Trained on its own Fashion-MNIST set (``WideSweep.judge_per_class``; 80 %),
@@ -96,13 +97,6 @@ def recipe_preset(c: int) -> str:
         AE_PRESETS[name] = dataclasses.replace(AE_PRESETS[C.sweep_preset(c)], name=name,
                                                channel_choices=recipe_channels(c))
     return name
-
-
-def backbone_hidden(sc: R.Scale) -> int:
-    """The diffusion backbone's hidden width (preset, then ``dit_overrides``)."""
-    from dcae15.models.registry import preset
-
-    return int(sc.dit_overrides.get("hidden", preset(sc.dit_model).hidden))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -474,31 +468,13 @@ def run_worker(root: Path, ws: WideSweep, *, worker: int, workers: int, fmnist_d
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Markers -> the recorded inputs of claims_wide.evaluate
+# Verdicts
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def collect(stages: dict[str, dict]) -> dict:
-    """``claims_wide``'s recorded shape from a root's markers ({name: {"result", "seconds"}})."""
-    rec: dict = {"curves": {}, "psnr": {}, "judge": None, "heads": {}, "floors": {}}
-    for name, m in stages.items():
-        r = m["result"]
-        if name.startswith("judge-"):
-            rec["curves"][name[len("judge-"):]] = r["curves"]
-            rec["heads"][name[len("judge-"):]] = r["head"]
-        elif name.startswith("recon-"):
-            rows = r["rows"]
-            full = max(rows, key=lambda x: x["channels"])
-            rec["psnr"][name[len("recon-"):]] = float(full["psnr"])
-        elif name == "judge":
-            rec["judge"] = {"held_out_accuracy": float(r["held_out_accuracy"]), "label": r["extractor_label"]}
-        elif name.startswith(("floor-", "jfloor-")):
-            rec["floors"].setdefault(name.split("-", 1)[1], {}).update(r)
-    return rec
-
-
 def evaluate_root(root: Path, ws: WideSweep) -> dict:
-    from experiments.claims_wide import evaluate
+    """The declared rules on the root's finished markers."""
+    from experiments.claims_wide import collect, evaluate
 
     return evaluate(collect(R.Stages(root).all()), channels=ws.sweep.channels, seeds=ws.sweep.dit_seeds,
                     ae_seeds=ws.t1_ae_seeds, small_c=ws.small_c)

@@ -102,8 +102,8 @@ def _tradeoff_plot(rec: dict, ws: Any, path: Path, key: str) -> bool:
 def write_report(root: Path, ws: Any, sweep_name: str, results_dir: Path, verdicts: dict[str, dict]) -> Path:
     """Write ``<results_dir>/RESULTS-wide.md`` (+ figures/) from the root's markers and the verdicts."""
     from experiments import replicate as R
-    from experiments.channels_wide import backbone_hidden, collect
-    from experiments.diagnostics import bound_markdown, diagnose_root, rows_markdown
+    from experiments.claims_wide import collect
+    from experiments.diagnostics import backbone_hidden, bound_markdown, diagnose_root, rows_markdown
 
     rec = collect(R.Stages(root).all())
     sw, sc = ws.sweep, ws.sweep.scale

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["CLAIMS_WIDE", "TARGETS_WIDE", "READINGS", "PRIMARY", "OLD_VERDICTS", "reading_key", "run_name", "evaluate"]
+__all__ = ["CLAIMS_WIDE", "TARGETS_WIDE", "READINGS", "PRIMARY", "OLD_VERDICTS", "reading_key", "run_name", "collect",
+           "evaluate"]
 
 #: The verdicts, declared before any run (issue 32) and not tuned toward; ``evaluate`` computes exactly these.
 CLAIMS_WIDE = {
@@ -40,7 +41,7 @@ OLD_VERDICTS = {"fig1b_generation": True, "table5_speed": True, "table5_alone": 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation on recorded inputs (no runs): ``collect`` in channels_wide turns a root's markers into this shape
+# Evaluation on recorded inputs (no runs): ``collect`` turns a root's markers into this shape
 # ---------------------------------------------------------------------------------------------------------------
 #
 # recorded = {
@@ -241,3 +242,23 @@ def evaluate(rec: dict, *, channels: tuple[int, ...], seeds: tuple[int, ...], ae
         if old_held is not None and old in old_held and out[rule]["held"] is not None:
             out[rule]["artefact"] = bool(old_held[old]) and not out[rule]["held"]
     return out
+
+
+def collect(stages: dict[str, dict]) -> dict:
+    """The recorded shape above from a ``fmnist-wide`` root's markers ({name: {"result", "seconds"}}: judge-*, recon-*,
+    judge, floor-*, jfloor-*)."""
+    rec: dict = {"curves": {}, "psnr": {}, "judge": None, "heads": {}, "floors": {}}
+    for name, m in stages.items():
+        r = m["result"]
+        if name.startswith("judge-"):
+            rec["curves"][name[len("judge-"):]] = r["curves"]
+            rec["heads"][name[len("judge-"):]] = r["head"]
+        elif name.startswith("recon-"):
+            rows = r["rows"]
+            full = max(rows, key=lambda x: x["channels"])
+            rec["psnr"][name[len("recon-"):]] = float(full["psnr"])
+        elif name == "judge":
+            rec["judge"] = {"held_out_accuracy": float(r["held_out_accuracy"]), "label": r["extractor_label"]}
+        elif name.startswith(("floor-", "jfloor-")):
+            rec["floors"].setdefault(name.split("-", 1)[1], {}).update(r)
+    return rec

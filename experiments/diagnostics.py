@@ -26,8 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["head_bound", "bound_table", "bound_markdown", "patchify", "outside_share", "run_diagnostic",
+__all__ = ["backbone_hidden", "head_bound", "bound_table", "bound_markdown", "patchify", "outside_share", "run_diagnostic",
            "diagnose_root", "rows_markdown", "main"]
+
+
+def backbone_hidden(sc) -> int:
+    """The hidden width of a scale's diffusion backbone (``sc.dit_model``'s preset, then ``sc.dit_overrides``)."""
+    from dcae15.models.registry import preset
+
+    return int(sc.dit_overrides.get("hidden", preset(sc.dit_model).hidden))
 
 
 def head_bound(hidden: int, patch: int, channels: int) -> float:

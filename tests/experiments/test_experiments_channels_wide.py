@@ -57,8 +57,8 @@ def test_job_list_is_exactly_what_the_rules_read():
 
 
 def test_collect_turns_markers_into_the_rules_inputs():
-    from experiments.channels_wide import WIDE_SWEEPS, collect
-    from experiments.claims_wide import evaluate
+    from experiments.channels_wide import WIDE_SWEEPS
+    from experiments.claims_wide import collect, evaluate
 
     pts = [{"step": s, "fid": 5.0, "acc": 0.8} for s in range(100, 700, 100)]
     curves = {k: pts for k in ("judge@1", "judge@2.5", "proxy@1", "proxy@2.5")}

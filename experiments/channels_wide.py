@@ -28,28 +28,35 @@ labels), ``judge-<run>`` (both sample sets re-scored by the independent judge). 
 ``encode-``, ``floor-`` (proxy) and ``jfloor-`` (judge) markers. The judge trains once (``judge`` marker) on its own
 2000 images per class.
 
-Cost of ``fmnist-wide`` (``--time-probe`` measures the per-step and per-evaluation numbers below; measured
-2026-12-05 on this 2-core machine shared with six other sessions, load average 6-10, one torch thread):
+Cost of ``fmnist-wide`` (``--time-probe`` measures the per-step and per-evaluation numbers below). Measured twice on
+2026-12-05 on this 2-core machine shared with six other sessions (load average 6-10, one torch thread), so the
+two probes differ by up to 1.7x; the old backbone's 600 steps + 3 evaluations measured 82-93 s here against the
+old sweep's 71-86 s per run on an idle machine (RESULTS.md), i.e. these numbers are near idle speed:
 
-    SiT-tiny, batch 64, 8x8xc latents       c = 64               c = 8
-      old p = 2 (16 tokens), train step     84 ms                61 ms
-      old eval (256, Heun 16, CFG 2.5)      10.6 s               4.9 s
-      new p = 1 (64 tokens), train step     603 ms               481 ms
-      new eval Heun 8, CFG 1 / CFG 2.5      12.2 s / 29.7 s      6.0 s / 28.5 s
+    SiT-tiny, batch 64, 8x8xc latents       c = 64                    c = 8
+      old p = 2 (16 tokens), train step     84 / 104 ms               61 / 100 ms
+      old eval (256, Heun 16, CFG 2.5)      10.6 / 10.1 s             4.9 / 10.1 s
+      new p = 1 (64 tokens), train step     603 / 370 ms              481 / 348 ms
+      new eval Heun 8, CFG 1                12.2 / 8.9 s              6.0 / 8.0 s
+      new eval Heun 8, CFG 2.5              29.7 / 29.8 s             28.5 / 18.3 s
 
     one wide run = 600 x step + 6 x CFG-1 eval + 3 x CFG-2.5 eval + ~50 s (decode, 2 judges, checkpoints;
                    the old runs spent ~25 s beyond the same compute)
-                 = 361 + 73 + 89 + 50 ~ 575 s (c = 64),  289 + 36 + 85 + 50 ~ 460 s (c = 8), ~500 s (c = 16, 32)
-    runs         = 21 at c = 64, 3 + 3 at c = 16 / 32, 6 at c = 8  ->  21 x 575 + 6 x 500 + 6 x 460 ~ 17 800 s
+                 = c = 64: 361 + 73 + 89 + 50 ~ 575 s (probe 1),  222 + 53 + 89 + 50 ~ 415 s (probe 2)
+                   c = 8:  289 + 36 + 85 + 50 ~ 460 s,             209 + 48 + 55 + 50 ~ 360 s
+    runs         = 21 at c = 64, 3 + 3 at c = 16 / 32, 6 at c = 8 (+ 4 old-backbone runs, ~80 s each)
+                 -> 13 500 (probe 2) .. 17 800 (probe 1) core-seconds
     AEs etc.     = 7 x ~60 s + 3 recipe AEs x ~90 s (include_full: 2 decoder passes) + recon / encode / floors
-                   ~250 s + proxy ~60 s + judge ~450 s (16 000 images x 8 epochs, width 32: 878 s wall here at ~50 % of a core)
-    total        ~ 19 500 core-seconds ~ 2.7 h on 2 cores (two workers)
-    per stage    wfig1b ~55 min, wtable5 ~45 min, wrecipe ~46 min, wtable6 ~12 min, wold ~3 min (2 workers)
+                   ~250 s + proxy ~60 s + judge ~450 s (16 000 images x 8 epochs, width 32: 878 s wall here at
+                   ~50 % of a core)  ~ 1 500 s
+    total        ~ 15 300 .. 19 600 core-seconds = 2.1 .. 2.7 h on 2 cores (two workers)
+    per stage    (probe 1 .. probe 2) wfig1b 55 .. 42 min, wtable5 45 .. 33 min, wrecipe 46 .. 34 min,
+                 wtable6 12 .. 9 min, wold ~3 min
 
-So the whole plan is ~40 min over the issue's 2 h: the stages run in order of what decides the confound (Figure 1b,
-then Table 5, then the recipe, then Table 6); a stop at 2 h leaves the first two and most of the recipe, and a
-rerun with the same root continues. The training step dominates (64 tokens instead of 16: the price of a head wider
-than the token with the same backbone at every c).
+So the whole plan is at or up to ~40 min over the issue's 2 h: the stages run in order of what decides the confound
+(Figure 1b, then Table 5, then the recipe, then Table 6); a stop at 2 h leaves at least the first two and most of
+the recipe, and a rerun with the same root continues. The training step dominates (64 tokens instead of 16: the
+price of a head wider than the token with the same backbone at every c).
 """
 
 from __future__ import annotations

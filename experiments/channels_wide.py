@@ -393,8 +393,8 @@ def jobs(ws: WideSweep) -> list[tuple[str, list[tuple[str, Callable[[WideWorker]
 
     wfig1b = [prep("plain", c) for c in cs] + [dit("plain", "noadt", c, s) for s in seeds for c in cs]
     wfig1b += [jfloor("plain", c) for c in cs]
-    wtable5 = [prep("structured", cm)] + [dit(k, t, cm, s) for s in seeds
-                                          for k, t in (("plain", "adt"), ("structured", "noadt"), ("structured", "adt"))]
+    t5 = (("plain", "adt"), ("structured", "noadt"), ("structured", "adt"))
+    wtable5 = [prep("structured", cm)] + [dit(k, t, cm, s) for s in seeds for k, t in t5]
     wtable5 += [jfloor("structured", cm)]
     wrecipe = [prep("recipe", cm)] + [dit(k, t, cm, s) for s in seeds
                                       for k, t in (("plain", "adtfull"), ("recipe", "noadt"), ("recipe", "adtfull"))]

@@ -42,7 +42,8 @@ def summary_lines(verdicts: dict[str, dict]) -> list[str]:
             art = any(verdicts[r].get("artefact") for r in rules)
             con.append(claim + (" — the old toy result was an artefact of the head width" if art else ""))
     lines = [f"- **Supported**: {'; '.join(sup) or 'none'}.", f"- **Contradicted**: {'; '.join(con) or 'none'}.",
-             f"- **Cannot test here**: {'; '.join(cant + ['ImageNet-scale gFID, 1152-wide backbones, GAN/LPIPS AEs'])}."]
+             "- **Cannot test here**: " + "; ".join([*cant, "ImageNet-scale gFID, 1152-wide backbones, GAN/LPIPS AEs"])
+             + "."]
     if judge_ok is False:
         lines.append("- The judge missed its 0.9 accuracy: every verdict reads the proxy (weak judge).")
     return lines

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["backbone_hidden", "head_bound", "bound_table", "bound_markdown", "patchify", "outside_share", "run_diagnostic",
+__all__ = ["backbone_hidden", "head_bound", "bound_table", "bound_markdown", "patchify", "outside_share",
+           "run_diagnostic",
            "diagnose_root", "rows_markdown", "main"]
 
 
@@ -61,7 +62,8 @@ def bound_markdown(channels: tuple[int, ...], backbones: dict[str, tuple[int, in
         cells = []
         for n in names:
             r = row[n]
-            cells += [str(r["token_dim"]), f"{max(0, r['token_dim'] - r['hidden'])}/{r['token_dim']} = {r['bound']:.3f}"]
+            d = r["token_dim"]
+            cells += [str(d), f"{max(0, d - r['hidden'])}/{d} = {r['bound']:.3f}"]
         lines.append(f"| {row['c']} | " + " | ".join(cells) + " |")
     return lines
 

@@ -218,7 +218,8 @@ def _ae(root: Path, sc: Scale, ds_url: str, kind: str, seed: int, name: str | No
     from dcae15.ae.train import AETrainConfig, train_autoencoder
 
     cfg = AETrainConfig(preset=sc.ae_preset, resolution=sc.resolution, steps=sc.ae_steps, batch_size=sc.ae_batch,
-                        lr=sc.ae_lr, warmup_steps=sc.ae_warmup, schedule=sc.ae_schedule, perceptual="none", structured=kind != "plain", include_full=include_full, seed=seed,
+                        lr=sc.ae_lr, warmup_steps=sc.ae_warmup, schedule=sc.ae_schedule, perceptual="none",
+                        structured=kind != "plain", include_full=include_full, seed=seed,
                         checkpoint_every=max(1, sc.ae_steps // 4), log_every=max(1, min(50, sc.ae_steps)),
                         device="cpu")
     out = train_autoencoder(cfg, ds_url, str(root / "runs" / "ae" / (name or kind)))
@@ -344,7 +345,8 @@ def _dit(root: Path, sc: Scale, store: dict, kind: str, adt: bool, seed: int, ch
     cfg = DiffusionTrainConfig(model=sc.dit_model, model_overrides=dict(sc.dit_overrides), patch_size=sc.dit_patch,
                                global_batch_size=sc.dit_batch, steps=sc.dit_steps, lr=sc.dit_lr,
                                warmup_steps=sc.dit_warmup, ema_decay=sc.dit_ema,
-                               adt=ADTConfig(enabled=adt, channels=list(channels), include_full=include_full), seed=seed,
+                               adt=ADTConfig(enabled=adt, channels=list(channels), include_full=include_full),
+                               seed=seed,
                                mixed_precision="fp32", checkpoint_every=sc.eval_every, keep_checkpoints=10_000,
                                log_every=max(1, min(50, sc.eval_every)))
     t0 = time.perf_counter()

@@ -15,8 +15,8 @@ def test_rotate_off_is_a_new_cache_key_and_the_default_keeps_the_old_one():
     old = {k: v for k, v in dataclasses.asdict(ProxyConfig()).items() if k != "rotate"}  # the pre-option config
     assert fingerprint(_key_fields(ProxyConfig()), length=8) == fingerprint(old, length=8)
     judge = ProxyConfig(blur=0.0, noise=0.0, rotate=False)
-    assert fingerprint(_key_fields(judge), length=8) != fingerprint(_key_fields(dataclasses.replace(judge, rotate=True)),
-                                                                      length=8)
+    rotating = dataclasses.replace(judge, rotate=True)
+    assert fingerprint(_key_fields(judge), length=8) != fingerprint(_key_fields(rotating), length=8)
 
 
 def test_augment_without_rotation_blur_noise_only_flips():

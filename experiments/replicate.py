@@ -212,11 +212,14 @@ def _extractor(root: Path, sc: Scale, ds_url: str):
                            cache_url=str(root / "eval"))
 
 
-def _ae(root: Path, sc: Scale, ds_url: str, kind: str, seed: int, name: str | None = None) -> dict:
+def _ae(root: Path, sc: Scale, ds_url: str, kind: str, seed: int, name: str | None = None, *,
+        include_full: bool = False) -> dict:
+    """Train one AE (resumes); ``include_full``: a full-channel decoder pass every step (structured only)."""
     from dcae15.ae.train import AETrainConfig, train_autoencoder
 
     cfg = AETrainConfig(preset=sc.ae_preset, resolution=sc.resolution, steps=sc.ae_steps, batch_size=sc.ae_batch,
-                        lr=sc.ae_lr, warmup_steps=sc.ae_warmup, schedule=sc.ae_schedule, perceptual="none", structured=kind == "structured", seed=seed,
+                        lr=sc.ae_lr, warmup_steps=sc.ae_warmup, schedule=sc.ae_schedule, perceptual="none",
+                        structured=kind != "plain", include_full=include_full, seed=seed,
                         checkpoint_every=max(1, sc.ae_steps // 4), log_every=max(1, min(50, sc.ae_steps)),
                         device="cpu")
     out = train_autoencoder(cfg, ds_url, str(root / "runs" / "ae" / (name or kind)))
@@ -320,10 +323,11 @@ def variant_name(kind: str, adt: bool, seed: int) -> str:
 
 
 def _dit(root: Path, sc: Scale, store: dict, kind: str, adt: bool, seed: int, channels: list[int],
-         threads: int, name: str | None = None) -> dict:
+         threads: int, name: str | None = None, *, include_full: bool = False) -> dict:
     """Train one DiT variant (resumes), then proxy-FID of every checkpoint (each cached in its own file).
 
-    ``name`` names the run and its evaluation folder (default: the variant's name)."""
+    ``name`` names the run and its evaluation folder (default: the variant's name); ``include_full``: ADT's loss
+    is 1/2 (L_full + L_c') (``ADTConfig.include_full``)."""
     import numpy as np
     import torch
 
@@ -341,7 +345,8 @@ def _dit(root: Path, sc: Scale, store: dict, kind: str, adt: bool, seed: int, ch
     cfg = DiffusionTrainConfig(model=sc.dit_model, model_overrides=dict(sc.dit_overrides), patch_size=sc.dit_patch,
                                global_batch_size=sc.dit_batch, steps=sc.dit_steps, lr=sc.dit_lr,
                                warmup_steps=sc.dit_warmup, ema_decay=sc.dit_ema,
-                               adt=ADTConfig(enabled=adt, channels=list(channels)), seed=seed,
+                               adt=ADTConfig(enabled=adt, channels=list(channels), include_full=include_full),
+                               seed=seed,
                                mixed_precision="fp32", checkpoint_every=sc.eval_every, keep_checkpoints=10_000,
                                log_every=max(1, min(50, sc.eval_every)))
     t0 = time.perf_counter()

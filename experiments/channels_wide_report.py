@@ -1,0 +1,160 @@
+"""RESULTS-wide.md for the ``fmnist-wide`` sweep (issue 32): the plain summary, every declared verdict with its four
+(judge, CFG) readings, the per-c and per-variant tables, the head-width bound and the trade-off plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.claims_wide import READINGS, reading_key, run_name
+
+__all__ = ["summary_lines", "write_report"]
+
+#: paper claim -> the rules that decide it (primary reading)
+_CLAIM_RULES = {
+    "Figure 1b (generation degrades with c)": ("fig1b_generation_wide",),
+    "Table 5 (SLS + ADT converge faster, neither alone does)": ("table5_speed_wide", "table5_alone_wide"),
+    "Table 5 with the paper's recipe": ("table5_recipe_speed", "table5_recipe_alone"),
+    "Table 1 (structure costs no reconstruction, with the recipe)": ("table1_recipe",),
+    "Table 6 (no gain at few channels)": ("table6_fmnist",),
+    "SLS + ADT moves the reconstruction-generation trade-off": ("tradeoff_leaves_curve",),
+}
+
+
+def _word(h: bool | None) -> str:
+    return {True: "HELD", False: "DID NOT HOLD", None: "not measured"}[h]
+
+
+def summary_lines(verdicts: dict[str, dict]) -> list[str]:
+    """Supported / contradicted / cannot test, per paper claim (the rules of claims-wide.md)."""
+    judge_ok = verdicts["judge_accuracy"]["held"]
+    sup, con, cant = [], [], []
+    for claim, rules in _CLAIM_RULES.items():
+        held = [verdicts[r]["held"] for r in rules]
+        if any(h is None for h in held):
+            cant.append(claim)
+        elif all(held):
+            sup.append(claim)
+        else:
+            art = any(verdicts[r].get("artefact") for r in rules)
+            con.append(claim + (" — the old toy result was an artefact of the head width" if art else ""))
+    lines = [f"- **Supported**: {'; '.join(sup) or 'none'}.", f"- **Contradicted**: {'; '.join(con) or 'none'}.",
+             "- **Cannot test here**: " + "; ".join([*cant, "ImageNet-scale gFID, 1152-wide backbones, GAN/LPIPS AEs"])
+             + "."]
+    if judge_ok is False:
+        lines.append("- The judge missed its 0.9 accuracy: every verdict reads the proxy (weak judge).")
+    return lines
+
+
+def _pm(d: dict | None) -> str:
+    return "—" if d is None else f"{d['mean']:.3f} ± {d['std']:.3f} (n={d['n']})"
+
+
+def _final(rec: dict, names: list[str], key: str, metric: str) -> dict | None:
+    from experiments.claims_wide import _curves, _final as fin
+
+    return fin(_curves(rec, names, key), metric)
+
+
+def _tradeoff_plot(rec: dict, ws: Any, path: Path, key: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sw = ws.sweep
+    seeds, cm = sw.dit_seeds, sw.c_max
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs, ys = [], []
+    for c in sw.channels:
+        f = _final(rec, [run_name("plain", c, 0, "noadt", s) for s in seeds], key, "fid")
+        p = rec["psnr"].get(f"plain-c{c}-a0")
+        if f is None or p is None:
+            continue
+        xs.append(p)
+        ys.append(f["mean"])
+        ax.errorbar(p, f["mean"], yerr=f["std"], fmt="o", color="C0")
+        ax.annotate(f"plain c{c}", (p, f["mean"]), fontsize=7)
+    if not xs:
+        plt.close(fig)
+        return False
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ax.plot([xs[i] for i in order], [ys[i] for i in order], "-", color="C0", label="plain AEs (trade-off curve)")
+    for kind, adt, col, lab in (("structured", "adt", "C1", "SLS + ADT (scaled c')"),
+                                ("recipe", "adtfull", "C2", "SLS + ADT (recipe)"),
+                                ("structured", "noadt", "C3", "SLS alone")):
+        f = _final(rec, [run_name(kind, cm, 0, adt, s) for s in seeds], key, "fid")
+        p = rec["psnr"].get(f"{kind}-c{cm}-a0")
+        if f is not None and p is not None:
+            ax.errorbar(p, f["mean"], yerr=f["std"], fmt="s", color=col, label=f"{lab} c{cm}")
+    ax.set_xlabel("AE full-channel PSNR (dB)")
+    ax.set_ylabel(f"final FID ({key})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(root: Path, ws: Any, sweep_name: str, results_dir: Path, verdicts: dict[str, dict]) -> Path:
+    """Write ``<results_dir>/RESULTS-wide.md`` (+ figures/) from the root's markers and the verdicts."""
+    from experiments import replicate as R
+    from experiments.claims_wide import collect
+    from experiments.diagnostics import backbone_hidden, bound_markdown, diagnose_root, rows_markdown
+
+    rec = collect(R.Stages(root).all())
+    sw, sc = ws.sweep, ws.sweep.scale
+    keys = [reading_key(*r) for r in READINGS]
+    md = [f"# DC-AE 1.5 on Fashion-MNIST without the head-width confound (issue 32, `--sweep {sweep_name}`)", "",
+          f"Generated by `experiments/channels_wide.py` on {time.strftime('%Y-%m-%d')}. Machine: "
+          f"{R.machine_description()}.", "", "## Summary (the rules of `experiments/claims-wide.md`)", "",
+          *summary_lines(verdicts), "", "## Setting", "",
+          f"- Backbone `{sc.dit_model}` (hidden {backbone_hidden(sc)}) on {sc.dit_patch}×{sc.dit_patch} patches, "
+          f"{sc.dit_steps} steps, evaluated every {sc.eval_every} ({sc.eval_samples} samples, {sc.sampler} "
+          f"{sc.sample_steps} steps) at CFG {', '.join(f'{g:g}' for g in ws.cfg_scales)}; diffusion seeds "
+          f"{list(sw.dit_seeds)}.",
+          f"- Judge: `{json.dumps(dataclasses.asdict(ws.judge))}`; "
+          f"held-out accuracy {format(rec['judge']['held_out_accuracy'], '.3f') if rec['judge'] else '—'}.", "",
+          "## Verdicts", ""]
+    for k, v in verdicts.items():
+        line = f"- `{k}` — **{_word(v['held'])}**"
+        if "readings" in v:
+            field = "speed" if "_speed" in k else "alone" if "_alone" in k else "held"
+            line += " (" + ", ".join(f"{r}: {_word(d.get(field))}" for r, d in v["readings"].items()) + ")"
+        if v.get("artefact"):
+            line += " — **artefact of the head width** (the old sweep held)"
+        md += [line, f"  {v['claim']}."]
+    md += ["", "## Figure 1b: plain AEs, final FID / accuracy per reading", "",
+           "| c | PSNR | " + " | ".join(f"FID {k}" for k in keys) + " | judge floor FID |",
+           "|---|---|" + "---|" * (len(keys) + 1)]
+    for c in sw.channels:
+        names = [run_name("plain", c, 0, "noadt", s) for s in sw.dit_seeds]
+        fl = rec["floors"].get(f"plain-c{c}-a0", {})
+        md.append(f"| {c} | {rec['psnr'].get(f'plain-c{c}-a0', float('nan')):.2f} | "
+                  + " | ".join(_pm(_final(rec, names, k, "fid")) for k in keys)
+                  + f" | {fl.get('reconstruction_judge_fid', float('nan')):.3f} |")
+    md += ["", f"## Table 5 at c = {sw.c_max}: final FID per variant and reading", "",
+           "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for kind, adt in (("plain", "noadt"), ("plain", "adt"), ("structured", "noadt"), ("structured", "adt"),
+                      ("plain", "adtfull"), ("recipe", "noadt"), ("recipe", "adtfull")):
+        names = [run_name(kind, sw.c_max, 0, adt, s) for s in sw.dit_seeds]
+        md.append(f"| {kind} {adt} | " + " | ".join(_pm(_final(rec, names, k, "fid")) for k in keys) + " |")
+    md += ["", "## Head width: output directions a `Linear(H → p²c)` head leaves constant", "",
+           *bound_markdown(tuple(sw.channels), {f"old {ws.old_scale.dit_model} p={ws.old_scale.dit_patch}":
+                                                (backbone_hidden(ws.old_scale), ws.old_scale.dit_patch),
+                                                f"new {sc.dit_model} p={sc.dit_patch}": (backbone_hidden(sc),
+                                                                                         sc.dit_patch)}),
+           "", "Measured: the share of each run's latent variance (its own store, patchified as its backbone sees it) "
+           "outside the column space of its final layer (last checkpoint's EMA weights; `old-p2-*` = the old "
+           "backbone on the same stores, stage `wold`):", "", *rows_markdown(diagnose_root(root)), ""]
+    fig = results_dir / "figures" / f"{sweep_name}_tradeoff.png"
+    if _tradeoff_plot(rec, ws, fig, reading_key(*READINGS[0])):
+        md += ["## Reconstruction vs generation", "", f"![trade-off](figures/{fig.name})", ""]
+    out = results_dir / "RESULTS-wide.md"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(md) + "\n")
+    return out

@@ -1,6 +1,7 @@
-"""The AE trainer under torchrun (DDP, gloo on CPU): 2 ranks x B/2 images == 1 process x B within fp tolerance,
-a stop + resume at the same world size is exact, a 2-rank checkpoint resumed by 1 process continues the same run,
-DataLoader workers decode the rank's own images."""
+"""The AE trainer under torchrun (DDP, gloo on CPU): 2 ranks x B/2 images == 1 process x B (the first step within
+fp32 reduction-order rounding, the trained weights within a bound far below what other images give), a stop + resume
+at the same world size is exact, a 2-rank checkpoint resumed by 1 process continues the same run, DataLoader workers
+decode the rank's own images."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import yaml
 from dcae15.ae.train import AETrainConfig, train_autoencoder
 from dcae15.ae.model import StructuredAutoencoder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 
-# GAN (a DDP discriminator), per-sample c' drawn for the global batch, LPIPS, EMA, flips: every rank-sliced part
+# GAN (a DDP discriminator), per-sample c' drawn for the global batch, LPIPS, EMA, flips: every rank-sliced part.
+# gan_start_step=0: the first step, where both runs hold the same weights, already exercises all of them.
 _CFG = dict(preset="tiny-f8c32", steps=4, batch_size=8, lr=1e-3, perceptual="lpips-squeeze", lpips_random_backbone=True,
-            w_gan=0.1, gan_start_step=1, disc_channels=8, disc_layers=2, ema_decay=0.9, channel_mode="per_sample",
+            w_gan=0.1, gan_start_step=0, disc_channels=8, disc_layers=2, ema_decay=0.9, channel_mode="per_sample",
             channels_per_step=2, include_full=True, checkpoint_every=2, log_every=1, progress=False)
 
 
@@ -44,6 +46,26 @@ def _metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "sec"} for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _mean_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    keys = [k for k in a if a[k].is_floating_point()]
+    return sum((a[k].double() - b[k].double()).abs().sum().item() for k in keys) / sum(a[k].numel() for k in keys)
+
+
+# fp32 unit roundoff u = 2**-24 ~ 6e-8. On the first step both runs hold the same weights and images; 2 ranks only
+# change the order of the sums (each loss a mean of <= 8*3*32*32 = 24576 terms, each conv gradient element a sum over
+# <= 8*32*32 positions, then one all-reduce of two halves). Blocked/pairwise summation in another order differs by
+# <= ~log2(n) u ~ 15 u ~ 1e-6 relative for same-signed terms; x10 for cancellation in gradient sums (the norm). Seen:
+# <= 1.3e-7 under ATEN_CPU_CAPABILITY=default, avx2 and avx512.
+_FIRST_STEP_REL = 1e-5
+# After the first step no elementwise fp32 bound exists: AdamW's normalised step m / (sqrt(v) + eps) turns a
+# rounding-level difference in a near-zero gradient into up to ~lr of difference in that weight (seen: grad_norm 2e-3
+# apart by step 4 with default kernels, 2.4e-4 by step 3 on an AMD AVX2 machine, while the weights agree to 2e-9 on
+# average). The claim is checked in aggregate: the mean |difference| over all ~6e5 weights stays below lr / 100,
+# while the same run on other images (dataset seed 1) lands lr / 2 away (measured 5.0e-4), and the equal runs sit at
+# ~3e-9: three orders of magnitude on either side.
+_MEAN_WEIGHT_ATOL = _CFG["lr"] / 100
+
+
 def test_two_gloo_ranks_equal_one_process_and_resume_exactly(shapes_dataset, tmp_path):
     one = train_autoencoder(AETrainConfig(**_CFG), shapes_dataset, str(tmp_path / "one"))
     # DataLoader workers (fork: no threads in a torchrun child) on the 2-rank runs; operational, same run identity
@@ -62,12 +84,13 @@ def test_two_gloo_ranks_equal_one_process_and_resume_exactly(shapes_dataset, tmp
     w1, w2, wr = _weights(tmp_path / "one"), _weights(tmp_path / "two"), _weights(tmp_path / "resumed")
     wx = _weights(tmp_path / "cross")
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=2e-4, msg=k)
         assert torch.equal(wr[k], w2[k]), k  # same world size: stop + resume is bit-exact
-        torch.testing.assert_close(wx[k], w1[k], rtol=1e-3, atol=2e-4, msg=k)  # another world size: same run
+    assert _mean_abs_diff(w2, w1) < _MEAN_WEIGHT_ATOL
+    assert _mean_abs_diff(wx, w1) < _MEAN_WEIGHT_ATOL  # another world size: same run
     m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert [r["step"] for r in m2] == [1, 2, 3, 4] and m2[-1]["gan_d"] > 0
-    for a, b in zip(m1, m2):  # the logged losses are the mean over ranks: the one-process numbers
-        for k in ("loss", "l1", "lpips", "grad_norm"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4), (k, a, b)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3, 4]
+    assert m2[0]["gan_d"] > 0 and m2[-1]["gan_d"] > 0
+    # the logged losses are the mean over ranks: on the first step, the one-process numbers up to rounding
+    for k in ("loss", "l1", "lpips", "grad_norm", "gan_d"):
+        assert m2[0][k] == pytest.approx(m1[0][k], rel=_FIRST_STEP_REL), (k, m1[0], m2[0])
     assert _metrics(tmp_path / "resumed") == m2

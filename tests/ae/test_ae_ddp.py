@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from dcae15.ae.train import AETrainConfig, train_autoencoder
 from dcae15.ae.model import StructuredAutoencoder
 
 pytestmark = [pytest.mark.slow, pytest.mark.numerics]
+REPO = Path(__file__).resolve().parents[2]
 
 # GAN (a DDP discriminator), per-sample c' drawn for the global batch, LPIPS, EMA, flips: every rank-sliced part.
 # gan_start_step=0: the first step, where both runs hold the same weights, already exercises all of them.
@@ -26,15 +28,24 @@ _CFG = dict(preset="tiny-f8c32", steps=4, batch_size=8, lr=1e-3, perceptual="lpi
             channels_per_step=2, include_full=True, checkpoint_every=2, log_every=1, progress=False)
 
 
-def _torchrun(tmp: Path, ds: str, run: str, stop_at: int | None = None, **over) -> None:
-    from flows.launch import torchrun_command
-
+def _args(tmp: Path, ds: str, run: str, stop_at: int | None = None, **over) -> list[str]:
+    """The trainer's command line for one run (its launch file written into ``tmp``)."""
     f = tmp / f"launch-{abs(hash((run, stop_at)))}.yaml"
     f.write_text(yaml.safe_dump({"dataset_url": ds, "run_url": run, "train": {**_CFG, **over}}))
-    args = ["--config", str(f)] + (["--stop-at", str(stop_at)] if stop_at else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(torchrun_command("dcae15.ae.train", args, nproc_per_node=2), env=env, capture_output=True,
-                         text=True, timeout=600)
+    return ["--config", str(f)] + (["--stop-at", str(stop_at)] if stop_at else [])
+
+
+def _torchrun(*runs: list[str]) -> None:
+    """One launch of 2 ranks: the trainer's CLI itself for one run, tests/ae/torchrun_ae_runs.py for several."""
+    from flows.launch import torchrun_command
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if len(runs) == 1:
+        cmd = torchrun_command("dcae15.ae.train", runs[0], nproc_per_node=2)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests" / "ae" / "torchrun_ae_runs.py"), json.dumps(list(runs))]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
@@ -72,15 +83,16 @@ _MEAN_WEIGHT_ATOL = _CFG["lr"] / 20
 
 def test_two_gloo_ranks_equal_one_process_and_resume_exactly(shapes_dataset, tmp_path):
     one = train_autoencoder(AETrainConfig(**_CFG), shapes_dataset, str(tmp_path / "one"))
-    # DataLoader workers (fork: no threads in a torchrun child) on the 2-rank runs; operational, same run identity
-    _torchrun(tmp_path, shapes_dataset, str(tmp_path / "two"), num_workers=1, loader_context="fork")
-    _torchrun(tmp_path, shapes_dataset, str(tmp_path / "resumed"), stop_at=2)
+    # one launch: run "two" with DataLoader workers (fork, first: no threads yet in the torchrun child; operational,
+    # same run identity), then "resumed" stopped at step 2
+    _torchrun(_args(tmp_path, shapes_dataset, str(tmp_path / "two"), num_workers=1, loader_context="fork"),
+              _args(tmp_path, shapes_dataset, str(tmp_path / "resumed"), stop_at=2))
     assert json.loads((tmp_path / "resumed" / "latest").read_text()) == {"step": 2, "checkpoint": "checkpoints/step-0000002.pt"}
     assert not (tmp_path / "resumed" / "done.json").exists()
     import shutil
 
     shutil.copytree(tmp_path / "resumed", tmp_path / "cross")  # the same checkpoint, resumed by 1 process below
-    _torchrun(tmp_path, shapes_dataset, str(tmp_path / "resumed"))
+    _torchrun(_args(tmp_path, shapes_dataset, str(tmp_path / "resumed")))  # new processes: resumes from disk only
     train_autoencoder(AETrainConfig(**_CFG), shapes_dataset, str(tmp_path / "cross"))
 
     two = json.loads((tmp_path / "two" / "done.json").read_text())

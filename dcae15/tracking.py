@@ -8,7 +8,8 @@ loss, grad norm, lr, c', throughput, FID and the samples against the training st
 Where it writes (``TrackingConfig.dir``, default ``<run dir>/tracking`` for a local run directory, else
 ``./tracking/<run_id>`` — TensorBoard and W&B offline write local files): ``tensorboard/`` (event files),
 ``wandb/`` (W&B's run directory; ``offline: true`` needs no network: ``wandb sync`` uploads it later), or an MLflow
-tracking URI (default ``file:<dir>/mlruns``, a file store). A tracker that fails to start raises at the start of
+tracking URI (default ``sqlite:///<dir>/mlflow.db`` with artifacts in ``<dir>/mlartifacts``; MLflow 3 refuses new
+file stores). A tracker that fails to start raises at the start of
 the run, naming the backend and what to install; it never fails a run midway silently.
 """
 
@@ -18,6 +19,7 @@ import dataclasses
 import io
 import math
 import os
+import pathlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,11 +43,11 @@ class TrackingConfig:
     run_name: str | None = None
     """Display name; default the run id."""
     offline: bool = True
-    """W&B: ``mode=offline`` (sync later with ``wandb sync``); MLflow: a local file store unless ``uri`` is set."""
+    """W&B: ``mode=offline`` (sync later with ``wandb sync``); MLflow: a local SQLite store unless ``uri`` is set."""
     dir: str | None = None
     """Local folder for the tracker's files; default ``<run dir>/tracking`` (local runs) or ``./tracking/<run_id>``."""
     uri: str | None = None
-    """MLflow tracking URI (e.g. ``http://mlflow:5000``); default ``file:<dir>/mlruns``."""
+    """MLflow tracking URI (e.g. ``http://mlflow:5000``); default ``sqlite:///<dir>/mlflow.db``."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -186,7 +188,12 @@ class _Mlflow(Tracker):
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(cfg.uri or "file:" + os.path.abspath(os.path.join(folder, "mlruns")))
+        local = os.path.abspath(folder)
+        os.makedirs(local, exist_ok=True)
+        mlflow.set_tracking_uri(cfg.uri or "sqlite:///" + os.path.join(local, "mlflow.db"))
+        if cfg.uri is None and mlflow.get_experiment_by_name(cfg.project) is None:
+            # a local store keeps its artifacts beside it (MLflow's default is ./mlruns under the working directory)
+            mlflow.create_experiment(cfg.project, artifact_location=pathlib.Path(local, "mlartifacts").as_uri())
         mlflow.set_experiment(cfg.project)
         found = mlflow.search_runs(filter_string=f"tags.dcae15_run_id = '{run_id}'", output_format="list")
         self.run = mlflow.start_run(run_id=found[0].info.run_id if found else None,

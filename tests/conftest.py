@@ -101,6 +101,29 @@ def s3_server(_moto_endpoint, monkeypatch):
 
     s3fs.S3FileSystem.clear_instance_cache()  # instances made under another env must not be reused
     yield S3Server(_moto_endpoint)
+    _close_s3_sessions()
+
+
+def _close_s3_sessions() -> None:
+    """Close the aiohttp sessions of the s3fs instances a test made, then forget the instances.
+
+    Clearing the instance cache alone left the sessions of zarr's instances (``asynchronous=True``, opened on zarr's
+    own IO loop, which s3fs's finaliser cannot reach) open until interpreter exit, where aiohttp reported "Unclosed
+    client session". Each is closed here on the loop it was opened on; an instance used again later reconnects (s3fs
+    opens a client when ``_s3`` is None).
+    """
+    import s3fs
+    from fsspec.asyn import sync
+    from zarr.core.sync import sync as zarr_sync
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        client, fs._s3 = getattr(fs, "_s3", None), None
+        if client is None:
+            continue
+        if fs.asynchronous:
+            zarr_sync(client.__aexit__(None, None, None))
+        elif fs.loop is not None and fs.loop.is_running():
+            sync(fs.loop, client.__aexit__, None, None, None)
     s3fs.S3FileSystem.clear_instance_cache()
 
 

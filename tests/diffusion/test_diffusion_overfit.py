@@ -39,6 +39,7 @@ def test_adt_trains_only_the_front_channels_slices(name):
     assert emb[:, cp:].abs().sum() > 0
 
 
+@pytest.mark.numerics  # a trained model against a threshold: must hold whatever kernels trained it
 @pytest.mark.parametrize("name,sampler", [("DiT-tiny", "ddpm"), ("SiT-tiny", "heun")])
 def test_diffusion_trainer_overfits_a_handful_of_latents(make_store, tmp_path, name, sampler):
     """Four latents: after training, every sample lands on a training latent of the class it was asked for (well
@@ -71,6 +72,7 @@ def test_diffusion_trainer_overfits_a_handful_of_latents(make_store, tmp_path, n
     assert near.median() < 0.2 and (near < 0.4).float().mean() >= 0.9, near
 
 
+@pytest.mark.numerics  # a trained model against a threshold: must hold whatever kernels trained it
 def test_ae_trainer_overfits_a_small_batch(tmp_path):
     """Four images, 300 steps: the reconstruction PSNR of those images exceeds 30 dB (a random AE: ~10 dB)."""
     from dcae15.ae.train import AETrainConfig, train_autoencoder

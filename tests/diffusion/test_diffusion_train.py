@@ -102,12 +102,18 @@ def _torchrun(cfg: DiffusionTrainConfig, store: str, run: str, tmp: Path, max_st
 
 
 def test_exact_resume_world_size_2_torchrun(latent_store, tmp_path):
+    """Two launches (a launch costs ~15 s on 2 cores): the CLI stops run b at step 2; a second launch runs a whole
+    and resumes b from its checkpoint in new processes, so the resume reads only what the first launch wrote."""
     cfg = _cfg(model="USiT-tiny", steps=4)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    _torchrun(cfg, latent_store, a, tmp_path)
     _torchrun(cfg, latent_store, b, tmp_path, max_steps=2)
     assert read_latest(b)["step"] == 2
-    _torchrun(cfg, latent_store, b, tmp_path)
+    jobs = [{"cfg": cfg.to_dict(), "store": latent_store, "run": run} for run in (a, b)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "diffusion" / "torchrun_runs.py"), json.dumps({"jobs": jobs})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_same_run(a, b, 4)
     # the 2-rank checkpoint reshards into one unsharded model for sampling
     assert all(torch.isfinite(v).all() for v in _weights(a, 4, "ema").values())

@@ -51,13 +51,20 @@ def stand_in_inception(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shift():
-    """A function making a visibly different image set: shapes cut into 8 px tiles and shuffled, then a brightness
-    shift + noise (deterministic). The tiles matter: the proxy is trained to ignore noise and blur, not shape."""
+    """A function making a visibly different image set: shapes cut into 4 px tiles and shuffled, then a brightness
+    shift + noise (deterministic). The tiles matter: the proxy is trained to ignore noise and blur, not shape.
+
+    4 px, not 8: with 8 px tiles (a quarter of a shape each) the proxy still saw shapes, and the shifted set's
+    precision against the real set came out 0.30 (this machine, AVX-512 and ``ATEN_CPU_CAPABILITY=default``/``avx2``)
+    to exactly 0.50 (an AMD AVX2 machine) -- on the tests' ``< 0.5`` line, because the proxy's weights depend on the
+    SIMD kernels it was trained with. 4 px tiles leave no shape: precision 0.01-0.04 and proxy-FID 94-112 (vs
+    ~44-48) under both kernel sets, an order of magnitude from the threshold.
+    """
 
     def shifted(images: np.ndarray, amount: int = 60) -> np.ndarray:
         rng = np.random.default_rng(1)
         n, h, w, c = images.shape
-        t = 8
+        t = 4
         tiles = images.reshape(n, h // t, t, w // t, t, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, t, t, c)
         tiles = tiles[:, rng.permutation(tiles.shape[1])]
         scrambled = tiles.reshape(n, h // t, w // t, t, t, c).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)

@@ -449,7 +449,7 @@ def claim(artifact_url: str, *, what: str = "artifact", storage_options: dict | 
             raise _refuse(lease, doc, waited)
         if not told:
             log(f"waiting: {lease.name} is being written by {describe_holder(doc)}; this job continues once it is "
-                f"free (${CLAIM_WAIT_ENV}=0 refuses instead)")
+                f"free, or once that lease expires if its writer is gone (${CLAIM_WAIT_ENV}=0 refuses instead)")
             told = True
         time.sleep(cfg.poll_seconds if cfg.wait is None else min(cfg.poll_seconds, max(cfg.wait - waited, 0.05)))
     if lease.took_over is not None:

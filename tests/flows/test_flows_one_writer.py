@@ -149,11 +149,12 @@ def test_encode_after_a_killed_encode_takes_over_once_without_noise(prefect_api,
     holder.send_signal(signal.SIGKILL)
     first.finish()
 
-    def left_by_the_killed_holder(expires: float) -> None:  # written whole (a rename): the rerun reads one or the other
+    def left_by_the_killed_holder(expires: float) -> None:  # written whole (a rename): read as old or new, never torn
         now = time.time()
         write_atomic(lease_url(store_url), json.dumps({
-            "holder": f"pid {holder.pid} on another-machine", "token": "t-killed", "artifact": f"latent store {store_url}",
-            "host": "another-machine", "pid": holder.pid, "acquired": now, "renewed": now, "expires": expires}).encode())
+            "holder": f"pid {holder.pid} on another-machine", "token": "t-killed", "host": "another-machine",
+            "artifact": f"latent store {store_url}", "pid": holder.pid, "acquired": now, "renewed": now,
+            "expires": expires}).encode())
 
     left_by_the_killed_holder(time.time() + 3600)
     rerun = commands([cmd], _env(prefect_api, DCAE15_LEASE_SECONDS="6"))

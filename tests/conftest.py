@@ -18,6 +18,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", ""}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--repeat", type=int, default=1, metavar="N",
+                     help="run each selected test N times (the concurrency tests in a loop beside a load, issue 30)")
+
+
+def pytest_generate_tests(metafunc):
+    n = metafunc.config.getoption("repeat")
+    if n > 1:
+        metafunc.fixturenames.append("_repeat")
+        metafunc.parametrize("_repeat", range(n), ids=[f"run{i}" for i in range(n)])
+
+
 def _is_loopback(address) -> bool:
     """True for AF_UNIX paths and 127.0.0.0/8, ::1 (and 'localhost') addresses."""
     if not isinstance(address, tuple):

@@ -168,13 +168,28 @@ class Commands:
         deadline = time.monotonic() + timeout
         while not done(self.logs):
             dead = [p.returncode for p in self.procs if p.poll() is not None]
-            assert not (while_running and dead) and time.monotonic() < deadline, (dead, self.logs)
+            if (while_running and dead) or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"exited: {dead}; logs: {self.logs}")
             time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL the processes still running (a failed test leaves none behind)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
     def finish(self, timeout: float = 600.0) -> list[str]:
         """Wait for every process to exit; returns their logs (see :attr:`returncodes`)."""
-        for p in self.procs:
-            p.wait(timeout=timeout)
+        import subprocess
+
+        try:
+            for p in self.procs:
+                p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
         for r in self._readers:
             r.join(timeout=60)
         return self.logs

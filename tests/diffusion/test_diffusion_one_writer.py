@@ -57,11 +57,11 @@ def store_and_clean_run(tmp_path_factory, decodable_store_factory):
     return root, store, clean
 
 
-def test_two_trainings_of_one_run_one_killed_mid_run_other_takes_over(store_and_clean_run, commands):
+def test_two_trainings_of_one_run_one_killed_mid_run_other_takes_over(store_and_clean_run, commands, tmp_path):
     """Both meet at the run's lease (the test holds it until both wait); the one that trains stops once its
     checkpoint of step 10 is committed (a hook of the job script) and is killed there while the other waits."""
-    root, store, clean = store_and_clean_run
-    run = str(root / "runs" / clean["run_id"])
+    _, store, clean = store_and_clean_run
+    run = str(tmp_path / "runs" / clean["run_id"])  # this test's own (the module's store is shared)
     spec = {"job": "train", "cfg": CFG, "store": store, "run": run, "pause_at": 10}
     with claim(run, what="diffusion run", config=LeaseConfig(ttl=30)):
         jobs = commands([_job(spec), _job(spec)], _env())

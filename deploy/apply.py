@@ -7,7 +7,7 @@
 What it creates (re-running replaces, never duplicates):
 - the automations of deploy/automations.yaml (the zombie-run detector), replacing those of the same name;
 - one global concurrency limit ``dcae15-gpu-<host>`` (limit ``--gpu-slots``, default 1) per GPU machine: GPU stages
-  hold a slot of their machine's limit (flows/gpu.py), so two trainings never share a machine's GPUs;
+  hold a slot of their machine's limit (flows/machine.py), so two trainings never share a machine's GPUs;
 - optionally a tag concurrency limit on ``gpu``-tagged task runs (all GPU stages) across the whole server;
 - optionally the Kubernetes GPU work pool from deploy/gpu-work-pool.yaml.
 The ``prefect deploy --all`` of prefect.yaml (deployments + the evaluate-checkpoint trigger) stays a separate step.
@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # flows.gpu, when run as a script from anywhere
+sys.path.insert(0, str(HERE.parent))  # flows.machine, when run as a script from anywhere
 
 __all__ = ["load_automations", "load_gpu_pool_template", "apply_automations", "apply_gpu_limits", "apply_gpu_pool",
            "main"]
@@ -59,7 +59,7 @@ def apply_automations(client: Any, automations: list[Any]) -> list[str]:
 
 def apply_gpu_limits(client: Any, hosts: list[str], slots: int, tag_limit: int | None) -> list[str]:
     """One global concurrency limit per GPU host (+ the ``gpu`` tag limit when asked); returns the limit names."""
-    from flows.gpu import GPU_TAG, gpu_limit_name
+    from flows.machine import GPU_TAG, gpu_limit_name
 
     names = []
     for host in hosts:

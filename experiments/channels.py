@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import json
 import shlex
 import sys
@@ -54,24 +53,23 @@ def sweep_preset(c: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Markers with an exclusive lock (two worker processes share one root)
+# Markers claimed with the artifact lease (two worker processes share one root)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 class LockedStages(R.Stages):
-    """``R.Stages`` whose ``run`` holds ``<name>.lock`` (flock) while it computes: a second process asking for the
-    same stage waits for the first and then reads its marker."""
+    """``R.Stages`` whose ``run`` holds the stage's lease (``storage.lease``, the project's one claim mechanism)
+    while it computes: a second process asking for the same stage waits for the first and then reads its marker; a
+    killed worker's stage is taken over (at once on this host, else when its lease expires)."""
 
     def run(self, name: str, fn: Callable[[], Any], valid: Callable[[Any], bool] | None = None) -> Any:
+        from storage.lease import claim
+
         done = self.get(name)
         if done is not None and (valid is None or valid(done["result"])):
             return done["result"]
-        with open(self.dir / f"{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                return super().run(name, fn, valid)  # re-reads the marker the other process may have written
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with claim(str(self.dir / name), what="experiment stage"):
+            return super().run(name, fn, valid)  # re-reads the marker the other process may have written
 
 
 # ---------------------------------------------------------------------------------------------------------------

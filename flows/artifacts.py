@@ -7,7 +7,9 @@ Every stage flow calls one function of this module after its work (one line at t
   with the feature extractor (and, for proxy metrics, the proxy classifier's held-out accuracy, a metric row itself);
 - ``publish_figures(urls)``: one link artifact per PNG figure;
 - ``Progress`` / ``progress_while``: a progress artifact (0-100 %) updated as units / steps complete, either pushed by
-  the caller or polled from storage by a background thread while a blocking library call runs.
+  the caller or polled from storage by a background thread while a blocking library call runs;
+- ``requests_shown(what, id)``: around a stage's work, its object-storage requests and retries (a log line and an
+  artifact ``requests-<what>-<id>``), also when the stage fails.
 
 Keys are stable (derived from what the artifact is about, not from the run), so the UI's Artifacts page shows one
 entry per stage object with its history. Publishing never fails a run: an API error is logged and ignored.
@@ -33,7 +35,7 @@ from prefect.artifacts import (
 )
 
 __all__ = ["artifact_key", "publish_pointer", "publish_metrics", "publish_figures", "Progress", "progress_while",
-           "sample_progress", "reference_progress"]
+           "sample_progress", "reference_progress", "publish_requests", "requests_shown"]
 
 _KEY_MAX = 100
 
@@ -261,3 +263,17 @@ def publish_requests(what: str, artifact_id: str, counts: dict[str, int], *, fai
             description=f"dcae15 object-storage requests of {what} {artifact_id}")
     except Exception as exc:  # noqa: BLE001 - reporting must not fail the stage
         _warn("request counts", exc)
+
+
+@contextlib.contextmanager
+def requests_shown(what: str, artifact_id: str) -> Iterator[None]:
+    """Count the body's object-storage requests and retries (storage/retries.py) and :func:`publish_requests` them
+    when it ends: also (especially) when it failed after the client's retries."""
+    from storage import retries
+
+    before, failed = retries.snapshot(), True
+    try:
+        yield
+        failed = False
+    finally:
+        publish_requests(what, artifact_id, retries.since(before), failed=failed)

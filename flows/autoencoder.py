@@ -8,8 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import names
-from flows.artifacts import publish_pointer
-from flows.claims import ae_run_key, artifact_stage
+from flows.artifacts import publish_pointer, requests_shown
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.pointers import describe_ae, describe_dataset
@@ -18,7 +17,6 @@ __all__ = ["fit_autoencoder", "train_autoencoder"]
 
 
 @task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json")
-@artifact_stage(ae_run_key)  # one writer per AE run (flows/claims.py)
 def fit_autoencoder(root: str, dataset: dict[str, Any], phase: dict[str, Any], chain_fingerprint: str,
                     init: dict[str, Any] | None, launch: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one phase of the recipe; returns a pointer to the phase's saved model.
@@ -35,14 +33,16 @@ def fit_autoencoder(root: str, dataset: dict[str, Any], phase: dict[str, Any], c
     run_url = phase_run_url(root, chain_fingerprint)
     log = get_run_logger()
     log.info("autoencoder phase %s (%s) on %s -> %s", cfg.name, cfg.phase, dataset["url"], run_url)
-    if in_process(launch):
-        summary = train(cfg, dataset["url"], run_url)
-    else:  # one run file: torchrun's own parser would take the trainer's options for its abbreviated ones
-        run_file = write_launch_file(run_url, {"dataset_url": dataset["url"], "run_url": run_url, "train": cfg.to_dict()})
-        run_torchrun(launch, "dcae15.ae.train", ["--config", run_file], log=log.info)
-        summary = RunDir(run_url).done()  # written last by rank 0
-        if summary is None:
-            raise RuntimeError(f"torchrun exited without finishing {run_url} (no done.json); rerun to resume it")
+    with requests_shown("AE run", chain_fingerprint):  # the trainer holds the run's lease (one writer per run)
+        if in_process(launch):
+            summary = train(cfg, dataset["url"], run_url)
+        else:  # one run file: torchrun's own parser would take the trainer's options for its abbreviated ones
+            run_file = write_launch_file(run_url, {"dataset_url": dataset["url"], "run_url": run_url,
+                                                   "train": cfg.to_dict()})
+            run_torchrun(launch, "dcae15.ae.train", ["--config", run_file], log=log.info)
+            summary = RunDir(run_url).done()  # written last by rank 0
+            if summary is None:
+                raise RuntimeError(f"torchrun exited without finishing {run_url} (no done.json); rerun to resume it")
     return {**describe_ae(summary["model_url"]), "phase": cfg.phase, "phase_name": cfg.name,
             "run_url": run_url, "chain_fingerprint": chain_fingerprint}
 

@@ -200,8 +200,8 @@ class DiffusionSection(LaunchFields):
     concurrency: int = 1
     """Backbones the pipeline trains at the same time, each under torchrun in its own job slot: an equal, disjoint
     share of this machine's cores (CPU affinity) and GPUs (``CUDA_VISIBLE_DEVICES``; 2 on an 8-GPU node = 4 GPUs
-    per backbone), see flows/slots.py. 1 = one after the other as ``nproc_per_node`` / ``launcher`` say; 0 = as
-    many as the machine holds (``flows.slots.auto_concurrency``: GPUs in equal shares, else a core each). Whenever
+    per backbone), see flows/machine.py. 1 = one after the other as ``nproc_per_node`` / ``launcher`` say; 0 = as
+    many as the machine holds (``flows.machine.auto_concurrency``: GPUs in equal shares, else a core each). Whenever
     training runs in other processes, the pipeline samples and scores each checkpoint as it is committed."""
     poll_seconds: float = 5.0
     """How often the pipeline looks for newly committed checkpoints while backbones train in other processes."""

@@ -15,13 +15,12 @@ from typing import Any, Iterator
 from prefect import flow, get_run_logger, task
 
 from flows import names
-from flows.artifacts import Progress, artifact_key, publish_pointer
-from flows.claims import artifact_stage, latent_store_key
+from flows.artifacts import Progress, artifact_key, publish_pointer, requests_shown
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.pointers import describe_ae, describe_dataset, describe_store
 
-__all__ = ["dask_client", "encode_client", "resolve_device", "encode_store",
+__all__ = ["dask_client", "encode_client", "resolve_device", "latent_store_url", "encode_store",
            "encode_latents"]
 
 
@@ -98,15 +97,37 @@ def _worker_requests(client: Any, retries: Any) -> Iterator[None]:
             pass
 
 
+def latent_store_url(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: dict[str, Any]) -> str:
+    """Where the store of (dataset, AE, resolution, flip) lives under ``root`` (the id ``prepare_store`` gives it)."""
+    from dcae15.ae.encode import CROP
+    from storage.latent_store import store_id
+    from storage.layout import Root
+
+    return Root(root).latent_store(store_id(str(dataset["fingerprint"]), ae["fingerprint"], enc["resolution"], CROP,
+                                            enc["flip"]))
+
+
 @task(cache_policy=stage_cache("where"), persist_result=True, result_serializer="json")
-@artifact_stage(latent_store_key)  # one writer per store: the driver holds it, its Dask tasks write units
 def encode_store(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: dict[str, Any],
                  where: dict[str, Any]) -> dict[str, Any]:
     """Create (or reopen) the store for (dataset, AE, resolution, flip), encode its missing units, finalize.
 
     ``where`` (Dask scheduler, workers, units per task, device) is not part of the cache key: it says where the
-    work runs, not what it computes.
+    work runs, not what it computes. One writer per store: this driver holds the store's lease (storage/lease.py)
+    while its Dask tasks write units; a second encode of the store waits, then finds its units done.
     """
+    from storage.lease import claim
+
+    log = get_run_logger()
+    url = latent_store_url(root, ae, dataset, enc)
+    with requests_shown("latent store", url.rstrip("/").rsplit("/", 1)[-1]), \
+            claim(url, what="latent store", log=log.info):
+        return _encode(root, ae, dataset, enc, where)
+
+
+def _encode(root: str, ae: dict[str, Any], dataset: dict[str, Any], enc: dict[str, Any],
+            where: dict[str, Any]) -> dict[str, Any]:
+    """The body of :func:`encode_store`, under the store's lease."""
     from dask.distributed import as_completed
     from tqdm.auto import tqdm
 

@@ -9,8 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import names
-from flows.artifacts import publish_metrics, publish_pointer, reference_progress
-from flows.claims import ArtifactKey, artifact_claim
+from flows.artifacts import publish_metrics, publish_pointer, reference_progress, requests_shown
 from flows.caching import STAGE_CACHE, run_cached
 from flows.common import ConfigArg, stage_config
 from flows.pointers import (describe_ae, describe_dataset, describe_recon, describe_row, describe_run, describe_samples,
@@ -117,13 +116,16 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
     from dcae15.metrics.fidelity import generation_metrics
     from dcae15.metrics.results import append_results, part_url
     from storage.fingerprint import short_id
+    from storage.lease import claim
 
     log = get_run_logger()
     extractor = extractor_for(ev, dataset["url"])
     protocol = protocol_of(ev)
     key = _row_key(samples, extractor.label, reference_label(ev), protocol)
-    # one evaluator per row: a second one (the sweep racing an event) waits, then finds the row (flows/claims.py)
-    with artifact_claim(ArtifactKey("evaluation row", part_url(results_url(root), short_id(key)), short_id(key))):
+    row = short_id(key)
+    # one evaluator per row: a second one (the sweep racing an event) waits, then finds the row (storage/lease.py)
+    with requests_shown("evaluation row", row), \
+            claim(part_url(results_url(root), row), what="evaluation row", log=log.info):
         if not describe_row(root, key)["complete"]:  # a rerun after a kill between append and cache write: no copy
             with reference_progress(dataset["url"], extractor.label):
                 ref = load_reference_for(ev, dataset["url"], resolution, extractor)

@@ -17,16 +17,13 @@ Event shape (resource labels are strings; the payload carries the same plus the 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from prefect.events import emit_event
 
 from flows.artifacts import artifact_key, progress_while
 
-__all__ = ["CHECKPOINT_SAVED", "checkpoint_resource", "emit_checkpoint_saved", "watch_training",
-           "announce_checkpoints"]
+__all__ = ["CHECKPOINT_SAVED", "checkpoint_resource", "emit_checkpoint_saved", "watch_training"]
 
 CHECKPOINT_SAVED = "dcae15.checkpoint.saved"
 
@@ -97,27 +94,3 @@ def watch_training(run_url: str, *, root: str, backbone: str, steps: int, interv
     with progress_while(artifact_key("progress-train", run_id), f"training {backbone}: {run_url}", poll, interval=interval,
                         on_poll=announce):
         yield
-
-
-def announce_checkpoints(fit: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a training task body ``fit(root, store, backbone, train, seed, ...)`` so that it runs inside
-    :func:`watch_training` of the run directory it trains (the run id is the trainer's own ``run_id_for``)."""
-    sig = inspect.signature(fit)
-
-    @functools.wraps(fit)
-    def watched(*args: Any, **kwargs: Any) -> Any:
-        from dcae15.diffusion.train import DiffusionTrainConfig
-        from flows.pointers import run_url_for
-
-        a = sig.bind(*args, **kwargs).arguments
-        run_url = run_url_for(a["root"], a["store"]["store_id"], a["backbone"], a["train"], a["seed"])
-        steps = DiffusionTrainConfig.from_dict({**a["train"], "model": a["backbone"]}).steps
-        with watch_training(run_url, root=a["root"], backbone=a["backbone"], steps=steps):
-            out = fit(*args, **kwargs)
-        if isinstance(out, dict) and out.get("url") not in (None, run_url):
-            from prefect import get_run_logger
-
-            get_run_logger().warning("watched %s but the task trained %s: no checkpoint events", run_url, out["url"])
-        return out
-
-    return watched

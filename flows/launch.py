@@ -224,7 +224,7 @@ def in_process(launch: dict) -> bool:
 def run_torchrun(launch: dict, module: str, module_args: Sequence[str], *, log: Callable[[str], None]) -> None:
     """``python -m module module_args`` under torchrun as ``launch`` says (processes per node, nodes, who starts
     each node's command: see the module docstring), its output streamed to ``log``; a job slot's ``launch``
-    (flows/slots.py) adds ``env`` (its GPUs, threads) and ``cpus`` (its cores)."""
+    (flows/machine.py) adds ``env`` (its GPUs, threads) and ``cpus`` (its cores)."""
     from storage.fingerprint import short_id
 
     cmds = node_commands(launch, module, module_args, rdzv_id=short_id(module, list(module_args)))

@@ -19,13 +19,12 @@ from flows.encode import encode_latents
 from flows.evaluate import (checkpoints_to_score, draw_run_figures, evaluate_autoencoder, evaluate_samples,
                             prepare_extractor,
                             plot_results)
-from flows.gpu import gpu_slot
 from flows.launch import in_process
+from flows.machine import auto_concurrency, gpu_slot, machine_slots
 from flows.pointers import dataset_of, describe_store, run_url_for
 from flows.prepare import prepare_images
 from flows.report import outputs_summary
 from flows.sample import sample_run
-from flows.slots import auto_concurrency, machine_slots
 
 __all__ = ["run_pipeline", "train_backbones", "train_slot"]
 
@@ -42,7 +41,7 @@ def _timed(stages: dict[str, float], name: str) -> Iterator[None]:
 @task(name="train_slot")
 def train_slot(store: str, backbones: list[str], root: str, config: dict[str, Any],
                slot: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Train ``backbones`` one after the other in one job slot of the machine (flows/slots.py; None = as the
+    """Train ``backbones`` one after the other in one job slot of the machine (flows/machine.py; None = as the
     ``diffusion`` section launches them): each one its own ``train_diffusion`` flow run."""
     return [train_diffusion(store=store, backbone=b, root=root, config=config, slot=slot) for b in backbones]
 
@@ -109,7 +108,7 @@ def train_backbones(store: str, dataset: str | None = None, root: str | None = N
     runs = [run_url_for(root, pointer["store_id"], b, train, train["seed"]) for b in d.backbones]
     slots = [dataclasses.asdict(s) for s in machine_slots(n)] if n > 1 else [None]
     t0 = time.perf_counter()
-    with gpu_slot():  # the machine's GPU slot, held once for all the concurrent jobs (flows/gpu.py)
+    with gpu_slot():  # the machine's GPU slot, held once for all the concurrent jobs and the sampling (flows/machine.py)
         futures = [train_slot.submit(store, d.backbones[k::n], root, conf, slots[k]) for k in range(n)
                    if d.backbones[k::n]]
         for k, s in enumerate(slots[:len(futures)]):

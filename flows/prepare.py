@@ -8,8 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import names
-from flows.artifacts import publish_pointer
-from flows.claims import artifact_stage, dataset_key
+from flows.artifacts import publish_pointer, requests_shown
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
 from flows.pointers import describe_dataset
@@ -21,7 +20,6 @@ _WHERE = ("workers", "scheduler", "read_threads")
 
 
 @task(cache_policy=stage_cache("where"), persist_result=True, result_serializer="json")
-@artifact_stage(dataset_key)  # one writer per dataset (flows/claims.py)
 def pack_images(root: str, data: dict[str, Any], where: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate (if ``data['source']`` is None) and pack the images; returns a pointer to the packed dataset.
 
@@ -31,17 +29,20 @@ def pack_images(root: str, data: dict[str, Any], where: dict[str, Any] | None = 
     where = where or {"workers": 1, "scheduler": None, "read_threads": 16}
     from storage import shards, synthetic
     from storage.layout import Root
+    from storage.lease import claim
 
     log = get_run_logger()
-    src = data["source"]
-    if src is None:
-        src = Root(root).raw_images(data["name"])
-        log.info("generating the shapes dataset into %s (%s)", src, data["synthetic"])
-        synthetic.make_shapes_dataset(src, **data["synthetic"])
-    dst = Root(root).dataset(data["name"])
-    log.info("packing %s into shards at %s", src, dst)
-    shards.pack_image_folder(src, dst, shard_bytes=data["shard_bytes"], name=data["name"], workers=where["workers"],
-                             scheduler=where["scheduler"], read_threads=where["read_threads"])
+    src, dst = data["source"], Root(root).dataset(data["name"])
+    # one writer per dataset (storage/lease.py): a second packer waits, then finds it packed
+    with requests_shown("packed dataset", data["name"]), claim(dst, what="packed dataset", log=log.info):
+        if src is None:
+            src = Root(root).raw_images(data["name"])
+            log.info("generating the shapes dataset into %s (%s)", src, data["synthetic"])
+            synthetic.make_shapes_dataset(src, **data["synthetic"])
+        log.info("packing %s into shards at %s", src, dst)
+        shards.pack_image_folder(src, dst, shard_bytes=data["shard_bytes"], name=data["name"],
+                                 workers=where["workers"], scheduler=where["scheduler"],
+                                 read_threads=where["read_threads"])
     pointer = describe_dataset(dst)
     log.info("dataset %s: %d images, %d classes, fingerprint %s", dst, pointer["num_samples"],
              pointer["num_classes"], pointer["fingerprint"])

@@ -8,26 +8,24 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import names
-from flows.artifacts import publish_pointer, sample_progress
-from flows.claims import artifact_stage, sample_store_key
+from flows.artifacts import publish_pointer, requests_shown, sample_progress
 from flows.caching import run_cached, stage_cache
 from flows.common import ConfigArg, stage_config
-from flows.gpu import GPU_TAG, gpu_stage
 from flows.launch import in_process, run_torchrun
+from flows.machine import GPU_TAG, gpu_slot
 from flows.pointers import describe_run, describe_samples
 
 __all__ = ["draw_samples", "sample_outputs", "sample_run"]
 
 
 @task(cache_policy=stage_cache("launch"), persist_result=True, result_serializer="json", tags=[GPU_TAG])
-@artifact_stage(sample_store_key)  # one writer per sample store, before the GPU slot (flows/claims.py)
-@gpu_stage  # one GPU job per machine unless asked (flows/gpu.py)
 def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str, Any],
                  launch: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sample ``spec['num_samples']`` images from ``run`` at ``checkpoint`` into ``<root>/samples/<id>``.
 
     ``launch`` (as for training: launcher, nproc_per_node, nnodes, torchrun_args) is not part of the cache key:
-    the images do not depend on how many processes drew them.
+    the images do not depend on how many processes drew them. One writer per sample store: the sampler (its rank 0)
+    holds the store's lease (storage/lease.py); a second sampling of it waits, then finds its units done.
     """
     import json
 
@@ -36,10 +34,13 @@ def draw_samples(root: str, run: dict[str, Any], checkpoint: int, spec: dict[str
     from storage.layout import Root
 
     log = get_run_logger()
-    out_url = Root(root).sample_store(short_id(run["run_id"], checkpoint, spec))
+    sid = short_id(run["run_id"], checkpoint, spec)
+    out_url = Root(root).sample_store(sid)
     launch = launch or {"launcher": "inprocess", "nproc_per_node": 1, "nnodes": 1, "torchrun_args": []}
     log.info("sampling %s step %d -> %s (%s)", run["url"], checkpoint, out_url, spec)
-    with sample_progress(out_url, run["run_id"], checkpoint):  # a progress artifact polled from the store
+    with (requests_shown("sample store", sid),
+          gpu_slot(),  # one GPU job per machine unless asked (flows/machine.py)
+          sample_progress(out_url, run["run_id"], checkpoint)):  # a progress artifact polled from the store
         if in_process(launch):
             sample_to_store(run["url"], out_url, checkpoint=checkpoint, progress=True, **spec)
         else:

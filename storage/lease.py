@@ -20,8 +20,22 @@ very host is taken over at once. Expiry compares wall clocks: hosts sharing a ro
 fraction of ``ttl`` (NTP). A holder that could not renew before its own expiry stops renewing and reports the lease
 lost (:attr:`Lease.lost`), so it never overwrites a lease taken over from it.
 
-``claim()`` is the context manager writers use; it is re-entrant within a process (an inner claim of an artifact
-the process already holds is a no-op), so a flow can claim around a library call that claims again.
+``claim()`` is the context manager writers use; it is re-entrant within a thread (an inner claim of an artifact
+the thread already holds is a no-op), so a flow can claim around a library call that claims again.
+``rank_zero_claim()`` is the same claim for a job run as several ranks (torchrun): rank 0 holds the lease, the
+other ranks wait for its word.
+
+This module is the project's one claim mechanism: whatever writes an artifact (a stage of a flow run, a library
+call from a script, a torchrun job, an experiment driver) holds the artifact's lease, and nothing else decides who
+writes. What users see:
+
+- a second writer of a busy artifact says once ``waiting: <what> <url> is being written by <holder>, ...`` and
+  goes on when it is free (``$DCAE15_CLAIM_WAIT`` seconds: refuse after that wait instead, ``0`` at once);
+- a rerun after its holder was killed (``kill -9``, a lost machine) says once ``took over <what> ...`` and resumes:
+  at once when the dead holder ran on this host, else when its lease expires (``$DCAE15_LEASE_SECONDS``, default
+  60; the waiting line says how long is left);
+- the Prefect API is not involved: two commands on two temporary Prefect servers, or on none, exclude each other
+  the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import itertools
 import json
 import os
 import socket
@@ -40,9 +55,8 @@ from typing import Any, Callable, Iterator
 
 from .urls import join, protocol_of, url_to_fs
 
-__all__ = ["LeaseConfig", "Lease", "ClaimHeldError", "LeaseLostError", "claim", "claimed", "lease_url",
-           "describe_holder",
-           "LEASE_SECONDS_ENV", "CLAIM_WAIT_ENV"]
+__all__ = ["LeaseConfig", "Lease", "ClaimHeldError", "LeaseLostError", "claim", "claimed", "rank_zero_claim",
+           "lease_url", "describe_holder", "LEASE_SECONDS_ENV", "CLAIM_WAIT_ENV"]
 
 #: environment: seconds a lease lives without renewal (default 60)
 LEASE_SECONDS_ENV = "DCAE15_LEASE_SECONDS"
@@ -435,7 +449,7 @@ def claim(artifact_url: str, *, what: str = "artifact", storage_options: dict | 
             raise _refuse(lease, doc, waited)
         if not told:
             log(f"waiting: {lease.name} is being written by {describe_holder(doc)}; this job continues once it is "
-                f"free (${CLAIM_WAIT_ENV}=0 refuses instead)")
+                f"free, or once that lease expires if its writer is gone (${CLAIM_WAIT_ENV}=0 refuses instead)")
             told = True
         time.sleep(cfg.poll_seconds if cfg.wait is None else min(cfg.poll_seconds, max(cfg.wait - waited, 0.05)))
     if lease.took_over is not None:
@@ -487,3 +501,53 @@ def claimed(what: str, url_arg: str, options_arg: str = "storage_options") -> Ca
         return guarded
 
     return wrap
+
+
+# ------------------------------------------------------------------------------------------------ several ranks
+# Every rank makes the same claims in the same order, so a per-process counter names each claim's key.
+_RANK_CLAIMS = itertools.count()
+_HELD_WORD, _REFUSED_WORD = "held", "refused:"
+
+
+@contextlib.contextmanager
+def rank_zero_claim(url: str, *, what: str, storage_options: dict | None = None) -> Iterator[Lease | None]:
+    """:func:`claim` for a job that may run as several ranks: rank 0 (the only rank of a plain process) holds the
+    artifact's lease for the body; the other ranks enter the body once rank 0 holds it. Yields the lease on rank 0,
+    None elsewhere.
+
+    The other ranks poll the process group's key-value store instead of waiting in a collective: a second training
+    of a run may wait hours for the first, longer than any NCCL / gloo collective timeout.
+
+    Raises:
+        ClaimHeldError: on every rank, when rank 0 was refused (another live writer holds the artifact).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        with claim(url, what=what, storage_options=storage_options) as lease:
+            yield lease
+        return
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store, key = _get_default_store(), f"dcae15/claim/{next(_RANK_CLAIMS)}"
+    if dist.get_rank() != 0:
+        while not store.check([key]):
+            time.sleep(0.5)
+        word = store.get(key).decode()
+        if word.startswith(_REFUSED_WORD):
+            raise ClaimHeldError(word[len(_REFUSED_WORD):])
+        if word != _HELD_WORD:
+            raise RuntimeError(f"rank 0 could not claim {what} {url}: {word}")
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            lease = stack.enter_context(claim(url, what=what, storage_options=storage_options))
+        except ClaimHeldError as exc:
+            store.set(key, _REFUSED_WORD + str(exc))
+            raise
+        except BaseException as exc:
+            store.set(key, f"{type(exc).__name__}: {exc}")
+            raise
+        store.set(key, _HELD_WORD)
+        yield lease

@@ -1,4 +1,5 @@
-"""Project-wide test fixtures: a loopback S3 server (moto) and a guard that forbids non-loopback network."""
+"""Project-wide test fixtures: a loopback S3 server (moto), a guard that forbids non-loopback network, and commands
+started together that meet at an artifact's lease (the one-writer tests)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", ""}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--repeat", type=int, default=1, metavar="N",
+                     help="run each selected test N times (the concurrency tests in a loop beside a load, issue 30)")
+
+
+def pytest_generate_tests(metafunc):
+    n = metafunc.config.getoption("repeat")
+    if n > 1:
+        metafunc.fixturenames.append("_repeat")
+        metafunc.parametrize("_repeat", range(n), ids=[f"run{i}" for i in range(n)])
 
 
 def _is_loopback(address) -> bool:
@@ -142,3 +155,94 @@ def no_download(monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     monkeypatch.setattr(fe, "load_state_dict_from_url", refuse)
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+class Commands:
+    """Processes started together; each one's output (stdout + stderr) is collected line by line as it comes, so a
+    test can wait for a line a process is certain to print (never for one it may or may not print) or for a file it
+    writes.
+
+    Args:
+        cmds: one argv per process.
+        env: their environment.
+    """
+
+    def __init__(self, cmds: list[list[str]], env: dict) -> None:
+        import subprocess
+        import threading
+
+        self.procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                      for c in cmds]
+        self.lines: list[list[str]] = [[] for _ in cmds]
+        self._readers = [threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
+                         for p, out in zip(self.procs, self.lines)]
+        for r in self._readers:
+            r.start()
+
+    @property
+    def logs(self) -> list[str]:
+        return ["".join(list(out)) for out in self.lines]
+
+    def until(self, done, *, timeout: float = 300.0, while_running: bool = True) -> None:
+        """Wait until ``done(logs)`` holds. The deadline only turns a hang into a failure (with the logs); a process
+        that exits first fails the test too (``while_running``)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not done(self.logs):
+            dead = [p.returncode for p in self.procs if p.poll() is not None]
+            if (while_running and dead) or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"exited: {dead}; logs: {self.logs}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL the processes still running (a failed test leaves none behind)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def finish(self, timeout: float = 600.0) -> list[str]:
+        """Wait for every process to exit; returns their logs (see :attr:`returncodes`)."""
+        import subprocess
+
+        try:
+            for p in self.procs:
+                p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        for r in self._readers:
+            r.join(timeout=60)
+        return self.logs
+
+    @property
+    def returncodes(self) -> list[int | None]:
+        return [p.returncode for p in self.procs]
+
+
+def _meet_at_lease(artifact_url: str, what: str, cmd: list[str], env: dict, n: int = 2) -> tuple[list[int], list[str]]:
+    """Start ``cmd`` ``n`` times while the test holds the artifact's lease, and release it only once every command
+    has said it waits for it (``storage.lease.claim`` says so exactly once, always, when it meets a held lease): the
+    commands then meet at the released lease, however slowly each one started. Returns (return codes, logs)."""
+    from storage.lease import LeaseConfig, claim
+
+    with claim(artifact_url, what=what, config=LeaseConfig(ttl=60)):
+        cmds = Commands([cmd] * n, env)
+        cmds.until(lambda logs: all(f"waiting: {what}" in log for log in logs))
+    logs = cmds.finish()
+    return cmds.returncodes, logs
+
+
+@pytest.fixture
+def meet_at_lease():
+    """``meet_at_lease(artifact_url, what, cmd, env, n=2) -> (return codes, logs)``: ``n`` identical commands that
+    reach the artifact's lease while the test holds it, then race for it at once (see :func:`_meet_at_lease`)."""
+    return _meet_at_lease
+
+
+@pytest.fixture
+def commands():
+    """``commands(cmds, env) -> Commands``: processes started together, their output collected as it comes."""
+    return Commands

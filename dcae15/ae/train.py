@@ -22,11 +22,11 @@ from torch import nn
 
 from dcae15.accel import enable_speed_switches, gpu_branches
 from dcae15.ae.channels import ChannelSampling, step_generator
-from dcae15.claims import rank_zero_claim
 from dcae15.ae.data import ImageBatches
 from dcae15.ae.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from dcae15.ae.model import AE_PRESETS, StructuredAutoencoder
 from storage.layout import AE_MODEL
+from storage.lease import rank_zero_claim
 from storage.rundir import HORIZON, OPERATIONAL, RunDir, identity
 from storage.urls import put_atomic, url_to_fs
 from dcae15.ema import EMA

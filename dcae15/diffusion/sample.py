@@ -14,7 +14,6 @@ import os
 import numpy as np
 import torch
 
-from dcae15.claims import rank_zero_claim
 from dcae15.diffusion.checkpoint import checkpoint_url, load_ema_state, read_latest, read_run_config
 from dcae15.diffusion.objectives import make_objective
 from dcae15.diffusion.samplers import SAMPLERS, sample_latents
@@ -23,6 +22,7 @@ from dcae15.models.registry import build_model, config_from_dict
 from dcae15.parallel import place
 from dcae15.pixels import to_uint8_nhwc
 from storage.fingerprint import fingerprint
+from storage.lease import rank_zero_claim
 
 __all__ = ["DEFAULT_SAMPLER", "PRECISIONS", "load_run_model", "denormalize", "sample_to_store", "main"]
 

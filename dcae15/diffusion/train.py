@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 from dcae15.accel import bf16_autocast, gpu_branches
-from dcae15.claims import rank_zero_claim
 from dcae15.diffusion.adt import ADTConfig, LossNorm, draw_mask, micro_loss
 from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
 from dcae15.diffusion.objectives import make_objective
@@ -28,6 +27,7 @@ from dcae15.tracking import TrackingConfig, config_of, open_tracker
 from dcae15.typed_config import from_dict
 from storage.fingerprint import fingerprint, short_id
 from storage.layout import Root
+from storage.lease import rank_zero_claim
 from storage.rundir import HORIZON, OPERATIONAL, identity
 from storage.urls import url_to_fs
 

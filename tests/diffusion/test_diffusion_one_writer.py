@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from dcae15.diffusion.checkpoint import load_ema_state, read_run_config
 from dcae15.diffusion.sample import sample_to_store
 from dcae15.diffusion.train import DiffusionTrainConfig, train_diffusion
 from dcae15.models import ModelConfig, build_model
-from storage.lease import Lease
+from storage.lease import Lease, LeaseConfig, claim
 from storage.rundir import RunDir
 from storage.sample_store import SampleStore
 from storage.urls import join
@@ -31,16 +29,17 @@ CFG = dict(model="DiT-tiny", global_batch_size=8, steps=30, lr=1e-3, checkpoint_
            ema_decay=0.9, progress=False, shuffle_chunks=2, async_checkpoint=False)
 
 
-def _start(spec: dict) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "DCAE15_LEASE_SECONDS": "3"}
-    return subprocess.Popen([sys.executable, JOBS, json.dumps(spec)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _env() -> dict:
+    """Read when a job starts: the S3 fixture sets its endpoint and keys in os.environ first."""
+    return {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "DCAE15_LEASE_SECONDS": "3"}
 
 
-def _finish(proc: subprocess.Popen) -> tuple[dict, str]:
-    log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, log
-    return json.loads(log.strip().splitlines()[-1].removeprefix("RESULT ")), log
+def _job(spec: dict) -> list[str]:
+    return [sys.executable, JOBS, json.dumps(spec)]
+
+
+def _result(log: str) -> dict:
+    return json.loads(log.strip().splitlines()[-1].removeprefix("RESULT "))
 
 
 def _weights(run: str, step: int) -> dict[str, torch.Tensor]:
@@ -58,22 +57,24 @@ def store_and_clean_run(tmp_path_factory, decodable_store_factory):
     return root, store, clean
 
 
-def test_two_trainings_of_one_run_one_killed_mid_run_other_takes_over(store_and_clean_run):
-    root, store, clean = store_and_clean_run
-    run = str(root / "runs" / clean["run_id"])
-    spec = {"job": "train", "cfg": CFG, "store": store, "run": run}
-    procs = [_start(spec), _start(spec)]
-    rundir = RunDir(run, kind="diffusion")
-    deadline = time.monotonic() + 120
-    while (rundir.latest() or {"step": 0})["step"] < 10:  # the holder is mid-run, its second checkpoint done
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint came"
-        time.sleep(0.05)
-    holder = Lease(run).holder()
-    victim = next(p for p in procs if p.pid == holder["pid"])
-    survivor = next(p for p in procs if p is not victim)
+def test_two_trainings_of_one_run_one_killed_mid_run_other_takes_over(store_and_clean_run, commands, tmp_path):
+    """Both meet at the run's lease (the test holds it until both wait); the one that trains stops once its
+    checkpoint of step 10 is committed (a hook of the job script) and is killed there while the other waits."""
+    _, store, clean = store_and_clean_run
+    run = str(tmp_path / "runs" / clean["run_id"])  # this test's own (the module's store is shared)
+    spec = {"job": "train", "cfg": CFG, "store": store, "run": run, "pause_at": 10}
+    with claim(run, what="diffusion run", config=LeaseConfig(ttl=30)):
+        jobs = commands([_job(spec), _job(spec)], _env())
+        jobs.until(lambda logs: all("waiting: diffusion run" in log for log in logs))
+    jobs.until(lambda logs: any("paused at step 10" in log for log in logs))  # the holder mid-run, step 10 committed
+    victim = jobs.procs[next(i for i, log in enumerate(jobs.logs) if "paused at step 10" in log)]
+    assert Lease(run).holder()["pid"] == victim.pid
     victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    out, log = _finish(survivor)
+    logs = jobs.finish(timeout=300)
+    (k,) = [i for i, p in enumerate(jobs.procs) if p is not victim]
+    log = logs[k]
+    assert jobs.returncodes[k] == 0, log
+    out = _result(log)
     assert "waiting: diffusion run" in log and "took over diffusion run" in log, log
     assert out["step"] == clean["step"] == 30 and out["done"] and out["run_id"] == clean["run_id"]
     a, b = _weights(clean["run_url"], 30), _weights(run, 30)
@@ -83,7 +84,7 @@ def test_two_trainings_of_one_run_one_killed_mid_run_other_takes_over(store_and_
     assert Lease(run).holder() is None  # released
 
 
-def test_two_samplings_of_one_checkpoint_on_s3_one_writer_same_images(store_and_clean_run, s3_server):
+def test_two_samplings_of_one_checkpoint_on_s3_one_writer_same_images(store_and_clean_run, s3_server, meet_at_lease):
     """On the moto S3 server (the trainings above run on a local root)."""
     _, _, clean = store_and_clean_run
     out_root = s3_server.make_bucket()
@@ -91,9 +92,12 @@ def test_two_samplings_of_one_checkpoint_on_s3_one_writer_same_images(store_and_
               progress=False, checkpoint=30)
     ref = SampleStore.open(sample_to_store(clean["run_url"], join(out_root, "ref"), **kw), read_only=True)
     out = join(out_root, "twice")
-    procs = [_start({"job": "sample", "run": clean["run_url"], "out": out, "kw": kw}) for _ in range(2)]
-    logs = [_finish(p)[1] for p in procs]
-    assert sum("waiting: sample store" in log for log in logs) == 1, logs
+    # the two meet at the store's lease, held by the test until both wait for it
+    codes, logs = meet_at_lease(out, "sample store", _job({"job": "sample", "run": clean["run_url"], "out": out,
+                                                           "kw": kw}), _env())
+    assert codes == [0, 0], logs
+    # each said once that it waits, although the second waited twice (for the test, then for the first)
+    assert [log.count("waiting: sample store") for log in logs] == [1, 1], logs
     images, labels = SampleStore.open(out, read_only=True).read_all()
     ref_images, ref_labels = ref.read_all()
     assert np.array_equal(images, ref_images) and np.array_equal(labels, ref_labels)

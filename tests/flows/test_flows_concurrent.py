@@ -1,4 +1,4 @@
-"""Backbones trained at the same time (``diffusion.concurrency``, flows/slots.py) give the very checkpoints they
+"""Backbones trained at the same time (``diffusion.concurrency``, flows/machine.py) give the very checkpoints they
 give trained one after the other; job slots split a machine's cores and GPUs."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 
 def test_machine_slots_split_cores_and_gpus():
-    from flows.slots import auto_concurrency, machine_slots, slot_launch
+    from flows.machine import auto_concurrency, machine_slots, slot_launch
 
     two = machine_slots(2, cpus=list(range(16)), gpus=[str(g) for g in range(8)])  # the lab's node
     assert [s.gpus for s in two] == [("0", "1", "2", "3"), ("4", "5", "6", "7")]

@@ -149,7 +149,7 @@ def test_gpu_pool_template_renders_for_a_training_job():
 def test_apply_creates_automations_limits_and_pool_idempotently(prefect_api):
     from prefect.client.orchestration import get_client
 
-    from flows.gpu import gpu_limit_name, gpu_slot
+    from flows.machine import gpu_limit_name, gpu_slot
 
     deploy = _deploy_module()
     automations = deploy.load_automations()

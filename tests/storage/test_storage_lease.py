@@ -88,19 +88,23 @@ def test_expired_lease_of_another_host_taken_over_after_expiry(backend_url):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "s3"])
-def test_two_processes_never_hold_at_once_and_a_dead_holders_lease_is_taken_at_once(backend, tmp_path, request):
+def test_two_processes_never_hold_at_once_and_a_dead_holders_lease_is_taken_at_once(backend, tmp_path, request,
+                                                                                   commands):
     root = _root(backend, tmp_path, request)
     art = join(root, "latents", "store")
     env = _env(DCAE15_LEASE_SECONDS="3")
     outs = [join(root, f"out{i}.json") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, art, "2.5", out], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for out in outs]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
+    # the two meet at the lease the test holds until both have said they wait: however slowly each one starts
+    with claim(art, what="test artifact", config=LeaseConfig(ttl=30)):
+        procs = commands([[sys.executable, "-c", HOLDER, art, "2.5", out] for out in outs], env)
+        procs.until(lambda logs: all("waiting: test artifact" in log for log in logs), timeout=120)
+    logs = procs.finish(timeout=120)
+    assert procs.returncodes == [0, 0], logs
     a, b = sorted((json.loads(read_bytes(o)) for o in outs), key=lambda r: r["start"])
     assert a["end"] <= b["start"], (a, b)  # one writer at a time
     assert a["renewals"] >= 1  # held 2.5 s with a 3 s lease: the heartbeat renewed it
-    assert sum("waiting: test artifact" in log for log in logs) == 1, logs
+    # each said once that it waits, although the second waited twice (for the test, then for the first)
+    assert [log.count("waiting: test artifact") for log in logs] == [1, 1], logs
 
     # a stale lease left by a process that is gone (same host): taken over at once, not after its expiry
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

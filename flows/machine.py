@@ -1,6 +1,22 @@
-"""Concurrent jobs on one machine: job slots, each an equal, disjoint share of the machine's cores and GPUs.
+"""Sharing one machine between jobs: its GPU slot (which jobs may use the machine's GPUs now) and its job slots
+(how concurrent jobs of one pipeline split the machine's cores and GPUs).
 
-``machine_slots(n)`` splits the cores this process may use (its CPU affinity) and the GPUs it sees
+This module schedules work; it decides nothing about who writes an artifact (that is the artifact's lease,
+``storage.lease``, the only claim mechanism).
+
+**The machine's GPU slot.** A GPU stage's task body (training, sampling) runs inside ``gpu_slot()``: it holds one
+slot of the Prefect global concurrency limit ``dcae15-gpu-<host>``, so a second GPU job on the same machine waits
+for the slot instead of sharing its GPUs. The limit is created once, by the operator (``deploy/apply.py --gpu-host
+<host>``, limit 1 by default), never by a job, so no two jobs race to create it; a limit that does not exist (a
+laptop, the tests, two ``dcae15`` commands on temporary Prefect servers) limits nothing and costs one read. The slot
+is a Prefect lease renewed while the job lives; a job killed with SIGKILL frees it when that lease runs out
+(``LEASE_SECONDS``, then Prefect's repossessor). A process holds the slot once: a GPU stage inside a flow run that
+holds it already (the pipeline's concurrent jobs and the checkpoints it samples meanwhile) shares it.
+``DCAE15_GPU_SHARE=1`` in the worker's environment skips the slot. Kubernetes pools do not need it: a pod owns its
+GPUs (deploy/gpu-work-pool.yaml). GPU task bodies are tagged ``GPU_TAG`` (``@task(tags=[GPU_TAG])``), which a
+Prefect tag limit (``deploy/apply.py --gpu-tag-limit``) can cap across machines.
+
+**Job slots.** ``machine_slots(n)`` splits the cores this process may use (its CPU affinity) and the GPUs it sees
 (``CUDA_VISIBLE_DEVICES``) into ``n`` slots. A job launched in a slot (``slot_launch``) runs under torchrun with one
 process per GPU of its slot (one on a CPU machine), sees only its slot's GPUs and is pinned to its slot's cores
 (``flows.launch.run_streaming``). Two backbones on one 8-GPU node: 2 slots of 4 GPUs (and half the cores) each.
@@ -8,13 +24,67 @@ process per GPU of its slot (one on a CPU machine), sees only its slot's GPUs an
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["Slot", "auto_concurrency", "machine_slots", "slot_launch"]
+__all__ = ["GPU_TAG", "LEASE_SECONDS", "gpu_limit_name", "gpu_slot",
+           "Slot", "auto_concurrency", "machine_slots", "slot_launch"]
+
+GPU_TAG = "gpu"
+LEASE_SECONDS = 300.0
 
 
+# ------------------------------------------------------------------------------------------------ the GPU slot
+def gpu_limit_name(host: str | None = None) -> str:
+    """The global concurrency limit that guards one machine's GPUs: ``dcae15-gpu-<host>``."""
+    host = (host or socket.gethostname()).split(".")[0].lower()
+    return f"dcae15-gpu-{host}"
+
+
+_GPU_LOCK = threading.Lock()
+_gpu_depth = 0  # GPU stages of this process inside the slot (the slot itself is taken by the first)
+
+
+@contextlib.contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold this machine's GPU slot for the body (no-op when sharing is asked for, no limit exists, or this process
+    holds it already)."""
+    global _gpu_depth
+    with _GPU_LOCK:
+        _gpu_depth += 1
+        outer = _gpu_depth == 1
+    try:
+        if not outer or os.environ.get("DCAE15_GPU_SHARE", "").lower() in ("1", "true", "yes") \
+                or not _limit_exists(gpu_limit_name()):
+            yield
+            return
+        from prefect.concurrency.sync import concurrency
+
+        with concurrency(gpu_limit_name(), occupy=1, lease_duration=LEASE_SECONDS, strict=False):
+            yield
+    finally:
+        with _GPU_LOCK:
+            _gpu_depth -= 1
+
+
+def _limit_exists(name: str) -> bool:
+    """Whether the limit was declared (a missing one would make Prefect warn on every GPU task of a laptop run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ job slots
 @dataclass(frozen=True)
 class Slot:
     """One job's share of the machine: ``cpus`` (core ids for CPU affinity), ``gpus`` (``CUDA_VISIBLE_DEVICES``

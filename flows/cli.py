@@ -235,7 +235,7 @@ def _print_outputs(summary: dict[str, Any]) -> None:
 
 
 def _run(args: argparse.Namespace) -> Any:
-    from flows.env import apply_cpu_defaults, apply_prefect_defaults, local_root
+    from flows.env import apply_cpu_defaults, apply_prefect_defaults, local_root, prepare_prefect_database
     from flows.config import load_config
 
     overrides = _parse_set(args.set)
@@ -260,6 +260,7 @@ def _run(args: argparse.Namespace) -> Any:
             overrides.setdefault("evaluate", {})["pr_reference"] = made["virtual"]
         cfg = load_config(args.config, overrides)
     apply_prefect_defaults(root)
+    prepare_prefect_database()  # two commands at once on a fresh Prefect home: one migrates, the other waits
     apply_cpu_defaults()
 
     from flows.autoencoder import train_autoencoder

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["local_root", "prefect_home_for", "apply_prefect_defaults", "apply_cpu_defaults"]
+__all__ = ["local_root", "prefect_home_for", "apply_prefect_defaults", "prepare_prefect_database", "apply_cpu_defaults"]
 
 
 def local_root(root: str) -> str:
@@ -38,6 +38,36 @@ def apply_prefect_defaults(root: str) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # a cold start of the temporary server took ~14 s here; Prefect's default timeout is 20 s
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def prepare_prefect_database() -> None:
+    """Create (or upgrade) the temporary server's database once per Prefect version, under its lease
+    (``storage.lease``), before this command's temporary server starts; a no-op with ``PREFECT_API_URL``.
+
+    Every temporary server migrates its database when it starts. Two commands started together on a fresh Prefect
+    home would both create the tables, and one server would die printing a traceback ("table ... already exists").
+    The first command migrates here while the others wait on the lease, then finds the marker; after that the
+    servers' own migrations find the database at its head and do nothing. Costs ~5 s once, nothing afterwards.
+    """
+    if "PREFECT_API_URL" in os.environ:
+        return
+    from importlib.metadata import version
+
+    home = Path(os.environ["PREFECT_HOME"]).expanduser()
+    ready = home / f".database-ready-{version('prefect')}"
+    if ready.exists():
+        return
+    import asyncio
+
+    from storage.lease import claim
+
+    with claim(str(home / "prefect.db"), what="Prefect database"):
+        if ready.exists():  # another command migrated it while this one waited
+            return
+        from prefect.server.database import provide_database_interface
+
+        asyncio.run(provide_database_interface().create_db())
+        ready.touch()
 
 
 def apply_cpu_defaults() -> None:

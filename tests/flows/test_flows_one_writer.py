@@ -219,7 +219,7 @@ def test_two_evaluate_commands_of_one_sample_store_on_s3_write_one_row(prefect_a
     from dcae15.metrics.inputs import load_labelled_images
     from dcae15.metrics.results import part_url, read_results
     from flows.config import load_config
-    from flows.evaluate import _row_key, extractor_for, reference_label
+    from flows.evaluate import _row_key, extractor_for, protocol_of, reference_label
     from flows.pointers import describe_samples, results_url
     from storage import synthetic
     from storage.fingerprint import short_id
@@ -244,7 +244,7 @@ def test_two_evaluate_commands_of_one_sample_store_on_s3_write_one_row(prefect_a
         store.write_unit(u, images[a:b], labels[a:b].astype(np.int64))
     ev = dataclasses.asdict(load_config("tiny", {"root": root.url}).evaluate)
     extractor = extractor_for(ev, dataset)  # trains the proxy classifier here, once (its own claim is tested apart)
-    row = short_id(_row_key(describe_samples(samples), extractor.label, reference_label(ev)))
+    row = short_id(_row_key(describe_samples(samples), extractor.label, reference_label(ev), protocol_of(ev)))
     cmd = [sys.executable, "-m", "flows.cli", "evaluate", "--config", "tiny", "--root", root.url,
            "--samples", samples, "--dataset", dataset]
     # as in the encode test: the test holds the row until both commands wait for it, so the two always meet

@@ -6,6 +6,8 @@ The AE trainer (``dcae15.ae.train``, DDP or one process, optional BatchNorm buff
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,9 +19,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def decay_at(decay: float, step: int, *, warmup: bool = False) -> float:
-    """The decay of the update that produces ``step + 1``: ``decay``, or with ``warmup``
-    ``min(decay, (1 + step) / (10 + step))`` so that the early EMA tracks the model (DiT / ADM)."""
+def decay_at(decay: float, step: int, *, warmup: bool = False, warmup_steps: int | None = None) -> float:
+    """The decay of the update that produces ``step + 1``: ``decay``; with ``warmup``
+    ``min(decay, (1 + step) / (10 + step))`` so that the early EMA tracks the model (DiT / ADM); with
+    ``warmup_steps`` T ``decay * (1 - exp(-(step + 1) / T))`` (efficientvit's ``EMA.step``, which DC-Gen's USiT
+    training inherits, T = 2000), which takes precedence."""
+    if warmup_steps:
+        return decay * (1.0 - math.exp(-(step + 1) / warmup_steps))
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 

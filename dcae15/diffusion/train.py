@@ -67,6 +67,9 @@ class DiffusionTrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     """decay_t = min(ema_decay, (1 + t) / (10 + t)) so early EMA tracks the model."""
+    ema_warmup_steps: int | None = None
+    """decay_t = ema_decay * (1 - exp(-t / ema_warmup_steps)) (efficientvit / DC-Gen's EMA, 2000 there); set, it
+    replaces ``ema_warmup``."""
     ema_every: int = 1
     """Update the EMA every this many steps, with the decay raised to that power (ema-pytorch's ``update_every``):
     the update is a pass over every parameter whose cost does not shrink with the batch (15 % of a one-rank CPU
@@ -147,6 +150,8 @@ class DiffusionTrainConfig:
             raise ValueError(f"DiffusionTrainConfig.lr={self.lr!r} must be > 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"DiffusionTrainConfig.ema_decay={self.ema_decay!r} must be in [0, 1)")
+        if self.ema_warmup_steps is not None and int(self.ema_warmup_steps) < 1:
+            raise ValueError(f"DiffusionTrainConfig.ema_warmup_steps={self.ema_warmup_steps!r} must be >= 1 or null")
         if int(self.ema_every) < 1:
             raise ValueError(f"DiffusionTrainConfig.ema_every={self.ema_every!r} must be >= 1 (1 = every step)")
         if not 0.0 <= self.label_dropout < 1.0:
@@ -182,6 +187,10 @@ class DiffusionTrainConfig:
             del out["schedule"]  # constant-lr runs keep the run ids they had before the field existed
         if out["ema_every"] == 1:
             del out["ema_every"]  # likewise
+        if out["ema_warmup_steps"] is None:
+            del out["ema_warmup_steps"]  # likewise
+        else:
+            del out["ema_warmup"]  # replaced by the exponential warm-up
         return out
 
 
@@ -702,7 +711,8 @@ class TrainStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if (step + 1) % cfg.ema_every == 0:  # the update that produces step + 1 (every step by default)
-            self.ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup) ** cfg.ema_every)
+            self.ema.update(decay_at(cfg.ema_decay, step, warmup=cfg.ema_warmup,
+                                     warmup_steps=cfg.ema_warmup_steps) ** cfg.ema_every)
         return loss, gnorm, cprime
 
 

@@ -73,3 +73,22 @@ def test_lr_schedule_warmup_constant_cosine():
         lr_at(0, 1.0, schedule="linear")
     with pytest.raises(ValueError, match="total_steps"):
         lr_at(5, 1.0, schedule="cosine")
+
+
+def test_exponential_ema_warmup_is_efficientvits_and_keeps_other_run_ids():
+    """``ema_warmup_steps`` T: decay_t = decay (1 - exp(-t / T)) with t the step the update produces
+    (efficientvit's ``EMA.step``, DC-Gen's USiT); unset, run ids are what they were before the field existed."""
+    import math
+
+    from dcae15.diffusion.train import DiffusionTrainConfig
+    from dcae15.ema import decay_at
+
+    assert decay_at(0.9999, 0, warmup_steps=2000) == pytest.approx(0.9999 * (1 - math.exp(-1 / 2000)), rel=1e-12)
+    assert decay_at(0.9999, 1999, warmup=True, warmup_steps=2000) == pytest.approx(0.9999 * (1 - math.exp(-1)))
+    assert decay_at(0.9999, 10**6, warmup_steps=2000) == pytest.approx(0.9999, abs=1e-12)
+    plain = DiffusionTrainConfig()
+    assert "ema_warmup_steps" not in plain.identity() and "ema_warmup" in plain.identity()
+    exp = DiffusionTrainConfig(ema_warmup_steps=2000)
+    assert exp.identity()["ema_warmup_steps"] == 2000 and "ema_warmup" not in exp.identity()
+    with pytest.raises(ValueError, match="ema_warmup_steps"):
+        DiffusionTrainConfig(ema_warmup_steps=0)

@@ -192,7 +192,7 @@ def test_imagenet_tags_machine_fields_enter_no_run_or_sample_id():
 
     tags = _tagged_fields(CONFIG_DIR / "imagenet.yaml")
     assert tags["sample.sampler"] == "official" and tags["sample.precision"] != "machine"
-    assert tags["diffusion.train.ema_warmup"] == "ours"
+    assert tags["diffusion.train.ema_warmup_steps"] == "official"  # DC-Gen / efficientvit EMA warm-up
     assert set(tags.values()) <= {"paper", "official", "ours", "machine"}, set(tags.values())
     cfg = load_config("imagenet")
     machine = [p for p, t in tags.items() if t == "machine"]

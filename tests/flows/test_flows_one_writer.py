@@ -170,20 +170,11 @@ def test_encode_after_a_killed_encode_takes_over_once_without_noise(prefect_api,
     assert lease.holder() is None
 
 
-def _random_store(url: str, *, n: int = 64, c: int = 8, hw: int = 4, num_classes: int = 4, unit: int = 16) -> str:
-    """A finalized random latent store (training does not care where latents came from)."""
-    from storage.latent_store import LatentStore
+def _random_store(url: str) -> str:
+    """A small finalized random latent store (training does not care where latents came from)."""
+    from tests.diffusion.conftest import make_latent_store
 
-    rng = np.random.default_rng(0)
-    st = LatentStore.create(url, num_samples=n, channels=c, height=hw, width=hw, flip=False, chunk_size=unit,
-                            attrs={"ae_fingerprint": "ae-test", "dataset_fingerprint": "ds-test",
-                                   "resolution": hw * 8, "ae_scaling_factor": 1.0, "num_classes": num_classes})
-    for u in range(st.num_units):
-        a, b = st.unit_bounds(u)
-        st.write_unit(u, rng.standard_normal((b - a, c, hw, hw)).astype(np.float32),
-                      rng.integers(0, num_classes, b - a), np.ones(b - a, bool), None)
-    st.finalize()
-    return url
+    return make_latent_store(url, n=64, c=8, hw=4, num_classes=4, unit=16, flip=False)
 
 
 def test_two_train_diffusion_commands_at_once_train_one_run(tmp_path, meet_at_lease):

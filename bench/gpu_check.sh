@@ -11,6 +11,7 @@ PY=$(command -v python3 || command -v python)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
   site=$(mktemp -d "${TMPDIR:-/tmp}/dcae15-gpu-site.XXXXXX")
+  trap 'rm -rf "$site"' EXIT  # the installed wheels (~40 MB) go when the check ends
   "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
     --target "$site" .gpu-wheels/*.whl
   export PYTHONPATH="$PYTHONPATH:$site"
@@ -26,4 +27,4 @@ if [ -n "$missing" ]; then
        "scripts/fetch_gpu_wheels.sh (it fills .gpu-wheels/), then carry .gpu-wheels with the tree." >&2
   exit 2
 fi
-exec "$PY" -u bench/gpu_check.py "$@"
+"$PY" -u bench/gpu_check.py "$@"  # not exec: the trap cleans up after it

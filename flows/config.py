@@ -229,6 +229,10 @@ class DiffusionSection(LaunchFields):
             raise ValueError(f"diffusion.train.objective is required with import-path backbones {plugins}; allowed: "
                              f"{', '.join(OBJECTIVES)} (it then applies to every backbone of the list)")
         self.check_launch("diffusion")
+        if plugins and int(self.train.patch_size) != 1:
+            raise ValueError(f"diffusion.train.patch_size={self.train.patch_size} applies to every backbone, but the "
+                             f"import-path backbones {plugins} take whole latents (patchify inside the module): "
+                             "set diffusion.train.patch_size=1")
 
 
 @dataclass(kw_only=True)

@@ -206,6 +206,10 @@ def read_results(table_url: str, *, storage_options: dict | None = None) -> Resu
     return ResultsTable(cols)
 
 
+#: The protocols whose formulas dcae15 used before result rows recorded a protocol: a row without one matches them.
+LEGACY_PROTOCOLS = ("proxy", "torch-fidelity")
+
+
 def has_result(table_url: str, *, storage_options: dict | None = None, **match: Any) -> bool:
     """True when some row equals every given column value, e.g. ``has_result(url, checkpoint=fp,
     metric="proxy-fid", sampler="euler", sampling_steps=50, cfg_scale=1.5, num_samples=50000)``."""
@@ -219,6 +223,9 @@ def has_result(table_url: str, *, storage_options: dict | None = None, **match: 
         col = table[column]
         if isinstance(value, float) and col.dtype.kind == "f":
             hit &= np.isclose(col, value)
+        elif column == "protocol" and value in LEGACY_PROTOCOLS:
+            # rows written before protocols existed (no protocol) were computed by these formulas: no rescoring
+            hit &= np.array([_plain(v) in (value, None) for v in col], dtype=bool)
         else:
             hit &= np.array([_plain(v) == value for v in col], dtype=bool)
     return bool(hit.any())

@@ -46,3 +46,16 @@ def test_rerun_record_key_follows_the_plugin_source(tmp_path, monkeypatch):
     assert rerun.record_key("pipeline", config, {"backbones": None}) != before
     presets = {"diffusion": {"backbones": ["SiT-tiny"]}}
     assert rerun._plugin_sources(presets, {}) == {}
+
+
+def test_a_plugin_with_a_patched_config_is_refused_when_the_config_loads():
+    """The demo config patchifies (patch_size 2); an import-path backbone takes whole latents: refused at load, not
+    after the AE and the encode have run."""
+    from flows.config import load_config
+
+    with pytest.raises(ValueError, match="diffusion.train.patch_size=2 .*set diffusion.train.patch_size=1"):
+        load_config("demo", {"diffusion": {"backbones": ["SiT-tiny", "examples.lightning_dit:lightning_dit_tiny"],
+                                           "train": {"objective": "flow"}}})
+    cfg = load_config("demo", {"diffusion": {"backbones": ["examples.lightning_dit:lightning_dit_tiny"],
+                                             "train": {"objective": "flow", "patch_size": 1}}})
+    assert cfg.diffusion.train.patch_size == 1

@@ -91,3 +91,18 @@ def test_metrics_results_protocols_never_share_a_plot_line(tmp_path, monkeypatch
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
     assert plot_results(url, str(tmp_path / "plots"))
     assert sorted(drawn) == [("USiT-H r1 [adm]", [10, 20], [2.6, 2.7]), ("USiT-H r1 [dc-gen]", [10, 20], [2.1, 2.2])]
+
+
+def test_metrics_results_rows_without_a_protocol_count_as_the_legacy_formulas(tmp_path):
+    """Rows written before rows recorded a protocol were computed by torch-fidelity's / the proxy's formulas: after
+    an upgrade they still answer ``has_result`` for those protocols (no rescoring, no second row), not for others."""
+    from dcae15.metrics.results import append_results, has_result
+
+    url = str(tmp_path / "results")
+    append_results(url, [{**ROW, "proxy-fid": 3.5}])  # no protocol column at all
+    assert has_result(url, run_id="run-a", step=100, protocol="proxy")
+    assert has_result(url, run_id="run-a", step=100, protocol="torch-fidelity")
+    assert not has_result(url, run_id="run-a", step=100, protocol="adm")
+    append_results(url, [{**ROW, "step": 200, "protocol": "dc-gen", "proxy-fid": 3.0}])
+    assert has_result(url, run_id="run-a", step=200, protocol="dc-gen")
+    assert not has_result(url, run_id="run-a", step=200, protocol="proxy")  # a recorded protocol is never legacy

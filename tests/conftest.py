@@ -23,6 +23,17 @@ def pytest_addoption(parser):
                      help="run each selected test N times (the concurrency tests in a loop beside a load, issue 30)")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one test process per core this process may run on (not the host's
+    count, which ``psutil`` reports in a container), at most 4 — every test process runs its own Prefect test
+    server and many tests start subprocesses of their own. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides;
+    ``-n 0`` runs the suite in one process."""
+    env = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    if env:
+        return int(env)
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 def pytest_generate_tests(metafunc):
     n = metafunc.config.getoption("repeat")
     if n > 1:

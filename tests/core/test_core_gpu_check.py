@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_gpu_check_cpu_smoke_runs_every_section():
+    """The documented GPU command (`bash bench/gpu_check.sh --cpu-smoke`) runs every section in this environment.
+    Long (~25 s quiet): it is the command the lent GPU machine runs, section by section; .ci/run's rehearsal runs
+    it again in a bare environment (the GPU image's packages only), which this test cannot."""
     # the documented command; its python3 is this interpreter, as the image's python3 is the one with torch
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for var in ("DCAE15_GPU_BRANCHES", "PYTHONPATH"):

@@ -62,6 +62,9 @@ def _weights(run: str, step: int, which: str) -> dict[str, torch.Tensor]:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two job slots need two cores")
 def test_concurrent_backbones_give_the_checkpoints_of_sequential_training(prefect_api, tmp_path, results_dir,
                                                                           tiny_config):
+    """Two backbones trained at once (two torchrun jobs, one core each) write bit-identical checkpoints to the same
+    two trained in turn. Long (~25 s quiet): four short trainings, the price of comparing concurrency against a
+    sequential reference on the real job path."""
     from flows.pipeline import train_backbones
 
     store = _store(str(tmp_path / "store"))

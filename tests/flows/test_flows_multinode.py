@@ -46,6 +46,9 @@ def _node_agents(node: str) -> list:
 @pytest.mark.slow
 def test_two_loopback_nodes_train_resume_after_a_node_is_killed_and_sample(prefect_api, tmp_path, tiny_config,
                                                                            results_dir):
+    """Two torchrun "nodes" on loopback (c10d rendezvous, HSDP) train, one node is killed, the job resumes and the
+    run samples. Long (~35 s quiet): the only test of the multi-node launch path end to end — rendezvous, a lost
+    node and the resume across it — which no single-process test can stand in for."""
     import torch
 
     from dcae15.ae.model import StructuredAutoencoder

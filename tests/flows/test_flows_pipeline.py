@@ -25,6 +25,10 @@ def _run(results_dir, cfg):
 
 def test_pipeline_outputs_cache_and_partial_recompute(prefect_api, tmp_path, results_dir, tiny_config,
                                                     task_states_since):
+    """The one test of the pipeline's caching as Prefect records it: all six stages Completed, then all Cached
+    with no artifact touched, then a changed diffusion config recomputing only what is downstream, then a damaged
+    store unit recomputed alone. Long (~47 s on a quiet 2-core machine) because it needs four pipeline runs on one
+    root; the stages' own caching is unit-tested faster elsewhere, but not Prefect's view of it."""
     root = tmp_path / "root"
     cfg = tiny_config(root)
 

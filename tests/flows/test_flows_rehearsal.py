@@ -107,7 +107,9 @@ def test_imagenet_shaped_tree_packs_with_its_odd_files(tmp_path):
 @pytest.mark.slow
 def test_rehearsal_smaller_variant_runs_every_stage(tmp_path, prefect_api, capsys):
     """``dcae15 rehearse`` with fewer steps and samples: every stage at ImageNet's shape, Inception scores for
-    every kept checkpoint, bounded figures, and a printed time + peak RSS per stage."""
+    every kept checkpoint, bounded figures, and a printed time + peak RSS per stage. Long (~125 s quiet, the
+    suite's longest): the only run of imagenet.yaml's own code paths with only sizes reduced (1000 classes, the f32 AE's
+    stages with 128 latent channels, all three AE phases, the dc-gen protocol with Inception); it runs once per test run (not again in .ci/run)."""
     from PIL import Image
 
     from dcae15.metrics.results import read_results

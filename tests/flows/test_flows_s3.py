@@ -11,6 +11,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 
 def test_demo_command_on_s3_root_then_cached_rerun(prefect_api, s3_server, capsys, task_states_since):
+    """Long (~30 s quiet): the one run of the user's command against an S3 root (the tiny config), where every
+    artifact, every lease and Prefect's result cache go through s3fs; the storage tests cover S3 piece by piece."""
     import s3fs
 
     from flows.cli import main

@@ -85,7 +85,9 @@ def test_metrics_adm_bad_inputs_are_named(tmp_path):
 def test_metrics_adm_reference_equals_statistics_of_its_images(tmp_path, stand_in_inception, shapes_images,
                                                               no_download):
     """An ADM-format reference (images + mu/sigma/mu_s/sigma_s) loads to the statistics our own reference code
-    computes from the same images with the same extractor; so does a batch that carries images only."""
+    computes from the same images with the same extractor; so does a batch that carries images only. Long (~45 s
+    quiet): each protocol (adm, dc-gen) needs its own Inception passes at 299 px on CPU; four images are the
+    fewest precision/recall (k = 3) accept."""
     from PIL import Image
 
     from dcae15.metrics.adm import adm_reference, write_adm_npz

@@ -364,6 +364,7 @@ def write_report(root: Path, sw: Any, sweep_name: str, results_dir: Path, *, com
     figs.mkdir(exist_ok=True)
     tag = f"channels_{sweep_name}"
     name = "RESULTS.md" if sweep_name == "fmnist" else f"RESULTS-channels-{sweep_name}.md"
+    previous = (results_dir / name).read_text() if (results_dir / name).exists() else ""
     col = collect(stages, sw)
     v = verdicts(stages, sw)
     sc = sw.scale
@@ -523,6 +524,10 @@ def write_report(root: Path, sw: Any, sweep_name: str, results_dir: Path, *, com
     md += ["", "<details><summary>Run times</summary>", "", "| run | seconds |", "|---|---|"]
     md += [f"| {k} | {s['seconds']:.1f} |" for k, s in stages.items()] + ["", "</details>"]
     RP.write_markdown(md, results_dir / name, results_dir / f"notes-channels-{sweep_name}.md")
+    if name == "RESULTS.md" and (results_dir / "RESULTS-wide.md").exists():  # keep the wide sweep's summary on top
+        from experiments.channels_wide_report import restore_head
+
+        restore_head(results_dir / name, previous)
     return {"verdicts": {k: x.get("held") for k, x in v.items()}, "results": str(results_dir / name), "details": v,
             "missing": missing}
 

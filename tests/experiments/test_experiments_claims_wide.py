@@ -112,3 +112,27 @@ def test_table6_contradicted_when_sls_adt_clearly_helps_at_small_c():
         for k in KEYS:
             rec["curves"][run_name("structured", 8, 0, "adt", s)][k] = _curve(3.0, 7.0, 0.1 * (s - 1))
     assert _eval(rec)["table6_fmnist"]["held"] is False
+
+
+def test_results_md_gets_the_summary_on_top_and_the_old_report_marked_once(tmp_path):
+    """RESULTS.md (issue 32, item 6): the wide sweep's summary and verdicts on top, the old report kept below a
+    'confounded' note; a second report replaces its block instead of stacking, and the old sweep's report
+    regenerated afterwards keeps it."""
+    from experiments.channels_wide_report import CONFOUNDED, WIDE_BEGIN, mark_old_results, restore_head
+
+    old = "# DC-AE 1.5 where its claim lives (issue 21)\n\n- `fig1b_generation` — **HELD**: ...\n"
+    path = tmp_path / "RESULTS.md"
+    path.write_text(old)
+    v = _eval(_world(degrade=False, fast=False))
+    first = mark_old_results(path, v)
+    assert first.startswith(WIDE_BEGIN) and first.endswith(old) and first.count(CONFOUNDED) == 1
+    assert "**Contradicted**" in first and "`fig1b_generation_wide` — **DID NOT HOLD** — the old toy result was an " \
+           "artefact of the head width" in first
+    v2 = _eval(_world(degrade=True, fast=True))
+    second = mark_old_results(path, v2)
+    assert second.count(WIDE_BEGIN) == 1 and second.count(CONFOUNDED) == 1 and second.endswith(old)
+    assert "`fig1b_generation_wide` — **HELD**" in second
+    path.write_text(old.replace("HELD", "HELD (regenerated)"))  # the old sweep's report rewrites the file
+    restore_head(path, second)
+    again = path.read_text()
+    assert again.startswith(WIDE_BEGIN) and again.count(CONFOUNDED) == 1 and again.endswith("**HELD (regenerated)**: ...\n")

@@ -10,7 +10,6 @@ so resuming from a checkpoint continues exactly as if the run had never stopped.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import time
@@ -25,10 +24,10 @@ from dcae15.ae.channels import ChannelSampling, step_generator
 from dcae15.ae.data import ImageBatches
 from dcae15.ae.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from dcae15.ae.model import AE_PRESETS, StructuredAutoencoder
+from dcae15.checkpointer import Checkpointer, load_torch_file, save_torch_file
 from storage.layout import AE_MODEL
 from storage.lease import rank_zero_claim
 from storage.rundir import HORIZON, OPERATIONAL, RunDir, identity
-from storage.urls import put_atomic, url_to_fs
 from dcae15.ema import EMA
 from dcae15.lr_schedule import SCHEDULES, lr_at
 from dcae15.parallel import check_placement, place
@@ -261,22 +260,6 @@ def _claim(run: RunDir, cfg: AETrainConfig, dataset_fp: str) -> str:
     return cfg_fp
 
 
-def _save_checkpoint(run: RunDir, cfg: AETrainConfig, step: int, parts: dict[str, Any], metrics: list[dict]) -> None:
-    buf = io.BytesIO()
-    torch.save({"step": step, **parts}, buf)
-    put_atomic(run.fs, run.checkpoint_path(step), buf.getvalue())
-    run.publish(step, metrics)  # metrics, then the pointer last: a checkpoint is complete once named
-    run.prune(cfg.keep_checkpoints, step)
-
-
-def _load_latest(run: RunDir) -> dict[str, Any] | None:
-    ptr = run.latest()
-    if ptr is None:
-        return None
-    fs, path = url_to_fs(ptr["checkpoint"], run.storage_options)
-    return torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,12 +456,12 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
     ema = EMA(model.net, buffers=True) if cfg.ema_decay else None  # buffers: BatchNorm statistics too
     lpips_net = _build_lpips(cfg, device)
 
-    start, metrics = 0, []
     tracker = open_tracker(cfg.logging, run_url=run.url, run_id=run.url.rstrip("/").rsplit("/", 1)[-1],
                            config=config_of(cfg), rank=dist_.rank)
-    ckpt = _load_latest(run)
-    if ckpt is not None:
-        start = int(ckpt["step"])
+    checkpointer = Checkpointer(run, keep=cfg.keep_checkpoints, rank=dist_.rank, group=dist_.io)
+
+    def load(url: str) -> None:
+        ckpt = load_torch_file(url, run.storage_options)
         model.net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         if disc is not None:
@@ -487,10 +470,12 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         torch.set_rng_state(ckpt["rng_cpu"])
-        metrics = run.metrics(upto=start)
         if int(ckpt.get("world_size", 1)) != dist_.world and dist_.rank == 0:
-            print(f"AE run {run.url}: resuming step {start} at world size {dist_.world} (checkpoint written at "
-                  f"{ckpt.get('world_size', 1)}): same images and draws per step, different reduction order")
+            print(f"AE run {run.url}: resuming step {ckpt['step']} at world size {dist_.world} (checkpoint written "
+                  f"at {ckpt.get('world_size', 1)}): same images and draws per step, different reduction order")
+
+    start = checkpointer.resume(load)
+    metrics = checkpointer.metrics
 
     check_placement(device, model=model, optimizer=opt, ema=ema.shadow if ema is not None else {}, disc=disc,
                     disc_optimizer=disc_opt, lpips=lpips_net)
@@ -574,15 +559,17 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                 tracker.log_metrics(row, done_steps, prefix="ae/")
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)  # shown at the next refresh (mininterval)
             if done_steps % cfg.checkpoint_every == 0 or done_steps == end:
-                if dist_.rank == 0:
-                    parts = {"model": model.net.state_dict(), "opt": opt.state_dict(),
-                             "rng_cpu": torch.get_rng_state(), "world_size": dist_.world}
-                    if disc is not None:
-                        parts.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
-                    if ema is not None:
-                        parts["ema"] = ema.state_dict()
-                    _save_checkpoint(run, cfg, done_steps, parts, metrics)
-                dist_.barrier()  # every rank leaves (stop_at) or goes on only once the checkpoint is named
+                def write(url: str, step: int = done_steps) -> None:  # one torch file, written by rank 0
+                    if dist_.rank == 0:
+                        parts = {"step": step, "model": model.net.state_dict(), "opt": opt.state_dict(),
+                                 "rng_cpu": torch.get_rng_state(), "world_size": dist_.world}
+                        if disc is not None:
+                            parts.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
+                        if ema is not None:
+                            parts["ema"] = ema.state_dict()
+                        save_torch_file(url, parts, run.storage_options)
+
+                checkpointer.save(done_steps, write)  # every rank goes on (or leaves) once `latest` names it
     finally:
         bar.close()
         tracker.close()

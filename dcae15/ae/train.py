@@ -33,7 +33,7 @@ from dcae15.ema import EMA
 from dcae15.lr_schedule import SCHEDULES, lr_at
 from dcae15.parallel import check_placement, place
 from dcae15.tracking import TrackingConfig, config_of, open_tracker
-from dcae15.typed_config import from_dict
+from dcae15.typed_config import above, at_least, between, check_declared, from_dict, one_of
 
 __all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
 
@@ -46,7 +46,6 @@ PHASES: dict[str, dict[str, Any]] = {
     "decoder_finetune": dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, w_gan=0.0),
 }
 PERCEPTUAL = ("lpips-vgg", "lpips-alex", "lpips-squeeze", "none")
-_SCHEDULES = SCHEDULES  # the shared schedule's names (dcae15.lr_schedule)
 
 
 @dataclass(kw_only=True)
@@ -94,53 +93,52 @@ class AETrainConfig:
     name: str | None = field(default=None, metadata=OPERATIONAL)
     preset: str = "tiny-f8c32"
     init_from: str | None = None
-    phase: str = "full"
-    finetune_channels: int | None = None
-    resolution: int = 32
-    steps: int = field(default=1000, metadata=HORIZON)  # a longer run continues a shorter one
-    batch_size: int = 16
-    lr: float | None = None
-    betas: tuple[float, float] | None = None
-    weight_decay: float | None = None
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    grad_clip: float = 1.0
+    phase: str = field(default="full", metadata=one_of(*PHASES))
+    finetune_channels: int | None = field(default=None, metadata=at_least(1))
+    resolution: int = field(default=32, metadata=at_least(1))
+    steps: int = field(default=1000, metadata={**HORIZON, **at_least(1)})  # a longer run continues a shorter one
+    batch_size: int = field(default=16, metadata=at_least(1))
+    lr: float | None = field(default=None, metadata=above(0))
+    betas: tuple[float, float] | None = field(default=None, metadata=between(0, 1, hi_open=True, each=2))
+    weight_decay: float | None = field(default=None, metadata=at_least(0))
+    warmup_steps: int = field(default=0, metadata=at_least(0))
+    schedule: str = field(default="constant", metadata=one_of(*SCHEDULES))
+    grad_clip: float = field(default=1.0, metadata=at_least(0))
     structured: bool = True
     channel_choices: tuple[int, ...] | None = None
-    channel_mode: str = "per_batch"
-    channels_per_step: int = 1
+    channel_mode: str = field(default="per_batch", metadata=one_of("per_batch", "per_sample"))
+    channels_per_step: int = field(default=1, metadata=at_least(1))
     include_full: bool = False
-    w_l1: float = 1.0
-    w_lpips: float = 0.5
-    perceptual: str = "lpips-vgg"
+    w_l1: float = field(default=1.0, metadata=at_least(0))
+    w_lpips: float = field(default=0.5, metadata=at_least(0))
+    perceptual: str = field(default="lpips-vgg", metadata=one_of(*PERCEPTUAL))
     lpips_weights: str | None = None
     lpips_random_backbone: bool = False
-    w_gan: float | None = None
-    gan_start_step: int = 0
+    w_gan: float | None = field(default=None, metadata=at_least(0))
+    gan_start_step: int = field(default=0, metadata=at_least(0))
     disc_channels: int = 64
-    disc_layers: int = 3
-    disc_lr: float | None = None
-    ema_decay: float | None = None
+    disc_layers: int = field(default=3, metadata=at_least(1))
+    disc_lr: float | None = field(default=None, metadata=above(0))
+    ema_decay: float | None = field(default=None, metadata=between(0, 1, lo_open=True, hi_open=True))
     hflip: bool = True
     seed: int = 0
-    checkpoint_every: int = field(default=500, metadata=OPERATIONAL)
-    keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
-    log_every: int = field(default=10, metadata=OPERATIONAL)
+    checkpoint_every: int = field(default=500, metadata={**OPERATIONAL, **at_least(1)})
+    keep_checkpoints: int = field(default=2, metadata={**OPERATIONAL, **at_least(1)})
+    log_every: int = field(default=10, metadata={**OPERATIONAL, **at_least(1)})
     logging: TrackingConfig = field(default_factory=TrackingConfig, metadata=OPERATIONAL)
     progress: bool = field(default=True, metadata=OPERATIONAL)
     prefetch: bool = field(default=True, metadata=OPERATIONAL)
     device: str = field(default="auto", metadata=OPERATIONAL)
     bf16: bool = True
     bf16_on_cpu: bool = False
-    num_workers: int | None = field(default=None, metadata=OPERATIONAL)
-    prefetch_factor: int = field(default=4, metadata=OPERATIONAL)
-    loader_context: str = field(default="forkserver", metadata=OPERATIONAL)
+    num_workers: int | None = field(default=None, metadata={**OPERATIONAL, **at_least(0)})
+    prefetch_factor: int = field(default=4, metadata={**OPERATIONAL, **at_least(1)})
+    loader_context: str = field(default="forkserver", metadata={**OPERATIONAL, **one_of("fork", "forkserver", "spawn")})
 
     def __post_init__(self) -> None:
         if isinstance(self.logging, dict):
             self.logging = TrackingConfig(**self.logging)
-        if self.phase not in PHASES:
-            raise ValueError(f"AETrainConfig.phase={self.phase!r}; allowed: {sorted(PHASES)}")
+        check_declared(self)  # the ranges and choices declared with the fields; None takes the phase default
         d = PHASES[self.phase]
         self.lr = d["lr"] if self.lr is None else float(self.lr)
         self.betas = tuple(d["betas"] if self.betas is None else (float(b) for b in self.betas))
@@ -152,37 +150,10 @@ class AETrainConfig:
                              "a decoder_finetune phase needs the fixed c' in finetune_channels, other phases none")
         if self.finetune_channels is not None:
             self.finetune_channels = int(self.finetune_channels)
-            if self.finetune_channels < 1:
-                raise ValueError(f"AETrainConfig.finetune_channels must be >= 1, got {self.finetune_channels}")
         if self.channel_choices is not None:
             self.channel_choices = tuple(int(c) for c in self.channel_choices)
         if self.init_from is None and self.preset not in AE_PRESETS:
             raise ValueError(f"AETrainConfig.preset={self.preset!r}; known: {sorted(AE_PRESETS)} (or set init_from)")
-        if self.perceptual not in PERCEPTUAL:
-            raise ValueError(f"AETrainConfig.perceptual={self.perceptual!r}; allowed: {PERCEPTUAL}")
-        if self.schedule not in _SCHEDULES:
-            raise ValueError(f"AETrainConfig.schedule={self.schedule!r}; allowed: {_SCHEDULES}")
-        for f in ("resolution", "steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
-                  "channels_per_step", "disc_layers"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"AETrainConfig.{f} must be >= 1, got {getattr(self, f)}")
-        for f in ("lr", "disc_lr"):
-            if not getattr(self, f) > 0:
-                raise ValueError(f"AETrainConfig.{f} must be > 0, got {getattr(self, f)}")
-        for f in ("weight_decay", "grad_clip", "w_l1", "w_lpips", "w_gan", "warmup_steps", "gan_start_step"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"AETrainConfig.{f} must be >= 0, got {getattr(self, f)}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"AETrainConfig.betas must be two values in [0, 1), got {self.betas}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"AETrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
-        if (self.num_workers is not None and self.num_workers < 0) or self.prefetch_factor < 1:
-            raise ValueError(f"AETrainConfig.num_workers must be >= 0 and prefetch_factor >= 1, got "
-                             f"{self.num_workers}, {self.prefetch_factor}")
-        if self.loader_context not in ("fork", "forkserver", "spawn"):
-            raise ValueError(f"AETrainConfig.loader_context={self.loader_context!r}; allowed: fork, forkserver, spawn")
-        if self.channel_mode not in ("per_batch", "per_sample"):
-            raise ValueError(f"AETrainConfig.channel_mode={self.channel_mode!r}; allowed: per_batch, per_sample")
         if self.w_l1 == 0 and (self.w_lpips == 0 or self.perceptual == "none"):
             raise ValueError("AETrainConfig: the reconstruction loss is empty (w_l1=0 and no LPIPS)")
 

@@ -26,7 +26,7 @@ from dcae15.lr_schedule import SCHEDULES, lr_at
 from dcae15.models.plugin import is_import_path
 from dcae15.models.registry import OBJECTIVES, build_model, check_backbone_name, model_config, preset
 from dcae15.tracking import TrackingConfig, config_of, open_tracker
-from dcae15.typed_config import from_dict
+from dcae15.typed_config import above, at_least, between, check_declared, from_dict, one_of
 from storage.fingerprint import fingerprint, short_id
 from storage.layout import Root
 from storage.lease import rank_zero_claim
@@ -45,50 +45,50 @@ class DiffusionTrainConfig:
     model: str = "DiT-tiny"
     """Preset name (dcae15.models.PRESETS): DiT-XL, SiT-XL, UViT-H, USiT-H, UViT-2B, USiT-2B, USiT-3B, *-tiny; or
     a backbone by import path ``package.module:factory`` (docs/backbones.md)."""
-    objective: str | None = None
+    objective: str | None = field(default=None, metadata=one_of(*OBJECTIVES))
     """None = the preset's ('ddpm-linear' DiT, 'ddpm-scaled-linear' UViT, 'flow' SiT/USiT); required for an
     import-path backbone."""
-    patch_size: int = 1
+    patch_size: int = field(default=1, metadata=at_least(1))
     model_overrides: dict = field(default_factory=dict)
     """Extra ModelConfig fields (e.g. {'hidden': 64, 'depth': 2}); for an import-path backbone, extra keyword
     arguments of its factory."""
     num_classes: int | None = None
     """None = from the store (attrs 'num_classes', else max label + 1)."""
-    global_batch_size: int = 32
-    steps: int = field(default=1000, metadata=HORIZON)
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    global_batch_size: int = field(default=32, metadata=at_least(1))
+    steps: int = field(default=1000, metadata={**HORIZON, **at_least(1)})
+    lr: float = field(default=1e-4, metadata=above(0))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=between(0, 1, hi_open=True, each=2))
+    weight_decay: float = field(default=0.0, metadata=at_least(0))
+    warmup_steps: int = field(default=0, metadata=at_least(0))
     """Linear lr warm-up from 0; then ``schedule``."""
-    schedule: str = "constant"
+    schedule: str = field(default="constant", metadata=one_of(*SCHEDULES))
     """After the warm-up: "constant" (the DiT / U-ViT recipes) or "cosine" (to 0 at ``steps``; ``steps`` is then
     part of the run's identity: a longer run is another run)."""
-    grad_clip: float = 1.0
+    grad_clip: float = field(default=1.0, metadata=at_least(0))
     """Max global grad norm; 0 = no clipping (the norm is still logged)."""
-    ema_decay: float = 0.9999
+    ema_decay: float = field(default=0.9999, metadata=between(0, 1, hi_open=True))
     ema_warmup: bool = True
     """decay_t = min(ema_decay, (1 + t) / (10 + t)) so early EMA tracks the model."""
-    ema_warmup_steps: int | None = None
+    ema_warmup_steps: int | None = field(default=None, metadata=at_least(1))
     """decay_t = ema_decay * (1 - exp(-t / ema_warmup_steps)) (efficientvit / DC-Gen's EMA, 2000 there); set, it
     replaces ``ema_warmup``."""
-    ema_every: int = 1
+    ema_every: int = field(default=1, metadata=at_least(1))
     """Update the EMA every this many steps, with the decay raised to that power (ema-pytorch's ``update_every``):
     the update is a pass over every parameter whose cost does not shrink with the batch (15 % of a one-rank CPU
     step at DiT-S width, batch 8; ~1 % of a GPU step at batch 256), so small-batch runs amortise it."""
-    label_dropout: float = 0.1
+    label_dropout: float = field(default=0.1, metadata=between(0, 1, hi_open=True))
     adt: ADTConfig = field(default_factory=ADTConfig)
     seed: int = 0
-    normalize: str = "scaling_factor"
+    normalize: str = field(default="scaling_factor", metadata=one_of("scaling_factor", "channel_stats", "none"))
     flip: bool = True
     shuffle_chunks: int = 4
-    num_workers: int = field(default=0, metadata=OPERATIONAL)
-    prefetch_batches: int = field(default=2, metadata=OPERATIONAL)
+    num_workers: int = field(default=0, metadata={**OPERATIONAL, **at_least(0)})
+    prefetch_batches: int = field(default=2, metadata={**OPERATIONAL, **at_least(1)})
     """Batches fetched ahead by a background thread while the step runs (>= 1)."""
-    grad_accum_steps: int = field(default=1, metadata=OPERATIONAL)
+    grad_accum_steps: int = field(default=1, metadata={**OPERATIONAL, **at_least(1)})
     """Micro-batches per optimizer step: each rank's batch is split in this many forward/backward passes (same
     update as the whole batch up to fp rounding; gradients are reduced across ranks once, on the last one)."""
-    hsdp_shard_size: int | None = field(default=None, metadata=OPERATIONAL)
+    hsdp_shard_size: int | None = field(default=None, metadata={**OPERATIONAL, **at_least(1)})
     """Ranks that shard the model (e.g. the GPUs of one node); the world is replicated across
     ``world_size / hsdp_shard_size`` such groups (HSDP, a 2-D mesh). None = HSDP across nodes when the job spans
     several (shard within a node: torchrun's LOCAL_WORLD_SIZE, replicate across nodes, so only one all-reduce of
@@ -96,7 +96,7 @@ class DiffusionTrainConfig:
     async_checkpoint: bool = field(default=True, metadata=OPERATIONAL)
     """Save checkpoints in a background thread (DCP async_save) after staging them to CPU memory; ``latest``
     is written only once the save completed."""
-    mixed_precision: str = "bf16"
+    mixed_precision: str = field(default="bf16", metadata=one_of("bf16", "fp32"))
     """'bf16' (bf16 params, fp32 reduce, fp32 timesteps; on GPU, or on CPU under DCAE15_GPU_BRANCHES=1; else the CPU
     runs fp32) or 'fp32'."""
     fsdp_one_rank: bool = field(default=False, metadata=OPERATIONAL)
@@ -107,16 +107,16 @@ class DiffusionTrainConfig:
     """Recompute each block's activations in backward (forced on by DCAE15_GPU_BRANCHES=1)."""
     compile: bool = field(default=False, metadata=OPERATIONAL)
     """torch.compile each block, fullgraph (forced on by DCAE15_GPU_BRANCHES=1)."""
-    checkpoint_every: int = field(default=1000, metadata=OPERATIONAL)
-    keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
-    log_every: int = field(default=10, metadata=OPERATIONAL)
+    checkpoint_every: int = field(default=1000, metadata={**OPERATIONAL, **at_least(1)})
+    keep_checkpoints: int = field(default=2, metadata={**OPERATIONAL, **at_least(0)})
+    log_every: int = field(default=10, metadata={**OPERATIONAL, **at_least(1)})
     logging: TrackingConfig = field(default_factory=TrackingConfig, metadata=OPERATIONAL)
     """Mirror each logged row (loss, grad norm, lr, c', throughput) to TensorBoard / W&B / MLflow on rank 0
     (``dcae15.tracking``); ``metrics.jsonl`` is written either way."""
     peak_tflops: float | None = field(default=None, metadata=OPERATIONAL)
     """Accelerator peak for MFU; None = looked up for H100/H200/A100 (989/989/312 bf16 dense)."""
     progress: bool = field(default=True, metadata=OPERATIONAL)
-    cpu_threads: int | None = field(default=1, metadata=OPERATIONAL)
+    cpu_threads: int | None = field(default=1, metadata={**OPERATIONAL, **at_least(1)})
     """torch intra-op threads when training on CPU (None = torch's default). Tiny models step 10-40x slower with
     2 threads than with 1 on a busy 2-core machine (bench/RESULTS.md, diffusion section): small ops drown in
     thread synchronisation. Ignored on GPU."""
@@ -127,46 +127,14 @@ class DiffusionTrainConfig:
         if isinstance(self.logging, dict):
             self.logging = TrackingConfig(**self.logging)
         self.betas = tuple(float(b) for b in self.betas)
+        check_declared(self)  # the ranges and choices declared with the fields
         check_backbone_name(self.model, "DiffusionTrainConfig.model")  # unknown names fail here with the allowed set
-        plugin = is_import_path(self.model)
-        if plugin and self.objective is None:
+        if is_import_path(self.model) and self.objective is None:
             raise ValueError(f"DiffusionTrainConfig.objective is required for the import-path backbone "
                              f"{self.model!r} (diffusion.train.objective); allowed: {OBJECTIVES}")
-        if plugin and int(self.patch_size) != 1:
+        if is_import_path(self.model) and self.patch_size != 1:
             raise ValueError(f"DiffusionTrainConfig.patch_size={self.patch_size} is a preset field; an import-path "
                              f"backbone ({self.model!r}) takes its patch size from model_overrides, if any")
-        if self.objective is not None and self.objective not in OBJECTIVES:
-            raise ValueError(f"DiffusionTrainConfig.objective={self.objective!r}; allowed: {OBJECTIVES} or None")
-        for name in ("global_batch_size", "steps", "checkpoint_every", "log_every", "patch_size",
-                     "grad_accum_steps", "prefetch_batches"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"DiffusionTrainConfig.{name}={getattr(self, name)!r} must be >= 1")
-        if self.hsdp_shard_size is not None and int(self.hsdp_shard_size) < 1:
-            raise ValueError(f"DiffusionTrainConfig.hsdp_shard_size={self.hsdp_shard_size!r} must be >= 1 or None")
-        if self.cpu_threads is not None and int(self.cpu_threads) < 1:
-            raise ValueError(f"DiffusionTrainConfig.cpu_threads={self.cpu_threads!r} must be >= 1 or None")
-        for name in ("warmup_steps", "num_workers", "keep_checkpoints", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DiffusionTrainConfig.{name}={getattr(self, name)!r} must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"DiffusionTrainConfig.lr={self.lr!r} must be > 0")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"DiffusionTrainConfig.ema_decay={self.ema_decay!r} must be in [0, 1)")
-        if self.ema_warmup_steps is not None and int(self.ema_warmup_steps) < 1:
-            raise ValueError(f"DiffusionTrainConfig.ema_warmup_steps={self.ema_warmup_steps!r} must be >= 1 or null")
-        if int(self.ema_every) < 1:
-            raise ValueError(f"DiffusionTrainConfig.ema_every={self.ema_every!r} must be >= 1 (1 = every step)")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"DiffusionTrainConfig.label_dropout={self.label_dropout!r} must be in [0, 1)")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"DiffusionTrainConfig.betas={self.betas!r} must be two numbers in [0, 1)")
-        if self.normalize not in ("scaling_factor", "channel_stats", "none"):
-            raise ValueError(f"DiffusionTrainConfig.normalize={self.normalize!r}; allowed: "
-                             "('scaling_factor', 'channel_stats', 'none')")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"DiffusionTrainConfig.schedule={self.schedule!r}; allowed: {SCHEDULES}")
-        if self.mixed_precision not in ("bf16", "fp32"):
-            raise ValueError(f"DiffusionTrainConfig.mixed_precision={self.mixed_precision!r}; allowed: ('bf16', 'fp32')")
 
     @property
     def objective_name(self) -> str:

@@ -411,8 +411,8 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                            config=config_of(cfg), rank=dist_.rank)
     ckpt = Checkpointer(run, keep=cfg.keep_checkpoints, rank=dist_.rank, group=dist_.io)
     start = ckpt.resume(lambda url: parts.load(load_torch_file(url, run.storage_options), run, dist_))
-    check_placement(device, model=parts.model, optimizer=parts.opt, ema=parts.ema.shadow if parts.ema else {},
-                    disc=parts.disc, disc_optimizer=parts.disc_opt, lpips=parts.lpips)
+    check_placement(device, model=parts.model, optimizer=parts.opt, disc=parts.disc, disc_optimizer=parts.disc_opt,
+                    ema=parts.ema.shadow if parts.ema is not None else {}, lpips=parts.lpips)
     ae_step = _AEStep(cfg, parts, dist_)  # DDP wraps the modules here, after any checkpoint load
     workers = loader_workers(cfg, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     batches = ImageBatches(dataset, batch_size=cfg.batch_size, resolution=cfg.resolution, seed=cfg.seed,

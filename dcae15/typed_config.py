@@ -5,6 +5,17 @@ value the class's own checks refuse raises ``ValueError`` naming the dotted ``pa
 allowed (``diffusion.train.lr: expected a number, got 'fast'``). Nested dataclass fields are built recursively
 with a longer path. ``check_fields`` does the same checks for a partial mapping (overrides that are merged into a
 full config later) and ``check_kwargs`` for the keyword arguments of a function.
+
+Ranges and choices are declared with the field, in its metadata, and checked by ``check_declared`` (which the
+class's ``__post_init__`` calls first) and by ``check_fields``::
+
+    steps: int = field(default=1000, metadata={**HORIZON, **at_least(1)})
+    ema_decay: float = field(default=0.9999, metadata=between(0, 1, hi_open=True))
+    schedule: str = field(default="constant", metadata=one_of(*SCHEDULES))
+
+A field whose annotation admits None also takes None. The message names the field as ``Class.field`` (rewritten
+to the dotted path by ``from_dict``) with the value and the range: ``DiffusionTrainConfig.lr=-1 must be > 0``,
+``AETrainConfig.phase='warmup'; allowed: 'full', ...``. Cross-field rules stay in ``__post_init__``.
 """
 
 from __future__ import annotations
@@ -18,7 +29,8 @@ import types
 import typing
 from typing import Any, Callable, Mapping, TypeVar
 
-__all__ = ["from_dict", "check_fields", "check_kwargs", "check_keys"]
+__all__ = ["from_dict", "check_fields", "check_kwargs", "check_keys", "at_least", "above", "between", "one_of",
+           "check_declared"]
 
 T = TypeVar("T")
 
@@ -40,7 +52,11 @@ def check_fields(cls: type, data: Mapping[str, Any], path: str, *, partial: bool
     ``partial``)."""
     hints = _hints(cls)
     check_keys(data, hints, path)
-    return {k: _check(v, hints[k], _join(path, k), partial=partial) for k, v in data.items()}
+    out = {k: _check(v, hints[k], _join(path, k), partial=partial) for k, v in data.items()}
+    for f in _declared(cls):
+        if f.name in out:
+            _check_value(f.metadata[_CHECK], out[f.name], _join(path, f.name), _admits_none(hints[f.name]))
+    return out
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, path: str | None = None) -> T:
@@ -72,6 +88,119 @@ def check_kwargs(fn: Callable[..., Any], data: Mapping[str, Any], path: str, *,
              if n not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     check_keys(data, names, path)
     return {k: _check(v, hints.get(k, Any), _join(path, k), partial=True) for k, v in data.items()}
+
+
+# ------------------------------------------------------------------------------------------------------- declared
+_CHECK = "check"  # the field-metadata key of a declared range or choice
+
+
+@dataclasses.dataclass(frozen=True)
+class _Range:
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def ok(self, v: Any) -> bool:
+        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"must be {'>' if self.lo_open else '>='} {self.lo}"
+        if self.lo is None:
+            return f"must be {'<' if self.hi_open else '<='} {self.hi}"
+        return f"must be in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneOf:
+    allowed: tuple
+
+    def ok(self, v: Any) -> bool:
+        return v in self.allowed
+
+    def __str__(self) -> str:
+        return "; allowed: " + ", ".join(repr(a) for a in self.allowed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Each:
+    """The check applied to every item of a sequence value (``n`` items when set)."""
+
+    check: _Range | _OneOf
+    n: int | None = None
+
+    def ok(self, v: Any) -> bool:
+        return (isinstance(v, (list, tuple)) and (self.n is None or len(v) == self.n)
+                and all(self.check.ok(x) for x in v))
+
+    def __str__(self) -> str:
+        if isinstance(self.check, _OneOf):
+            return f"; allowed for each of {self.n or 'its'} values: " + str(self.check).removeprefix("; allowed: ")
+        return f"must be {self.n or 'a list of'} values, each {str(self.check).removeprefix('must be ')}"
+
+
+def _declare(check: _Range | _OneOf, each: bool | int) -> dict[str, Any]:
+    if each:
+        check = _Each(check, None if each is True else int(each))
+    return {_CHECK: check}
+
+
+def at_least(lo: float, *, each: bool | int = False) -> dict[str, Any]:
+    """Field metadata: the value must be >= ``lo`` (``each``: every item of a list; an int: exactly that many)."""
+    return _declare(_Range(lo=lo), each)
+
+
+def above(lo: float, *, each: bool | int = False) -> dict[str, Any]:
+    """Field metadata: the value must be > ``lo``."""
+    return _declare(_Range(lo=lo, lo_open=True), each)
+
+
+def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
+            each: bool | int = False) -> dict[str, Any]:
+    """Field metadata: the value must lie in [lo, hi] (``lo_open`` / ``hi_open``: that end excluded)."""
+    return _declare(_Range(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open), each)
+
+
+def one_of(*allowed: Any, each: bool | int = False) -> dict[str, Any]:
+    """Field metadata: the value must be one of ``allowed``."""
+    return _declare(_OneOf(tuple(allowed)), each)
+
+
+def check_declared(obj: Any) -> None:
+    """Check every field of dataclass instance ``obj`` against its declared range or choice (``at_least``,
+    ``above``, ``between``, ``one_of``); None passes where the annotation admits it.
+
+    Raises:
+        ValueError: ``Class.field=value must be ...`` (``from_dict`` rewrites ``Class.`` into the dotted path).
+    """
+    cls = type(obj)
+    hints = _hints(cls)
+    for f in _declared(cls):
+        _check_value(f.metadata[_CHECK], getattr(obj, f.name), f"{cls.__name__}.{f.name}",
+                     _admits_none(hints.get(f.name, Any)))
+
+
+@functools.lru_cache(maxsize=None)
+def _declared(cls: type) -> tuple[dataclasses.Field, ...]:
+    return tuple(f for f in dataclasses.fields(cls) if _CHECK in f.metadata)
+
+
+def _admits_none(tp: Any) -> bool:
+    return tp is Any or (typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp))
+
+
+def _check_value(check: Any, value: Any, name: str, none_ok: bool) -> None:
+    if value is None and none_ok:
+        return
+    try:
+        ok = value is not None and check.ok(value)
+    except TypeError:  # a value of another type (the type checks are from_dict's): refused below
+        ok = False
+    if not ok:
+        text = str(check)
+        raise ValueError(f"{name}={value!r}{'' if text.startswith(';') else ' '}{text}{' or None' if none_ok else ''}")
 
 
 # ------------------------------------------------------------------------------------------------------- internals

@@ -19,7 +19,7 @@ from dcae15.ae.train import AETrainConfig
 from dcae15.diffusion.train import DiffusionTrainConfig
 from dcae15.metrics.proxy import ProxyConfig
 from dcae15.tracking import TrackingConfig
-from dcae15.typed_config import check_fields, check_kwargs, from_dict
+from dcae15.typed_config import above, at_least, check_declared, check_fields, check_kwargs, from_dict, one_of
 from flows.config_files import CONFIG_DIR, preset_names, read_raw_config, resolve_config_path
 
 __all__ = [
@@ -59,19 +59,18 @@ class DataSection:
     defaults to the pipeline's ``resolution``."""
     shard_bytes: int = 64 * 2**20
     """Target webdataset shard size."""
-    workers: int = 1
+    workers: int = field(default=1, metadata=at_least(1))
     """Packing processes (a Dask LocalCluster when > 1; 1 packs inline). ImageNet: one per core."""
     scheduler: str | None = None
     """Dask scheduler address to pack on a running cluster instead (``workers`` is then ignored)."""
-    read_threads: int = 16
+    read_threads: int = field(default=16, metadata=at_least(1))
     """Concurrent image reads per packing process (hides S3 latency; harmless on local disk)."""
     class_names: str | None = None
     """A ``LOC_synset_mapping.txt``-style file (``<wnid> <name>, <synonym>, ...`` per line) whose names label the
     sample grid's rows; None: the rows show the class folder names (wnids). Output only: no id depends on it."""
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.read_threads < 1:
-            raise ValueError(f"data.workers and data.read_threads must be >= 1, got {self.workers}, {self.read_threads}")
+        check_declared(self)
         if not self.name or "/" in self.name:
             raise ValueError(f"data.name must be a non-empty name without '/', got {self.name!r}")
         if self.source is None:
@@ -149,38 +148,31 @@ class EncodeSection:
     """Encoding the dataset into a latent store with Dask."""
 
     flip: bool = True
-    batch_size: int = 128
+    batch_size: int = field(default=128, metadata=at_least(1))
     """Images per forward (x2 with flips): sized for a 256 px f32 AE on one GPU; the demo sets its own."""
     chunk_size: int | None = None
     """Samples per store unit (one Zarr shard, one writer); None = the store's default (~16 MB of latents per unit:
     1024 rows of 128x8x8 fp16 at ImageNet size, 1252 units)."""
     scheduler: str | None = None
     """Dask scheduler address (``tcp://host:8786``); None = start a LocalCluster."""
-    workers: int = 2
+    workers: int = field(default=2, metadata=at_least(1))
     """LocalCluster worker processes (ignored with ``scheduler``)."""
     processes: bool = True
     """LocalCluster with processes (True) or threads (False)."""
-    units_per_task: int = 1
+    units_per_task: int = field(default=1, metadata=at_least(1))
     """Store units (Zarr shards) per Dask task; one writer per unit always."""
     device: str = "cpu"
     """``cpu``, ``cuda`` (one pinned worker per visible GPU; ``workers`` is then ignored) or ``auto``."""
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata=one_of("auto", "float32", "bfloat16"))
     """Encoder compute dtype: ``auto`` (bfloat16 autocast on CUDA, float32 on CPU), ``float32`` or ``bfloat16``;
     recorded in the store (latents are stored as float16 either way)."""
-    decode_threads: int = 2
+    decode_threads: int = field(default=2, metadata=at_least(0))
     """CPU threads per worker reading + decoding + cropping batches ahead of the forward pass (ImageNet: 4 per GPU)."""
-    prefetch_batches: int = 4
+    prefetch_batches: int = field(default=4, metadata=at_least(0))
     """Batches decoded ahead of the forward pass, per worker."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "workers", "units_per_task"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"encode.{name} must be >= 1, got {getattr(self, name)}")
-        if self.decode_threads < 0 or self.prefetch_batches < 0:
-            raise ValueError(f"encode.decode_threads and encode.prefetch_batches must be >= 0, got "
-                             f"{self.decode_threads}, {self.prefetch_batches}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"encode.dtype={self.dtype!r}; allowed: auto, float32, bfloat16")
+        check_declared(self)
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ValueError(f"encode.device={self.device!r}; allowed: cpu, cuda, cuda:N, auto")
 
@@ -197,24 +189,20 @@ class DiffusionSection(LaunchFields):
     defaults to the pipeline's."""
     retries: int = 0
     """Task retries for training; a retry resumes from the last checkpoint."""
-    concurrency: int = 1
+    concurrency: int = field(default=1, metadata=at_least(0))
     """Backbones the pipeline trains at the same time, each under torchrun in its own job slot: an equal, disjoint
     share of this machine's cores (CPU affinity) and GPUs (``CUDA_VISIBLE_DEVICES``; 2 on an 8-GPU node = 4 GPUs
     per backbone), see flows/machine.py. 1 = one after the other as ``nproc_per_node`` / ``launcher`` say; 0 = as
     many as the machine holds (``flows.machine.auto_concurrency``: GPUs in equal shares, else a core each). Whenever
     training runs in other processes, the pipeline samples and scores each checkpoint as it is committed."""
-    poll_seconds: float = 5.0
+    poll_seconds: float = field(default=5.0, metadata=above(0))
     """How often the pipeline looks for newly committed checkpoints while backbones train in other processes."""
 
     def __post_init__(self) -> None:
-        if self.concurrency < 0:
-            raise ValueError(f"diffusion.concurrency must be >= 0 (0 = as many as the machine holds), got "
-                             f"{self.concurrency}")
+        check_declared(self)
         if self.concurrency != 1 and self.nnodes > 1:
             raise ValueError(f"diffusion.concurrency={self.concurrency} shares one machine between jobs, but "
                              f"diffusion.nnodes={self.nnodes}: use concurrency 1 for multi-node runs")
-        if not self.poll_seconds > 0:
-            raise ValueError(f"diffusion.poll_seconds must be > 0, got {self.poll_seconds}")
         if not self.backbones:
             raise ValueError("diffusion.backbones must name at least one backbone preset")
         from dcae15.models.plugin import is_import_path
@@ -239,24 +227,24 @@ class DiffusionSection(LaunchFields):
 class SampleSection:
     """Sampling from each trained backbone (arguments of ``dcae15.diffusion.sample.sample_to_store``)."""
 
-    num_samples: int = 512
+    num_samples: int = field(default=512, metadata=at_least(1))
     sampler: str | None = None
     """None = the backbone's default (DDPM for epsilon models, Heun for flow models); flow models also take
     ``euler``, ``dopri5`` (DC-Gen's USiT configs) and ``sde`` (Euler–Maruyama with SiT's / REPA-E's last step)."""
-    steps: int = 50
-    atol: float = 1e-5
+    steps: int = field(default=50, metadata=at_least(1))
+    atol: float = field(default=1e-5, metadata=above(0))
     """dopri5's absolute tolerance (DC-Gen evaluates USiT with SiT's ``sample_ode`` defaults: atol 1e-6)."""
-    rtol: float = 1e-5
+    rtol: float = field(default=1e-5, metadata=above(0))
     """dopri5's relative tolerance (DC-Gen: 1e-3)."""
     shift: float = 1.0
     """Flow models' timestep shift (LightningDiT's ``timestep_shift``): the sampler's times t become
     shift·t / (1 + (shift - 1)·t) (1 = noise), so shift > 1 spends more steps near the noise; 1 = none."""
     cfg_scale: float = 1.5
     seed: int = 0
-    batch_size: int = 64
-    chunk_size: int = 256
+    batch_size: int = field(default=64, metadata=at_least(1))
+    chunk_size: int = field(default=256, metadata=at_least(1))
     """Images per sample-store unit: the granularity at which a killed sampling job resumes."""
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata=one_of("auto", "bf16", "fp32"))
     """Backbone + decoder autocast: ``auto`` (bf16 on a GPU, fp32 on CPU), ``bf16`` or ``fp32``. Sampling runs
     on as many processes as training (``diffusion.nproc_per_node`` / ``nnodes`` / ``launcher``)."""
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
@@ -287,6 +275,7 @@ class SampleSection:
     def __post_init__(self) -> None:
         from dcae15.metrics.labels import LABEL_MODES, check_classes
 
+        check_declared(self)
         if self.labels not in LABEL_MODES:
             raise ValueError(f"sample.labels must be one of {', '.join(LABEL_MODES)}; got {self.labels!r}")
         self.classes = check_classes(self.classes)
@@ -297,8 +286,6 @@ class SampleSection:
             raise ValueError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got "
                              f"{self.guidance_interval!r}")
         self.guidance_interval = gi
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"sample.precision must be one of auto, bf16, fp32; got {self.precision!r}")
         from dcae15.diffusion.samplers import SAMPLERS
 
         known = [name for names in SAMPLERS.values() for name in names]
@@ -307,11 +294,6 @@ class SampleSection:
                              "default); DDPM models take ddpm/ddim, flow models euler/heun/dopri5/sde")
         if not self.shift > 0:
             raise ValueError(f"sample.shift must be > 0 (1 = no timestep shift), got {self.shift}")
-        if not (self.atol > 0 and self.rtol > 0):
-            raise ValueError(f"sample.atol and sample.rtol must be > 0, got {self.atol}, {self.rtol}")
-        if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
-            raise ValueError(f"sample.num_samples, steps, batch_size, chunk_size must be >= 1, got {self.num_samples}, "
-                             f"{self.steps}, {self.batch_size}, {self.chunk_size}")
 
 
 @dataclass(kw_only=True)

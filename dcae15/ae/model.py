@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcae15.typed_config import at_least, check_declared, from_dict, one_of
 from dcae15.weights import MissingWeightsError
 
 __all__ = [
@@ -75,21 +76,21 @@ class AEConfig:
     """
 
     name: str
-    latent_channels: int
+    latent_channels: int = field(metadata=at_least(1))
     block_out_channels: tuple[int, ...]
     encoder_layers_per_block: tuple[int, ...]
     decoder_layers_per_block: tuple[int, ...]
-    encoder_block_types: tuple[str, ...]
-    decoder_block_types: tuple[str, ...]
-    decoder_norm_types: tuple[str, ...]
-    decoder_act_fns: tuple[str, ...]
+    encoder_block_types: tuple[str, ...] = field(metadata=one_of(*_BLOCK_TYPES, each=True))
+    decoder_block_types: tuple[str, ...] = field(metadata=one_of(*_BLOCK_TYPES, each=True))
+    decoder_norm_types: tuple[str, ...] = field(metadata=one_of(*_NORM_TYPES, each=True))
+    decoder_act_fns: tuple[str, ...] = field(metadata=one_of(*_ACT_FNS, each=True))
     encoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ()
     decoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ()
     attention_head_dim: int = 32
-    downsample_block_type: str = "pixel_unshuffle"
-    upsample_block_type: str = "pixel_shuffle"
+    downsample_block_type: str = field(default="pixel_unshuffle", metadata=one_of("pixel_unshuffle", "conv"))
+    upsample_block_type: str = field(default="pixel_shuffle", metadata=one_of("pixel_shuffle", "interpolate"))
     bottleneck_shortcut: bool = False
-    decoder_conv_act_fn: str = "relu"
+    decoder_conv_act_fn: str = field(default="relu", metadata=one_of(*_ACT_FNS))
     adaptive_io: bool = False
     scaling_factor: float | None = None
     channel_choices: tuple[int, ...] = field(default=())
@@ -102,25 +103,15 @@ class AEConfig:
             setattr(self, f, tuple(getattr(self, f)))
         self.encoder_qkv_multiscales = tupled(self.encoder_qkv_multiscales) or ((),) * n
         self.decoder_qkv_multiscales = tupled(self.decoder_qkv_multiscales) or ((),) * n
+        check_declared(self)  # the ranges and choices declared with the fields
         if n < 2:
             raise ValueError(f"AEConfig.block_out_channels needs >= 2 stages, got {self.block_out_channels}")
-        if self.latent_channels < 1:
-            raise ValueError(f"AEConfig.latent_channels must be >= 1, got {self.latent_channels}")
         for f in ("encoder_layers_per_block", "decoder_layers_per_block", "encoder_block_types", "decoder_block_types",
                   "decoder_norm_types", "decoder_act_fns", "encoder_qkv_multiscales", "decoder_qkv_multiscales"):
             if len(getattr(self, f)) != n:
                 raise ValueError(f"AEConfig.{f} must have one entry per stage ({n} stages), got {getattr(self, f)}")
-        for f, allowed in (("encoder_block_types", _BLOCK_TYPES), ("decoder_block_types", _BLOCK_TYPES),
-                           ("decoder_norm_types", _NORM_TYPES), ("decoder_act_fns", _ACT_FNS)):
-            bad = [v for v in getattr(self, f) if v not in allowed]
-            if bad:
-                raise ValueError(f"AEConfig.{f} has {bad}; allowed: {allowed}")
         if any(d < 1 for d in self.encoder_layers_per_block[1:]) or any(d < 1 for d in self.decoder_layers_per_block[1:]):
             raise ValueError("AEConfig: every stage after the first needs >= 1 block (a 0-block stage skips its resampling)")
-        if self.downsample_block_type not in ("pixel_unshuffle", "conv"):
-            raise ValueError(f"AEConfig.downsample_block_type={self.downsample_block_type!r}; allowed: pixel_unshuffle, conv")
-        if self.upsample_block_type not in ("pixel_shuffle", "interpolate"):
-            raise ValueError(f"AEConfig.upsample_block_type={self.upsample_block_type!r}; allowed: pixel_shuffle, interpolate")
         if self.bottleneck_shortcut and self.block_out_channels[-1] % self.latent_channels:
             raise ValueError("AEConfig: bottleneck_shortcut needs block_out_channels[-1] divisible by latent_channels")
         if self.channel_choices:
@@ -131,8 +122,6 @@ class AEConfig:
             if bad or list(self.channel_choices) != sorted(set(self.channel_choices)):
                 raise ValueError(f"AEConfig.channel_choices must be increasing values in 1..{self.latent_channels}, "
                                  f"got {self.channel_choices}")
-        if self.decoder_conv_act_fn not in _ACT_FNS:
-            raise ValueError(f"AEConfig.decoder_conv_act_fn={self.decoder_conv_act_fn!r}; allowed: {_ACT_FNS}")
         if self.adaptive_io and self.bottleneck_shortcut:
             raise ValueError("AEConfig: adaptive_io (DC-AE 1.5's adaptive in/out convs) needs bottleneck_shortcut=False")
         if self.scaling_factor is not None and not self.scaling_factor > 0:
@@ -151,8 +140,6 @@ class AEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: str | None = None) -> "AEConfig":
-        from dcae15.typed_config import from_dict
-
         return from_dict(cls, d, path)
 
     def diffusers_kwargs(self) -> dict[str, Any]:

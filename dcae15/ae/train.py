@@ -3,14 +3,14 @@
 The run directory is a ``storage.rundir.RunDir`` (config.yaml with the run's identity, metrics.jsonl,
 ``checkpoints/step-XXXXXXX.pt`` torch files, ``latest`` written last, ``done.json``) plus, at the end, ``model/``
 (save_pretrained) before ``done.json``. A config that differs only in operational fields or in ``steps`` continues
-the same run (more steps: from its last checkpoint, even once finished). Everything random is a pure function of (seed, step) — the c' draws, the batch order, the flips —
-so resuming from a checkpoint continues exactly as if the run had never stopped.
+the same run (more steps: from its last checkpoint, even once finished). Everything random is a pure function of
+(seed, step) — the c' draws, the batch order, the flips — so resuming from a checkpoint continues exactly as if
+the run had never stopped. Checkpoints go through ``dcae15.checkpointer.Checkpointer``, as the diffusion trainer's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import time
@@ -25,15 +25,15 @@ from dcae15.ae.channels import ChannelSampling, step_generator
 from dcae15.ae.data import ImageBatches
 from dcae15.ae.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from dcae15.ae.model import AE_PRESETS, StructuredAutoencoder
+from dcae15.checkpointer import Checkpointer, load_torch_file, save_torch_file
 from storage.layout import AE_MODEL
 from storage.lease import rank_zero_claim
 from storage.rundir import HORIZON, OPERATIONAL, RunDir, identity
-from storage.urls import put_atomic, url_to_fs
 from dcae15.ema import EMA
 from dcae15.lr_schedule import SCHEDULES, lr_at
 from dcae15.parallel import check_placement, place
 from dcae15.tracking import TrackingConfig, config_of, open_tracker
-from dcae15.typed_config import from_dict
+from dcae15.typed_config import above, at_least, between, check_declared, from_dict, one_of
 
 __all__ = ["AETrainConfig", "PHASES", "PERCEPTUAL", "train_autoencoder", "trainable_parameters", "ae_loss"]
 
@@ -46,7 +46,6 @@ PHASES: dict[str, dict[str, Any]] = {
     "decoder_finetune": dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, w_gan=0.0),
 }
 PERCEPTUAL = ("lpips-vgg", "lpips-alex", "lpips-squeeze", "none")
-_SCHEDULES = SCHEDULES  # the shared schedule's names (dcae15.lr_schedule)
 
 
 @dataclass(kw_only=True)
@@ -94,53 +93,52 @@ class AETrainConfig:
     name: str | None = field(default=None, metadata=OPERATIONAL)
     preset: str = "tiny-f8c32"
     init_from: str | None = None
-    phase: str = "full"
-    finetune_channels: int | None = None
-    resolution: int = 32
-    steps: int = field(default=1000, metadata=HORIZON)  # a longer run continues a shorter one
-    batch_size: int = 16
-    lr: float | None = None
-    betas: tuple[float, float] | None = None
-    weight_decay: float | None = None
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    grad_clip: float = 1.0
+    phase: str = field(default="full", metadata=one_of(*PHASES))
+    finetune_channels: int | None = field(default=None, metadata=at_least(1))
+    resolution: int = field(default=32, metadata=at_least(1))
+    steps: int = field(default=1000, metadata={**HORIZON, **at_least(1)})  # a longer run continues a shorter one
+    batch_size: int = field(default=16, metadata=at_least(1))
+    lr: float | None = field(default=None, metadata=above(0))
+    betas: tuple[float, float] | None = field(default=None, metadata=between(0, 1, hi_open=True, each=2))
+    weight_decay: float | None = field(default=None, metadata=at_least(0))
+    warmup_steps: int = field(default=0, metadata=at_least(0))
+    schedule: str = field(default="constant", metadata=one_of(*SCHEDULES))
+    grad_clip: float = field(default=1.0, metadata=at_least(0))
     structured: bool = True
     channel_choices: tuple[int, ...] | None = None
-    channel_mode: str = "per_batch"
-    channels_per_step: int = 1
+    channel_mode: str = field(default="per_batch", metadata=one_of("per_batch", "per_sample"))
+    channels_per_step: int = field(default=1, metadata=at_least(1))
     include_full: bool = False
-    w_l1: float = 1.0
-    w_lpips: float = 0.5
-    perceptual: str = "lpips-vgg"
+    w_l1: float = field(default=1.0, metadata=at_least(0))
+    w_lpips: float = field(default=0.5, metadata=at_least(0))
+    perceptual: str = field(default="lpips-vgg", metadata=one_of(*PERCEPTUAL))
     lpips_weights: str | None = None
     lpips_random_backbone: bool = False
-    w_gan: float | None = None
-    gan_start_step: int = 0
+    w_gan: float | None = field(default=None, metadata=at_least(0))
+    gan_start_step: int = field(default=0, metadata=at_least(0))
     disc_channels: int = 64
-    disc_layers: int = 3
-    disc_lr: float | None = None
-    ema_decay: float | None = None
+    disc_layers: int = field(default=3, metadata=at_least(1))
+    disc_lr: float | None = field(default=None, metadata=above(0))
+    ema_decay: float | None = field(default=None, metadata=between(0, 1, lo_open=True, hi_open=True))
     hflip: bool = True
     seed: int = 0
-    checkpoint_every: int = field(default=500, metadata=OPERATIONAL)
-    keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
-    log_every: int = field(default=10, metadata=OPERATIONAL)
+    checkpoint_every: int = field(default=500, metadata={**OPERATIONAL, **at_least(1)})
+    keep_checkpoints: int = field(default=2, metadata={**OPERATIONAL, **at_least(1)})
+    log_every: int = field(default=10, metadata={**OPERATIONAL, **at_least(1)})
     logging: TrackingConfig = field(default_factory=TrackingConfig, metadata=OPERATIONAL)
     progress: bool = field(default=True, metadata=OPERATIONAL)
     prefetch: bool = field(default=True, metadata=OPERATIONAL)
     device: str = field(default="auto", metadata=OPERATIONAL)
     bf16: bool = True
     bf16_on_cpu: bool = False
-    num_workers: int | None = field(default=None, metadata=OPERATIONAL)
-    prefetch_factor: int = field(default=4, metadata=OPERATIONAL)
-    loader_context: str = field(default="forkserver", metadata=OPERATIONAL)
+    num_workers: int | None = field(default=None, metadata={**OPERATIONAL, **at_least(0)})
+    prefetch_factor: int = field(default=4, metadata={**OPERATIONAL, **at_least(1)})
+    loader_context: str = field(default="forkserver", metadata={**OPERATIONAL, **one_of("fork", "forkserver", "spawn")})
 
     def __post_init__(self) -> None:
         if isinstance(self.logging, dict):
             self.logging = TrackingConfig(**self.logging)
-        if self.phase not in PHASES:
-            raise ValueError(f"AETrainConfig.phase={self.phase!r}; allowed: {sorted(PHASES)}")
+        check_declared(self)  # the ranges and choices declared with the fields; None takes the phase default
         d = PHASES[self.phase]
         self.lr = d["lr"] if self.lr is None else float(self.lr)
         self.betas = tuple(d["betas"] if self.betas is None else (float(b) for b in self.betas))
@@ -152,37 +150,10 @@ class AETrainConfig:
                              "a decoder_finetune phase needs the fixed c' in finetune_channels, other phases none")
         if self.finetune_channels is not None:
             self.finetune_channels = int(self.finetune_channels)
-            if self.finetune_channels < 1:
-                raise ValueError(f"AETrainConfig.finetune_channels must be >= 1, got {self.finetune_channels}")
         if self.channel_choices is not None:
             self.channel_choices = tuple(int(c) for c in self.channel_choices)
         if self.init_from is None and self.preset not in AE_PRESETS:
             raise ValueError(f"AETrainConfig.preset={self.preset!r}; known: {sorted(AE_PRESETS)} (or set init_from)")
-        if self.perceptual not in PERCEPTUAL:
-            raise ValueError(f"AETrainConfig.perceptual={self.perceptual!r}; allowed: {PERCEPTUAL}")
-        if self.schedule not in _SCHEDULES:
-            raise ValueError(f"AETrainConfig.schedule={self.schedule!r}; allowed: {_SCHEDULES}")
-        for f in ("resolution", "steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
-                  "channels_per_step", "disc_layers"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"AETrainConfig.{f} must be >= 1, got {getattr(self, f)}")
-        for f in ("lr", "disc_lr"):
-            if not getattr(self, f) > 0:
-                raise ValueError(f"AETrainConfig.{f} must be > 0, got {getattr(self, f)}")
-        for f in ("weight_decay", "grad_clip", "w_l1", "w_lpips", "w_gan", "warmup_steps", "gan_start_step"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"AETrainConfig.{f} must be >= 0, got {getattr(self, f)}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"AETrainConfig.betas must be two values in [0, 1), got {self.betas}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"AETrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
-        if (self.num_workers is not None and self.num_workers < 0) or self.prefetch_factor < 1:
-            raise ValueError(f"AETrainConfig.num_workers must be >= 0 and prefetch_factor >= 1, got "
-                             f"{self.num_workers}, {self.prefetch_factor}")
-        if self.loader_context not in ("fork", "forkserver", "spawn"):
-            raise ValueError(f"AETrainConfig.loader_context={self.loader_context!r}; allowed: fork, forkserver, spawn")
-        if self.channel_mode not in ("per_batch", "per_sample"):
-            raise ValueError(f"AETrainConfig.channel_mode={self.channel_mode!r}; allowed: per_batch, per_sample")
         if self.w_l1 == 0 and (self.w_lpips == 0 or self.perceptual == "none"):
             raise ValueError("AETrainConfig: the reconstruction loss is empty (w_l1=0 and no LPIPS)")
 
@@ -208,9 +179,9 @@ class AETrainConfig:
 def trainable_parameters(model: StructuredAutoencoder, phase: str) -> list[nn.Parameter]:
     """The parameters a phase trains; the rest are frozen (requires_grad=False).
 
-    full: everything. decoder_finetune: the whole decoder. latent_adaptation: the "middle" around the latent — the encoder's last stage and output conv,
-    the decoder's input conv and its lowest-resolution stage. refinement: the decoder's head — its
-    highest-resolution stage, output norm and output conv.
+    full: everything. decoder_finetune: the whole decoder. latent_adaptation: the "middle" around the latent — the
+    encoder's last stage and output conv, the decoder's input conv and its lowest-resolution stage. refinement: the
+    decoder's head — its highest-resolution stage, output norm and output conv.
     """
     enc, dec = model.net.encoder, model.net.decoder
     if phase == "full":
@@ -252,29 +223,19 @@ def _open_run(run_url: str, storage_options: dict | None) -> RunDir:
     return RunDir(run_url, storage_options, kind="AE", checkpoint_suffix=".pt")
 
 
-def _claim(run: RunDir, cfg: AETrainConfig, dataset_fp: str) -> str:
-    """Write config.yaml on a new run; on an existing run refuse a different identity (config or dataset)."""
+def _claim(run: RunDir, cfg: AETrainConfig, dataset_fp: str, dist_: _Dist) -> str:
+    """Write config.yaml on a new run; on an existing run refuse a different identity (config or dataset). Rank 0
+    first, then the others (which then only check it)."""
     from storage.fingerprint import fingerprint
 
     cfg_fp = fingerprint({"config": cfg.identity(), "dataset": dataset_fp})
-    run.claim(cfg_fp, {"config": cfg.to_dict(), "dataset_fingerprint": dataset_fp})
+    doc = {"config": cfg.to_dict(), "dataset_fingerprint": dataset_fp}
+    if dist_.rank == 0:
+        run.claim(cfg_fp, doc)
+    dist_.barrier()
+    if dist_.rank != 0:
+        run.claim(cfg_fp, doc)
     return cfg_fp
-
-
-def _save_checkpoint(run: RunDir, cfg: AETrainConfig, step: int, parts: dict[str, Any], metrics: list[dict]) -> None:
-    buf = io.BytesIO()
-    torch.save({"step": step, **parts}, buf)
-    put_atomic(run.fs, run.checkpoint_path(step), buf.getvalue())
-    run.publish(step, metrics)  # metrics, then the pointer last: a checkpoint is complete once named
-    run.prune(cfg.keep_checkpoints, step)
-
-
-def _load_latest(run: RunDir) -> dict[str, Any] | None:
-    ptr = run.latest()
-    if ptr is None:
-        return None
-    fs, path = url_to_fs(ptr["checkpoint"], run.storage_options)
-    return torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,6 +390,8 @@ def train_autoencoder(cfg: AETrainConfig, dataset_url: str, run_url: str, *, sto
 
 
 def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: _Dist) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     run = _open_run(run_url, storage_options)
     if dataset is None:
         from storage.shards import open_dataset
@@ -437,77 +400,26 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
     if cfg.batch_size % dist_.world:
         raise ValueError(f"AETrainConfig.batch_size={cfg.batch_size} (the global batch) is not a multiple of the "
                          f"world size {dist_.world}; change the batch size or the number of processes")
-    if dist_.rank == 0:
-        cfg_fp = _claim(run, cfg, str(dataset.fingerprint))
-    dist_.barrier()
-    if dist_.rank != 0:
-        cfg_fp = _claim(run, cfg, str(dataset.fingerprint))
+    cfg_fp = _claim(run, cfg, str(dataset.fingerprint), dist_)
     finished = run.done()
     if finished is not None and int(finished.get("steps", 0)) >= cfg.steps:
         return finished  # a longer run (more steps, same identity) continues from the last checkpoint below
 
     device = dist_.device
-    model = place(_build_model(cfg, storage_options), device).train()
-    params = trainable_parameters(model, cfg.phase)
-    sampling = None
-    if cfg.finetune_channels is not None:
-        if cfg.finetune_channels > model.latent_channels:
-            raise ValueError(f"AETrainConfig.finetune_channels={cfg.finetune_channels} exceeds the AE's "
-                             f"{model.latent_channels} latent channels")
-        sampling = ChannelSampling(choices=(cfg.finetune_channels,))  # one fixed c' every step
-    elif cfg.structured:
-        choices = cfg.channel_choices or model.channel_choices
-        if not choices:
-            raise ValueError(f"AETrainConfig.structured=True but {model.config.name} has no channel_choices; "
-                             "set channel_choices or structured=False")
-        if max(choices) > model.latent_channels:
-            raise ValueError(f"channel_choices {choices} exceed the AE's {model.latent_channels} latent channels")
-        sampling = ChannelSampling(choices=choices, mode=cfg.channel_mode, per_step=cfg.channels_per_step,
-                                   include_full=cfg.include_full)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    disc = disc_opt = None
-    if cfg.w_gan > 0:
-        torch.manual_seed(cfg.seed + 1)
-        disc = place(NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers), device).train()
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
-    ema = EMA(model.net, buffers=True) if cfg.ema_decay else None  # buffers: BatchNorm statistics too
-    lpips_net = _build_lpips(cfg, device)
-
-    start, metrics = 0, []
+    parts = _build(cfg, storage_options, device)
     tracker = open_tracker(cfg.logging, run_url=run.url, run_id=run.url.rstrip("/").rsplit("/", 1)[-1],
                            config=config_of(cfg), rank=dist_.rank)
-    ckpt = _load_latest(run)
-    if ckpt is not None:
-        start = int(ckpt["step"])
-        model.net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        if disc is not None:
-            disc.load_state_dict(ckpt["disc"])
-            disc_opt.load_state_dict(ckpt["disc_opt"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        metrics = run.metrics(upto=start)
-        if int(ckpt.get("world_size", 1)) != dist_.world and dist_.rank == 0:
-            print(f"AE run {run.url}: resuming step {start} at world size {dist_.world} (checkpoint written at "
-                  f"{ckpt.get('world_size', 1)}): same images and draws per step, different reduction order")
-
-    check_placement(device, model=model, optimizer=opt, ema=ema.shadow if ema is not None else {}, disc=disc,
-                    disc_optimizer=disc_opt, lpips=lpips_net)
-    # DDP wraps the step's forward (trainable AE parameters) and the discriminator, after any checkpoint load
-    recon = _ddp(_Reconstruct(model), dist_)
-    disc_ddp = _ddp(disc, dist_) if disc is not None else None
-    rows = slice(dist_.rank * cfg.batch_size // dist_.world, (dist_.rank + 1) * cfg.batch_size // dist_.world)
+    ckpt = Checkpointer(run, keep=cfg.keep_checkpoints, rank=dist_.rank, group=dist_.io)
+    start = ckpt.resume(lambda url: parts.load(load_torch_file(url, run.storage_options), run, dist_))
+    check_placement(device, model=parts.model, optimizer=parts.opt, disc=parts.disc, disc_optimizer=parts.disc_opt,
+                    ema=parts.ema.shadow if parts.ema is not None else {}, lpips=parts.lpips)
+    ae_step = _AEStep(cfg, parts, dist_)  # DDP wraps the modules here, after any checkpoint load
     workers = loader_workers(cfg, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     batches = ImageBatches(dataset, batch_size=cfg.batch_size, resolution=cfg.resolution, seed=cfg.seed,
                            hflip=cfg.hflip, prefetch=cfg.prefetch and workers == 0, rank=dist_.rank,
                            world_size=dist_.world)
     enable_speed_switches(device, conv=True)  # TF32 for the fp32 paths, cuDNN autotuning for the conv-only AE
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=cfg.bf16 and (gpu_branches(device) or cfg.bf16_on_cpu))
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-    from tqdm.auto import tqdm
-
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"AE {cfg.name or cfg.phase}",
                disable=not cfg.progress or dist_.rank != 0)
     loader = _batches(cfg, batches, start, end, device, workers)
@@ -518,51 +430,7 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
             if device.type == "cuda" and not x.is_pinned():
                 x = x.pin_memory()  # a pageable source would make the copy below synchronous
             x = x.to(device, non_blocking=True)
-            gen = step_generator(cfg.seed, step, salt=1)
-            channel_list = ([_local(ch, rows) for ch in sampling.draw(gen, cfg.batch_size)] if sampling
-                            else [None])
-            lr = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, total_steps=cfg.steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            use_gan = disc is not None and step >= cfg.gan_start_step
-
-            # -- autoencoder step: encode once, decode once per c' (Eq. 1), average the losses
-            with autocast:
-                recons = recon(x, channel_list)
-                loss, logs = 0.0, {}
-                for y in recons:
-                    rec, parts = ae_loss(x, y, w_l1=cfg.w_l1, w_lpips=cfg.w_lpips, lpips_net=lpips_net)
-                    loss = loss + rec / len(channel_list)
-                    for k, v in parts.items():
-                        logs[k] = logs.get(k, 0.0) + v / len(channel_list)
-                if use_gan:
-                    disc.requires_grad_(False)  # the generator loss trains the AE only (and skips DDP's hooks)
-                    g_loss = hinge_g_loss(disc(torch.cat(recons)))
-                    disc.requires_grad_(True)
-                    loss = loss + cfg.w_gan * g_loss
-                    logs["gan_g"] = g_loss.detach()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # DDP all-reduces (averages) the gradients here, overlapped with the backward pass
-            if cfg.grad_clip > 0:
-                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            if ema is not None:
-                ema.update(cfg.ema_decay)
-
-            # -- discriminator step on the detached reconstructions: real and fake in one (DDP) call
-            if use_gan:
-                for g in disc_opt.param_groups:
-                    g["lr"] = lr_at(step, cfg.disc_lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                                    total_steps=cfg.steps)
-                fake = torch.cat(recons).detach()
-                with autocast:
-                    logits = disc_ddp(torch.cat([x, fake.to(x.dtype)]))  # GroupNorm: per-sample, so batching is exact
-                    d_loss = hinge_d_loss(logits[: x.shape[0]], logits[x.shape[0]:])
-                disc_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                disc_opt.step()
-                logs["gan_d"] = d_loss.detach()
-
+            loss, logs, channel_list, lr = ae_step(x, step)
             done_steps = step + 1
             if done_steps % cfg.log_every == 0 or done_steps == end:
                 # the only GPU sync of a step, on logging steps; averaged over ranks: the numbers one process logs
@@ -570,29 +438,175 @@ def _train(cfg, dataset_url, run_url, stop_at, storage_options, dataset, dist_: 
                 row = {"step": done_steps, "lr": lr, **logs,
                        "channels": [c if isinstance(c, int) or c is None else "per-sample" for c in channel_list],
                        "sec": round(time.perf_counter() - t0, 3)}
-                metrics.append(row)
+                ckpt.metrics.append(row)
                 tracker.log_metrics(row, done_steps, prefix="ae/")
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)  # shown at the next refresh (mininterval)
             if done_steps % cfg.checkpoint_every == 0 or done_steps == end:
-                if dist_.rank == 0:
-                    parts = {"model": model.net.state_dict(), "opt": opt.state_dict(),
-                             "rng_cpu": torch.get_rng_state(), "world_size": dist_.world}
-                    if disc is not None:
-                        parts.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
-                    if ema is not None:
-                        parts["ema"] = ema.state_dict()
-                    _save_checkpoint(run, cfg, done_steps, parts, metrics)
-                dist_.barrier()  # every rank leaves (stop_at) or goes on only once the checkpoint is named
+                # every rank goes on (or leaves: stop_at) once `latest` names it
+                ckpt.save(done_steps, lambda url: parts.save(url, done_steps, dist_, run.storage_options))
     finally:
         bar.close()
         tracker.close()
         batches.close()
         del loader  # stops DataLoader workers
 
-    last = metrics[-1] if metrics else {}
+    last = ckpt.metrics[-1] if ckpt.metrics else {}
     if end < cfg.steps:
         return {"run_url": run.url, "finished": False, "step": end, "config_fingerprint": cfg_fp,
                 "loss": last.get("loss")}
+    return _finish(cfg, run, parts, dist_, cfg_fp, last, storage_options)
+
+
+@dataclass
+class _Parts:
+    """What an AE phase trains and with what (``_build``); saved and restored together as one checkpoint."""
+
+    model: StructuredAutoencoder
+    params: list[nn.Parameter]  # the phase's trainable ones (``trainable_parameters``)
+    sampling: ChannelSampling | None  # the c' draws of Eq. 1 (None: the full latent only)
+    opt: torch.optim.Optimizer
+    disc: nn.Module | None  # the PatchGAN discriminator (w_gan > 0) and its optimizer
+    disc_opt: torch.optim.Optimizer | None
+    ema: EMA | None
+    lpips: nn.Module | None
+
+    def save(self, url: str, step: int, dist_: _Dist, storage_options: dict | None) -> None:
+        """The checkpoint payload: one torch file (rank 0 writes it; every rank holds the same weights)."""
+        if dist_.rank != 0:
+            return
+        out = {"step": step, "model": self.model.net.state_dict(), "opt": self.opt.state_dict(),
+               "rng_cpu": torch.get_rng_state(), "world_size": dist_.world}
+        if self.disc is not None:
+            out.update(disc=self.disc.state_dict(), disc_opt=self.disc_opt.state_dict())
+        if self.ema is not None:
+            out["ema"] = self.ema.state_dict()
+        save_torch_file(url, out, storage_options)
+
+    def load(self, ckpt: dict[str, Any], run: RunDir, dist_: _Dist) -> None:
+        """Restore what ``save`` wrote (the CPU generator included: the draws go on as if never interrupted)."""
+        self.model.net.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["opt"])
+        if self.disc is not None:
+            self.disc.load_state_dict(ckpt["disc"])
+            self.disc_opt.load_state_dict(ckpt["disc_opt"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if int(ckpt.get("world_size", 1)) != dist_.world and dist_.rank == 0:
+            print(f"AE run {run.url}: resuming step {ckpt['step']} at world size {dist_.world} (checkpoint written "
+                  f"at {ckpt.get('world_size', 1)}): same images and draws per step, different reduction order")
+
+
+def _build(cfg: AETrainConfig, storage_options: dict | None, device: torch.device) -> _Parts:
+    """The phase's model (seeded: the same weights on every rank), trainable parameters, c' sampling, AdamW,
+    discriminator (seeded apart), EMA and LPIPS, on ``device``.
+
+    Raises:
+        ValueError: a fixed or structured c' the AE's latent cannot give.
+    """
+    model = place(_build_model(cfg, storage_options), device).train()
+    params = trainable_parameters(model, cfg.phase)
+    sampling = _channel_sampling(cfg, model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    disc = disc_opt = None
+    if cfg.w_gan > 0:
+        torch.manual_seed(cfg.seed + 1)
+        disc = place(NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers), device).train()
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    ema = EMA(model.net, buffers=True) if cfg.ema_decay else None  # buffers: BatchNorm statistics too
+    return _Parts(model, params, sampling, opt, disc, disc_opt, ema, _build_lpips(cfg, device))
+
+
+def _channel_sampling(cfg: AETrainConfig, model: StructuredAutoencoder) -> ChannelSampling | None:
+    """The c' each step decodes: one fixed c' (decoder_finetune), Eq. 1's draws (structured), or None."""
+    if cfg.finetune_channels is not None:
+        if cfg.finetune_channels > model.latent_channels:
+            raise ValueError(f"AETrainConfig.finetune_channels={cfg.finetune_channels} exceeds the AE's "
+                             f"{model.latent_channels} latent channels")
+        return ChannelSampling(choices=(cfg.finetune_channels,))  # one fixed c' every step
+    if not cfg.structured:
+        return None
+    choices = cfg.channel_choices or model.channel_choices
+    if not choices:
+        raise ValueError(f"AETrainConfig.structured=True but {model.config.name} has no channel_choices; "
+                         "set channel_choices or structured=False")
+    if max(choices) > model.latent_channels:
+        raise ValueError(f"channel_choices {choices} exceed the AE's {model.latent_channels} latent channels")
+    return ChannelSampling(choices=choices, mode=cfg.channel_mode, per_step=cfg.channels_per_step,
+                           include_full=cfg.include_full)
+
+
+class _AEStep:
+    """One step of an AE phase on this rank's images ``x``: the autoencoder (encode once, decode once per c',
+    L1 + LPIPS averaged over the c', + the hinge GAN generator loss), clipping, AdamW and EMA; then the
+    discriminator on the detached reconstructions. DDP (several ranks) wraps the AE's forward and the
+    discriminator. Returns (loss, logged parts, the c' list, lr), device tensors: no host sync."""
+
+    def __init__(self, cfg: AETrainConfig, parts: _Parts, dist_: _Dist) -> None:
+        self.cfg, self.p = cfg, parts
+        self.recon = _ddp(_Reconstruct(parts.model), dist_)
+        self.disc_ddp = _ddp(parts.disc, dist_) if parts.disc is not None else None
+        self.rows = slice(dist_.rank * cfg.batch_size // dist_.world, (dist_.rank + 1) * cfg.batch_size // dist_.world)
+        device = dist_.device
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=cfg.bf16 and (gpu_branches(device) or cfg.bf16_on_cpu))
+
+    def __call__(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict, list, float]:
+        cfg, p = self.cfg, self.p
+        gen = step_generator(cfg.seed, step, salt=1)
+        channel_list = [_local(ch, self.rows) for ch in p.sampling.draw(gen, cfg.batch_size)] if p.sampling else [None]
+        lr = lr_at(step, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, total_steps=cfg.steps)
+        for g in p.opt.param_groups:
+            g["lr"] = lr
+        use_gan = p.disc is not None and step >= cfg.gan_start_step
+
+        # -- autoencoder step: encode once, decode once per c' (Eq. 1), average the losses
+        with self.autocast:
+            recons = self.recon(x, channel_list)
+            loss, logs = 0.0, {}
+            for y in recons:
+                rec, parts = ae_loss(x, y, w_l1=cfg.w_l1, w_lpips=cfg.w_lpips, lpips_net=p.lpips)
+                loss = loss + rec / len(channel_list)
+                for k, v in parts.items():
+                    logs[k] = logs.get(k, 0.0) + v / len(channel_list)
+            if use_gan:
+                p.disc.requires_grad_(False)  # the generator loss trains the AE only (and skips DDP's hooks)
+                g_loss = hinge_g_loss(p.disc(torch.cat(recons)))
+                p.disc.requires_grad_(True)
+                loss = loss + cfg.w_gan * g_loss
+                logs["gan_g"] = g_loss.detach()
+        p.opt.zero_grad(set_to_none=True)
+        loss.backward()  # DDP all-reduces (averages) the gradients here, overlapped with the backward pass
+        if cfg.grad_clip > 0:
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(p.params, cfg.grad_clip)
+        p.opt.step()
+        if p.ema is not None:
+            p.ema.update(cfg.ema_decay)
+        if use_gan:
+            logs["gan_d"] = self._disc_step(x, recons, step)
+        return loss, logs, channel_list, lr
+
+    def _disc_step(self, x: torch.Tensor, recons: list[torch.Tensor], step: int) -> torch.Tensor:
+        """The discriminator's step on the detached reconstructions: real and fake in one (DDP) call."""
+        cfg, p = self.cfg, self.p
+        for g in p.disc_opt.param_groups:
+            g["lr"] = lr_at(step, cfg.disc_lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                            total_steps=cfg.steps)
+        fake = torch.cat(recons).detach()
+        with self.autocast:
+            logits = self.disc_ddp(torch.cat([x, fake.to(x.dtype)]))  # GroupNorm: per-sample, so batching is exact
+            d_loss = hinge_d_loss(logits[: x.shape[0]], logits[x.shape[0]:])
+        p.disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        p.disc_opt.step()
+        return d_loss.detach()
+
+
+def _finish(cfg: AETrainConfig, run: RunDir, parts: _Parts, dist_: _Dist, cfg_fp: str, last: dict,
+            storage_options: dict | None) -> dict[str, Any]:
+    """The finished phase: rank 0 saves the model (the EMA weights when on) with ``save_pretrained``, then the
+    done marker (last); every rank returns it."""
+    model, ema = parts.model, parts.ema
     if dist_.rank == 0:
         if ema is not None:
             model.net.load_state_dict({k: v.to(model.net.state_dict()[k].dtype) for k, v in ema.state_dict().items()})

@@ -11,11 +11,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dcae15.accel import bf16_autocast, gpu_branches
+from dcae15.checkpointer import Checkpointer
 from dcae15.diffusion.adt import ADTConfig, LossNorm, draw_mask, micro_loss
 from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
 from dcae15.diffusion.objectives import make_objective
@@ -24,7 +26,7 @@ from dcae15.lr_schedule import SCHEDULES, lr_at
 from dcae15.models.plugin import is_import_path
 from dcae15.models.registry import OBJECTIVES, build_model, check_backbone_name, model_config, preset
 from dcae15.tracking import TrackingConfig, config_of, open_tracker
-from dcae15.typed_config import from_dict
+from dcae15.typed_config import above, at_least, between, check_declared, from_dict, one_of
 from storage.fingerprint import fingerprint, short_id
 from storage.layout import Root
 from storage.lease import rank_zero_claim
@@ -43,50 +45,50 @@ class DiffusionTrainConfig:
     model: str = "DiT-tiny"
     """Preset name (dcae15.models.PRESETS): DiT-XL, SiT-XL, UViT-H, USiT-H, UViT-2B, USiT-2B, USiT-3B, *-tiny; or
     a backbone by import path ``package.module:factory`` (docs/backbones.md)."""
-    objective: str | None = None
+    objective: str | None = field(default=None, metadata=one_of(*OBJECTIVES))
     """None = the preset's ('ddpm-linear' DiT, 'ddpm-scaled-linear' UViT, 'flow' SiT/USiT); required for an
     import-path backbone."""
-    patch_size: int = 1
+    patch_size: int = field(default=1, metadata=at_least(1))
     model_overrides: dict = field(default_factory=dict)
     """Extra ModelConfig fields (e.g. {'hidden': 64, 'depth': 2}); for an import-path backbone, extra keyword
     arguments of its factory."""
     num_classes: int | None = None
     """None = from the store (attrs 'num_classes', else max label + 1)."""
-    global_batch_size: int = 32
-    steps: int = field(default=1000, metadata=HORIZON)
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    global_batch_size: int = field(default=32, metadata=at_least(1))
+    steps: int = field(default=1000, metadata={**HORIZON, **at_least(1)})
+    lr: float = field(default=1e-4, metadata=above(0))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=between(0, 1, hi_open=True, each=2))
+    weight_decay: float = field(default=0.0, metadata=at_least(0))
+    warmup_steps: int = field(default=0, metadata=at_least(0))
     """Linear lr warm-up from 0; then ``schedule``."""
-    schedule: str = "constant"
+    schedule: str = field(default="constant", metadata=one_of(*SCHEDULES))
     """After the warm-up: "constant" (the DiT / U-ViT recipes) or "cosine" (to 0 at ``steps``; ``steps`` is then
     part of the run's identity: a longer run is another run)."""
-    grad_clip: float = 1.0
+    grad_clip: float = field(default=1.0, metadata=at_least(0))
     """Max global grad norm; 0 = no clipping (the norm is still logged)."""
-    ema_decay: float = 0.9999
+    ema_decay: float = field(default=0.9999, metadata=between(0, 1, hi_open=True))
     ema_warmup: bool = True
     """decay_t = min(ema_decay, (1 + t) / (10 + t)) so early EMA tracks the model."""
-    ema_warmup_steps: int | None = None
+    ema_warmup_steps: int | None = field(default=None, metadata=at_least(1))
     """decay_t = ema_decay * (1 - exp(-t / ema_warmup_steps)) (efficientvit / DC-Gen's EMA, 2000 there); set, it
     replaces ``ema_warmup``."""
-    ema_every: int = 1
+    ema_every: int = field(default=1, metadata=at_least(1))
     """Update the EMA every this many steps, with the decay raised to that power (ema-pytorch's ``update_every``):
     the update is a pass over every parameter whose cost does not shrink with the batch (15 % of a one-rank CPU
     step at DiT-S width, batch 8; ~1 % of a GPU step at batch 256), so small-batch runs amortise it."""
-    label_dropout: float = 0.1
+    label_dropout: float = field(default=0.1, metadata=between(0, 1, hi_open=True))
     adt: ADTConfig = field(default_factory=ADTConfig)
     seed: int = 0
-    normalize: str = "scaling_factor"
+    normalize: str = field(default="scaling_factor", metadata=one_of("scaling_factor", "channel_stats", "none"))
     flip: bool = True
     shuffle_chunks: int = 4
-    num_workers: int = field(default=0, metadata=OPERATIONAL)
-    prefetch_batches: int = field(default=2, metadata=OPERATIONAL)
+    num_workers: int = field(default=0, metadata={**OPERATIONAL, **at_least(0)})
+    prefetch_batches: int = field(default=2, metadata={**OPERATIONAL, **at_least(1)})
     """Batches fetched ahead by a background thread while the step runs (>= 1)."""
-    grad_accum_steps: int = field(default=1, metadata=OPERATIONAL)
+    grad_accum_steps: int = field(default=1, metadata={**OPERATIONAL, **at_least(1)})
     """Micro-batches per optimizer step: each rank's batch is split in this many forward/backward passes (same
     update as the whole batch up to fp rounding; gradients are reduced across ranks once, on the last one)."""
-    hsdp_shard_size: int | None = field(default=None, metadata=OPERATIONAL)
+    hsdp_shard_size: int | None = field(default=None, metadata={**OPERATIONAL, **at_least(1)})
     """Ranks that shard the model (e.g. the GPUs of one node); the world is replicated across
     ``world_size / hsdp_shard_size`` such groups (HSDP, a 2-D mesh). None = HSDP across nodes when the job spans
     several (shard within a node: torchrun's LOCAL_WORLD_SIZE, replicate across nodes, so only one all-reduce of
@@ -94,7 +96,7 @@ class DiffusionTrainConfig:
     async_checkpoint: bool = field(default=True, metadata=OPERATIONAL)
     """Save checkpoints in a background thread (DCP async_save) after staging them to CPU memory; ``latest``
     is written only once the save completed."""
-    mixed_precision: str = "bf16"
+    mixed_precision: str = field(default="bf16", metadata=one_of("bf16", "fp32"))
     """'bf16' (bf16 params, fp32 reduce, fp32 timesteps; on GPU, or on CPU under DCAE15_GPU_BRANCHES=1; else the CPU
     runs fp32) or 'fp32'."""
     fsdp_one_rank: bool = field(default=False, metadata=OPERATIONAL)
@@ -105,16 +107,16 @@ class DiffusionTrainConfig:
     """Recompute each block's activations in backward (forced on by DCAE15_GPU_BRANCHES=1)."""
     compile: bool = field(default=False, metadata=OPERATIONAL)
     """torch.compile each block, fullgraph (forced on by DCAE15_GPU_BRANCHES=1)."""
-    checkpoint_every: int = field(default=1000, metadata=OPERATIONAL)
-    keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
-    log_every: int = field(default=10, metadata=OPERATIONAL)
+    checkpoint_every: int = field(default=1000, metadata={**OPERATIONAL, **at_least(1)})
+    keep_checkpoints: int = field(default=2, metadata={**OPERATIONAL, **at_least(0)})
+    log_every: int = field(default=10, metadata={**OPERATIONAL, **at_least(1)})
     logging: TrackingConfig = field(default_factory=TrackingConfig, metadata=OPERATIONAL)
     """Mirror each logged row (loss, grad norm, lr, c', throughput) to TensorBoard / W&B / MLflow on rank 0
     (``dcae15.tracking``); ``metrics.jsonl`` is written either way."""
     peak_tflops: float | None = field(default=None, metadata=OPERATIONAL)
     """Accelerator peak for MFU; None = looked up for H100/H200/A100 (989/989/312 bf16 dense)."""
     progress: bool = field(default=True, metadata=OPERATIONAL)
-    cpu_threads: int | None = field(default=1, metadata=OPERATIONAL)
+    cpu_threads: int | None = field(default=1, metadata={**OPERATIONAL, **at_least(1)})
     """torch intra-op threads when training on CPU (None = torch's default). Tiny models step 10-40x slower with
     2 threads than with 1 on a busy 2-core machine (bench/RESULTS.md, diffusion section): small ops drown in
     thread synchronisation. Ignored on GPU."""
@@ -125,46 +127,14 @@ class DiffusionTrainConfig:
         if isinstance(self.logging, dict):
             self.logging = TrackingConfig(**self.logging)
         self.betas = tuple(float(b) for b in self.betas)
+        check_declared(self)  # the ranges and choices declared with the fields
         check_backbone_name(self.model, "DiffusionTrainConfig.model")  # unknown names fail here with the allowed set
-        plugin = is_import_path(self.model)
-        if plugin and self.objective is None:
+        if is_import_path(self.model) and self.objective is None:
             raise ValueError(f"DiffusionTrainConfig.objective is required for the import-path backbone "
                              f"{self.model!r} (diffusion.train.objective); allowed: {OBJECTIVES}")
-        if plugin and int(self.patch_size) != 1:
+        if is_import_path(self.model) and self.patch_size != 1:
             raise ValueError(f"DiffusionTrainConfig.patch_size={self.patch_size} is a preset field; an import-path "
                              f"backbone ({self.model!r}) takes its patch size from model_overrides, if any")
-        if self.objective is not None and self.objective not in OBJECTIVES:
-            raise ValueError(f"DiffusionTrainConfig.objective={self.objective!r}; allowed: {OBJECTIVES} or None")
-        for name in ("global_batch_size", "steps", "checkpoint_every", "log_every", "patch_size",
-                     "grad_accum_steps", "prefetch_batches"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"DiffusionTrainConfig.{name}={getattr(self, name)!r} must be >= 1")
-        if self.hsdp_shard_size is not None and int(self.hsdp_shard_size) < 1:
-            raise ValueError(f"DiffusionTrainConfig.hsdp_shard_size={self.hsdp_shard_size!r} must be >= 1 or None")
-        if self.cpu_threads is not None and int(self.cpu_threads) < 1:
-            raise ValueError(f"DiffusionTrainConfig.cpu_threads={self.cpu_threads!r} must be >= 1 or None")
-        for name in ("warmup_steps", "num_workers", "keep_checkpoints", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DiffusionTrainConfig.{name}={getattr(self, name)!r} must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"DiffusionTrainConfig.lr={self.lr!r} must be > 0")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"DiffusionTrainConfig.ema_decay={self.ema_decay!r} must be in [0, 1)")
-        if self.ema_warmup_steps is not None and int(self.ema_warmup_steps) < 1:
-            raise ValueError(f"DiffusionTrainConfig.ema_warmup_steps={self.ema_warmup_steps!r} must be >= 1 or null")
-        if int(self.ema_every) < 1:
-            raise ValueError(f"DiffusionTrainConfig.ema_every={self.ema_every!r} must be >= 1 (1 = every step)")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"DiffusionTrainConfig.label_dropout={self.label_dropout!r} must be in [0, 1)")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"DiffusionTrainConfig.betas={self.betas!r} must be two numbers in [0, 1)")
-        if self.normalize not in ("scaling_factor", "channel_stats", "none"):
-            raise ValueError(f"DiffusionTrainConfig.normalize={self.normalize!r}; allowed: "
-                             "('scaling_factor', 'channel_stats', 'none')")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"DiffusionTrainConfig.schedule={self.schedule!r}; allowed: {SCHEDULES}")
-        if self.mixed_precision not in ("bf16", "fp32"):
-            raise ValueError(f"DiffusionTrainConfig.mixed_precision={self.mixed_precision!r}; allowed: ('bf16', 'fp32')")
 
     @property
     def objective_name(self) -> str:
@@ -436,7 +406,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, store_url: str, run_url: str, *, 
             if latest is not None and latest["step"] >= target:
                 return {**result, "step": latest["step"], "checkpoint": latest["checkpoint"],
                         "done": latest["step"] >= cfg.steps}
-            return _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options)
+            return _train(cfg, store_url, run_url, info, run_id, target, rank, ws, device, storage_options)
     finally:
         torch.set_num_threads(threads_before)  # the caller (a flow worker, a notebook) keeps its own setting
         if created:
@@ -463,17 +433,87 @@ def _train_state_compat(ts: dict) -> dict:
     return ts
 
 
-def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, device, storage_options) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.utils.data import DataLoader
+def _train(cfg, store_url, run_url, info, run_id, target, rank, ws, device, storage_options) -> dict:
     from tqdm.auto import tqdm
 
+    from dcae15 import parallel
     from dcae15.accel import enable_speed_switches
-    from dcae15.diffusion.data import DevicePrefetcher, RankBatches, layout_ranks
     from dcae15.distributed import new_io_group
-    from dcae15.parallel import check_placement
-    from storage.reader import LatentStreamDataset
 
+    micro, accum = _micro_batch(cfg, ws)
+    c, mcfg = info["channels"], _model_config(cfg, info)
+    chans = cfg.adt.resolve(c, info["channel_choices"]) if cfg.adt.enabled else [c]
+    objective = make_objective(cfg.objective_name)
+    run = open_run(run_url, storage_options)
+    if rank == 0:
+        _write_config(cfg, store_url, run, info, run_id, mcfg)
+    enable_speed_switches(device)  # TF32 for what stays fp32 (mixed_precision 'fp32', the loss, EMA, AdamW)
+    model, sharded = build_training_model(cfg, mcfg, device, ws)
+    optimizer = make_optimizer(model, cfg)
+    ema = EMA(model)  # fp32, sharded like the parameters (DTensors): no full copy on any rank
+    parallel.check_placement(device, model=model, ema=ema.shadow)
+    # Saves run their collectives on a gloo group of their own with a long timeout: async ones never interleave
+    # with training's, and the ranks that wait for the slowest writer wait there, not in NCCL.
+    ckpt_group = new_io_group()
+    ckpt = Checkpointer(run, keep=cfg.keep_checkpoints, rank=rank, group=ckpt_group)
+    try:
+        app, gen = _restore(cfg, ckpt, model, optimizer, ema, rank, ws, device, storage_options)
+        start, dws = int(app.train["step"]), int(app.train["data_world_size"])
+        batches, reader_states = _open_batches(cfg, store_url, app.train["readers"], dws, ws, rank, device,
+                                               storage_options)
+        stepper = TrainStep(model, optimizer, ema, objective, gen, cfg, chans, mcfg.num_classes, c, accum, device,
+                            sharded=sharded)
+        tracker = open_tracker(cfg.logging, run_url=run_url, run_id=run_id, config=config_of(cfg), rank=rank)
+        bar = tqdm(total=target, initial=start, disable=rank != 0 or not cfg.progress, desc=f"train {cfg.model}",
+                   dynamic_ncols=True)
+        step, window = start, _LogWindow(cfg, mcfg, micro, start, ws, device)  # its clock starts here
+        try:
+            with ckpt:  # leaving it: the save in flight completes (an error of the loop stays the one raised)
+                while step < target:
+                    batch = next(batches)  # prefetched in the background; non-blocking host-to-device copy
+                    reader_states.update(batch["states"])
+                    x0, y = batch["latents"].float(), batch["labels"]  # .float(): a no-op for fp32 batches
+                    loss, gnorm, cprime = stepper(x0, y, step)
+                    if step == start:  # once: the first batch, and the optimizer state it made, sit with the weights
+                        parallel.check_placement(device, batch=[x0, y], optimizer=optimizer)
+                    window.add(loss, gnorm, cprime)  # device-side, read at the next log (no per-step host sync)
+                    step += 1
+                    bar.update(1)
+                    ckpt.poll()  # publishes the async save in flight once it completed
+                    is_ckpt = step % cfg.checkpoint_every == 0 or step == target
+                    if step % cfg.log_every == 0 or step == target or is_ckpt:
+                        row = window.read(step)  # a checkpoint is never non-finite
+                        if row is None:
+                            raise _non_finite(window, step, cfg, ckpt)
+                        if rank == 0:
+                            ckpt.metrics.append(row)
+                            tracker.log_metrics(row, step, prefix="train/")
+                            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}",
+                                            refresh=False)
+                    if is_ckpt:
+                        _gather_train_state(app.train, reader_states, gen, step, ws, dws)
+                        ckpt.save(step, lambda url: _save_dcp(app, url, ckpt_group, cfg.async_checkpoint,
+                                                              storage_options))
+        finally:
+            bar.close()
+            tracker.close()
+            batches.close()
+    finally:
+        dist.destroy_process_group(ckpt_group)
+    result = {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"], "step": step,
+              "checkpoint": run.checkpoint_url(step), "done": step >= cfg.steps}
+    if rank == 0 and result["done"]:
+        run.finish({**result, "steps": cfg.steps})  # the done marker; more steps later continue the run
+    return result
+
+
+def _micro_batch(cfg: DiffusionTrainConfig, ws: int) -> tuple[int, int]:
+    """(micro-batch, micro-batches per step) of one rank: the global batch split over ``ws`` ranks, then in
+    ``grad_accum_steps`` passes.
+
+    Raises:
+        ValueError: a global batch the world size, or a per-rank batch the accumulation, does not divide.
+    """
     if cfg.global_batch_size % ws:
         raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by world size {ws}")
     local_bs = cfg.global_batch_size // ws
@@ -481,188 +521,154 @@ def _train(cfg, store_url, run_url, info, run_id, target, latest, rank, ws, devi
     if local_bs % accum:
         raise ValueError(f"grad_accum_steps={accum} does not divide the per-rank batch {local_bs} "
                          f"(global_batch_size {cfg.global_batch_size} / {ws} ranks)")
-    micro = local_bs // accum
-    c, h, w = info["channels"], info["height"], info["width"]
-    mcfg = _model_config(cfg, info)
-    chans = cfg.adt.resolve(c, info["channel_choices"]) if cfg.adt.enabled else [c]
-    objective = make_objective(cfg.objective_name)
-    run = open_run(run_url, storage_options)
-    if rank == 0:
-        _write_config(cfg, store_url, run, info, run_id, mcfg)
-        if latest is not None:
-            run.drop_partial(int(latest["step"]))
+    return local_bs // accum, accum
 
-    enable_speed_switches(device)  # TF32 for what stays fp32 (mixed_precision 'fp32', the loss, EMA, AdamW)
-    model, sharded = build_training_model(cfg, mcfg, device, ws)
-    optimizer = make_optimizer(model, cfg)
-    # EMA in fp32 with the same sharding as the parameters (DTensors): no full copy on any rank.
-    ema = EMA(model)
-    check_placement(device, model=model, ema=ema.shadow)
+
+def _restore(cfg, ckpt: Checkpointer, model, optimizer, ema: EMA, rank: int, ws: int, device: torch.device,
+             storage_options) -> tuple[_AppState, torch.Generator]:
+    """(app state, device generator): model, optimizer, EMA and train state (step, world sizes, reader cursors,
+    generator states) loaded from the checkpoint ``latest`` names (nothing for a new run; newer, interrupted saves
+    deleted), and the noise / timestep / dropout / c' generator on the device. Its state is part of the
+    checkpoint, which keeps resume exact; it is reseeded for a new run or at another world size."""
+    import torch.distributed.checkpoint as dcp
+
     train_state: dict = {"step": 0, "world_size": ws, "data_world_size": ws, "readers": None, "gens": None}
     app = _AppState(model, optimizer, ema.shadow, train_state)
-    # The noise / timestep / dropout / c' generator lives on the device (no host draws, no copies); its state
-    # is part of the checkpoint, which keeps resume exact.
-    gen = torch.Generator(device=device)
-    if latest is not None:
-        dcp.load({"app": app}, storage_reader=dcp_reader(latest["checkpoint"], storage_options))
+
+    def load(url: str) -> None:
+        dcp.load({"app": app}, storage_reader=dcp_reader(url, storage_options))
         _train_state_compat(train_state)
         ema.refresh()
-    start = int(train_state["step"])
-    dws = int(train_state["data_world_size"])
+
+    ckpt.resume(load, drop_partial=True)
+    gen = torch.Generator(device=device)
     if train_state["gens"] is not None and train_state["world_size"] == ws:
         gen.set_state(train_state["gens"][rank])
     else:  # a new run, or another world size: per-rank noise streams cannot carry over
-        gen.manual_seed(_noise_seed(cfg.seed, rank, start))
+        gen.manual_seed(_noise_seed(cfg.seed, rank, int(train_state["step"])))
+    return app, gen
 
-    # This rank's rows of each global batch come from the reader rank(s) of the run's data layout (elastic).
-    layout = layout_ranks(cfg.global_batch_size, dws, ws, rank)
+
+def _open_batches(cfg, store_url, readers: list | None, dws: int, ws: int, rank: int, device: torch.device,
+                  storage_options) -> tuple[Any, dict]:
+    """(batches, reader cursors): this rank's rows of each global batch, read from the reader rank(s) of the run's
+    data layout of ``dws`` readers (elastic), each resumed at its saved cursor; the cursors of the readers this
+    rank uses, which the loop keeps up to date from the batches."""
+    from torch.utils.data import DataLoader
+
+    from dcae15.diffusion.data import DevicePrefetcher, RankBatches, layout_ranks
+    from storage.reader import LatentStreamDataset
+
     sources, reader_states = [], {}
-    for q, lo, hi in layout:
+    for q, lo, hi in layout_ranks(cfg.global_batch_size, dws, ws, rank):
         ds = LatentStreamDataset(store_url, batch_size=cfg.global_batch_size // dws, seed=cfg.seed, rank=q,
                                  world_size=dws, shuffle_chunks=cfg.shuffle_chunks, flip=cfg.flip,
                                  normalize=cfg.normalize, infinite=True, storage_options=storage_options)
-        if train_state["readers"] is not None:
-            ds.load_state_dict(train_state["readers"][q])
-            reader_states[q] = train_state["readers"][q]
+        if readers is not None:
+            ds.load_state_dict(readers[q])
+            reader_states[q] = readers[q]
         loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
         sources.append((q, iter(loader), lo, hi))
-    batches = DevicePrefetcher(RankBatches(sources), device, depth=cfg.prefetch_batches)
+    return DevicePrefetcher(RankBatches(sources), device, depth=cfg.prefetch_batches), reader_states
 
-    metrics = run.metrics(upto=start) if rank == 0 else []
-    tracker = open_tracker(cfg.logging, run_url=run_url, run_id=run_id, config=config_of(cfg), rank=rank)
-    tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
-    passes = 2 if (cfg.adt.enabled and cfg.adt.include_full) else 1
-    flops_img = train_flops_per_image(mcfg, micro, passes)
-    peak = _peak_flops(cfg, device)
-    null_class = mcfg.num_classes
-    bar = tqdm(total=target, initial=start, disable=rank != 0 or not cfg.progress, desc=f"train {cfg.model}",
-               dynamic_ncols=True)
-    # Saves run their collectives on a gloo group of their own with a long timeout: async ones never interleave
-    # with training's, and the ranks that wait for the slowest writer wait there, not in NCCL.
-    ckpt_group = new_io_group()
-    pending: list = []  # [(step, future)] of the one save in flight
 
-    def publish(step: int) -> None:
-        """The checkpoint of ``step`` is complete: metrics, then the pointer last, then pruning."""
-        if rank == 0:
-            run.publish(step, metrics)
-            run.prune(cfg.keep_checkpoints, step)
+def _gather_train_state(train_state: dict, reader_states: dict, gen: torch.Generator, step: int, ws: int,
+                        dws: int) -> None:
+    """Every layout rank's reader cursor and every rank's generator, gathered into ``train_state`` so that the saved
+    object is identical on all ranks (DCP keeps one copy). Collective (before the save, on the default group)."""
+    gathered = [None] * ws
+    dist.all_gather_object(gathered, {"readers": reader_states, "gen": gen.get_state()})
+    readers = [None] * dws
+    for g in gathered:
+        for q, st in g["readers"].items():
+            readers[q] = st
+    train_state.update(step=step, world_size=ws, data_world_size=dws, readers=readers,
+                       gens=[g["gen"] for g in gathered], ranks=None)
 
-    def finish_pending(wait: bool) -> None:
-        if not pending or not (wait or pending[0][1].done()):
-            return
-        step_done, fut = pending.pop()
-        fut.result()  # re-raises a failed save: `latest` then keeps naming the previous checkpoint
-        publish(step_done)
 
-    def save(step: int) -> None:
-        # Every layout rank's reader cursor and every rank's generator, gathered so the saved object is
-        # identical on all ranks (DCP keeps one copy).
-        gathered = [None] * ws
-        dist.all_gather_object(gathered, {"readers": reader_states, "gen": gen.get_state()})
-        readers = [None] * dws
-        for g in gathered:
-            for q, st in g["readers"].items():
-                readers[q] = st
-        train_state.update(step=step, world_size=ws, data_world_size=dws, readers=readers,
-                           gens=[g["gen"] for g in gathered], ranks=None)
-        url = run.checkpoint_url(step)
-        if not cfg.async_checkpoint:
-            dcp.save({"app": app}, storage_writer=dcp_writer(url, storage_options), process_group=ckpt_group)
-            dist.barrier(group=ckpt_group)  # every rank's shard is written before the pointer moves
-            publish(step)
-            dist.barrier(group=ckpt_group)
-            return
-        finish_pending(wait=True)  # one save in flight at a time
-        fut = dcp.async_save({"app": app}, storage_writer=dcp_writer(url, storage_options),
-                             process_group=ckpt_group)
-        pending.append((step, getattr(fut, "upload_completion", fut)))
+def _save_dcp(app: _AppState, url: str, group, asynchronous: bool, storage_options):
+    """The checkpoint payload: one DCP directory at ``url`` written by every rank over the gloo ``group``; for an
+    async save (staged to CPU memory, written by a background thread) the future of its completion."""
+    import torch.distributed.checkpoint as dcp
 
-    def check(step: int, acc: torch.Tensor, first_bad: torch.Tensor, n: int) -> list[float]:
-        """Read the window's device accumulators (the only host sync); stop the run on a non-finite value."""
-        vals = acc.clone()
-        dist.all_reduce(vals)  # every rank gets the same verdict
+    if not asynchronous:
+        dcp.save({"app": app}, storage_writer=dcp_writer(url, storage_options), process_group=group)
+        return None
+    fut = dcp.async_save({"app": app}, storage_writer=dcp_writer(url, storage_options), process_group=group)
+    return getattr(fut, "upload_completion", fut)
+
+
+class _LogWindow:
+    """The loop's bookkeeping between two logs: loss, grad norm and c' summed on the device, with the first step
+    whose loss or grad norm was not finite; read (the only host sync) every ``log_every`` steps and before each
+    checkpoint into the logged row (means, lr, throughput, MFU, memory)."""
+
+    def __init__(self, cfg: DiffusionTrainConfig, mcfg, micro: int, step: int, ws: int, device: torch.device):
+        self.cfg, self.ws, self.device = cfg, ws, device
+        h, w = mcfg.input_size
+        self.tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
+        self.flops_img = train_flops_per_image(mcfg, micro, 2 if (cfg.adt.enabled and cfg.adt.include_full) else 1)
+        self.peak = _peak_flops(cfg, device)
+        self.n, self.t, self.cpu = 0, time.perf_counter(), time.thread_time()
+        self.acc = torch.zeros(3, device=device)  # loss, grad norm, c' summed over the window (local)
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+        self.step_dev = torch.full((), step, dtype=torch.long, device=device)
+
+    def add(self, loss: torch.Tensor, gnorm: torch.Tensor, cprime: torch.Tensor) -> None:
+        """One step's values, on the device (no host sync)."""
+        self.step_dev += 1
+        stats = torch.stack([loss, gnorm.float(), cprime.float().mean()])
+        self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(stats[:2]).all(), self.step_dev,
+                                     self.first_bad)
+        self.acc += stats
+        self.n += 1
+
+    def read(self, step: int) -> dict | None:
+        """The window's row (means over its steps and the ranks), then a new window; None when a value is not
+        finite. Collective: every rank gets the same verdict."""
+        cfg, n = self.cfg, self.n
+        vals = self.acc.clone()
+        dist.all_reduce(vals)
         loss_sum, gnorm_sum, cp_sum = vals.tolist()
-        if math.isfinite(loss_sum) and math.isfinite(gnorm_sum):
-            return [loss_sum / ws / n, gnorm_sum / ws / n, cp_sum / ws / n]
-        bad = first_bad.clone()
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        fb = int(bad)
-        where = f"step {fb}" if fb else f"steps {step - n + 1}..{step}"
-        finish_pending(wait=True)  # a save in flight (of a checked step) completes: name it below
-        raise NonFiniteLossError(
-            f"{where}: the loss or grad norm is not finite (checked every log_every={cfg.log_every} steps and "
-            f"before each checkpoint; updates with a non-finite gradient were skipped; the run stopped at step "
-            f"{step} without saving). The last good checkpoint "
-            f"is {run.latest() or 'none'}. Lower lr or check the data.")
+        if not (math.isfinite(loss_sum) and math.isfinite(gnorm_sum)):
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        img_s = n * cfg.global_batch_size / (time.perf_counter() - self.t)
+        row = {"step": step, "loss": loss_sum / self.ws / n, "grad_norm": gnorm_sum / self.ws / n,
+               "lr": lr_at(step - 1, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                           total_steps=cfg.steps),
+               "c_prime": cp_sum / self.ws / n, "img_per_s": img_s, "tokens_per_s": img_s * self.tokens,
+               "time": time.time(),
+               # CPU time of the training thread per step: its host work on a GPU (must stay below the step
+               # time), everything on CPU; unlike img_per_s, blind to other processes' load
+               "thread_cpu_s_per_step": (time.thread_time() - self.cpu) / n}
+        if self.peak:
+            row["mfu"] = img_s * self.flops_img / (self.peak * self.ws)
+        if self.device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.n, self.t, self.cpu = 0, time.perf_counter(), time.thread_time()
+        self.acc.zero_()
+        return row
 
-    step, t_log, c_log, n_log = start, time.perf_counter(), time.thread_time(), 0
-    acc = torch.zeros(3, device=device)  # loss, grad norm, c' summed over the log window (local)
-    first_bad = torch.zeros((), dtype=torch.long, device=device)
-    step_dev = torch.full((), start, dtype=torch.long, device=device)
-    stepper = TrainStep(model, optimizer, ema, objective, gen, cfg, chans, null_class, c, accum, device,
-                        sharded=sharded)
-    try:
-        while step < target:
-            batch = next(batches)  # prefetched in the background; non-blocking host-to-device copy
-            reader_states.update(batch["states"])
-            x0 = batch["latents"].float()  # no-op for fp32 batches
-            y = batch["labels"]
-            loss, gnorm, cprime = stepper(x0, y, step)
-            if step == start:  # once: the first batch and the optimizer state it created sit with the weights
-                check_placement(device, batch=[x0, y], optimizer=optimizer)
-            # Device-side bookkeeping, read every log_every steps (no per-step host sync).
-            step_dev += 1
-            stats = torch.stack([loss, gnorm.float(), cprime.float().mean()])
-            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(stats[:2]).all(), step_dev, first_bad)
-            acc += stats
-            step += 1
-            n_log += 1
-            bar.update(1)
-            if pending:
-                finish_pending(wait=False)
-            is_ckpt = step % cfg.checkpoint_every == 0 or step == target
-            if step % cfg.log_every == 0 or step == target or is_ckpt:
-                loss_m, gnorm_m, cp_m = check(step, acc, first_bad, n_log)  # a checkpoint is never non-finite
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t_log
-                img_s = n_log * cfg.global_batch_size / dt
-                row = {"step": step, "loss": loss_m, "grad_norm": gnorm_m,
-                       "lr": lr_at(step - 1, cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                                   total_steps=cfg.steps),
-                       "c_prime": cp_m, "img_per_s": img_s, "tokens_per_s": img_s * tokens, "time": time.time(),
-                       # CPU time of the training thread per step: its host work on a GPU (must stay below the
-                       # step time), everything on CPU; unlike img_per_s, blind to other processes' load
-                       "thread_cpu_s_per_step": (time.thread_time() - c_log) / n_log}
-                if peak:
-                    row["mfu"] = img_s * flops_img / (peak * ws)
-                if device.type == "cuda":
-                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if rank == 0:
-                    metrics.append(row)
-                    tracker.log_metrics(row, step, prefix="train/")
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}", refresh=False)
-                t_log, c_log, n_log = time.perf_counter(), time.thread_time(), 0
-                acc.zero_()
-            if is_ckpt:
-                save(step)
-        finish_pending(wait=True)
-    finally:
-        bar.close()
-        tracker.close()
-        batches.close()
-        if pending:  # an error stopped training: let the save in flight finish (its step was checked)
-            try:
-                finish_pending(wait=True)
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-        dist.destroy_process_group(ckpt_group)
-    result = {"run_url": run_url, "run_id": run_id, "store_id": info["store_id"], "step": step,
-              "checkpoint": run.checkpoint_url(step), "done": step >= cfg.steps}
-    if rank == 0 and result["done"]:
-        run.finish({**result, "steps": cfg.steps})  # the done marker; more steps later continue the run
-    return result
+    def first_bad_step(self) -> int:
+        """The first step whose loss or grad norm was not finite on any rank (0: unknown). Collective."""
+        bad = self.first_bad.clone()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return int(bad)
+
+
+def _non_finite(window: _LogWindow, step: int, cfg: DiffusionTrainConfig, ckpt: Checkpointer) -> NonFiniteLossError:
+    """The error that stops a run whose window turned non-finite, naming the first bad step and the last good
+    checkpoint (after the save in flight, of a checked step, completed)."""
+    fb = window.first_bad_step()
+    where = f"step {fb}" if fb else f"steps {step - window.n + 1}..{step}"
+    ckpt.wait()
+    return NonFiniteLossError(
+        f"{where}: the loss or grad norm is not finite (checked every log_every={cfg.log_every} steps and "
+        f"before each checkpoint; updates with a non-finite gradient were skipped; the run stopped at step "
+        f"{step} without saving). The last good checkpoint "
+        f"is {ckpt.run.latest() or 'none'}. Lower lr or check the data.")
 
 
 class TrainStep:

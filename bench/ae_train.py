@@ -76,7 +76,7 @@ def loader_vs_bare(args, ds: str, tmp: Path) -> None:
 
                 fixed = ImageBatches(open_dataset(ds), batch_size=cfg.batch_size, resolution=cfg.resolution,
                                      prefetch=False).batch(0)
-                T._batches = lambda cfg, batches, start, end, device: (fixed for _ in range(start, end))
+                T._batches = lambda cfg, batches, start, end, device, workers: (fixed for _ in range(start, end))
             try:
                 T.train_autoencoder(cfg, ds, str(tmp / f"lb-{label}-{rep}"))
             finally:

@@ -24,14 +24,15 @@ def pytest_addoption(parser):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (pyproject's addopts): one test process per core this process may run on (not the host's
-    count, which ``psutil`` reports in a container), at most 4 — every test process runs its own Prefect test
-    server and many tests start subprocesses of their own. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides;
-    ``-n 0`` runs the suite in one process."""
+    """``-n auto`` (pyproject's addopts): one test process more than the cores this process may run on (not the
+    host's count, which ``psutil`` reports in a container), at most 4. The tests wait on subprocesses, servers and
+    leases for part of their time: with one process per core the suite kept 1.4 of 2 cores busy (647 s), with
+    three 614 s beside the same background load (bench/RESULTS.md). Every test process runs its own Prefect test
+    server. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides; ``-n 0`` runs the suite in one process."""
     env = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
     if env:
         return int(env)
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    return max(1, min(4, len(os.sched_getaffinity(0)) + 1))
 
 
 def pytest_generate_tests(metafunc):

@@ -42,8 +42,10 @@ def summary_lines(verdicts: dict[str, dict]) -> list[str]:
             art = any(verdicts[r].get("artefact") for r in rules)
             con.append(claim + (" — the old toy result was an artefact of the head width" if art else ""))
     lines = [f"- **Supported**: {'; '.join(sup) or 'none'}.", f"- **Contradicted**: {'; '.join(con) or 'none'}.",
-             "- **Cannot test here**: " + "; ".join([*cant, "ImageNet-scale gFID, 1152-wide backbones, GAN/LPIPS AEs"])
-             + "."]
+             "- **Cannot test here**: ImageNet-scale gFID, 1152-wide backbones, GAN/LPIPS AEs."]
+    if cant:
+        lines.append("- **Not measured yet** (runs missing; a rerun with the same `--root` continues): "
+                     + "; ".join(cant) + ".")
     if judge_ok is False:
         lines.append("- The judge missed its 0.9 accuracy: every verdict reads the proxy (weak judge).")
     return lines
@@ -57,9 +59,10 @@ CONFOUNDED = ("> **Confounded (issue 32).** Everything below this note is the ol
               "full-channel pass. Read its verdicts through the summary above.")
 
 
-def mark_old_results(path: Path, verdicts: dict[str, dict]) -> str:
-    """Put the wide sweep's plain summary and verdicts at the top of ``path`` (RESULTS.md) and mark the old report
-    under it as confounded; a rerun replaces the block it wrote, leaving the old report as it is."""
+def mark_old_results(path: Path, verdicts: dict[str, dict], extra: list[str] = ()) -> str:
+    """Put the wide sweep's plain summary and verdicts (and ``extra`` lines: the head diagnostic) at the top of
+    ``path`` (RESULTS.md) and mark the old report under it as confounded; a rerun replaces the block it wrote,
+    leaving the old report as it is."""
     text = path.read_text() if path.exists() else ""
     if WIDE_BEGIN in text and WIDE_END in text:
         text = text.split(WIDE_END, 1)[1].lstrip("\n")
@@ -73,7 +76,7 @@ def mark_old_results(path: Path, verdicts: dict[str, dict]) -> str:
     for k, v in verdicts.items():
         block.append(f"- `{k}` — **{_word(v['held'])}**" + (" — the old toy result was an artefact of the head "
                                                              "width" if v.get("artefact") else "") + f": {v['claim']}.")
-    block += ["", WIDE_END, "", CONFOUNDED, ""]
+    block += ["", *extra, WIDE_END, "", CONFOUNDED, ""]
     out = "\n".join(block) + "\n" + text
     path.write_text(out)
     return out
@@ -190,11 +193,13 @@ def write_report(root: Path, ws: Any, sweep_name: str, results_dir: Path, verdic
            "", "Measured: the share of each run's latent variance (its own store, patchified as its backbone sees it) "
            "outside the column space of its final layer (last checkpoint's EMA weights; `old-p2-*` = the old "
            "backbone on the same stores, stage `wold`):", "", *rows_markdown(diagnose_root(root)), ""]
+    head = md[md.index("## Head width: output directions a `Linear(H → p²c)` head leaves constant"):]
     fig = results_dir / "figures" / f"{sweep_name}_tradeoff.png"
     if _tradeoff_plot(rec, ws, fig, reading_key(*READINGS[0])):
         md += ["## Reconstruction vs generation", "", f"![trade-off](figures/{fig.name})", ""]
     out = results_dir / "RESULTS-wide.md"
     results_dir.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(md) + "\n")
-    mark_old_results(results_dir / "RESULTS.md", verdicts)
+    mark_old_results(results_dir / "RESULTS.md", verdicts, ["#" + line if line.startswith("## ") else line
+                                                             for line in head])
     return out

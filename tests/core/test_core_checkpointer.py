@@ -51,6 +51,7 @@ def test_metrics_past_the_step_are_not_published(tmp_path):
     assert [r["step"] for r in run.metrics()] == [1, 2]
 
 
+@pytest.mark.concurrency
 def test_async_save_is_published_when_done_and_one_is_in_flight(tmp_path):
     run = _run(tmp_path)
     ckpt = Checkpointer(run, keep=3)
@@ -84,6 +85,7 @@ def test_async_save_is_published_when_done_and_one_is_in_flight(tmp_path):
     assert run.latest()["step"] == 6
 
 
+@pytest.mark.concurrency
 def test_a_failed_async_save_keeps_latest_at_the_previous_checkpoint(tmp_path):
     run = _run(tmp_path)
     ckpt = Checkpointer(run, keep=3)

@@ -23,7 +23,7 @@ from storage.rundir import RunDir
 from storage.sample_store import SampleStore
 from storage.urls import join
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.concurrency]
 JOBS = str(Path(__file__).with_name("one_writer_jobs.py"))
 CFG = dict(model="DiT-tiny", global_batch_size=8, steps=30, lr=1e-3, checkpoint_every=5, log_every=5,
            ema_decay=0.9, progress=False, shuffle_chunks=2, async_checkpoint=False)

@@ -93,6 +93,7 @@ def test_elastic_layout_continues_the_same_global_batches(latent_store, dws, ws)
     assert sorted(epoch) == list(range(128))
 
 
+@pytest.mark.concurrency
 def test_prefetcher_keeps_order_reraises_and_closes():
     from dcae15.diffusion.data import DevicePrefetcher
 
@@ -235,6 +236,7 @@ tr.train_diffusion(tr.DiffusionTrainConfig.from_dict(json.loads(sys.argv[1])), s
 """
 
 
+@pytest.mark.concurrency
 @pytest.mark.slow
 def test_kill_during_async_save_keeps_latest_complete(latent_store, tmp_path):
     cfg = _cfg(steps=6, checkpoint_every=2)

@@ -58,6 +58,7 @@ def _weights(run: str, step: int, which: str) -> dict[str, torch.Tensor]:
     return m.state_dict()
 
 
+@pytest.mark.concurrency
 @pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two job slots need two cores")
 def test_concurrent_backbones_give_the_checkpoints_of_sequential_training(prefect_api, tmp_path, results_dir,

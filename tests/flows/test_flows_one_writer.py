@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.concurrency]
 
 FLOW = textwrap.dedent("""
     import json, sys, time

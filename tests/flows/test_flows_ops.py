@@ -82,6 +82,7 @@ def test_training_with_two_loader_workers_inside_a_flow_run(prefect_api, tmp_pat
     assert events[-1].payload["run_url"] == out["url"] and events[-1].payload["config"]["root"] == cfg["root"]
 
 
+@pytest.mark.concurrency
 def test_a_process_forked_inside_a_flow_run_exits_cleanly(prefect_api):
     """The root cause, without torch: a forked multiprocessing child of a Prefect client exited with status 1."""
     import multiprocessing

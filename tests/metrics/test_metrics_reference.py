@@ -115,6 +115,7 @@ def test_metrics_reference_config_validation():
         ReferenceConfig(resolution=32, max_samples=1)
 
 
+@pytest.mark.concurrency
 def test_metrics_two_evaluations_at_once_compute_the_reference_and_proxy_once(shapes_url, tmp_path, monkeypatch,
                                                                               capsys):
     """Two evaluations of one dataset at once (two threads: each its own claimant) while the test holds the

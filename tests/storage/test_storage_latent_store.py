@@ -143,6 +143,7 @@ def test_verify_detects_corruption(tmp_path):
     assert not report["ok"] and report["corrupt"] == [3] and report["missing"] == []
 
 
+@pytest.mark.concurrency
 def test_units_written_concurrently_by_two_threads_are_intact(backend_url):
     store = make(join(backend_url, "c"), num_samples=64, chunk_size=16, inner_chunks=4)
     errors = []

@@ -32,6 +32,9 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+pytestmark = pytest.mark.concurrency
+
+
 def _env(**extra):
     return {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", **extra}
 

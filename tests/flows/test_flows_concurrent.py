@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -34,21 +33,6 @@ def test_machine_slots_split_cores_and_gpus():
         load_config("tiny", {"diffusion": {"concurrency": 2, "nnodes": 2}})
 
 
-def _store(url: str) -> str:
-    from storage.latent_store import LatentStore
-
-    rng = np.random.default_rng(0)
-    st = LatentStore.create(url, num_samples=64, channels=8, height=4, width=4, flip=True, chunk_size=32,
-                            attrs={"ae_fingerprint": "ae-test", "dataset_fingerprint": "ds-test", "resolution": 16,
-                                   "ae_scaling_factor": 1.0, "num_classes": 4})
-    for u in range(st.num_units):
-        a, b = st.unit_bounds(u)
-        lat = rng.standard_normal((b - a, 8, 4, 4)).astype(np.float32)
-        st.write_unit(u, lat, rng.integers(0, 4, b - a), np.ones(b - a, bool), lat[..., ::-1])
-    st.finalize()
-    return url
-
-
 def _weights(run: str, step: int, which: str) -> dict[str, torch.Tensor]:
     from dcae15.diffusion.checkpoint import load_ema_state, read_run_config
     from dcae15.models import ModelConfig, build_model
@@ -67,8 +51,9 @@ def test_concurrent_backbones_give_the_checkpoints_of_sequential_training(prefec
     two trained in turn. Long (~25 s quiet): four short trainings, the price of comparing concurrency against a
     sequential reference on the real job path."""
     from flows.pipeline import train_backbones
+    from tests.diffusion.conftest import make_latent_store
 
-    store = _store(str(tmp_path / "store"))
+    store = make_latent_store(str(tmp_path / "store"), n=64, c=8)
     out = {}
     for name, concurrency in (("together", 2), ("in_turn", 1)):
         cfg = tiny_config(tmp_path / name, diffusion={

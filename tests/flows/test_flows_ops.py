@@ -3,29 +3,14 @@ the checkpoint event, the GPU work-pool template and the heartbeat automation fi
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-
-from storage.latent_store import LatentStore
-
-
-def _latent_store(url: str, *, n: int = 64, c: int = 8, hw: int = 4, num_classes: int = 4, unit: int = 16) -> str:
-    """A finalized random store written through storage's API (tests/diffusion has a richer one)."""
-    rng = np.random.default_rng(0)
-    st = LatentStore.create(url, num_samples=n, channels=c, height=hw, width=hw, flip=False, chunk_size=unit,
-                            attrs={"ae_fingerprint": "ae-test", "dataset_fingerprint": "ds-test",
-                                   "resolution": hw * 8, "ae_scaling_factor": 1.0, "num_classes": num_classes})
-    for u in range(st.num_units):
-        a, b = st.unit_bounds(u)
-        labels = rng.integers(0, num_classes, b - a)
-        st.write_unit(u, rng.standard_normal((b - a, c, hw, hw)).astype(np.float32), labels, np.ones(b - a, bool), None)
-    st.finalize()
-    return url
 
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory) -> str:
-    return _latent_store(str(tmp_path_factory.mktemp("ops") / "latents" / "store"))
+    from tests.diffusion.conftest import make_latent_store
+
+    return make_latent_store(str(tmp_path_factory.mktemp("ops") / "latents" / "store"), n=64, c=8, unit=16, flip=False)
 
 
 def _wait_for(fetch, ok, timeout: float = 30.0):

@@ -82,19 +82,16 @@ def test_pipeline_outputs_cache_and_partial_recompute(prefect_api, tmp_path, res
 
 
 def test_torchrun_failure_is_a_failed_flow_run_with_the_reason(prefect_api, tmp_path, results_dir, tiny_config):
-    """A child that exits non-zero fails the flow run; the state message carries the exit status and its last lines."""
+    """A child that exits non-zero fails the flow run; the state message carries the exit status and its last lines.
+    The store is written through storage's API: the launch fails before any rank reads it, so prepare -> AE ->
+    encode would add ~15 s and prove nothing here."""
     from flows.diffusion import train_diffusion
-    from flows.encode import encode_latents
-    from flows.autoencoder import train_autoencoder
-    from flows.prepare import prepare_images
+    from tests.diffusion.conftest import make_latent_store
 
     cfg = tiny_config(tmp_path / "root")
-    st = results_dir
-    ds = prepare_images.with_options(result_storage=st)(root=cfg["root"], config=cfg)
-    ae = train_autoencoder.with_options(result_storage=st)(dataset=ds["url"], root=cfg["root"], config=cfg)
-    store = encode_latents.with_options(result_storage=st)(ae=ae["url"], dataset=ds["url"], root=cfg["root"], config=cfg)
-    state = train_diffusion.with_options(result_storage=st)(
-        store=store["url"], backbone="DiT-tiny", root=cfg["root"], config=cfg, nproc_per_node=2,
+    store = make_latent_store(str(tmp_path / "root" / "store"), n=32, c=8)
+    state = train_diffusion.with_options(result_storage=results_dir)(
+        store=store, backbone="DiT-tiny", root=cfg["root"], config=cfg, nproc_per_node=2,
         torchrun_args=["--no-such-torchrun-flag"], return_state=True)
     assert state.is_failed()
     assert "exit status 2" in state.message and "--no-such-torchrun-flag" in state.message

@@ -143,7 +143,8 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
                                         protocol=protocol, pr_reference=pr_ref, isc_extractor=isc, **options)
             if extractor.prefix == "proxy-":  # do the class-conditional samples show their class?
                 values["proxy-class_accuracy"] = _sample_class_accuracy(extractor, samples["url"])
-            context = {"backbone": samples["backbone"], "sampler": samples["sampler"],
+            context = {"backbone": samples["backbone"], "store": samples.get("store_id", ""),
+                       "autoencoder": samples.get("ae_fingerprint", ""), "sampler": samples["sampler"],
                        "sampling_steps": samples["sampling_steps"], "cfg_scale": samples["cfg_scale"],
                        "num_samples": samples["num_samples"], "dataset_fingerprint": dataset["fingerprint"],
                        "extractor_fingerprint": extractor.fingerprint, "reference_url": ref.url or "",

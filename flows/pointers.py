@@ -83,7 +83,8 @@ def describe_samples(url: str) -> dict[str, Any]:
     store = SampleStore.open(url, read_only=True)
     a = store.attrs
     return {"kind": "samples", "url": url, "run_id": a["run_id"], "backbone": a["backbone"],
-            "step": int(a["checkpoint_step"]),
+            "step": int(a["checkpoint_step"]), "store_id": a.get("store_id", ""),
+            "ae_fingerprint": a.get("ae_fingerprint", ""),
             "sampler": a["sampler"], "sampling_steps": int(a["steps"]), "cfg_scale": float(a["cfg_scale"]),
             "num_samples": store.num_samples, "complete": not store.missing_units(),
             "sampling": _sampling_columns(a)}

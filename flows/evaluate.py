@@ -152,7 +152,7 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
             # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
             append_results(results_url(root), [{**key, **context, **values}], part_id=short_id(key))
             log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
-            _track(root, samples["run_id"], samples["step"], values=values)
+            _track(root, samples["run_id"], samples["step"], values=values, label=row)
     return {"kind": "result_row", "root": root, "key": key}
 
 

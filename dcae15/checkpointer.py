@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -11,7 +13,12 @@ import torch
 from storage.rundir import RunDir
 from storage.urls import put_atomic, url_to_fs
 
-__all__ = ["Checkpointer", "save_torch_file", "load_torch_file"]
+__all__ = ["Checkpointer", "save_torch_file", "load_torch_file", "HOLD_AFTER_CHECKPOINT_ENV"]
+
+#: Test hook, off by default (unset in every real run): a file path. Once rank 0 has published a checkpoint it holds
+#: still until that file exists, so a test can kill a node while the run is certainly between its first checkpoint
+#: and its end, however fast it trains (tests/flows/test_flows_multinode.py).
+HOLD_AFTER_CHECKPOINT_ENV = "DCAE15_TEST_HOLD_AFTER_CHECKPOINT"
 
 #: ``write(url)`` writes one checkpoint's payload at ``url`` (on every rank; a rank may write nothing) and returns
 #: None once it is written, or a future (an asynchronous save) whose ``result()`` re-raises a failed save.
@@ -111,6 +118,9 @@ class Checkpointer:
         if self.rank == 0:
             self.run.publish(step, self.metrics)
             self.run.prune(self.keep, step)
+            release = os.environ.get(HOLD_AFTER_CHECKPOINT_ENV)  # the test hook above; None in real runs
+            while release and not os.path.exists(release):
+                time.sleep(0.1)
 
     def _barrier(self) -> None:
         from dcae15.distributed import io_barrier

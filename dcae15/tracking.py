@@ -2,8 +2,11 @@
 
 ``metrics.jsonl`` stays the record the project reads back; a tracker mirrors it to the tool a lab already watches.
 Only rank 0 opens one (the trainers call ``open_tracker`` there and pass the same rows they append to
-``metrics.jsonl``), and evaluation logs its result rows and sample grids to the same run, so one dashboard shows
-loss, grad norm, lr, c', throughput, FID and the samples against the training step.
+``metrics.jsonl``), and evaluation logs its result rows and sample grids beside it, so one dashboard shows
+loss, grad norm, lr, c', throughput, FID and the samples against the training step: TensorBoard and MLflow write
+them into the training run; W&B gives each evaluation its own run (``<run id>-eval-<step>-<evaluation>``, ``job_type``
+``eval``) in the training run's group (the run id): ``wandb sync`` of several offline runs under one id keeps one of them
+(wandb issues #3841, #5865), so evaluations written by other processes would be lost on upload.
 
 Where it writes (``TrackingConfig.dir``, default ``<run dir>/tracking`` for a local run directory, else
 ``./tracking/<run_id>`` — TensorBoard and W&B offline write local files): ``tensorboard/`` (event files),
@@ -25,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BACKENDS", "EVAL_PREFIX", "EVAL_STEP", "Tracker", "TrackingConfig", "log_evaluation", "open_tracker",
-           "tracking_dir"]
+__all__ = ["BACKENDS", "EVAL_PREFIX", "EVAL_STEP", "Tracker", "TrackingConfig", "eval_wandb_id", "log_evaluation",
+           "open_tracker", "tracking_dir"]
 
 BACKENDS = ("none", "tensorboard", "wandb", "mlflow")
 _EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
@@ -135,19 +138,32 @@ class _TensorBoard(Tracker):
 class _Wandb(Tracker):
     backend = "wandb"
 
-    def __init__(self, cfg: TrackingConfig, folder: str, run_id: str, config: dict[str, Any]):
+    def __init__(self, cfg: TrackingConfig, folder: str, run_id: str, config: dict[str, Any],
+                 evaluation: tuple[int, str] | None = None):
         import wandb
 
         os.makedirs(folder, exist_ok=True)
         self.wandb = wandb
-        # the run id is ours, so training and later evaluations land in the same W&B run
-        self.run = wandb.init(project=cfg.project, name=cfg.run_name or run_id, id=_wandb_id(run_id), dir=folder,
-                              config=config, mode="offline" if cfg.offline else "online", resume="allow",
-                              settings=wandb.Settings(silent=True, console="off"))
-        # Evaluations come from other processes, after training has moved on, and out of order (a sweep scores an
-        # older checkpoint after an event scored a newer one); W&B drops a row logged with a step lower than the
-        # run's current one. So ``eval/*`` is plotted against its own step metric, ``eval/step`` (the checkpoint's
-        # training step), and logged without ``step=``: W&B appends it at its next internal step.
+        if evaluation is None:  # the training run: our run id, so a resumed run continues its W&B run; its group
+            # (the run id) holds it and its evaluations
+            kwargs = {"id": _wandb_id(run_id), "name": cfg.run_name or run_id, "resume": "allow",
+                      "group": _wandb_id(run_id), "job_type": "train"}
+        else:
+            # An evaluation is its own W&B run, grouped under the training run: evaluations come from other
+            # processes, and ``wandb sync`` of several offline runs sharing one id keeps only one of them (wandb
+            # issues #3841, #5865). Its id is deterministic (a retried evaluation replaces its own run, never
+            # another's) and names the checkpoint step and the evaluation (a score row, a sample grid).
+            step, label = evaluation
+            config = {**config, "run_id": run_id, "checkpoint_step": int(step), "evaluation": label}
+            kwargs = {"id": eval_wandb_id(run_id, step, label), "group": _wandb_id(run_id), "job_type": "eval",
+                      "name": f"{cfg.run_name or run_id} eval step {int(step)} ({label})"}
+        self.run = wandb.init(project=cfg.project, dir=folder, config=config,
+                              mode="offline" if cfg.offline else "online",
+                              settings=wandb.Settings(silent=True, console="off"), **kwargs)
+        # Evaluations are logged after training has moved on, and out of order (a sweep scores an older checkpoint
+        # after an event scored a newer one); W&B drops a row logged with a step lower than the run's current one.
+        # So ``eval/*`` is plotted against its own step metric, ``eval/step`` (the checkpoint's training step), and
+        # logged without ``step=``: W&B appends it at its next internal step.
         self.run.define_metric(EVAL_STEP)
         self.run.define_metric(f"{EVAL_PREFIX}*", step_metric=EVAL_STEP)
 
@@ -177,8 +193,20 @@ EVAL_STEP = "eval/step"
 """W&B's step metric of ``eval/*``: the evaluated checkpoint's training step."""
 
 
-def _wandb_id(run_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)[:64]
+def _wandb_id(run_id: str, limit: int = 64) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)[:limit]
+
+
+def eval_wandb_id(run_id: str, step: int, label: str) -> str:
+    """The W&B run id of one evaluation of ``run_id``'s checkpoint ``step``: ``<run id>-eval-<step>-<label>``
+    (the run id shortened, never the suffix, to W&B's 64 characters; a long label becomes its short hash)."""
+    from storage.fingerprint import short_id
+
+    tag = _wandb_id(label)
+    if len(tag) > 24 or tag != label:
+        tag = short_id("wandb-eval", label)
+    suffix = f"-eval-{int(step)}-{tag}"
+    return _wandb_id(run_id, 64 - len(suffix)) + suffix
 
 
 class _Mlflow(Tracker):
@@ -218,8 +246,11 @@ def _yaml(config: dict[str, Any]) -> str:
 
 
 def open_tracker(cfg: TrackingConfig | dict | None, *, run_url: str, run_id: str, config: dict[str, Any] | None = None,
-                 rank: int = 0) -> Tracker:
+                 rank: int = 0, evaluation: tuple[int, str] | None = None) -> Tracker:
     """The tracker of a run (the ``none`` tracker on ranks other than 0 or when ``backend: none``).
+
+    ``evaluation=(checkpoint step, label)`` opens the tracker of one evaluation of that run: TensorBoard and MLflow
+    write into the training run; W&B opens the evaluation's own run (``eval_wandb_id``, grouped by ``run_id``).
 
     Raises:
         ImportError: the backend's package is not installed (names the pip package).
@@ -234,7 +265,7 @@ def open_tracker(cfg: TrackingConfig | dict | None, *, run_url: str, run_id: str
         if cfg.backend == "tensorboard":
             return _TensorBoard(folder, config)
         if cfg.backend == "wandb":
-            return _Wandb(cfg, folder, run_id, config)
+            return _Wandb(cfg, folder, run_id, config, evaluation)
         return _Mlflow(cfg, folder, run_id, config)
     except ImportError as err:
         raise ImportError(f"logging.backend={cfg.backend} needs the {_EXTRA[cfg.backend]!r} package "
@@ -250,13 +281,17 @@ def config_of(obj: Any) -> dict[str, Any]:
 
 
 def log_evaluation(run_url: str, step: int, *, values: dict[str, Any] | None = None,
-                   images: dict[str, Any] | None = None, storage_options: dict | None = None) -> str:
+                   images: dict[str, Any] | None = None, storage_options: dict | None = None,
+                   label: str | None = None) -> str:
     """Log an evaluation of a diffusion run's checkpoint ``step`` (result values and images such as the sample grid,
     all under ``eval/``) to the tracker its training used (``train.logging`` in its ``config.yaml``).
 
     Evaluations arrive from other processes and out of step order: TensorBoard keeps every (tag, step) of separate
-    writers (its event files are version 2: nothing is purged without a restart marker); W&B plots ``eval/*``
-    against ``eval/step``, so no evaluation row is dropped for a step lower than the run's.
+    writers (its event files are version 2: nothing is purged without a restart marker); W&B writes each evaluation
+    as its own run (id ``<run id>-eval-<step>-<label>``, ``group`` the training run id, ``job_type`` ``eval``,
+    ``eval/*`` plotted against ``eval/step``), so no evaluation is dropped for a lower step nor replaced on
+    ``wandb sync``. ``label`` names the evaluation (a result row's id, ``grid``); default the logged names, so two
+    evaluations of one step that log the same names need distinct labels.
 
     Returns:
         The backend written to (``none`` when the run tracks nothing).
@@ -265,7 +300,9 @@ def log_evaluation(run_url: str, step: int, *, values: dict[str, Any] | None = N
 
     conf = read_run_config(run_url, storage_options)
     cfg = (conf.get("train") or {}).get("logging") or {}
-    with open_tracker(cfg, run_url=run_url, run_id=conf["run_id"]) as tracker:
+    if label is None:
+        label = "+".join(sorted([*(values or {}), *(images or {})])) or "eval"
+    with open_tracker(cfg, run_url=run_url, run_id=conf["run_id"], evaluation=(int(step), label)) as tracker:
         if values:
             tracker.log_metrics(values, step, prefix=EVAL_PREFIX)
         for tag, image in (images or {}).items():

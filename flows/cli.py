@@ -84,8 +84,16 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and docs)."""
+# ---------------------------------------------------------------------------------------------------------------
+# The parser: the options every command shares, then one function per group of subcommands (in the order
+# `dcae15 --help` lists them)
+# ---------------------------------------------------------------------------------------------------------------
+
+_AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """The parent parser of every subcommand: --root, --set, --results, --through-prefect."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", default=None,
                         help=f"object-storage root URL for every artifact (default: the config's root, {DEFAULT_ROOT})")
@@ -93,15 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one config field, e.g. --set diffusion.train.steps=200 (repeatable)")
     common.add_argument("--results", default=None, metavar="URL",
                         help="where Prefect persists cached task results (default: <root>/prefect-results)")
+    common.add_argument("--through-prefect", action="store_true",
+                        help="demo/pipeline: run through Prefect even when an identical finished run's outputs are "
+                             "all still valid (by default such a rerun is answered without starting Prefect)")
+    return common
 
-    parser = argparse.ArgumentParser(
-        prog="dcae15",
-        description="DC-AE 1.5 latent diffusion pipeline: prepare images, train the structured autoencoder, encode "
-                    "a latent store with Dask, train several diffusion backbones on it, sample and evaluate — as "
-                    "cached, resumable Prefect flows.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+def _command_adder(sub: Any, common: argparse.ArgumentParser) -> _AddCommand:
+    """``add(name, help, aliases=(), config="demo")``: a subcommand with the common options and its own --config."""
 
     def add(name: str, help_: str, aliases: tuple[str, ...] = (), config: str = "demo") -> argparse.ArgumentParser:
         sp = sub.add_parser(name, parents=[common], help=help_, description=help_, epilog=_EPILOG,
@@ -113,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "sections: data, autoencoder, encode, diffusion, sample, evaluate")
         return sp
 
-    common.add_argument("--through-prefect", action="store_true",
-                        help="demo/pipeline: run through Prefect even when an identical finished run's outputs are "
-                             "all still valid (by default such a rerun is answered without starting Prefect)")
+    return add
+
+
+def _pipeline_commands(add: _AddCommand) -> None:
+    """``pipeline`` (also ``demo``) and ``rehearse``: every stage in one flow."""
     # one command, two names: `demo` is the pipeline with its default config (the packaged demo preset)
     p = add("pipeline", "all stages: prepare -> train AE -> encode -> for each backbone: train, sample, evaluate, "
                         "then print where everything is. With the default --config demo (also spelled `dcae15 demo`): "
@@ -129,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "sizes reduced) on a generated ImageNet-shaped tree (1000 wnid folders of JPEGs, a few odd "
                         "files) with stand-in weight files; prints each stage's time and peak RSS", config="rehearsal")
     p.add_argument("--per-class", type=int, default=1, help="JPEGs per wnid folder (default 1: 1000 images + 5 odd)")
+
+
+def _training_commands(add: _AddCommand) -> None:
+    """``prepare``, ``train-ae``, ``encode``, ``train-diffusion``: the stages up to a trained backbone."""
     add("prepare", "generate (or take --set data.source=URL) images and pack them into shards + an index")
     p = add("train-ae", "train the structured autoencoder on a packed dataset: the config's phases, each cached and "
                         "resumable (in-process, or torchrun when asked)")
@@ -151,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=None, help="number of nodes for torchrun")
     p.add_argument("--torchrun-arg", action="append", default=[], metavar="ARG",
                    help="extra torchrun argument, passed through (repeatable), e.g. --torchrun-arg=--rdzv-endpoint=h:29500")
+
+
+def _sample_command(add: _AddCommand) -> None:
+    """``sample``: each flag is a field of the config's sample section (``_SAMPLE_FLAGS``)."""
     p = add("sample", "sample a trained run into a sample store (resumes per unit)")
     p.add_argument("--run", required=True, help="URL of a diffusion run directory (<root>/runs/diffusion/<run_id>)")
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -170,10 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sample.seed")
     p.add_argument("--grid", default=None, metavar="PNG", help="sample.grid: also write a grid (a row per class)")
     p.add_argument("--png-dir", default=None, metavar="DIR", help="sample.png_dir: also write <index>.png files")
+
+
+def _evaluate_commands(add: _AddCommand) -> None:
+    """``evaluate`` and ``evaluate-new``: rows of the results table."""
     p = add("evaluate", "score a sample store against the real data and append rows to the results table <root>/eval/results/")
     p.add_argument("--samples", required=True, help="URL of a sample store")
     p.add_argument("--dataset", required=True, help="URL of the packed dataset the run was trained on")
     add("evaluate-new", "scan <root>/runs/diffusion and score every checkpoint without a result row")
+
+
+def _export_commands(add: _AddCommand) -> None:
+    """``export-npz``, ``export``, ``convert-ae``, ``export-ae``: files for other tools (no Prefect API)."""
     p = add("export-npz", "write a complete sample store as an ADM-layout .npz (arr_0 uint8 N×H×W×3, arr_1 labels) "
                           "for openai/guided-diffusion's evaluator; starts no Prefect API")
     p.add_argument("--samples", required=True, help="URL of a complete sample store (<root>/samples/<id>)")
@@ -198,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ae", required=True, help="URL of the autoencoder (save_pretrained directory)")
     p.add_argument("--store", required=True, help="URL of a latent store encoded with it")
     p.add_argument("--out", required=True, help="the directory to write")
+
+
+def _score_and_results_commands(add: _AddCommand) -> None:
+    """``score-npz`` (ADM's evaluator rules) and ``results`` (print the table): no Prefect API."""
     p = add("score-npz", "FID / sFID / IS / precision / recall of an ADM sample batch (.npz) against an ADM reference "
                          "batch by ADM's evaluator rules (protocol adm: unshuffled 5000-image IS splits, fp16 precision/recall), with the "
                          "Inception network from local weights; starts no Prefect API")
@@ -208,6 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64)
     add("results", "print the results table (and list the plots) under <root>/eval; starts no Prefect API")
+
+
+_COMMAND_GROUPS = (_pipeline_commands, _training_commands, _sample_command, _evaluate_commands, _export_commands,
+                   _score_and_results_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="dcae15",
+        description="DC-AE 1.5 latent diffusion pipeline: prepare images, train the structured autoencoder, encode "
+                    "a latent store with Dask, train several diffusion backbones on it, sample and evaluate — as "
+                    "cached, resumable Prefect flows.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = _command_adder(sub, _common_options())
+    for group in _COMMAND_GROUPS:  # in the order `dcae15 --help` lists the commands
+        group(add)
     return parser
 
 

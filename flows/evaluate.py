@@ -153,7 +153,7 @@ def score_samples(root: str, samples: dict[str, Any], dataset: dict[str, Any], e
             # part named by the key: an event-triggered evaluation racing the sweep still leaves one copy of the row
             append_results(results_url(root), [{**key, **context, **values}], part_id=short_id(key))
             log.info("scored %s step %s: %s", samples["run_id"], samples["step"], values)
-            _track(root, samples["run_id"], samples["step"], values=values)
+            _track(root, samples["run_id"], samples["step"], values=values, label=row)
     return {"kind": "result_row", "root": root, "key": key}
 
 
@@ -254,7 +254,8 @@ def checkpoints_to_score(run_url: str, which: str) -> list[int]:
 
 @task
 def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str,
-                     classes: list[int] | None = None, class_names: str | None = None) -> list[str]:
+                     classes: list[int] | None = None, class_names: str | None = None,
+                     precision: str = "auto") -> list[str]:
     """A run's loss curve and a grid of its samples under ``<root>/eval/figures``: a row per shown class
     (``classes``, default a bounded spread of them, see ``dcae15.diffusion.plots.grid_classes``), each of
     ``GRID_PER_CLASS`` images, named by ``class_names`` (a ``LOC_synset_mapping.txt``-style file) or the wnid.
@@ -262,11 +263,13 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
     The rows come from the scored store when it holds enough images of every shown class (read unit by unit, only
     the grid's images kept); otherwise (1000 classes with uniform labels leave most rows short) the grid classes get
     samples of their own, drawn as DiT's ``sample.py`` draws its figure (given class labels) with the scored store's
-    checkpoint, sampler, guidance and seed, into a small sample store under ``<root>/eval/grid-samples/`` that a
-    rerun finds complete."""
+    checkpoint, sampler, steps, guidance, seed, shift and dopri5 tolerances (its attrs) and ``precision`` (the
+    ``sample.precision`` that drew it: a store does not record it), into a small sample store under
+    ``<root>/eval/grid-samples/`` that a rerun finds complete."""
     from dcae15.diffusion.checkpoint import open_run
     from dcae15.diffusion.plots import (GRID_PER_CLASS, collect_grid_images, display_names, grid_classes,
                                         loss_curve_png, read_class_names, rows_filled, sample_grid_png)
+    from storage.fingerprint import short_id
     from storage.layout import Root
     from storage.sample_store import SampleStore
     from storage.shards import open_dataset
@@ -280,7 +283,7 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
     images, labels = collect_grid_images(store.iter_units(), rows, per_class=GRID_PER_CLASS)
     source = "the scored samples"
     if not rows_filled(labels, rows, GRID_PER_CLASS):
-        grid_store = _grid_samples(root, run_url, samples_url, a, rows, GRID_PER_CLASS)
+        grid_store = _grid_samples(root, run_url, samples_url, a, rows, GRID_PER_CLASS, precision=precision)
         images, labels = collect_grid_images(SampleStore.open(grid_store, read_only=True).iter_units(), rows,
                                              per_class=GRID_PER_CLASS)
         source = "class-conditional grid samples"
@@ -290,7 +293,8 @@ def draw_run_figures(root: str, run_url: str, samples_url: str, dataset_url: str
                                  f"CFG {a['cfg_scale']} ({source})")
     rows = open_run(run_url).metrics()
     loss = loss_curve_png(rows, title=f"{run_id}: training loss (EMA weights are sampled)")
-    _track(root, run_id, int(a["checkpoint_step"]), images={"samples": grid})
+    _track(root, run_id, int(a["checkpoint_step"]), images={"samples": grid},
+           label=f"grid-{short_id(a.get('sample_id') or samples_url, length=8)}")
     out = []
     for name, data in ((f"{run_id}_samples.png", grid), (f"{run_id}_loss.png", loss)):
         url = Root(root).figure(name)
@@ -312,17 +316,22 @@ def _logger():
 
 
 def _grid_samples(root: str, run_url: str, samples_url: str, attrs: dict[str, Any], rows: list[int],
-                  per_class: int) -> str:
+                  per_class: int, precision: str = "auto") -> str:
     """``per_class`` class-conditional samples of each grid class, drawn like the scored store (same checkpoint,
-    sampler, steps, guidance, seed, shift) into ``<sample id>-grid-<key>``; resumes like any sample store."""
+    sampler, steps, guidance, seed, shift, dopri5 tolerances; ``precision`` as the store was drawn) into
+    ``<sample id>-grid-<key>``; resumes like any sample store."""
     from dcae15.diffusion.sample import sample_to_store
     from storage.fingerprint import short_id
     from storage.layout import Root
     from storage.urls import join
 
     sample_id = attrs.get("sample_id") or samples_url.rstrip("/").rsplit("/", 1)[-1]
-    # under eval/, not samples/: the scored stores stay the only sample stores a root lists
-    url = join(Root(root).eval(), "grid-samples", f"{sample_id}-grid-{short_id(rows, per_class)}")
+    # the store records atol/rtol only where they are not sample_to_store's defaults (dopri5 alone reads them)
+    tol = {k: float(attrs[k]) for k in ("atol", "rtol") if k in attrs}
+    # under eval/, not samples/: the scored stores stay the only sample stores a root lists; the tolerances enter
+    # the key (where set) so a grid drawn before they were passed on is not reopened with other attrs
+    key = short_id(rows, per_class, *([tol] if tol else []))
+    url = join(Root(root).eval(), "grid-samples", f"{sample_id}-grid-{key}")
     n = len(rows) * per_class
     _logger().info("grid: %d classes x %d class-conditional samples into %s", len(rows), per_class, url)
     return sample_to_store(run_url, url, num_samples=n, sampler=attrs["sampler"], steps=int(attrs["steps"]),
@@ -330,7 +339,7 @@ def _grid_samples(root: str, run_url: str, samples_url: str, attrs: dict[str, An
                            checkpoint=int(attrs["checkpoint_step"]),
                            guidance_interval=tuple(attrs.get("guidance_interval", (0.0, 1.0))), labels="given",
                            classes=rows, batch_size=min(n, 64), chunk_size=n, ema=bool(attrs.get("ema", True)),
-                           shift=float(attrs.get("shift", 1.0)), progress=False)
+                           shift=float(attrs.get("shift", 1.0)), precision=precision, progress=False, **tol)
 
 
 def reference_lines(root: str) -> dict[str, dict[str, float]]:

@@ -161,7 +161,7 @@ def run_pipeline(root: str | None = None, config: ConfigArg = "demo", backbones:
             if url in trained["samples"]:  # none when every checkpoint was pruned before it was scored
                 draw_run_figures(root=cfg.root, run_url=url, samples_url=trained["samples"][url],
                                  dataset_url=dataset["url"], classes=cfg.evaluate.grid_classes,
-                                 class_names=cfg.data.class_names)
+                                 class_names=cfg.data.class_names, precision=cfg.sample.precision)
         plot_results(root=cfg.root)
 
     summary = outputs_summary(cfg.root)

@@ -237,7 +237,11 @@ class Commands:
 def _meet_at_lease(artifact_url: str, what: str, cmd: list[str], env: dict, n: int = 2) -> tuple[list[int], list[str]]:
     """Start ``cmd`` ``n`` times while the test holds the artifact's lease, and release it only once every command
     has said it waits for it (``storage.lease.claim`` says so exactly once, always, when it meets a held lease): the
-    commands then meet at the released lease, however slowly each one started. Returns (return codes, logs)."""
+    commands then meet at the released lease, however slowly each one started. Returns (return codes, logs).
+
+    The "waiting: ..." line is a synchronisation point, not a timing guess: ``claim`` prints it after reading the
+    lease as held and before its first wait, and a command cannot pass a lease the test holds; so once every command
+    printed it, every one is at the lease, whatever the machine's load."""
     from storage.lease import LeaseConfig, claim
 
     with claim(artifact_url, what=what, config=LeaseConfig(ttl=60)):

@@ -129,8 +129,9 @@ def test_grid_at_1000_classes_gets_class_conditional_rows_with_names(tmp_path, t
 
     root = tmp_path / "root"
     run = tiny_run_factory(tmp_path / "run1000", num_classes=1000, steps=2, log_every=1)
-    samples = sample_to_store(run, str(root / "samples" / "uniform"), num_samples=24, sampler="euler", steps=2,
-                              cfg_scale=1.5, batch_size=24, chunk_size=24, progress=False)
+    # the scored store as ImageNet's default draws it: dopri5 with tolerances other than sample_to_store's defaults
+    samples = sample_to_store(run, str(root / "samples" / "uniform"), num_samples=24, sampler="dopri5", steps=2,
+                              cfg_scale=1.5, atol=1e-2, rtol=1e-2, batch_size=24, chunk_size=24, progress=False)
     wnids = [f"n{i:08d}" for i in range(1000)]
     mapping = tmp_path / "LOC_synset_mapping.txt"
     mapping.write_text("".join(f"{w} class {i}, synonym\n" for i, w in enumerate(wnids) if i != 333))
@@ -143,13 +144,29 @@ def test_grid_at_1000_classes_gets_class_conditional_rows_with_names(tmp_path, t
         return real(images, labels, names, **kw)
 
     monkeypatch.setattr(plots, "sample_grid_png", spy)
+    import dcae15.diffusion.sample as sample_mod
+
+    calls, real_sample = [], sample_mod.sample_to_store
+
+    def sample_spy(run_url, out_url, **kw):
+        calls.append(kw)
+        return real_sample(run_url, out_url, **kw)
+
+    monkeypatch.setattr(sample_mod, "sample_to_store", sample_spy)
     pngs = draw_run_figures.fn(str(root), run, samples, "unused", classes=[0, 88, 333, 999],
-                               class_names=str(mapping))
+                               class_names=str(mapping), precision="fp32")
     assert len(pngs) == 2
     counts = np.bincount(drawn["labels"], minlength=1000)
     assert [counts[c] for c in (0, 88, 333, 999)] == [plots.GRID_PER_CLASS] * 4  # every row full, fixed count
     assert [drawn["names"][c] for c in (0, 88, 333, 999)] == ["class 0", "class 88", "n00000333", "class 999"]
     grid_store = [p for p in (root / "eval" / "grid-samples").iterdir() if p.name.startswith("uniform-grid-")]
     assert len(grid_store) == 1 and SampleStore.open(str(grid_store[0])).attrs["labels"] == "given"
+    # the grid samples are drawn with the scored store's sampler settings: its dopri5 tolerances and precision
+    scored, grid_attrs = SampleStore.open(samples).attrs, SampleStore.open(str(grid_store[0])).attrs
+    for k in ("sampler", "steps", "cfg_scale", "guidance_interval", "seed", "ema", "checkpoint_step", "atol", "rtol"):
+        assert grid_attrs[k] == scored[k], k
+    assert (grid_attrs["atol"], grid_attrs["rtol"]) == (1e-2, 1e-2)
+    assert len(calls) == 1 and calls[0]["precision"] == "fp32"
+    assert (calls[0]["atol"], calls[0]["rtol"], calls[0]["sampler"]) == (1e-2, 1e-2, "dopri5")
     # a store that already holds enough of every grid class is drawn from as it is
     assert plots.rows_filled(np.repeat([0, 1], 10), [0, 1], 10) and not plots.rows_filled(np.array([0]), [0, 1], 1)

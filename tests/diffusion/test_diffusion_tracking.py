@@ -91,39 +91,92 @@ def test_wandb_offline_run_dir(tmp_path, monkeypatch):
     assert metrics["eval/*"] == "eval/step"  # eval numbers are plotted against the checkpoint step
 
 
+def _wandb_run(path):
+    """The W&B run id, group, job type and config an offline ``.wandb`` file was written for (its ``run``
+    record)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    pos = 7
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 1:  # the run record is small: a FULL record near the start
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data[pos + 7:pos + 7 + length])
+            if rec.WhichOneof("record_type") == "run":
+                config = {i.key: json.loads(i.value_json) for i in rec.run.config.update}
+                return rec.run.run_id, rec.run.run_group, rec.run.job_type, config
+        pos += 7 + length
+    raise AssertionError(f"no run record in {path}")
+
+
 def test_evaluations_out_of_order_survive_in_wandb_and_tensorboard(tmp_path, monkeypatch):
-    """Issue 31 item 5: training logs steps 10..30, then two evaluation writers (other processes in real life)
-    log checkpoint 20 and then checkpoint 10, lower than the run's step. W&B: each evaluation row carries its
-    checkpoint as ``eval/step`` and no explicit step (W&B drops explicit steps lower than the run's), in every
-    writer's offline file; TensorBoard: every (tag, step) of the three writers reads back."""
+    """Issue 31 item 5: training logs steps 10..30; two evaluation writers (other processes in real life) log
+    checkpoint 20 and then checkpoint 10, lower than the run's step, and the training writer logs again between
+    them. W&B: each evaluation is its own run (``wandb sync`` of several offline runs under one id keeps one),
+    grouped by the training run, whose id stays the run id; every offline run's history, read back from its
+    file, holds its own ``eval/step`` and values and nothing of the others. TensorBoard: every (tag, step) of the
+    writers reads back from the one run."""
     pytest.importorskip("wandb")
-    from dcae15.tracking import open_tracker
+    import yaml
+
+    from dcae15.tracking import eval_wandb_id, log_evaluation, open_tracker
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     for backend in ("wandb", "tensorboard"):
         cfg = {"backend": backend, "project": "dcae15-test", "offline": True}
-        run = str(tmp_path / backend / "run")
-        with open_tracker(cfg, run_url=run, run_id="USiT-tiny-ooo") as tr:
+        run = tmp_path / backend / "run"
+        run.mkdir(parents=True)
+        # log_evaluation reads the run's tracker from its config.yaml, as the evaluation flow does
+        (run / "config.yaml").write_text(yaml.safe_dump({"run_id": "USiT-tiny-ooo", "train": {"logging": cfg}}))
+        with open_tracker(cfg, run_url=str(run), run_id="USiT-tiny-ooo") as tr:
             for step in (10, 20, 30):
                 tr.log_metrics({"loss": 1.0 / step}, step, prefix="train/")
-        for step, fid in ((20, 5.0), (10, 9.0)):  # the sweep scores the older checkpoint last
-            with open_tracker(cfg, run_url=run, run_id="USiT-tiny-ooo") as tr:
-                tr.log_metrics({"fid": fid}, step, prefix="eval/")
-                tr.log_image("eval/samples", np.full((4, 4, 3), step, np.uint8), step)
-    files = sorted(glob.glob(str(tmp_path / "wandb" / "run" / "tracking" / "wandb" / "offline-run-*" / "run-*.wandb")),
-                   key=lambda f: os.path.getmtime(f))
-    assert len(files) == 3  # one offline run file per writer, all for the same W&B run id
-    rows, metrics = [], {}
+        # the sweep scores the older checkpoint last; training goes on between the two evaluations
+        assert log_evaluation(str(run), 20, values={"fid": 5.0},
+                              images={"samples": np.full((4, 4, 3), 20, np.uint8)}) == backend
+        with open_tracker(cfg, run_url=str(run), run_id="USiT-tiny-ooo") as tr:
+            tr.log_metrics({"loss": 1.0 / 40}, 40, prefix="train/")
+        log_evaluation(str(run), 10, values={"fid": 9.0}, images={"samples": np.full((4, 4, 3), 10, np.uint8)})
+    files = glob.glob(str(tmp_path / "wandb" / "run" / "tracking" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 4  # one offline run per writer
+    runs = {}
     for f in files:
-        rows += _wandb_records(f, metrics)
-    train = [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    evals = [(r["eval/step"], r["eval/fid"]) for r in rows if "eval/fid" in r]
-    assert [s for s, _ in train] == [10, 20, 30] and np.allclose([v for _, v in train], [0.1, 0.05, 1.0 / 30])
-    assert sorted(evals) == [(10, 9.0), (20, 5.0)]
-    assert metrics["eval/*"] == "eval/step"
+        run_id, group, job_type, config = _wandb_run(f)
+        metrics = {}
+        runs.setdefault(run_id, []).append((group, job_type, config, _wandb_records(f, metrics), metrics))
+    label = "fid+samples"  # log_evaluation's default label: the names it logs
+    ev10, ev20 = eval_wandb_id("USiT-tiny-ooo", 10, label), eval_wandb_id("USiT-tiny-ooo", 20, label)
+    assert ev10 == "USiT-tiny-ooo-eval-10-" + ev10.rsplit("-", 1)[-1] and ev10 != ev20
+    # the training run keeps its id (its two writers resume it); each evaluation is a distinct W&B run
+    assert sorted(runs) == sorted(["USiT-tiny-ooo", ev10, ev20]) and len(runs["USiT-tiny-ooo"]) == 2
+    assert {(g, j) for g, j, *_ in runs["USiT-tiny-ooo"]} == {("USiT-tiny-ooo", "train")}  # the group of all three
+    train = [(r["_step"], r["train/loss"]) for *_, rows, _ in runs["USiT-tiny-ooo"] for r in rows if "train/loss" in r]
+    assert sorted(s for s, _ in train) == [10, 20, 30, 40]
+    assert not any("eval/fid" in r for *_, rows, _ in runs["USiT-tiny-ooo"] for r in rows)
+    for wid, step, fid in ((ev20, 20, 5.0), (ev10, 10, 9.0)):
+        ((group, job_type, config, rows, metrics),) = runs[wid]
+        assert (group, job_type) == ("USiT-tiny-ooo", "eval")
+        assert config["checkpoint_step"] == step and config["run_id"] == "USiT-tiny-ooo"
+        assert [(r["eval/step"], r["eval/fid"]) for r in rows if "eval/fid" in r] == [(step, fid)]
+        assert [r["eval/step"] for r in rows if "eval/samples/_type" in r] == [step]
+        assert not any("train/loss" in r for r in rows)
+        assert metrics["eval/*"] == "eval/step"
     scalars, images = _tb_scalars(str(tmp_path / "tensorboard" / "run" / "tracking" / "tensorboard"))
-    assert sorted(scalars["eval/fid"]) == [(10, 9.0), (20, 5.0)] and len(scalars["train/loss"]) == 3
+    assert sorted(scalars["eval/fid"]) == [(10, 9.0), (20, 5.0)] and len(scalars["train/loss"]) == 4
     assert images == ["eval/samples"]
+
+
+def test_eval_wandb_id_is_deterministic_and_fits():
+    from dcae15.tracking import eval_wandb_id
+
+    assert eval_wandb_id("DiT-XL-2-abc", 400000, "0123456789ab") == "DiT-XL-2-abc-eval-400000-0123456789ab"
+    assert eval_wandb_id("r", 1, "grid") == eval_wandb_id("r", 1, "grid") != eval_wandb_id("r", 1, "fid")
+    long = eval_wandb_id("x" * 80, 7, "a label: with spaces")
+    assert len(long) == 64 and "-eval-7-" in long and " " not in long
 
 
 def test_mlflow_local_store(tmp_path):

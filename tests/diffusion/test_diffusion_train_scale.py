@@ -224,13 +224,20 @@ _SLOW_SAVE = """
 import json, os, sys, time
 from torch.distributed.checkpoint import FileSystemWriter
 import dcae15.diffusion.train as tr
-flag = sys.argv[4]
+from dcae15.checkpointer import Checkpointer
+saving, past = sys.argv[4], sys.argv[5]
 class SlowWriter(FileSystemWriter):
     def write_data(self, plan, planner):
         if str(self.path).endswith("step-0000004"):
-            open(flag, "w").close()
-            time.sleep(120)  # the parent kills the process here, in the middle of the async save
+            open(saving, "w").close()
+            time.sleep(3600)  # the parent kills the process here, in the middle of the async save
         return super().write_data(plan, planner)
+save = Checkpointer.save
+def save_past_4(self, step, write):
+    if step == 6 and self.in_flight == 4:  # training went on past step 4 while that save hangs
+        open(past, "w").close()
+    return save(self, step, write)
+Checkpointer.save = save_past_4
 tr.dcp_writer = lambda url, storage_options=None: SlowWriter(url)
 tr.train_diffusion(tr.DiffusionTrainConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], sys.argv[3])
 """
@@ -239,19 +246,23 @@ tr.train_diffusion(tr.DiffusionTrainConfig.from_dict(json.loads(sys.argv[1])), s
 @pytest.mark.concurrency
 @pytest.mark.slow
 def test_kill_during_async_save_keeps_latest_complete(latent_store, tmp_path):
+    """SIGKILLed while the async save of step 4 hangs and training has gone on to step 6 (two explicit points the
+    trainer reports: the save is writing, the next save waits for it), the run's ``latest`` still names step 2, the
+    cut checkpoint is incomplete, and the resumed run equals the uninterrupted one bit for bit."""
     cfg = _cfg(steps=6, checkpoint_every=2)
     ref = train_diffusion(cfg, latent_store, str(tmp_path / "ref"))
-    run, flag = str(tmp_path / "run"), tmp_path / "saving"
+    run, saving, past = str(tmp_path / "run"), tmp_path / "saving", tmp_path / "past-4"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, json.dumps(cfg.to_dict()), latent_store, run,
-                             str(flag)], env=env, cwd=REPO)
-    deadline = time.time() + 300
-    while not flag.exists():
-        assert proc.poll() is None and time.time() < deadline, "trainer ended before the slow save"
-        time.sleep(0.2)
-    time.sleep(0.5)  # training goes on past step 4 while the save hangs
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+                             str(saving), str(past)], env=env, cwd=REPO)
+    try:
+        deadline = time.time() + 300  # only turns a hang into a failure
+        while not (saving.exists() and past.exists()):
+            assert proc.poll() is None and time.time() < deadline, "trainer ended before the slow save"
+            time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert read_latest(run)["step"] == 2  # never the checkpoint whose save was cut
     assert not (tmp_path / "run" / "checkpoints" / "step-0000004" / ".metadata").exists()
     out = train_diffusion(cfg, latent_store, run)  # resume from step 2

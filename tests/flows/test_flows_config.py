@@ -185,18 +185,63 @@ def _tagged_fields(path: Path) -> dict[str, str]:
     return out
 
 
-def test_imagenet_tags_machine_fields_enter_no_run_or_sample_id():
-    """Issue 31 item 3: a ``[machine]`` field of imagenet.yaml changes no result, so it is in no id: not in the
-    diffusion run's identity, not in an autoencoder phase's, not in the sample spec the sample id is made from."""
+def _ids(cfg) -> dict[str, object]:
+    """Every id a config field could enter, computed as the flows compute them: the latent store's id
+    (``flows.encode``: the encode section less its ``_WHERE`` fields), the AE phases' chain fingerprints (their run
+    directories), each backbone's run id (``flows.diffusion``: ``run_url_for`` of the training section), and the
+    sample id of a checkpoint (``flows.sample``: the run id, the step, ``sample.spec()``). The dataset and AE
+    fingerprints come from what the stage before wrote: placeholders here (the dataset's is checked by packing)."""
+    import dataclasses
+
+    from dcae15.ae.recipe import chain_fingerprints
+    from flows import encode
+    from flows.pointers import run_url_for
+    from storage.fingerprint import short_id
+
+    enc = {**dataclasses.asdict(cfg.encode), "resolution": cfg.resolution}
+    for k in encode._WHERE:
+        enc.pop(k)
+    store_id = encode.latent_store_url("/root", {"fingerprint": "ae-fp"}, {"fingerprint": "data-fp"},
+                                       enc).rstrip("/").rsplit("/", 1)[-1]
+    train = cfg.diffusion.train.to_dict()
+    runs = {b: run_url_for("/root", store_id, b, {**train, "model": b}, train["seed"]).rsplit("/", 1)[-1]
+            for b in cfg.diffusion.backbones}
+    return {"latent store id": store_id, "AE phases": chain_fingerprints(cfg.autoencoder.phases, "data-fp"),
+            "diffusion run ids": runs, "sample ids": {b: short_id(r, 500000, cfg.sample.spec()) for b, r in runs.items()}}
+
+
+def _other_value(value):
+    """A different valid value of a [machine] field (halved sizes keep every divisibility the config checks)."""
+    if isinstance(value, bool):
+        return not value
+    if not isinstance(value, (int, str)):
+        raise AssertionError(f"no perturbation for {value!r}: extend _other_value")
+    if isinstance(value, str):
+        return {"cuda": "cpu"}.get(value, "cuda")
+    return value // 2 if value > 1 else 2
+
+
+def test_imagenet_tags_machine_fields_enter_no_run_or_sample_id(tmp_path):
+    """Issue 31 item 3: a ``[machine]`` field of imagenet.yaml says how and where a stage runs, so it enters no id.
+    Every [machine] field read from the file is changed, one at a time, and every id it could enter is computed as
+    the flows compute it: the latent store id, the AE phases' chain fingerprints, the diffusion run ids, the sample
+    ids — none moves; the ``data.*`` ones are packing arguments, so a small tree is packed with each changed and the
+    dataset fingerprint stays. (The world size can change which random numbers are drawn: the file's header says
+    so; it still names no other run.)"""
+    import inspect
+
     from flows.config import CONFIG_DIR
+    from storage.packing import pack_image_folder
+    from storage.synthetic import make_shapes_dataset
 
     tags = _tagged_fields(CONFIG_DIR / "imagenet.yaml")
+    raw = yaml.safe_load((CONFIG_DIR / "imagenet.yaml").read_text())
     assert tags["sample.sampler"] == "official" and tags["sample.precision"] != "machine"
     assert tags["diffusion.train.ema_warmup_steps"] == "official"  # DC-Gen / efficientvit EMA warm-up
     assert set(tags.values()) <= {"paper", "official", "ours", "machine"}, set(tags.values())
     cfg = load_config("imagenet")
-    machine = [p for p, t in tags.items() if t == "machine"]
-    assert machine, "the tag parser found no [machine] field"
+    machine = sorted(p for p, t in tags.items() if t == "machine")
+    assert len(machine) >= 14, f"the tag parser found only {machine}"
     ids = {"diffusion.train.": set(cfg.diffusion.train.identity()), "sample.": set(cfg.sample.spec()),
            "autoencoder.train.": set().union(*(set(p.identity()) for p in cfg.autoencoder.phases))}
     for path in machine:
@@ -206,3 +251,31 @@ def test_imagenet_tags_machine_fields_enter_no_run_or_sample_id():
     # the other way round: every field a sample id is made of is tagged something else
     for field in cfg.sample.spec():
         assert tags.get(f"sample.{field}", "untagged") != "machine", field
+
+    base, base_ids = cfg.to_dict(), _ids(cfg)
+    data_fields = []
+    for path in machine:
+        *parents, leaf = path.split(".")
+        node = raw
+        for k in parents:
+            node = node[k]
+        over = {leaf: _other_value(node[leaf])}
+        for k in reversed(parents):
+            over = {k: over}
+        changed = load_config("imagenet", over)
+        assert changed.to_dict() != base, f"{path}: {over} changed nothing in the loaded config"
+        assert _ids(changed) == base_ids, f"{path} is tagged [machine] but changes an id"
+        if parents == ["data"]:
+            data_fields.append(leaf)
+    # data.*: packing arguments; the dataset fingerprint is of content and order, not of how it was packed
+    assert data_fields and set(data_fields) <= set(inspect.signature(pack_image_folder).parameters), data_fields
+    src = tmp_path / "src"
+    make_shapes_dataset(str(src), num_classes=2, per_class=4, size=16, fmt="jpg")
+    small = {"shard_bytes": 2000, "workers": 2, "read_threads": 1}  # each different from the file's, and cheap
+    pack = {k: raw["data"][k] for k in data_fields} | {"workers": 1}
+    first = pack_image_folder(str(src), str(tmp_path / "base"), progress=False, **pack)
+    for leaf in data_fields:
+        assert small[leaf] != pack[leaf], leaf
+        info = pack_image_folder(str(src), str(tmp_path / leaf), progress=False, **{**pack, leaf: small[leaf]})
+        assert info.fingerprint == first.fingerprint, f"data.{leaf} is tagged [machine] but changes the fingerprint"
+    assert len(list((tmp_path / "shard_bytes").glob("shard-*.tar"))) > len(list((tmp_path / "base").glob("shard-*.tar")))

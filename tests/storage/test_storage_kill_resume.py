@@ -1,5 +1,8 @@
 """A unit writer SIGKILLed mid-store leaves no unit marked complete with bad data; a rerun finishes the store
-with exactly the arrays of an uninterrupted run."""
+with exactly the arrays of an uninterrupted run.
+
+The kill lands at an explicit point, never after a sleep: the writer holds still once unit ``HOLD_AT``'s arrays are
+written and before its completion marker, says so, and waits there until it is killed."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -22,9 +24,23 @@ WRITER = textwrap.dedent("""
     from storage.latent_store import LatentStore
 
     url, n, chunk, c = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    hold_at = int(sys.argv[5]) if len(sys.argv) > 5 else None
     attrs = {"ae_fingerprint": "ae", "dataset_fingerprint": "ds", "resolution": 32}
     store = LatentStore.create(url, num_samples=n, channels=c, height=8, width=8, flip=True, attrs=attrs,
                                chunk_size=chunk)
+    if hold_at is not None:  # hold still between unit hold_at's arrays and its marker: the test kills us there
+        import time
+        import storage.units
+
+        put_atomic = storage.units.put_atomic
+
+        def put_or_hold(fs, path, data):
+            if path == store._marker(hold_at):
+                print("holding", flush=True)
+                time.sleep(3600)
+            return put_atomic(fs, path, data)
+
+        storage.units.put_atomic = put_or_hold
     for u in store.missing_units():
         a, b = store.unit_bounds(u)
         rng = np.random.default_rng(u)  # the data of a unit depends only on the unit: reruns write the same
@@ -37,6 +53,7 @@ WRITER = textwrap.dedent("""
 
 
 SIZES = {"local": ["4000", "100", "16"], "s3": ["600", "20", "4"]}  # moto is slow: a smaller store there
+HOLD_AT = 3  # units 0-2 complete, unit 3 written but unmarked when the kill lands
 
 
 def run_writer(url, env, sizes):
@@ -48,9 +65,13 @@ def arrays(url):
     return {name: store.group[name][:] for name in ("latents", "latents_flip", "labels", "valid")}
 
 
+@pytest.mark.concurrency
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_sigkill_mid_store_then_rerun_equals_uninterrupted(tmp_path, backend, request):
+    """SIGKILLed between a unit's arrays and its marker (an explicit point the writer reports and waits at), the
+    store has exactly the earlier units complete and intact; the rerun redoes only the rest, the kill's half-written
+    unit included, and ends with the arrays and statistics of an uninterrupted run."""
     sizes = SIZES[backend]
     if backend == "local":
         root = str(tmp_path)
@@ -59,15 +80,20 @@ def test_sigkill_mid_store_then_rerun_equals_uninterrupted(tmp_path, backend, re
     killed_url, clean_url = join(root, "killed"), join(root, "clean")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
 
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, killed_url, *sizes], env=env, stdout=subprocess.PIPE, text=True)
-    lines = [proc.stdout.readline() for _ in range(3)]  # at least 3 units are done and it is writing more
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert all(line.strip().isdigit() for line in lines), lines
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, killed_url, *sizes, str(HOLD_AT)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        # units 0..HOLD_AT-1 are done and unit HOLD_AT's arrays are written: it waits for its kill there, however slow
+        lines = [proc.stdout.readline().strip() for _ in range(HOLD_AT + 1)]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert lines == [*map(str, range(HOLD_AT)), "holding"], lines
     partial = LatentStore.open(killed_url)
     missing = partial.missing_units()
-    assert 0 < len(missing) < partial.num_units - 2 and not partial.is_complete
+    assert missing == list(range(HOLD_AT, partial.num_units)) and not partial.is_complete
+    a, b = partial.unit_bounds(HOLD_AT)
+    assert partial.group["latents"][a:b].any()  # the kill cut a unit whose rows were written, its marker not
     assert partial.verify()["corrupt"] == []  # every unit with a marker is intact
 
     out = run_writer(killed_url, env, sizes).stdout.split()

@@ -293,6 +293,10 @@ def _run(args: argparse.Namespace) -> Any:
         overrides["sample"] = {**overrides.get("sample", {}), **sample_overrides(args)}
     try:
         cfg = load_config(args.config, overrides)  # fail fast on a bad config, before Prefect starts
+        named = getattr(args, "backbones", None) or ([args.backbone] if getattr(args, "backbone", None) else None)
+        if named:  # the flow applies --backbone(s); check them with the rest now
+            load_config(args.config, {**overrides, "diffusion": {**overrides.get("diffusion", {}),
+                                                                 "backbones": list(named)}})
     except ValueError as exc:
         raise SystemExit(f"dcae15 {args.command}: config error: {exc}") from None
     root = local_root(cfg.root)

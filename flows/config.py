@@ -213,6 +213,13 @@ class DiffusionSection(LaunchFields):
             raise ValueError(f"diffusion.backbones: unknown presets {unknown}; allowed: {', '.join(sorted(PRESETS))} "
                              "or an import path 'package.module:factory' (docs/backbones.md)")
         plugins = [b for b in self.backbones if is_import_path(b)]
+        for b in plugins:  # found here, before any stage runs, not after the stages before training
+            from dcae15.models.plugin import BackboneError, source_fingerprint
+
+            try:
+                source_fingerprint(b)
+            except BackboneError as e:
+                raise ValueError(f"diffusion.backbones: {e}") from None
         if plugins and self.train.objective is None:
             raise ValueError(f"diffusion.train.objective is required with import-path backbones {plugins}; allowed: "
                              f"{', '.join(OBJECTIVES)} (it then applies to every backbone of the list)")

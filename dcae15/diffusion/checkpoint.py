@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 from storage.rundir import RunDir
@@ -76,11 +79,21 @@ def load_ema_state(ckpt_url: str, model: torch.nn.Module, *, which: str = "ema",
         raise ValueError(f"which={which!r}; allowed: ('ema', 'model')")
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {"app": {which: params}}
-    dcp.load(state, storage_reader=dcp_reader(ckpt_url, storage_options),
-             planner=DefaultLoadPlanner(allow_partial_load=True))
+    with quiet_single_process_load():
+        dcp.load(state, storage_reader=dcp_reader(ckpt_url, storage_options),
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(state["app"][which][n])
+
+
+@contextlib.contextmanager
+def quiet_single_process_load():
+    """DCP warns on every load outside a process group that it assumes a single process, which is what sampling,
+    export and a one-rank trainer mean: that one warning is silenced, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def read_train_state(ckpt_url: str, storage_options: dict | None = None) -> dict:
@@ -91,8 +104,9 @@ def read_train_state(ckpt_url: str, storage_options: dict | None = None) -> dict
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
     state = {"app": {"train": io.BytesIO()}}
-    dcp.load(state, storage_reader=dcp_reader(ckpt_url, storage_options),
-             planner=DefaultLoadPlanner(allow_partial_load=True))
+    with quiet_single_process_load():
+        dcp.load(state, storage_reader=dcp_reader(ckpt_url, storage_options),
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
     blob = state["app"]["train"]
     blob.seek(0)
     return torch.load(blob, weights_only=True)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from dcae15.accel import bf16_autocast, gpu_branches
 from dcae15.checkpointer import Checkpointer
 from dcae15.diffusion.adt import ADTConfig, LossNorm, draw_mask, micro_loss
-from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run
+from dcae15.diffusion.checkpoint import dcp_reader, dcp_writer, open_run, quiet_single_process_load
 from dcae15.diffusion.objectives import make_objective
 from dcae15.ema import EMA, decay_at
 from dcae15.lr_schedule import SCHEDULES, lr_at
@@ -536,7 +536,8 @@ def _restore(cfg, ckpt: Checkpointer, model, optimizer, ema: EMA, rank: int, ws:
     app = _AppState(model, optimizer, ema.shadow, train_state)
 
     def load(url: str) -> None:
-        dcp.load({"app": app}, storage_reader=dcp_reader(url, storage_options))
+        with quiet_single_process_load():
+            dcp.load({"app": app}, storage_reader=dcp_reader(url, storage_options))
         _train_state_compat(train_state)
         ema.refresh()
 

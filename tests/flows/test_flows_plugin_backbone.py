@@ -19,6 +19,23 @@ def test_config_takes_a_plugin_beside_a_preset_and_requires_the_objective():
         load_config({"diffusion": {"backbones": ["lightning_dit.py"]}})
 
 
+def test_a_plugin_that_cannot_be_found_is_a_config_error_before_prefect_starts(tmp_path, capsys):
+    """Found when the config loads, not after the stages before training (the AE, the encode, the other
+    backbones): one line naming the entry and what to do, no traceback, no Prefect server started."""
+    from flows.cli import main
+
+    missing = "no_such_lab.nets:make"
+    with pytest.raises(ValueError, match=r"no_such_lab\.nets:make.*cannot be found.*PYTHONPATH"):
+        load_config({"diffusion": {"backbones": ["SiT-tiny", missing], "train": {"objective": "flow"}}})
+    with pytest.raises(SystemExit, match=r"dcae15 pipeline: config error: .*no_such_lab\.nets:make.*PYTHONPATH"):
+        main(["pipeline", "--config", "tiny", "--root", str(tmp_path / "root"), "--backbones", "SiT-tiny", missing,
+              "--set", "diffusion.train.objective=flow"])
+    with pytest.raises(SystemExit, match=r"dcae15 train-diffusion: config error: .*no_such_lab\.nets:make"):
+        main(["train-diffusion", "--config", "tiny", "--root", str(tmp_path / "root"), "--store", "x",
+              "--backbone", missing, "--set", "diffusion.train.objective=flow"])
+    assert not (tmp_path / "root").exists()  # nothing ran
+
+
 def test_training_cache_key_follows_the_plugin_source(tmp_path, monkeypatch):
     from flows.caching import BackboneSource
 

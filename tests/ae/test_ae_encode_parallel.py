@@ -97,7 +97,8 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32_and_recorded(shapes_dataset, tiny
     url = prepare_store(tiny_ae_url, shapes_dataset, str(tmp_path), resolution=32, flip=False, dtype="bfloat16")
     assert LatentStore.open(url).attrs["compute_dtype"] == "bfloat16"
     encode_units(tiny_ae_url, shapes_dataset, url, [0], batch_size=8)
-    # the same 8 images in one batch through the same bf16 kernels: the store holds z16 rounded to its dtype, bit for bit
+    # the same 8 images in one batch through the same bf16 kernels: the store holds z16 rounded to its dtype,
+    # bit for bit
     stored = LatentStore.open(url).read_range(0, 8)
     np.testing.assert_array_equal(stored, z16.astype(stored.dtype))
     assert prepare_store(tiny_ae_url, shapes_dataset, str(tmp_path), resolution=32, flip=False) == url  # auto: as stored

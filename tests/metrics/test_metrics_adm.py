@@ -127,9 +127,10 @@ def test_metrics_adm_reference_equals_statistics_of_its_images(tmp_path, stand_i
         np.testing.assert_allclose(getattr(ref_plain, sigma), s, rtol=0, atol=two_n_u64 * big ** 2)
     assert ref_full.attrs["statistics_from"] == ["mu", "mu_s", "sigma", "sigma_s"] and ref_full.attrs["computed"] == []
     out = generation_metrics(plain, ref_full, extractor=spec, metrics=("fid", "sfid", "precision"), device="cpu")
-    # the same images against their own statistics: zero up to round-off (stand-in weights give tiny features). sigma has
-    # rank <= 3, so ~2045 eigenvalues of sigma @ sigma are 0 and come out ~ +-u64 ||sigma||^2; the square roots of the
-    # positive ones add <= 2045 sqrt(u64) ||sigma|| ~ 2.1e-5 tr(sigma); 1e-4 is 5x that (seen <= 1.5e-6 tr(sigma))
+    # the same images against their own statistics: zero up to round-off (stand-in weights give tiny features).
+    # sigma has rank <= 3, so ~2045 eigenvalues of sigma @ sigma are 0 and come out ~ +-u64 ||sigma||^2; the square
+    # roots of the positive ones add <= 2045 sqrt(u64) ||sigma|| ~ 2.1e-5 tr(sigma); 1e-4 is 5x that (seen <= 1.5e-6
+    # tr(sigma))
     assert abs(out["fid"]) <= 1e-4 * np.trace(ours.sigma) and abs(out["sfid"]) <= 1e-4 * np.trace(ours.sigma_s)
     assert out["precision"] == 1.0
     # by protocol (issue 31): adm takes everything from the batch, dc-gen FID from the train split and

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import tempfile
 import uuid
 from dataclasses import dataclass
 
@@ -14,6 +15,12 @@ import pytest
 # One intra-op thread per process (before torch is imported; subprocesses inherit it): tests start Dask workers,
 # DataLoader workers and torchrun children on 2 cores, and tiny models slow down 10-50x when threads oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# inductor keys its compile cache without ATEN_CPU_CAPABILITY, yet the C++ it generates depends on it: a kernel cached
+# by a run on AVX-512 fails to build in a run under ATEN_CPU_CAPABILITY=default ("'at::vec' has not been declared"),
+# as .ci/run's numerics passes do. One cache per capability named.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.getuid()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", ""}
 

@@ -23,10 +23,14 @@ def _images(dataset_url, n=16):
     return torch.from_numpy(im).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+@pytest.mark.numerics  # a trained model against a threshold: must hold whatever kernels trained it
 def test_tiny_ae_learns_on_cpu(shapes_dataset, tmp_path):
-    """On a fixed batch of 16 images, 60 structured steps cut the full-channel L1 by at least 1.6x (measured 1.84x)."""
-    cfg = AETrainConfig(preset="tiny-f8c32", steps=60, batch_size=16, lr=3e-3, weight_decay=0.0, perceptual="none",
-                        hflip=False, include_full=True, checkpoint_every=60, log_every=20, progress=False)
+    """On a fixed batch of 16 images, 120 structured steps cut the full-channel L1 by at least 1.6x.
+
+    Measured 3.36x (AVX-512 kernels) and 3.41x (ATEN_CPU_CAPABILITY=default): 2.1x above the line, which no
+    learning (1.0x) stays far below. 60 steps gave 1.81x / 1.77x, within 11% of it."""
+    cfg = AETrainConfig(preset="tiny-f8c32", steps=120, batch_size=16, lr=3e-3, weight_decay=0.0, perceptual="none",
+                        hflip=False, include_full=True, checkpoint_every=120, log_every=40, progress=False)
     torch.manual_seed(cfg.seed)
     before = _l1_full(StructuredAutoencoder.from_preset("tiny-f8c32"), _images(shapes_dataset))
     ptr = train_autoencoder(cfg, shapes_dataset, str(tmp_path / "run"))
@@ -35,7 +39,7 @@ def test_tiny_ae_learns_on_cpu(shapes_dataset, tmp_path):
     assert after < before / 1.6, (before, after)
     assert ptr["finished"] and ptr["fingerprint"] == trained.fingerprint()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [20, 40, 60] and rows[-1]["channels"][-1] == 32
+    assert [r["step"] for r in rows] == [40, 80, 120] and rows[-1]["channels"][-1] == 32
     # finished: a rerun does nothing and returns the same pointer
     assert train_autoencoder(cfg, shapes_dataset, str(tmp_path / "run")) == ptr
 

@@ -95,6 +95,7 @@ def test_checkpointing_recomputes_each_block_and_keeps_names():
 
 
 @pytest.mark.slow
+@pytest.mark.numerics  # compiled kernels against eager ones, in bf16
 @pytest.mark.parametrize("arch, backend", [("dit", "inductor"), ("uvit", "aot_eager")])
 def test_compiled_checkpointed_matches_eager_under_bf16_policy(arch, backend, monkeypatch):
     """torchtitan's composition (checkpoint -> compile fullgraph per block -> fully_shard) against plain eager
@@ -118,6 +119,12 @@ def test_compiled_checkpointed_matches_eager_under_bf16_policy(arch, backend, mo
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] >= 1  # the blocks really were compiled
     assert [n for n, _ in eager.named_parameters()] == [n for n, _ in fast.named_parameters()]
+    # bf16, u = 2**-8 = 3.9e-3: compiled blocks keep fp32 inside fused kernels where eager rounds each op to bf16, ~5
+    # roundings per block x 2 blocks, so outputs differ by <= ~10 u = 0.04 each; the loss, a mean of 512 squares whose
+    # errors take both signs, by ~2 x 10 u / sqrt(512) = 3.5e-3 relative: 2e-2 is 5x that. Gradients: cos >= sqrt(1 -
+    # r^2) for a relative difference r; 0.99 allows r = 0.14 = 36 u, forward + backward round ~20 times (<= 20 u).
+    # Seen: loss 1.3e-3 (inductor) and 0 (aot_eager) apart, cos >= 0.99998, under AVX-512 and default kernels; the
+    # norm < 1e-6 escape is for gradients that are 0 (smallest seen: 9.5e-4).
     assert torch.isfinite(lf) and abs(lf - le) <= 2e-2 * abs(le), (lf, le)
     for n in ge:
         a, b = ge[n].flatten().float(), gf[n].flatten().float()
@@ -163,6 +170,7 @@ def ae_store(tmp_path_factory, decodable_store_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.numerics  # bf16 training and sampling against fp32, against thresholds
 def test_bf16_compiled_checkpointed_training_is_close_to_fp32_and_resumes(ae_store, tmp_path, monkeypatch):
     from dcae15.diffusion.train import train_diffusion
 
@@ -180,6 +188,9 @@ def test_bf16_compiled_checkpointed_training_is_close_to_fp32_and_resumes(ae_sto
     fp32, bf16 = _losses(str(tmp_path / "fp32")), _losses(full)
     assert len(bf16) == 4 and all(torch.isfinite(torch.tensor(bf16)))
     assert bf16 != fp32  # bf16 really ran
+    # fp32 means of (pred - target)^2: bf16 moves pred by <= ~10 u (2 blocks; u = 2**-8), so the loss by <= 2 x 10 u
+    # = 0.08 relative where pred carries the loss, far less where the target does, as here at steps 1-4 (seen <= 2.8e-5
+    # under AVX-512 and default kernels); 0.03 = 8 u
     for a, b in zip(fp32, bf16):
         assert abs(a - b) <= 0.03 * abs(a), (fp32, bf16)
     # sampling in one process: precision 'auto' is bf16 autocast under the switch
@@ -192,6 +203,10 @@ def test_bf16_compiled_checkpointed_training_is_close_to_fp32_and_resumes(ae_sto
               chunk_size=2, progress=False)
     auto, _ = SampleStore.open(sample_to_store(full, str(tmp_path / "s-auto"), **kw)).read_all()
     ref, _ = SampleStore.open(sample_to_store(full, str(tmp_path / "s-fp32"), precision="fp32", **kw)).read_all()
+    # uint8 pixels, 127.5 levels per unit of the decoded [-1, 1] image: bf16 (u = 2**-8; 2 Heun steps of 2 blocks, ~20
+    # roundings, <= 20 u = 0.08 relative) moves a pixel by <= ~10 levels where the image is at +-1; a mean of 8 levels
+    # caps that; above 0: some pixel changed. Seen: mean 0.26 (max 2; 26% of the pixels changed) under AVX-512 and
+    # default kernels
     diff = np.abs(auto.astype(int) - ref.astype(int))
     assert 0 < diff.mean() < 8
 

@@ -11,6 +11,7 @@ from dcae15.diffusion.samplers import guided_model
 from dcae15.models import build_model, model_config
 
 
+@pytest.mark.numerics  # a trained model against a threshold: must hold whatever kernels trained it
 @pytest.mark.parametrize("name,objective", [("DiT-tiny", "ddpm-linear"), ("USiT-tiny", "flow"),
                                             ("UViT-tiny", "ddpm-scaled-linear")])
 def test_loss_drops_on_a_fixed_latent_batch(name, objective):
@@ -39,6 +40,8 @@ def test_loss_drops_on_a_fixed_latent_batch(name, objective):
         opt.step()
     after = eval_loss()
     print(f"{name} {objective}: eval loss {before:.4f} -> {after:.4f}")
+    # measured after / before: DiT 0.145, USiT 0.453, UViT 0.213 under AVX-512 kernels and ATEN_CPU_CAPABILITY=default
+    # alike (<= 1e-4 apart); the closest, USiT, sits 1.8x below 0.8; no learning gives 1.0
     assert after < 0.8 * before
 
 
@@ -64,14 +67,20 @@ def _oracle(obj, target):
 
     def fn(x, t, y):
         if obj.kind == "flow":
-            s = (t / 1000).view(-1, 1, 1, 1).clamp_min(1e-8)
-            return (x - target) / s  # v = eps - x0 with eps = (x - (1 - s) x0) / s
+            # v = eps - x0 with eps = (x - (1 - s) x0) / s, also for s < 0: torchdiffeq's dopri5 steps past t = 0 and
+            # interpolates back, and the straight line x_s = (1 - s) x0 + s eps goes on there. (A clamp to s >= 1e-8
+            # returned ~1e8 |x - x0| for those stages, and whether the solver then recovered or failed with
+            # 'underflow in dt' depended on the kernels' rounding: it failed under ATEN_CPU_CAPABILITY=default.)
+            s = (t / 1000).view(-1, 1, 1, 1)
+            s = torch.where(s.abs() < 1e-8, torch.full_like(s, 1e-8), s)
+            return (x - target) / s
         ab = obj.alphas_cumprod[t.long().cpu()].float().view(-1, 1, 1, 1)
         return (x - ab.sqrt() * target) / (1 - ab).sqrt()
 
     return fn
 
 
+@pytest.mark.numerics  # an adaptive solver's step decisions under each kernel set's rounding
 @pytest.mark.parametrize("objective,sampler,steps", [("ddpm-linear", "ddim", 20), ("ddpm-linear", "ddpm", 250),
                                                      ("ddpm-scaled-linear", "ddim", 10), ("flow", "euler", 8),
                                                      ("flow", "heun", 4), ("flow", "dopri5", 1)])
@@ -80,7 +89,11 @@ def test_samplers_recover_a_point_mass(objective, sampler, steps):
     target = torch.linspace(-1, 1, 2 * 3 * 2 * 2).view(2, 3, 2, 2)
     out = sample_latents(_oracle(obj, target), obj, shape=target.shape, labels=torch.zeros(2, dtype=torch.long),
                          sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, target, atol=2e-3, rtol=0)
+    # The oracle is exact, so only fp32 rounding is left (|x| <= ~3): DDPM/DDIM re-predict x0 at every step (no
+    # accumulation), the oracle's eps amplifies x's rounding u32 |x| by 1 / sqrt(1 - abar) <= 1 / sqrt(beta_1) = 100,
+    # ~2e-5, and the step multiplies it back by sqrt(1 - abar); Euler, Heun and dopri5 follow an exactly straight path.
+    # 1e-4 is above that (seen <= 2.3e-6 under ATEN_CPU_CAPABILITY=default and avx512).
+    torch.testing.assert_close(out, target, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name,sampler", [("DiT-tiny", "ddpm"), ("DiT-tiny", "ddim"), ("SiT-tiny", "euler"),

@@ -122,7 +122,11 @@ def test_timestep_shift_moves_the_grid_and_keeps_the_answer(sampler, steps, shif
 def test_dopri5_with_a_shift_integrates_the_same_ode():
     z1, _ = _draw("dopri5", 1)
     z2, _ = _draw("dopri5", 1, shift=3.0)
-    assert torch.allclose(z1, z2, atol=1e-3)  # a change of time variable: the same flow map up to tolerance
+    # a change of time variable: the same flow map up to the solver's error. dopri5 keeps each step's error estimate
+    # under atol + rtol |x| = 1e-5 (1 + |x|) (sample_latents' defaults) in the RMS over the 20 000 samples, ~1e-4 at
+    # the largest |x| = 4.3; 6 and 11 accepted steps. Seen: 1.9e-4 and 5e-5 from the exact map MU + S x1, 1.5e-4
+    # apart, under ATEN_CPU_CAPABILITY=default and avx512 alike; 1e-3 is 6x that.
+    assert torch.allclose(z1, z2, atol=1e-3)
     _assert_moments(z2, MU, S ** 2)
 
 

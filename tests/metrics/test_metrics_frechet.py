@@ -23,16 +23,24 @@ def test_metrics_frechet_matches_scipy_on_gaussian_features(seed):
     b = rng.standard_normal((500, d)) @ rng.standard_normal((d, d)) * 0.7 + rng.normal(0, 1, d)
     (mu1, s1), (mu2, s2) = feature_stats(a), feature_stats(b)
     ours = frechet_distance(mu1, s1, mu2, s2)
+    # float64, two algorithms. eigvals(s1 s2): similar to a PSD matrix through s1^(1/2) (eigenvector condition <=
+    # sqrt(cond s1) ~ 250), so each eigenvalue moves by <= 250 D u64 ||s1|| ||s2|| ~ 5e-9, its square root (lambda >=
+    # 1.4e-6) by <= 5e-9 / (2 sqrt(1.4e-6)) = 2e-6; x D = 24: 5e-5 absolute at worst, 1.6e-7 of the FID (>= 315).
+    # scipy's sqrtm errs by as much; rel 1e-6 covers both (seen <= 1.6e-15 relative)
     assert ours == pytest.approx(_scipy_fid(mu1, s1, mu2, s2), rel=1e-6, abs=1e-6)
     assert ours > 1.0
+    # against itself: the eigenvalues of s1 s1 = s1^2 (symmetric) move by <= D u64 ||s1||^2 = 3e-11, their square roots
+    # by <= 3e-11 / (2 lambda_i(s1)); twice the sum over i is <= 2.3e-7 (seed 1, lambda_min(s1) = 1.1e-4): 1e-6 is 4x
+    # that (seen <= 2.3e-9)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_metrics_feature_stats_is_mean_and_unbiased_covariance():
     x = np.random.default_rng(3).standard_normal((50, 5)).astype(np.float32)
     mu, sigma = feature_stats(x)
-    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0))
-    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False))
+    # numpy's mean and (unbiased) cov of the float64 features: the same calls, the same bits
+    np.testing.assert_array_equal(mu, x.astype(np.float64).mean(0))
+    np.testing.assert_array_equal(sigma, np.cov(x.astype(np.float64), rowvar=False))
     with pytest.raises(ValueError, match="N>=2"):
         feature_stats(x[:1])
     with pytest.raises(ValueError, match="shape mismatch"):

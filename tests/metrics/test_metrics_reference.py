@@ -11,20 +11,28 @@ import pytest
 import torch
 
 
+@pytest.mark.numerics  # features and float64 statistics by two paths, FID within a derived tolerance
 def test_metrics_reference_matches_direct_stats_and_is_reused(proxy_spec, shapes_url, shapes_images, tmp_path,
                                                               monkeypatch):
     import dcae15.metrics.reference as reference
     from dcae15.metrics.fidelity import extract_features, feature_stats, generation_metrics
 
     cache = str(tmp_path / "eval")
-    url = reference.reference_stats(shapes_url, 32, proxy_spec, cache_url=cache, num_features=300, block_size=500)
+    # blocks of 512 = 8 loader batches of 64: the same batches as the direct extraction's, so both run the same kernels
+    # on the same inputs and the features are the same bits on any CPU (partial batches inside a block: the resume test)
+    url = reference.reference_stats(shapes_url, 32, proxy_spec, cache_url=cache, num_features=300, block_size=512)
     ref = reference.load_reference(url)
     direct = extract_features(shapes_images[0], proxy_spec, device="cpu")["fid"]
     mu, sigma = feature_stats(direct)
-    np.testing.assert_allclose(ref.mu, mu, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-5, atol=1e-7)
     assert ref.features.shape == (300, direct.shape[1])
-    np.testing.assert_allclose(ref.features, direct.numpy()[ref.indices], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ref.features, direct.numpy()[ref.indices])
+    # The statistics then differ by float64 arithmetic alone: sums of N = 1600 terms by blocks then outer products
+    # minus n mu mu^T, against numpy's mean and two-pass covariance, each within N u64 max|f| (mu) and N u64 max|f|^2
+    # (sigma) of the truth: twice that apart at most, 1.5e-12 and 6.6e-12 with max|f| = 4.3 (seen: mu equal, sigma
+    # within 2.4e-15).
+    two_n_u64 = 2 * len(direct) * np.finfo(np.float64).eps / 2
+    np.testing.assert_allclose(ref.mu, mu, rtol=0, atol=two_n_u64 * float(direct.abs().max()))
+    np.testing.assert_allclose(ref.sigma, sigma, rtol=0, atol=two_n_u64 * float(direct.abs().max()) ** 2)
     assert len(np.unique(ref.indices)) == 300
     assert ref.attrs["num_samples"] == 1600 and ref.attrs["resolution"] == 32
     assert ref.attrs["extractor_label"] == proxy_spec.label and ref.attrs["dataset_fingerprint"]
@@ -32,6 +40,9 @@ def test_metrics_reference_matches_direct_stats_and_is_reused(proxy_spec, shapes
     x = shapes_images[0][::3]
     a = generation_metrics(x, ref, extractor=proxy_spec, metrics=("fid",), device="cpu")["proxy-fid"]
     b = generation_metrics(x, shapes_images[0], extractor=proxy_spec, metrics=("fid",), device="cpu")["proxy-fid"]
+    # FID (0.033) = tr s1 + tr s2 - 2 tr sqrt(s1 s2), eigenvalues of s1 s2 in [9e-8, 130]: eigvals' backward error
+    # ~ D u64 ||s1 s2|| ~ 1e-12 moves each sqrt(lambda) by <= 1e-12 / (2 sqrt(9e-8)) ~ 2e-9, x D = 64 ~ 1e-7, 3e-6 of
+    # the FID; sigma's difference allowed above moves it <= 4e-11 (measured by perturbing). Seen <= 1.9e-10 relative.
     assert a == pytest.approx(b, rel=1e-5, abs=1e-8)
 
     # reused: a second call computes nothing
@@ -67,8 +78,9 @@ def test_metrics_reference_resumes_after_a_kill(proxy_spec, shapes_url, tmp_path
     resumed = reference.load_reference(url)
     fresh = reference.load_reference(reference.reference_stats(shapes_url, 32, proxy_spec,
                                                                **{**kw, "cache_url": str(tmp_path / "fresh")}))
-    np.testing.assert_allclose(resumed.mu, fresh.mu)
-    np.testing.assert_allclose(resumed.sigma, fresh.sigma)
+    # the same batches through the same kernels, the parts' float64 sums saved losslessly and added in the same order
+    np.testing.assert_array_equal(resumed.mu, fresh.mu)
+    np.testing.assert_array_equal(resumed.sigma, fresh.sigma)
     np.testing.assert_array_equal(resumed.features, fresh.features)
 
 
@@ -83,8 +95,11 @@ def test_metrics_reference_decodes_in_worker_processes(proxy_spec, shapes_url, t
                                                            num_workers=0, **kw))
     b = reference.load_reference(reference.reference_stats(shapes_url, 32, proxy_spec, cache_url=str(tmp_path / "b"),
                                                            num_workers=2, **kw))
-    np.testing.assert_allclose(a.mu, b.mu, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(a.sigma, b.sigma, rtol=1e-5, atol=1e-7)
+    # workers only decode: the same batches of the same pixels go through the same network in this process, so the
+    # statistics are the same bits
+    np.testing.assert_array_equal(a.mu, b.mu)
+    np.testing.assert_array_equal(a.sigma, b.sigma)
+    np.testing.assert_array_equal(a.features, b.features)
     np.testing.assert_array_equal(a.indices, b.indices)
 
     class Packed(torch.utils.data.Dataset):  # the attributes PackedImages exposes: read block, dataset rows

@@ -205,7 +205,7 @@ class DiffusionSection(LaunchFields):
                              f"diffusion.nnodes={self.nnodes}: use concurrency 1 for multi-node runs")
         if not self.backbones:
             raise ValueError("diffusion.backbones must name at least one backbone preset")
-        from dcae15.models.plugin import is_import_path
+        from dcae15.models.plugin import BackboneError, is_import_path, source_fingerprint
         from dcae15.models.registry import OBJECTIVES, PRESETS
 
         unknown = [b for b in self.backbones if b not in PRESETS and not is_import_path(b)]
@@ -214,8 +214,6 @@ class DiffusionSection(LaunchFields):
                              "or an import path 'package.module:factory' (docs/backbones.md)")
         plugins = [b for b in self.backbones if is_import_path(b)]
         for b in plugins:  # found here, before any stage runs, not after the stages before training
-            from dcae15.models.plugin import BackboneError, source_fingerprint
-
             try:
                 source_fingerprint(b)
             except BackboneError as e:
